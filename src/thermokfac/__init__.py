@@ -1,0 +1,12 @@
+"""thermokfac: K-FAC with pluggable digital and simulated thermodynamic linear solvers."""
+
+from .enums import DampingSplit, FisherType, KFACApprox, LossReduction, LossType, Method
+from .preconditioner import KFACPreconditioner
+from .solvers import LinearSolver, Prepared, SolveResult, SolverError, get_solver
+from .timing import StepTimings
+
+__version__ = "0.1.0"
+
+__all__ = ["DampingSplit", "FisherType", "KFACApprox", "KFACPreconditioner", "LinearSolver",
+           "LossReduction", "LossType", "Method", "Prepared", "SolveResult", "SolverError",
+           "StepTimings", "get_solver"]

@@ -1,0 +1,97 @@
+"""Find the layers K-FAC preconditions, and say which it leaves to the base optimizer.
+
+Rules, applied in ``model.named_modules()`` order:
+
+1. A module named in ``skip_layers`` (by its name, e.g. ``"net.0"``, or its class name,
+   e.g. ``"Embedding"``) is skipped.
+2. A module whose kind has no registered helper, or whose configuration the helper does
+   not support (e.g. grouped convolutions), is *unsupported*: its parameters are left to
+   the base optimizer. Unsupported modules that own parameters are listed once.
+3. A module whose weight is frozen (``requires_grad=False``) is skipped.
+4. **Tied parameters**: a parameter shared by several modules (nanoGPT ties the token
+   embedding to the output head) is preconditioned once, by the *first* module that
+   holds it in this order; later modules holding an already-claimed parameter are
+   listed as tied and not preconditioned. To let the later module precondition it
+   instead, name the earlier one in ``skip_layers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .layers import LAYER_HELPERS, LayerHelper, helper_for
+
+
+@dataclass
+class Discovery:
+    """Outcome of scanning a model.
+
+    Attributes:
+        layers: ``(name, helper)`` for each preconditioned module.
+        unsupported: ``name -> reason`` for modules with parameters K-FAC leaves alone.
+        tied: ``name -> owner`` for modules whose parameters another layer preconditions.
+        skipped: Names skipped by ``skip_layers`` or because they are frozen.
+    """
+
+    layers: list[tuple[str, LayerHelper]] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
+    """Scan ``model`` by the rules above.
+
+    Raises:
+        ValueError: If an entry of ``skip_layers`` matches no module name or class, or
+            if no layer can be preconditioned.
+    """
+    found = Discovery()
+    owners: dict[int, str] = {}
+    matched: set[str] = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        hit = {name, kind} & set(skip_layers)
+        own = list(module.parameters(recurse=False))
+        helper_cls = helper_for(module)
+        if hit:
+            matched |= hit
+            if helper_cls is not None or own:
+                found.skipped.append(name)
+            continue
+        if helper_cls is None:
+            if own:
+                found.unsupported[name] = f"no helper for {kind}"
+            continue
+        reason = helper_cls.unsupported_reason(module)
+        if reason is not None:
+            found.unsupported[name] = f"{kind} with {reason}"
+            continue
+        helper = helper_cls(module)
+        params = helper.parameters
+        if not params[0].requires_grad:
+            found.skipped.append(name)
+            continue
+        claimed = [owners[id(p)] for p in params if id(p) in owners]
+        if claimed:
+            found.tied[name] = claimed[0]
+            continue
+        for p in params:
+            owners[id(p)] = name
+        found.layers.append((name, helper))
+    unknown = sorted(set(skip_layers) - matched)
+    if unknown:
+        raise ValueError(f"skip_layers entries {unknown} match no module name or class name")
+    if not found.layers:
+        kinds = ", ".join(sorted(t.__name__ for t in LAYER_HELPERS))
+        raise ValueError(f"the model has no layer K-FAC can precondition (supported: {kinds})")
+    return found

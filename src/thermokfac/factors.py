@@ -1,0 +1,102 @@
+"""Kronecker-factor sums for one step, in the shared ``[batch, shared, features]`` format.
+
+For each supported layer the hooks add the contributions of every call in the step
+(several micro-batches, or a module called several times in one forward) into a
+:class:`FactorSums`. At ``step()`` the sums become this step's factors
+
+    A = Σ āāᵀ / #rows                          (Eq. 12 / 18 / 20)
+    G = c · Σ ĝĝᵀ                               (Eq. 12 / 19 / 21)
+
+where ``ĝ`` is the gradient that was back-propagated and ``c`` restores the gradient of
+the *summed* loss and its mean (see :meth:`KFACPreconditioner.step`). Expand treats each
+shared position as a row; reduce first averages the activations (and sums the output
+gradients) over the shared dimension, then appends the bias column (Eq. 20).
+
+Sums are kept in their **lower triangle** (see :mod:`thermokfac._blas`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._blas import add_gram_
+from .enums import KFACApprox
+
+
+@dataclass
+class FactorSums:
+    """Running sums for one layer within one step.
+
+    Attributes:
+        a: Σ āāᵀ ``[a_dim, a_dim]`` (lower triangle), or Σ counts ``[V]`` for a diagonal A.
+        g: Σ ĝĝᵀ ``[d_out, d_out]`` (lower triangle), weights already applied.
+        a_rows: Number of rows accumulated into ``a``.
+        g_rows: Number of rows accumulated into ``g``.
+    """
+
+    a: Tensor | None = None
+    g: Tensor | None = None
+    a_rows: int = 0
+    g_rows: int = 0
+
+    def clear(self) -> None:
+        self.a = self.g = None
+        self.a_rows = self.g_rows = 0
+
+
+def activation_rows(x: Tensor, approx: KFACApprox) -> Tensor:
+    """``[batch, shared, d]`` ↦ rows of A (expand: every position; reduce: the mean)."""
+    if approx is KFACApprox.EXPAND or x.shape[1] == 1:
+        return x.reshape(-1, x.shape[-1])
+    return x.mean(dim=1)
+
+
+def gradient_rows(g: Tensor, approx: KFACApprox) -> Tensor:
+    """``[batch, shared, d_out]`` ↦ rows of G (expand: every position; reduce: the sum)."""
+    if approx is KFACApprox.EXPAND or g.shape[1] == 1:
+        return g.reshape(-1, g.shape[-1])
+    return g.sum(dim=1)
+
+
+def accumulate_a(sums: FactorSums, rows: Tensor, has_bias: bool, dtype: torch.dtype) -> None:
+    """Add Σ āāᵀ for ``rows`` ``[k, d]``; with a bias ā = [a, 1] (Eq. 4)."""
+    rows = rows.detach().to(dtype).contiguous()
+    k, d = rows.shape
+    n = d + int(has_bias)
+    if sums.a is None:
+        sums.a = rows.new_zeros(n, n)
+    add_gram_(sums.a[:d, :d], rows)
+    if has_bias:
+        sums.a[d, :d] += rows.sum(dim=0)
+        sums.a[d, d] += k
+    sums.a_rows += k
+
+
+def accumulate_a_diagonal(sums: FactorSums, counts: Tensor, tokens: int) -> None:
+    """Add token counts to a diagonal A."""
+    sums.a = counts if sums.a is None else sums.a.add_(counts)
+    sums.a_rows += tokens
+
+
+def accumulate_g(sums: FactorSums, rows: Tensor, dtype: torch.dtype) -> None:
+    """Add Σ ĝĝᵀ for ``rows`` ``[k, d_out]``."""
+    rows = rows.detach().to(dtype).contiguous()
+    if sums.g is None:
+        sums.g = rows.new_zeros(rows.shape[1], rows.shape[1])
+    add_gram_(sums.g, rows)
+    sums.g_rows += rows.shape[0]
+
+
+def lower_is_finite(m: Tensor) -> bool:
+    """Whether a sum of outer products is finite, from its diagonal alone.
+
+    A non-finite entry of any row makes its squared norm on the diagonal non-finite, and
+    a finite diagonal bounds every off-diagonal entry (Cauchy–Schwarz), so checking the
+    diagonal is O(n) instead of O(n²). Bias sums (last row) are checked too.
+    """
+    if m.ndim == 1:
+        return bool(torch.isfinite(m).all())
+    return bool(torch.isfinite(m.diagonal()).all()) and bool(torch.isfinite(m[-1]).all())

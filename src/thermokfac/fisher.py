@@ -1,0 +1,92 @@
+"""Backward vectors for the ``mc`` and ``type2`` Fisher types.
+
+Both replace the user's loss gradient by vectors whose outer products average to the
+Hessian H of the loss w.r.t. the model outputs (per prediction, for the *summed* loss):
+
+* ``type2``: the C columns of a square root S (SSᵀ = H) — exact, C backward passes.
+  Cross-entropy: H = diag(p) − ppᵀ, S[:, c] = √p_c (e_c − p). MSE (Σ (f − y)²): H = 2I,
+  S = √2·I.
+* ``mc``: ∇ of the loss at labels sampled from the model, E[vvᵀ] = H. Cross-entropy:
+  y ~ Categorical(p), v = p − e_y. MSE: y ~ N(f, ½I), v = 2(f − y).
+
+Each vector comes with a weight w; the preconditioner accumulates w·Σ ggᵀ of the layer
+output gradients obtained by back-propagating it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .enums import FisherType, LossReduction, LossType
+
+
+def num_loss_terms(outputs: Tensor, loss_type: LossType) -> int:
+    """How many terms a ``reduction='mean'`` loss averages over for these outputs.
+
+    Cross-entropy averages over predictions (all dims but the last, the classes); MSE
+    averages over every element.
+    """
+    if loss_type is LossType.CROSS_ENTROPY:
+        return outputs.numel() // max(outputs.shape[-1], 1)
+    return outputs.numel()
+
+
+def backward_vectors(outputs: Tensor, fisher_type: FisherType, loss_type: LossType,
+                     reduction: LossReduction, generator: torch.Generator | None,
+                     mc_samples: int = 1) -> Iterator[tuple[Tensor, float]]:
+    """Yield ``(v, w)``: a vector shaped like ``outputs`` to back-propagate and its weight.
+
+    Args:
+        outputs: Model outputs ``[..., C]`` (logits for cross-entropy).
+        fisher_type: ``mc`` or ``type2``.
+        loss_type: The likelihood behind the loss.
+        reduction: ``mean`` divides the weight by :func:`num_loss_terms`.
+        generator: Random source of the ``mc`` labels.
+        mc_samples: Number of sampled labels per prediction (``mc``).
+    """
+    f = outputs.detach()
+    scale = 1.0 / num_loss_terms(outputs, loss_type) if reduction is LossReduction.MEAN else 1.0
+    if fisher_type is FisherType.TYPE2:
+        yield from ((v, scale) for v in _hessian_sqrt_columns(f, loss_type))
+    elif fisher_type is FisherType.MC:
+        for _ in range(mc_samples):
+            yield _sampled_gradient(f, loss_type, generator), scale / mc_samples
+    else:
+        raise ValueError(f"fisher_type={fisher_type.value!r} uses the user's own backward")
+
+
+def _hessian_sqrt_columns(f: Tensor, loss_type: LossType) -> Iterator[Tensor]:
+    num_classes = f.shape[-1]
+    if loss_type is LossType.CROSS_ENTROPY:
+        p = _probabilities(f).to(f.dtype)
+        for c in range(num_classes):
+            column = -p * p[..., c : c + 1].sqrt()
+            column[..., c] += p[..., c].sqrt()
+            yield column
+    else:
+        for c in range(num_classes):
+            column = torch.zeros_like(f)
+            column[..., c] = 2.0**0.5
+            yield column
+
+
+def _sampled_gradient(f: Tensor, loss_type: LossType, generator: torch.Generator | None
+                      ) -> Tensor:
+    if loss_type is LossType.CROSS_ENTROPY:
+        p = _probabilities(f)
+        flat = p.reshape(-1, p.shape[-1])
+        labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        v = flat.clone()
+        v[torch.arange(flat.shape[0], device=f.device), labels] -= 1.0
+        return v.reshape(f.shape).to(f.dtype)
+    noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+    return -2.0 * (0.5**0.5) * noise
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """Softmax in at least float32 (half-precision logits are upcast)."""
+    dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
+    return torch.softmax(logits.to(dtype), dim=-1)

@@ -1,0 +1,376 @@
+"""K-FAC as a gradient preconditioner in front of any ``torch.optim`` optimizer.
+
+    loss.backward(); pre.step(); optimizer.step()
+
+``step()`` rewrites each supported layer's ``.grad`` from DΘ to
+U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (paper Eq. 15), so SGD turns into (damped) natural
+gradient descent (Eq. 14) and Nesterov, Adam, AdamW... run on the preconditioned
+gradient (the paper's Table 3 combinations).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import CurvatureCapture, LayerRecord
+from .config import KFACConfig
+from .discovery import Discovery, discover, unwrap
+from .enums import FisherType, LossReduction
+from .factors import lower_is_finite
+from .fisher import backward_vectors
+from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
+from .layer_state import LayerState, precondition, prepare_layer
+from .solvers import LinearSolver, SolverError
+from .state import load_preconditioner_state, preconditioner_state
+from .timing import StepTimings, TimingLog
+
+logger = logging.getLogger("thermokfac")
+
+STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
+             "nonfinite_update_skips", "solver_errors", "passthrough_layers",
+             "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale")
+
+
+class KFACPreconditioner:
+    """Kronecker-factored preconditioner that rewrites ``.grad`` in place.
+
+    Args:
+        model: The network (a ``DistributedDataParallel`` wrapper is unwrapped; layer
+            names are those of the bare model).
+        solver: A registered solver name (``"cholesky"``, ``"eigh"``, ``"cg"``...) or a
+            :class:`~thermokfac.solvers.LinearSolver` instance.
+        method: ``"inverse"`` (Method 1) or ``"solve"`` (Method 2), Sec. 4.1.
+        damping: λ ≥ 0, a value or a function of the step.
+        factor_decay: Weight of the *old* average in Eqs. 16–17, in [0, 1); 0 keeps only
+            the current batch. (ASDL's ``ema_decay`` is the weight of the new factor:
+            the paper's Table 3 value 0.999 is ``factor_decay=0.001`` here.)
+        factor_update_steps: Capture factors every this many steps (value or schedule).
+        inv_update_steps: Prepare/invert every this many steps (value or schedule).
+        fisher_type: ``"empirical"`` (the user's backward), ``"mc"`` or ``"type2"``;
+            the last two need the model outputs, see :meth:`step`.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Sec. 3.3).
+        loss_reduction: How the user's loss was reduced over its terms, ``"mean"`` or
+            ``"sum"``. With ``"mean"``, G = (1/K) Σ ggᵀ over the rows of the step, with
+            g the gradient of the *summed* loss and K = examples × loss terms per example.
+        skip_layers: Module names or class names to leave to the base optimizer.
+        damping_split: ``"equal"`` (λ on both factors) or ``"pi"`` (π-split).
+        kl_clip: Bound on the step of the local quadratic model, κ: every U is scaled by
+            ν = min(1, √(κ / (lr² Σ⟨U, DΘ⟩))) (Ba et al. 2017). ``None`` disables it. It
+            needs the learning rate: give ``lr`` or ``optimizer`` (else it is inactive,
+            with a warning at construction).
+        lr: Learning rate for ``kl_clip`` (value or schedule); overrides ``optimizer``.
+        optimizer: Read ``param_groups[0]['lr']`` at every step for ``kl_clip``.
+        loss_type: ``"cross_entropy"`` or ``"mse"`` — the likelihood used by ``mc`` and
+            ``type2``.
+        num_per_example_loss_terms: Loss terms per example for the empirical Fisher
+            (e.g. the sequence length R when a language-model loss averages over N·R
+            tokens: then G = (1/(N·R)) Σ_{n,r} g gᵀ; for ``MSELoss(reduction='mean')``,
+            which also averages over the C outputs, use C).
+        mc_samples: Sampled labels per prediction for ``fisher_type="mc"``.
+        factor_dtype: dtype of factors and solves (default float32, or float64 when the
+            model is float64).
+        grad_scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out of G.
+        seed: Seed of the preconditioner's own ``torch.Generator`` (``mc`` labels and
+            stochastic solvers); its state is saved in :meth:`state_dict`.
+        timing_history: Number of per-step :class:`StepTimings` kept.
+
+    Raises:
+        ValueError: On any invalid argument (naming it and its valid values/range), or
+            if the model has no supported layer.
+    """
+
+    def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
+                 method: str = "solve", damping: Schedule = 1e-3,
+                 factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
+                 inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
+                 kfac_approx: str = "expand", loss_reduction: str = "mean",
+                 skip_layers: Iterable[str] = (), damping_split: str = "equal",
+                 kl_clip: float | None = 1e-3, lr: Schedule | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
+                 mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
+                 grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000) -> None:
+        self.model = unwrap(model)
+        self.config = KFACConfig.build(
+            solver=solver, method=method, damping=damping, factor_decay=factor_decay,
+            factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
+            fisher_type=fisher_type, kfac_approx=kfac_approx, loss_reduction=loss_reduction,
+            skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
+            loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
+            mc_samples=mc_samples, factor_dtype=factor_dtype, model=self.model)
+        self.solver = self.config.solver
+        self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        self.discovery: Discovery = discover(self.model, self.config.skip_layers)
+        self._announce()
+        records = [LayerRecord(name, helper) for name, helper in self.discovery.layers]
+        self._records = {r.name: r for r in records}
+        self._states = {r.name: LayerState() for r in records}
+        self._capture = CurvatureCapture(
+            self.model, records, self.config.kfac_approx, self.config.factor_dtype,
+            keep_outputs=self.config.fisher_type is not FisherType.EMPIRICAL,
+            grad_scale=self._loss_scale)
+        device = next(self.model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(int(seed))
+        self.timing = TimingLog(timing_history)
+        self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
+        self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        self.stats["kl_clip_scale"] = 1.0
+        self.steps = 0
+        self._warned_nonfinite = False
+        self._curvature_done = False
+        if kl_clip is not None and lr is None and optimizer is None:
+            warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
+                          "optimizer=, or kl_clip=None to silence this)", stacklevel=2)
+        self._begin_step()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the preconditioned modules, in model order."""
+        return list(self._records)
+
+    @property
+    def unsupported_layers(self) -> dict[str, str]:
+        """Modules with parameters that are left to the base optimizer, with the reason."""
+        return dict(self.discovery.unsupported)
+
+    def step(self, outputs: Tensor | None = None, *, lr: float | None = None,
+             num_examples: int | None = None) -> None:
+        """Precondition every supported layer's ``.grad`` (call after the backward).
+
+        1. Factors: this step's A and G join their moving averages (Eqs. 12, 16–17).
+        2. Every ``inv_update_steps``: prepare (Method 2) or invert (Method 1).
+        3. U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15), scaled by the KL clip, into ``.grad``.
+
+        Args:
+            outputs: Model outputs, required by ``fisher_type`` ``"mc"``/``"type2"``
+                when :meth:`curvature_backward` was not called for this step; their graph
+                must still exist (``loss.backward(retain_graph=True)``).
+            lr: Learning rate for ``kl_clip`` this step (overrides ``lr``/``optimizer``).
+            num_examples: Examples in this step, for ``loss_reduction="mean"`` (default:
+                counted from the leading dimension of the model's first input).
+        """
+        if outputs is not None:
+            self.curvature_backward(outputs)
+        timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
+        with self.timing.measure(timings, "curvature_s"):
+            if self._capture.enabled:
+                self._update_factors(num_examples)
+        with self.timing.measure(timings, "inversion_s"):
+            timings.modeled_hardware_s += self._prepare_due()
+        with self.timing.measure(timings, "update_s"):
+            timings.modeled_hardware_s += self._precondition_all(lr)
+        self.timing.append(timings)
+        self.steps += 1
+        self._begin_step()
+
+    def curvature_backward(self, outputs: Tensor) -> None:
+        """Back-propagate the ``mc``/``type2`` vectors through ``outputs`` (no ``.grad``).
+
+        Call it once per micro-batch, before or after ``loss.backward(retain_graph=True)``;
+        the graph is kept for the user's own backward.
+
+        Raises:
+            ValueError: With ``fisher_type="empirical"`` (it uses the user's backward).
+            RuntimeError: If the graph of ``outputs`` was already freed.
+        """
+        cfg = self.config
+        if cfg.fisher_type is FisherType.EMPIRICAL:
+            raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
+                             "empirical Fisher reads the gradients of your own backward")
+        self._curvature_done = True
+        pairs = [(r, out) for r in self._records.values() for out in r.outputs]
+        if not pairs:
+            return
+        start = self.timing.clock()
+        vectors = backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
+                                   self.generator, cfg.mc_samples)
+        for v, weight in vectors:
+            grads = _grad_or_explain(outputs, [o for _, o in pairs], v)
+            for (record, _), grad in zip(pairs, grads):
+                if grad is not None:
+                    self._capture.add_gradient(record, grad, row_scale=math.sqrt(weight))
+        for record, _ in pairs:
+            record.outputs.clear()
+        self._capture.elapsed_s += self.timing.clock() - start
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Moving-average factors ``{name: (A, G)}`` (symmetric copies).
+
+        A is ``[a_dim, a_dim]`` with the bias as last row/column, or the diagonal as a
+        vector ``[V]`` for an embedding; G is ``[d_out, d_out]``. Layers without factors
+        yet are absent.
+        """
+        return {name: s.symmetric_factors() for name, s in self._states.items()
+                if s.a is not None}
+
+    def layer_state(self, name: str) -> LayerState:
+        """The full state of one layer (factors, prepared solver state, damping used)."""
+        return self._states[name]
+
+    @property
+    def last_timings(self) -> StepTimings | None:
+        """Timing breakdown of the latest step (see :class:`StepTimings`)."""
+        return self.timing.history[-1] if self.timing.history else None
+
+    def timing_summary(self) -> dict[str, float]:
+        """Medians and means of each timing part over the recorded steps."""
+        return self.timing.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, prepared states, counters, statistics and the generator state."""
+        return preconditioner_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched layers."""
+        load_preconditioner_state(self, state)
+        self._begin_step()
+
+    def remove(self) -> None:
+        """Detach every hook; the preconditioner stops capturing."""
+        self._capture.remove()
+
+    # ----------------------------------------------------------------- private
+    def _announce(self) -> None:
+        d = self.discovery
+        if d.unsupported:
+            listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in d.unsupported.items())
+            logger.warning("K-FAC leaves these modules to the base optimizer: %s", listing)
+        if d.tied:
+            logger.info("tied parameters preconditioned once: %s",
+                        ", ".join(f"{n} -> {o}" for n, o in d.tied.items()))
+
+    def _loss_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+
+    def _begin_step(self) -> None:
+        self._capture.reset()
+        self._curvature_done = False
+        every = int(resolve("factor_update_steps", self.config.factor_update_steps,
+                            self.steps, INTERVAL))
+        self._capture.enabled = self.steps % every == 0
+
+    def _g_multiplier(self, num_examples: int | None) -> float:
+        cfg = self.config
+        if cfg.fisher_type is not FisherType.EMPIRICAL or cfg.loss_reduction is LossReduction.SUM:
+            return 1.0
+        examples = self._capture.examples if num_examples is None else num_examples
+        return float(examples * cfg.num_per_example_loss_terms)
+
+    def _update_factors(self, num_examples: int | None) -> None:
+        cfg = self.config
+        if cfg.fisher_type is not FisherType.EMPIRICAL and not self._curvature_done and any(
+                r.outputs for r in self._records.values()):
+            raise RuntimeError(
+                f"fisher_type={cfg.fisher_type.value!r} needs the model outputs: call "
+                "pre.step(outputs=logits) after loss.backward(retain_graph=True), or "
+                "pre.curvature_backward(logits) for each micro-batch")
+        decay = resolve("factor_decay", cfg.factor_decay, self.steps, DECAY)
+        multiplier = self._g_multiplier(num_examples)
+        for name, record in self._records.items():
+            sums = record.sums
+            if sums.a is None or sums.g is None or sums.a_rows == 0:
+                self.stats["missing_factor_skips"] += 1
+                continue
+            if not (lower_is_finite(sums.a) and lower_is_finite(sums.g)):
+                self._nonfinite_factors(name)
+                continue
+            a_new = sums.a.div_(sums.a_rows)
+            g_new = sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g
+            self._states[name].update_ema(a_new, g_new, decay)
+
+    def _nonfinite_factors(self, name: str) -> None:
+        self.stats["nonfinite_factor_skips"] += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"non-finite activations or gradients in layer {name!r} at step "
+                          f"{self.steps}: its factor update is skipped (counted in "
+                          "stats['nonfinite_factor_skips']; warned once)", stacklevel=3)
+
+    def _prepare_due(self) -> float:
+        cfg = self.config
+        every = int(resolve("inv_update_steps", cfg.inv_update_steps, self.steps, INTERVAL))
+        due = self.steps % every == 0
+        damping = resolve("damping", cfg.damping, self.steps, NON_NEGATIVE)
+        modeled = 0.0
+        for state in self._states.values():
+            if state.a is None or not (due or (not state.ready and not state.failed)):
+                continue
+            before = dict(state.stats)
+            modeled += prepare_layer(state, self.solver, cfg.method, damping,
+                                     cfg.damping_split, self.generator)
+            for key, stat in (("float64_retries", "float64_retries"),
+                              ("damping_increases", "damping_increases"),
+                              ("failed", "prepare_failures"), ("solver_errors", "solver_errors")):
+                self.stats[stat] += state.stats.get(key, 0.0) - before.get(key, 0.0)
+        return modeled
+
+    def _learning_rate(self, lr: float | None) -> float | None:
+        if lr is not None:
+            return float(lr)
+        if self.config.lr is not None:
+            return resolve("lr", self.config.lr, self.steps, POSITIVE)
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0]["lr"])
+        return None
+
+    def _precondition_all(self, lr: float | None) -> float:
+        cfg = self.config
+        updates: list[tuple[LayerRecord, Tensor, Tensor]] = []
+        modeled = 0.0
+        for name, record in self._records.items():
+            state = self._states[name]
+            d_theta = record.helper.grad_matrix()
+            if d_theta is None:
+                continue
+            if not state.ready:
+                self.stats["passthrough_layers"] += 1
+                continue
+            if not bool(torch.isfinite(d_theta).all()):
+                self.stats["nonfinite_grad_skips"] += 1
+                continue
+            try:
+                u, seconds = precondition(state, d_theta, self.solver, cfg.method, self.generator)
+            except SolverError:
+                self.stats["solver_errors"] += 1
+                continue
+            modeled += seconds
+            if not bool(torch.isfinite(u).all()):
+                self.stats["nonfinite_update_skips"] += 1
+                continue
+            updates.append((record, u, d_theta))
+        nu = self._kl_clip_scale(updates, self._learning_rate(lr))
+        self.stats["kl_clip_scale"] = nu
+        for record, u, _ in updates:
+            record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
+        return modeled
+
+    def _kl_clip_scale(self, updates: list, lr: float | None) -> float:
+        kl_clip = self.config.kl_clip
+        if kl_clip is None or lr is None or not updates:
+            return 1.0
+        vg = sum(float((u * d.to(u.dtype)).sum()) for _, u, d in updates) * lr * lr
+        if not math.isfinite(vg) or vg <= 0.0:
+            return 1.0
+        return min(1.0, math.sqrt(kl_clip / vg))
+
+
+def _grad_or_explain(outputs: Tensor, inputs: list[Tensor], v: Tensor) -> tuple:
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs=v, retain_graph=True,
+                                   allow_unused=True)
+    except RuntimeError as err:
+        if "second time" in str(err) or "freed" in str(err):
+            raise RuntimeError(
+                "the graph of `outputs` was already freed: call loss.backward(retain_graph="
+                "True) before pre.step(outputs=...), or call pre.curvature_backward(outputs) "
+                "before loss.backward()") from err
+        raise

@@ -1,0 +1,53 @@
+"""Solver registry: ``get_solver(name, **kwargs)`` builds any registered backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import LinearSolver, Prepared, SolveResult, SolverError, check_symmetric_matrix
+from .direct import CholeskySolver, EighSolver
+from .iterative import CGSolver
+
+SOLVERS: dict[str, type[LinearSolver]] = {}
+
+
+def register_solver(cls: type[LinearSolver]) -> type[LinearSolver]:
+    """Class decorator adding a solver to the registry under ``cls.name``."""
+    if cls.name in SOLVERS and SOLVERS[cls.name] is not cls:
+        raise ValueError(f"a solver named {cls.name!r} is already registered")
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+for _cls in (CholeskySolver, EighSolver, CGSolver):
+    register_solver(_cls)
+
+
+def available_solvers() -> list[str]:
+    """Names accepted by :func:`get_solver`."""
+    return sorted(SOLVERS)
+
+
+def get_solver(name: str | LinearSolver, **kwargs: Any) -> LinearSolver:
+    """Build the solver registered as ``name`` (an instance is returned as it is).
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists the valid names.
+
+    >>> get_solver("cholesky")
+    CholeskySolver()
+    """
+    if isinstance(name, LinearSolver):
+        if kwargs:
+            raise ValueError("keyword arguments are only accepted with a solver name")
+        return name
+    key = getattr(name, "value", name)
+    if key not in SOLVERS:
+        raise ValueError(f"solver={name!r} is not registered; choose one of "
+                         f"{', '.join(map(repr, available_solvers()))}")
+    return SOLVERS[key](**kwargs)
+
+
+__all__ = ["SOLVERS", "CGSolver", "CholeskySolver", "EighSolver", "LinearSolver", "Prepared",
+           "SolveResult", "SolverError", "available_solvers", "check_symmetric_matrix",
+           "get_solver", "register_solver"]

@@ -1,0 +1,220 @@
+"""The linear-solver interface every K-FAC backend implements.
+
+A solver works on a symmetric positive semi-definite factor M (a Kronecker factor A or
+G) with Tikhonov damping λ: it *prepares* M + λI once every ``inv_update_steps``
+(factorise, decompose, program the device...) and then *solves* banks of right-hand
+sides against it, or returns its *inverse* (paper Sec. 4.1, Methods 2 and 1).
+
+Failure policy (documented, and the same for every solver): :meth:`LinearSolver.prepare`
+validates its input and raises ``ValueError`` on a non-square, non-symmetric or
+non-finite matrix or a negative damping. If the factorisation itself fails (M + λI not
+numerically positive definite) it retries in float64, then multiplies the damping by 10
+up to ``max_damping_increases`` times (default 4, i.e. at most 10⁴·λ, or 10⁻⁸·tr(M)/n
+when λ = 0). If that still fails it returns a :class:`Prepared` with ``failed=True``;
+the preconditioner then passes that layer's gradient through unchanged. Every event is
+counted in :attr:`Prepared.stats`. A solve never returns non-finite values: it raises
+:class:`SolverError` instead.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class SolverError(RuntimeError):
+    """A solve could not produce a finite answer (e.g. CG met negative curvature)."""
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What a solve or an inversion returns.
+
+    Attributes:
+        x: The solution ``[n, k]`` (or ``[n]`` for a vector right-hand side), or the
+            inverse ``[n, n]``, in the dtype of the right-hand side.
+        modeled_time_s: Hardware time the solver models for this work (0 for digital
+            solvers, whose cost is the measured wall time).
+        stats: Solver-specific diagnostics (iterations, residuals, clipped values...).
+    """
+
+    x: Tensor
+    modeled_time_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A factor made ready for repeated solves.
+
+    Attributes:
+        solver: Name of the solver that prepared it.
+        n: Dimension of the factor.
+        damping: The damping in effect (larger than requested after a fallback).
+        tensors: Solver-specific state (Cholesky factor, eigenpairs, matrix...).
+        stats: Counters of what happened while preparing (``float64_retries``,
+            ``damping_increases``, ``failed``) plus solver-specific values.
+        failed: True when no damping up to the bound made the factor usable.
+        modeled_time_s: Hardware time modelled for preparing (0 for digital solvers).
+    """
+
+    solver: str
+    n: int
+    damping: float
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    failed: bool = False
+    modeled_time_s: float = 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype of the prepared state (float64 after a float64 retry)."""
+        return next(t.dtype for t in self.tensors.values() if t.is_floating_point())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"solver": self.solver, "n": self.n, "damping": self.damping,
+                "tensors": dict(self.tensors), "stats": dict(self.stats),
+                "failed": self.failed, "modeled_time_s": self.modeled_time_s}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Prepared:
+        return cls(**state)
+
+
+def check_symmetric_matrix(m: Tensor, what: str = "matrix") -> None:
+    """Raise ``ValueError`` unless ``m`` is a finite, square, symmetric 2-D tensor."""
+    if not isinstance(m, Tensor) or m.ndim != 2 or m.shape[0] != m.shape[1]:
+        shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+        raise ValueError(f"{what} must be a square 2-D tensor, got shape {shape}")
+    if not m.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got {m.dtype}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"{what} contains non-finite values")
+    scale = float(m.abs().max()) if m.numel() else 0.0
+    asym = float((m - m.mT).abs().max()) if m.numel() else 0.0
+    tol = 1e3 * torch.finfo(m.dtype).eps * max(scale, 1e-30)
+    if asym > tol:
+        raise ValueError(
+            f"{what} is not symmetric: max |M - Mᵀ| = {asym:.3g} > {tol:.3g} "
+            f"(1e3·eps·max|M|)")
+
+
+class LinearSolver(ABC):
+    """Solves (M + λI) x = b for symmetric positive semi-definite M.
+
+    Subclasses implement :meth:`_prepare` and :meth:`_solve` (and may override
+    :meth:`_inverse`); the public methods validate, cast and apply the failure policy.
+
+    Args:
+        max_damping_increases: How many times a failed factorisation may multiply the
+            damping by 10 before the factor is marked failed.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, *, max_damping_increases: int = 4) -> None:
+        if isinstance(max_damping_increases, bool) or not isinstance(max_damping_increases, int) \
+                or max_damping_increases < 0:
+            raise ValueError(
+                f"max_damping_increases={max_damping_increases!r} must be an integer >= 0")
+        self.max_damping_increases = max_damping_increases
+
+    # ------------------------------------------------------------------ public
+    def prepare(self, m: Tensor, damping: float) -> Prepared:
+        """Prepare M + λI for solves (every ``inv_update_steps``); see the failure policy."""
+        check_symmetric_matrix(m, "factor")
+        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+            raise ValueError(f"damping={damping!r} must be a finite number >= 0")
+        n = m.shape[0]
+        stats = {"float64_retries": 0.0, "damping_increases": 0.0, "failed": 0.0}
+        state = self._prepare(m, float(damping))
+        if state is not None:
+            return self._finish(state, n, float(damping), stats)
+        m64 = m.double()
+        if m.dtype != torch.float64:
+            stats["float64_retries"] = 1.0
+            state = self._prepare(m64, float(damping))
+            if state is not None:
+                return self._finish(state, n, float(damping), stats)
+        current = float(damping) if damping > 0 else 1e-8 * float(m64.diagonal().mean().abs()) + 1e-30
+        for _ in range(self.max_damping_increases):
+            current *= 10.0
+            stats["damping_increases"] += 1.0
+            state = self._prepare(m64, current)
+            if state is not None:
+                return self._finish(state, n, current, stats)
+        stats["failed"] = 1.0
+        return Prepared(self.name, n, current, {}, stats, failed=True)
+
+    def solve(self, prepared: Prepared, b: Tensor, *,
+              generator: torch.Generator | None = None) -> SolveResult:
+        """Solve (M + λI) x = b for one vector ``[n]`` or a bank of columns ``[n, k]``."""
+        self._check_prepared(prepared)
+        if not isinstance(b, Tensor) or b.ndim not in (1, 2) or b.shape[0] != prepared.n:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"right-hand side must have shape [{prepared.n}] or "
+                             f"[{prepared.n}, k], got {shape}")
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError("right-hand side contains non-finite values")
+        vector = b.ndim == 1
+        rhs = b[:, None] if vector else b
+        work_dtype = prepared.dtype
+        x, modeled, stats = self._solve(prepared, rhs.to(work_dtype), generator)
+        if not bool(torch.isfinite(x).all()):
+            raise SolverError(f"{self.name} produced non-finite values")
+        x = x.to(b.dtype)
+        return SolveResult(x[:, 0] if vector else x, modeled, stats)
+
+    def inverse(self, prepared: Prepared, *,
+                generator: torch.Generator | None = None) -> SolveResult:
+        """Return (M + λI)⁻¹ as a dense ``[n, n]`` tensor."""
+        self._check_prepared(prepared)
+        x, modeled, stats = self._inverse(prepared, generator)
+        if not bool(torch.isfinite(x).all()):
+            raise SolverError(f"{self.name} produced a non-finite inverse")
+        return SolveResult(x, modeled, stats)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # ---------------------------------------------------------------- subclass
+    @abstractmethod
+    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+        """Return the prepared tensors for M + λI, or None if it is not usable."""
+
+    @abstractmethod
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None
+               ) -> tuple[Tensor, float, dict[str, float]]:
+        """Solve for ``b`` ``[n, k]`` in the prepared dtype; return (x, modeled_s, stats)."""
+
+    def _inverse(self, prepared: Prepared, generator: torch.Generator | None
+                 ) -> tuple[Tensor, float, dict[str, float]]:
+        eye = torch.eye(prepared.n, dtype=prepared.dtype, device=prepared.device)
+        return self._solve(prepared, eye, generator)
+
+    def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
+        """Extra statistics for a successful prepare (solver-specific)."""
+        return {}
+
+    def _finish(self, state: dict[str, Tensor], n: int, damping: float,
+                stats: dict[str, float]) -> Prepared:
+        stats.update(self._prepare_stats(state))
+        return Prepared(self.name, n, damping, state, stats)
+
+    def _check_prepared(self, prepared: Prepared) -> None:
+        if not isinstance(prepared, Prepared):
+            raise TypeError(f"expected a Prepared state, got {type(prepared).__name__}")
+        if prepared.solver != self.name:
+            raise ValueError(f"state was prepared by {prepared.solver!r}, not {self.name!r}")
+        if prepared.failed:
+            raise SolverError("the factor could not be prepared (see Prepared.stats); "
+                              "pass the gradient through instead")

@@ -1,0 +1,78 @@
+"""Digital direct solvers: Cholesky (the default) and symmetric eigendecomposition.
+
+Both factorise the damped matrix once per ``prepare``; a solve of k right-hand sides
+then costs O(n²k). Only unbatched Cholesky and ``eigh`` are used: batched LU-based
+routines (``lu_factor``, ``linalg.solve``, ``linalg.inv``) returned wrong pivots for
+n ≥ 256 on 2-thread CPU builds of torch 2.13.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import LinearSolver, Prepared
+
+
+def _damped(m: Tensor, damping: float) -> Tensor:
+    out = m.clone()
+    out.diagonal().add_(damping)
+    return out
+
+
+class CholeskySolver(LinearSolver):
+    """(M + λI) = LLᵀ; solves by two triangular solves, inverse by ``cholesky_inverse``.
+
+    >>> s = CholeskySolver()
+    >>> p = s.prepare(torch.eye(2), damping=1.0)
+    >>> s.solve(p, torch.tensor([2.0, 4.0])).x
+    tensor([1., 2.])
+    """
+
+    name = "cholesky"
+
+    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+        chol, info = torch.linalg.cholesky_ex(_damped(m, damping))
+        if int(info) != 0 or not bool(torch.isfinite(chol.diagonal()).all()):
+            return None
+        return {"cholesky": chol}
+
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None):
+        return torch.cholesky_solve(b, prepared.tensors["cholesky"]), 0.0, {}
+
+    def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
+        return torch.cholesky_inverse(prepared.tensors["cholesky"]), 0.0, {}
+
+
+class EighSolver(LinearSolver):
+    """M = VΛVᵀ; (M + λI)⁻¹ = V (Λ + λ)⁻¹ Vᵀ.
+
+    Five to six times slower to prepare than Cholesky on CPU, but it exposes the
+    spectrum (``stats['eig_min']``, ``stats['eig_max']`` of M + λI).
+    """
+
+    name = "eigh"
+
+    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+        try:
+            evals, evecs = torch.linalg.eigh(m)
+        except torch.linalg.LinAlgError:
+            return None
+        damped = evals + damping
+        if not bool(torch.isfinite(damped).all()) or float(damped.min()) <= 0.0:
+            return None
+        tiny = torch.finfo(m.dtype).eps * float(damped.max()) * m.shape[0]
+        if float(damped.min()) <= tiny:
+            return None
+        return {"evals": damped, "evecs": evecs}
+
+    def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
+        return {"eig_min": float(state["evals"].min()), "eig_max": float(state["evals"].max())}
+
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None):
+        evecs, evals = prepared.tensors["evecs"], prepared.tensors["evals"]
+        return evecs @ ((evecs.mT @ b) / evals[:, None]), 0.0, {}
+
+    def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
+        evecs, evals = prepared.tensors["evecs"], prepared.tensors["evals"]
+        return (evecs / evals) @ evecs.mT, 0.0, {}
