@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -9,7 +11,7 @@ from torch import nn
 def mlp(sizes=(6, 5, 4), bias=True, act=nn.Tanh, dtype=torch.float64, seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out, bias=bias))
         if act is not None and i < len(sizes) - 2:
             layers.append(act())

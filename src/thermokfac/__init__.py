@@ -2,7 +2,7 @@
 
 from .enums import DampingSplit, FisherType, KFACApprox, LossReduction, LossType, Method
 from .preconditioner import KFACPreconditioner
-from .solvers import LinearSolver, Prepared, SolveResult, SolverError, get_solver
+from .solvers import LinearSolver, Prepared, SolverError, SolveResult, get_solver
 from .timing import StepTimings
 
 __version__ = "0.1.0"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from .hyperparams import (
 from .solvers import LinearSolver, get_solver
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
+MOMENTUM = Range(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,13 @@ class KFACConfig:
     num_per_example_loss_terms: int
     mc_samples: int
     factor_dtype: torch.dtype
+    momentum: float | None
 
     @classmethod
     def build(cls, *, solver, method, damping, factor_decay, factor_update_steps,
               inv_update_steps, fisher_type, kfac_approx, loss_reduction, skip_layers,
               damping_split, kl_clip, lr, loss_type, num_per_example_loss_terms, mc_samples,
-              factor_dtype, model: nn.Module) -> KFACConfig:
+              factor_dtype, momentum, model: nn.Module) -> KFACConfig:
         """Validate every argument (``ValueError`` naming the value and valid range)."""
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
@@ -89,6 +90,8 @@ class KFACConfig:
                 "num_per_example_loss_terms", num_per_example_loss_terms, INTERVAL)),
             mc_samples=int(check_value("mc_samples", mc_samples, INTERVAL)),
             factor_dtype=_factor_dtype(factor_dtype, model),
+            momentum=None if momentum is None else float(check_value("momentum", momentum,
+                                                                      MOMENTUM)),
         )
 
 

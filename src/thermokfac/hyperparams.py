@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
-Schedule = Union[float, int, Callable[[int], float]]
+Schedule = float | int | Callable[[int], float]
 
 
 @dataclass(frozen=True)

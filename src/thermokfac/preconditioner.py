@@ -62,11 +62,15 @@ class KFACPreconditioner:
         skip_layers: Module names or class names to leave to the base optimizer.
         damping_split: ``"equal"`` (λ on both factors) or ``"pi"`` (π-split).
         kl_clip: Bound on the step of the local quadratic model, κ: every U is scaled by
-            ν = min(1, √(κ / (lr² Σ⟨U, DΘ⟩))) (Ba et al. 2017). ``None`` disables it. It
-            needs the learning rate: give ``lr`` or ``optimizer`` (else it is inactive,
-            with a warning at construction).
+            ν = min(1, √(κ / (η² Σ⟨U, DΘ⟩))) (Ba et al. 2017), with η the effective
+            learning rate lr/(1 − μ) under heavy-ball momentum μ (the steady-state step of
+            momentum SGD). ``None`` disables it. It needs the learning rate: give ``lr``
+            or ``optimizer`` (else it is inactive, with a warning at construction).
         lr: Learning rate for ``kl_clip`` (value or schedule); overrides ``optimizer``.
-        optimizer: Read ``param_groups[0]['lr']`` at every step for ``kl_clip``.
+        optimizer: Read ``param_groups[0]['lr']`` (and ``'momentum'``, for SGD) at every
+            step for ``kl_clip``.
+        momentum: Momentum μ for ``kl_clip``'s effective rate; default: the optimizer's
+            SGD momentum if an optimizer is given, else 0.
         loss_type: ``"cross_entropy"`` or ``"mse"`` — the likelihood used by ``mc`` and
             ``type2``.
         num_per_example_loss_terms: Loss terms per example for the empirical Fisher
@@ -93,7 +97,7 @@ class KFACPreconditioner:
                  kfac_approx: str = "expand", loss_reduction: str = "mean",
                  skip_layers: Iterable[str] = (), damping_split: str = "equal",
                  kl_clip: float | None = 1e-3, lr: Schedule | None = None,
-                 optimizer: torch.optim.Optimizer | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, momentum: float | None = None,
                  loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000) -> None:
@@ -104,7 +108,8 @@ class KFACPreconditioner:
             fisher_type=fisher_type, kfac_approx=kfac_approx, loss_reduction=loss_reduction,
             skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
-            mc_samples=mc_samples, factor_dtype=factor_dtype, model=self.model)
+            mc_samples=mc_samples, factor_dtype=factor_dtype, momentum=momentum,
+            model=self.model)
         self.solver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
@@ -280,11 +285,11 @@ class KFACPreconditioner:
             if sums.a is None or sums.g is None or sums.a_rows == 0:
                 self.stats["missing_factor_skips"] += 1
                 continue
-            if not (lower_is_finite(sums.a) and lower_is_finite(sums.g)):
-                self._nonfinite_factors(name)
-                continue
             a_new = sums.a.div_(sums.a_rows)
             g_new = sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g
+            if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
+                self._nonfinite_factors(name)
+                continue
             self._states[name].update_ema(a_new, g_new, decay)
 
     def _nonfinite_factors(self, name: str) -> None:
@@ -314,13 +319,18 @@ class KFACPreconditioner:
         return modeled
 
     def _learning_rate(self, lr: float | None) -> float | None:
-        if lr is not None:
-            return float(lr)
-        if self.config.lr is not None:
-            return resolve("lr", self.config.lr, self.steps, POSITIVE)
-        if self.optimizer is not None:
-            return float(self.optimizer.param_groups[0]["lr"])
-        return None
+        """Effective rate η = lr/(1 − μ) for the KL clip, or None if unknown."""
+        group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
+        if lr is None and self.config.lr is not None:
+            lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
+        if lr is None and "lr" in group:
+            lr = float(group["lr"])
+        if lr is None:
+            return None
+        momentum = self.config.momentum
+        if momentum is None:
+            momentum = float(group.get("momentum", 0.0)) if "betas" not in group else 0.0
+        return float(lr) / (1.0 - momentum)
 
     def _precondition_all(self, lr: float | None) -> float:
         cfg = self.config

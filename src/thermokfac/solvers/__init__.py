@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LinearSolver, Prepared, SolveResult, SolverError, check_symmetric_matrix
+from .base import LinearSolver, Prepared, SolverError, SolveResult, check_symmetric_matrix
 from .direct import CholeskySolver, EighSolver
 from .iterative import CGSolver
 

@@ -145,7 +145,9 @@ class LinearSolver(ABC):
             state = self._prepare(m64, float(damping))
             if state is not None:
                 return self._finish(state, n, float(damping), stats)
-        current = float(damping) if damping > 0 else 1e-8 * float(m64.diagonal().mean().abs()) + 1e-30
+        current = float(damping)
+        if current == 0.0:
+            current = 1e-8 * float(m64.diagonal().mean().abs()) + 1e-30
         for _ in range(self.max_damping_increases):
             current *= 10.0
             stats["damping_increases"] += 1.0
