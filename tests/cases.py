@@ -62,4 +62,4 @@ def dense_kfac_direction(a: torch.Tensor, g: torch.Tensor, d: torch.Tensor, lam_
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm())
+    return float((x - ref).detach().norm() / ref.detach().norm())

@@ -79,9 +79,9 @@ class CurvatureCapture:
         return self.enabled and module.training and torch.is_grad_enabled()
 
     def reset(self) -> None:
-        """Forget this step's sums (after ``step()`` consumed them)."""
+        """Forget this step's sums (after ``step()`` consumed them); buffers are kept."""
         for record in self.records:
-            record.sums.clear()
+            record.sums.reset()
             record.outputs.clear()
         self.examples = 0
         self.elapsed_s = 0.0
@@ -91,6 +91,8 @@ class CurvatureCapture:
             handle.remove()
         self._handles.clear()
         self.reset()
+        for record in self.records:
+            record.sums.release()
 
     # ------------------------------------------------------------------- hooks
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -12,7 +12,7 @@ the *summed* loss and its mean (see :meth:`KFACPreconditioner.step`). Expand tre
 shared position as a row; reduce first averages the activations (and sums the output
 gradients) over the shared dimension, then appends the bias column (Eq. 20).
 
-Sums are kept in their **lower triangle** (see :mod:`thermokfac._blas`).
+Sums are kept in their **lower triangle** (see :mod:`thermokfac._kernels`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._blas import add_gram_
+from ._kernels import add_gram_
 from .enums import KFACApprox
 
 
@@ -30,11 +30,15 @@ from .enums import KFACApprox
 class FactorSums:
     """Running sums for one layer within one step.
 
+    The buffers persist across steps (allocated and zeroed once; the first contribution
+    of a step overwrites their lower triangle); ``a_rows``/``g_rows`` tell whether this
+    step wrote them.
+
     Attributes:
         a: Σ āāᵀ ``[a_dim, a_dim]`` (lower triangle), or Σ counts ``[V]`` for a diagonal A.
-        g: Σ ĝĝᵀ ``[d_out, d_out]`` (lower triangle), weights already applied.
-        a_rows: Number of rows accumulated into ``a``.
-        g_rows: Number of rows accumulated into ``g``.
+        g: Σ ĝĝᵀ ``[d_out, d_out]`` (lower triangle).
+        a_rows: Number of rows accumulated into ``a`` this step (0: stale buffer).
+        g_rows: Number of rows accumulated into ``g`` this step (0: stale buffer).
     """
 
     a: Tensor | None = None
@@ -42,9 +46,21 @@ class FactorSums:
     a_rows: int = 0
     g_rows: int = 0
 
-    def clear(self) -> None:
-        self.a = self.g = None
+    def reset(self) -> None:
+        """Start a new step, keeping the buffers."""
         self.a_rows = self.g_rows = 0
+
+    def release(self) -> None:
+        """Drop the buffers (after the moving average adopted them, or on removal)."""
+        self.a = self.g = None
+        self.reset()
+
+
+def _buffer(current: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if current is not None and current.shape == (n, n) and current.dtype == like.dtype \
+            and current.device == like.device:
+        return current
+    return like.new_zeros(n, n)  # zeroed once: the strict upper triangle stays finite
 
 
 def activation_rows(x: Tensor, approx: KFACApprox) -> Tensor:
@@ -65,28 +81,31 @@ def accumulate_a(sums: FactorSums, rows: Tensor, has_bias: bool, dtype: torch.dt
     """Add Σ āāᵀ for ``rows`` ``[k, d]``; with a bias ā = [a, 1] (Eq. 4)."""
     rows = rows.detach().to(dtype).contiguous()
     k, d = rows.shape
-    n = d + int(has_bias)
-    if sums.a is None:
-        sums.a = rows.new_zeros(n, n)
-    add_gram_(sums.a[:d, :d], rows)
+    fresh = sums.a_rows == 0
+    sums.a = _buffer(sums.a, d + int(has_bias), rows) if fresh else sums.a
+    add_gram_(sums.a[:d, :d], rows, beta=0.0 if fresh else 1.0)
     if has_bias:
-        sums.a[d, :d] += rows.sum(dim=0)
-        sums.a[d, d] += k
+        if fresh:
+            sums.a[d, :d] = rows.sum(dim=0)
+            sums.a[d, d] = k
+        else:
+            sums.a[d, :d] += rows.sum(dim=0)
+            sums.a[d, d] += k
     sums.a_rows += k
 
 
 def accumulate_a_diagonal(sums: FactorSums, counts: Tensor, tokens: int) -> None:
     """Add token counts to a diagonal A."""
-    sums.a = counts if sums.a is None else sums.a.add_(counts)
+    sums.a = counts if sums.a_rows == 0 else sums.a.add_(counts)
     sums.a_rows += tokens
 
 
 def accumulate_g(sums: FactorSums, rows: Tensor, dtype: torch.dtype) -> None:
     """Add Σ ĝĝᵀ for ``rows`` ``[k, d_out]``."""
     rows = rows.detach().to(dtype).contiguous()
-    if sums.g is None:
-        sums.g = rows.new_zeros(rows.shape[1], rows.shape[1])
-    add_gram_(sums.g, rows)
+    fresh = sums.g_rows == 0
+    sums.g = _buffer(sums.g, rows.shape[1], rows) if fresh else sums.g
+    add_gram_(sums.g, rows, beta=0.0 if fresh else 1.0)
     sums.g_rows += rows.shape[0]
 
 

@@ -1,6 +1,6 @@
 """Per-layer K-FAC state and the maths of one layer: damping, prepare, precondition.
 
-The moving averages are kept in their lower triangle (:mod:`thermokfac._blas`); they
+The moving averages are kept in their lower triangle (:mod:`thermokfac._kernels`); they
 are symmetrised only when the solver or a user reads them.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._blas import symmetrize_lower
+from ._kernels import symm_left, symm_right, symmetrize_lower
 from .enums import DampingSplit, Method
 from .solvers import LinearSolver, Prepared, SolverError
 
@@ -25,7 +25,8 @@ class LayerState:
     Attributes:
         a, g: EMA of A (``[a_dim, a_dim]``, lower triangle; ``[V]`` when diagonal) and G.
         a_prep, g_prep: Prepared factors (Method 2, ``method='solve'``).
-        a_inv, g_inv: Damped inverses (Method 1); ``a_inv`` is a vector for diagonal A.
+        a_inv, g_inv: Damped inverses (Method 1), lower triangle valid; ``a_inv`` is a
+            vector for diagonal A (both methods).
         damping: (λ_A, λ_G) used by the last prepare, after any fallback increase.
         failed: The last prepare failed: the layer's gradient passes through unchanged.
     """
@@ -45,17 +46,32 @@ class LayerState:
         """Whether U can be computed (something was prepared and it did not fail)."""
         return not self.failed and (self.a_prep is not None or self.a_inv is not None)
 
-    def update_ema(self, a_new: Tensor, g_new: Tensor, decay: float) -> None:
-        """Ã ← β·Ã + (1 − β)·A (Eqs. 16–17); the first update initialises the average."""
-        if self.a is None or self.g is None:
+    def update_ema(self, a_new: Tensor, g_new: Tensor, decay: float) -> bool:
+        """Ã ← β·Ã + (1 − β)·A (Eqs. 16–17); the first update initialises the average.
+
+        Returns:
+            True if the average adopted ``a_new``/``g_new`` themselves (first update, or
+            β = 0), which the caller must then no longer write into.
+        """
+        if self.a is None or self.g is None or decay == 0.0:
             self.a, self.g = a_new, g_new
-        else:
-            self.a.lerp_(a_new, 1.0 - decay)
-            self.g.lerp_(g_new, 1.0 - decay)
+            return True
+        self.a.lerp_(a_new, 1.0 - decay)
+        self.g.lerp_(g_new, 1.0 - decay)
+        return False
 
     def symmetric_factors(self) -> tuple[Tensor, Tensor]:
         a = self.a.clone() if self.a.ndim == 1 else symmetrize_lower(self.a)
         return a, symmetrize_lower(self.g)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: moving-average factors, and what was prepared from them."""
+        factors = sum(_nbytes(t) for t in (self.a, self.g))
+        prepared = sum(_nbytes(t) for t in (self.a_inv, self.g_inv))
+        for prep in (self.a_prep, self.g_prep):
+            if prep is not None:
+                prepared += sum(_nbytes(t) for t in prep.tensors.values())
+        return {"factors": factors, "prepared": prepared}
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -99,7 +115,7 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     Returns:
         The hardware time the solver modelled for this work.
     """
-    a, g = state.symmetric_factors()
+    a, g = state.a, state.g  # lower triangles (a: vector when diagonal)
     lam_a, lam_g = split_damping(a, g, damping, split)
     modeled = 0.0
     state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
@@ -108,12 +124,12 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
         state.a_inv = 1.0 / (a + lam_a)
         used_a = lam_a
     else:
-        prep_a = solver.prepare(a, lam_a)
+        prep_a = solver.prepare(a, lam_a, lower_only=True)
         modeled += prep_a.modeled_time_s
         _count(state.stats, prep_a.stats)
         used_a = prep_a.damping
         state.a_prep = prep_a
-    prep_g = solver.prepare(g, lam_g)
+    prep_g = solver.prepare(g, lam_g, lower_only=True)
     modeled += prep_g.modeled_time_s
     _count(state.stats, prep_g.stats)
     state.g_prep = prep_g
@@ -125,9 +141,9 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     if method is Method.INVERSE:
         try:
             if state.a_prep is not None:
-                result = solver.inverse(state.a_prep, generator=generator)
+                result = solver.inverse(state.a_prep, generator=generator, lower_only=True)
                 state.a_inv, modeled = result.x, modeled + result.modeled_time_s
-            result = solver.inverse(state.g_prep, generator=generator)
+            result = solver.inverse(state.g_prep, generator=generator, lower_only=True)
             state.g_inv, modeled = result.x, modeled + result.modeled_time_s
         except SolverError:
             state.failed = True
@@ -140,8 +156,12 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
                  generator: torch.Generator | None) -> tuple[Tensor, float]:
     """U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (Eq. 15) for DΘ ``[d_out, a_dim]``.
 
-    Method 1 multiplies by the stored inverses; Method 2 solves the bank
-    (G+λI) Q = DΘ, then (A+λI) Uᵀ = Qᵀ for the rows of Q (Sec. 4.1).
+    Method 1 multiplies by the stored inverses (one triangle each). Method 2 solves two
+    banks of linear systems (Sec. 4.1): (G+λI) Q = DΘ for the columns of DΘ, then
+    (A+λI) Uᵀ = Qᵀ for the rows of Q. ``d_theta`` is the caller's own buffer and is
+    overwritten by Method 2; pass it as the transposed view of a contiguous
+    ``[a_dim, d_out]`` tensor for Method 2 (its columns are then contiguous) and
+    contiguous for Method 1.
 
     Returns:
         (U in the dtype of ``d_theta``, modelled hardware time).
@@ -151,15 +171,20 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
     """
     if method is Method.INVERSE:
         work = state.g_inv.dtype
-        q = state.g_inv @ d_theta.to(work)
-        u = q * state.a_inv.to(work) if state.a_inv.ndim == 1 else q @ state.a_inv.to(work)
+        q = symm_left(state.g_inv, d_theta.to(work))
+        a_inv = state.a_inv.to(work)
+        u = q * a_inv if a_inv.ndim == 1 else symm_right(q, a_inv)
         return u.to(d_theta.dtype), 0.0
-    res_g = solver.solve(state.g_prep, d_theta, generator=generator)
-    q, modeled = res_g.x, res_g.modeled_time_s
-    if state.a_inv is not None:  # diagonal A
-        return (q * state.a_inv.to(q.dtype)).to(d_theta.dtype), modeled
-    res_a = solver.solve(state.a_prep, q.mT, generator=generator)
-    return res_a.x.mT.to(d_theta.dtype), modeled + res_a.modeled_time_s
+    res_g = solver.solve(state.g_prep, d_theta, generator=generator, overwrite_b=True)
+    q = res_g.x
+    if state.a_prep is None:  # diagonal A
+        return (q * state.a_inv.to(q.dtype)).to(d_theta.dtype), res_g.modeled_time_s
+    res_a = solver.solve(state.a_prep, q.mT, generator=generator, overwrite_b=True)
+    return res_a.x.mT.to(d_theta.dtype), res_g.modeled_time_s + res_a.modeled_time_s
+
+
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _count(into: dict[str, float], stats: dict[str, float]) -> None:

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
 from .discovery import Discovery, discover, unwrap
-from .enums import FisherType, LossReduction
+from .enums import FisherType, LossReduction, Method
 from .factors import lower_is_finite
 from .fisher import backward_vectors
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .layer_state import LayerState, precondition, prepare_layer
-from .solvers import LinearSolver, SolverError
+from .solvers import LinearSolver, SolverError, all_finite
 from .state import load_preconditioner_state, preconditioner_state
 from .timing import StepTimings, TimingLog
 
@@ -221,6 +221,16 @@ class KFACPreconditioner:
         """The full state of one layer (factors, prepared solver state, damping used)."""
         return self._states[name]
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes the preconditioner holds between steps: ``factors`` (moving averages),
+        ``prepared`` (factorisations or inverses) and their ``total``."""
+        out = {"factors": 0, "prepared": 0}
+        for state in self._states.values():
+            for key, value in state.memory_bytes().items():
+                out[key] += value
+        out["total"] = out["factors"] + out["prepared"]
+        return out
+
     @property
     def last_timings(self) -> StepTimings | None:
         """Timing breakdown of the latest step (see :class:`StepTimings`)."""
@@ -282,7 +292,7 @@ class KFACPreconditioner:
         multiplier = self._g_multiplier(num_examples)
         for name, record in self._records.items():
             sums = record.sums
-            if sums.a is None or sums.g is None or sums.a_rows == 0:
+            if sums.a_rows == 0 or sums.g_rows == 0:
                 self.stats["missing_factor_skips"] += 1
                 continue
             a_new = sums.a.div_(sums.a_rows)
@@ -290,7 +300,8 @@ class KFACPreconditioner:
             if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
                 self._nonfinite_factors(name)
                 continue
-            self._states[name].update_ema(a_new, g_new, decay)
+            if self._states[name].update_ema(a_new, g_new, decay):
+                sums.release()  # the average now owns these buffers
 
     def _nonfinite_factors(self, name: str) -> None:
         self.stats["nonfinite_factor_skips"] += 1
@@ -336,15 +347,17 @@ class KFACPreconditioner:
         cfg = self.config
         updates: list[tuple[LayerRecord, Tensor, Tensor]] = []
         modeled = 0.0
+        transposed = cfg.method is Method.SOLVE
         for name, record in self._records.items():
             state = self._states[name]
-            d_theta = record.helper.grad_matrix()
-            if d_theta is None:
+            helper = record.helper
+            if helper.module.weight.grad is None:
                 continue
             if not state.ready:
                 self.stats["passthrough_layers"] += 1
                 continue
-            if not bool(torch.isfinite(d_theta).all()):
+            d_theta = helper.grad_matrix(transposed=transposed and not helper.diagonal_a)
+            if not all_finite(d_theta):
                 self.stats["nonfinite_grad_skips"] += 1
                 continue
             try:
@@ -353,22 +366,24 @@ class KFACPreconditioner:
                 self.stats["solver_errors"] += 1
                 continue
             modeled += seconds
-            if not bool(torch.isfinite(u).all()):
+            # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks
+            # U and feeds the KL clip.
+            u_dot_d = helper.inner_with_grad(u)
+            if not math.isfinite(u_dot_d):
                 self.stats["nonfinite_update_skips"] += 1
                 continue
-            updates.append((record, u, d_theta))
-        nu = self._kl_clip_scale(updates, self._learning_rate(lr))
+            updates.append((record, u, u_dot_d))
+        nu = self._kl_clip_scale(sum(v for _, _, v in updates), self._learning_rate(lr))
         self.stats["kl_clip_scale"] = nu
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
         return modeled
 
-    def _kl_clip_scale(self, updates: list, lr: float | None) -> float:
+    def _kl_clip_scale(self, u_dot_d: float, lr: float | None) -> float:
+        """ν = min(1, √(κ / (η² Σ⟨U, DΘ⟩)))."""
         kl_clip = self.config.kl_clip
-        if kl_clip is None or lr is None or not updates:
-            return 1.0
-        vg = sum(float((u * d.to(u.dtype)).sum()) for _, u, d in updates) * lr * lr
-        if not math.isfinite(vg) or vg <= 0.0:
+        vg = u_dot_d * lr * lr if lr is not None else 0.0
+        if kl_clip is None or not math.isfinite(vg) or vg <= 0.0:
             return 1.0
         return min(1.0, math.sqrt(kl_clip / vg))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 
@@ -81,18 +82,38 @@ class LayerHelper(ABC):
     def weight_grad_from_matrix(self, matrix: Tensor) -> Tensor:
         """``[d_out, d_in]`` ↦ a tensor shaped like ``weight``."""
 
-    def grad_matrix(self) -> Tensor | None:
-        """DΘ = [∇W | ∇b] ``[d_out, a_dim]``, or None if no gradient was computed."""
+    def grad_matrix(self, transposed: bool = False) -> Tensor | None:
+        """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` as a new tensor, or None without a gradient.
+
+        Args:
+            transposed: Return the same matrix stored transposed, i.e. the view ``.mT``
+                of a contiguous ``[a_dim, d_out]`` tensor (the layout a bank of column
+                solves wants).
+        """
         weight = self.module.weight
         if weight.grad is None:
             return None
         mat = self.weight_grad_matrix(weight.grad)
+        bias_grad = self.module.bias.grad if self.has_bias else None
+        if transposed:
+            out = mat.new_empty(self.a_dim, self.d_out)
+            out[: self.d_in].copy_(mat.mT)
+            if self.has_bias:
+                out[self.d_in].copy_(bias_grad if bias_grad is not None else 0.0)
+            return out.mT
         if not self.has_bias:
-            return mat
-        bias_grad = self.module.bias.grad
-        if bias_grad is None:
-            bias_grad = mat.new_zeros(self.d_out)
-        return _cat_column(mat, bias_grad)
+            return mat.clone(memory_format=torch.contiguous_format)
+        out = mat.new_empty(self.d_out, self.a_dim)
+        out[:, : self.d_in] = mat
+        out[:, self.d_in] = bias_grad if bias_grad is not None else 0.0
+        return out
+
+    def inner_with_grad(self, u: Tensor) -> float:
+        """⟨U, DΘ⟩ against the gradient still held in ``.grad`` (before it is replaced)."""
+        total = (u[:, : self.d_in] * self.weight_grad_matrix(self.module.weight.grad)).sum()
+        if self.has_bias and self.module.bias.grad is not None:
+            total = total + (u[:, self.d_in] * self.module.bias.grad).sum()
+        return float(total)
 
     def set_grad_matrix(self, u: Tensor) -> None:
         """Write the preconditioned matrix U ``[d_out, a_dim]`` back into ``.grad``."""
@@ -100,10 +121,3 @@ class LayerHelper(ABC):
         weight.grad.copy_(self.weight_grad_from_matrix(u[:, : self.d_in]))
         if self.has_bias and self.module.bias.grad is not None:
             self.module.bias.grad.copy_(u[:, self.d_in])
-
-
-def _cat_column(mat: Tensor, column: Tensor) -> Tensor:
-    out = mat.new_empty(mat.shape[0], mat.shape[1] + 1)
-    out[:, :-1] = mat
-    out[:, -1] = column.to(mat.dtype)
-    return out

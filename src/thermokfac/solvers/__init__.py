@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import LinearSolver, Prepared, SolverError, SolveResult, check_symmetric_matrix
+from .base import (
+    LinearSolver,
+    Prepared,
+    SolverError,
+    SolveResult,
+    all_finite,
+    check_symmetric_matrix,
+)
 from .direct import CholeskySolver, EighSolver
 from .iterative import CGSolver
 
@@ -49,5 +56,5 @@ def get_solver(name: str | LinearSolver, **kwargs: Any) -> LinearSolver:
 
 
 __all__ = ["SOLVERS", "CGSolver", "CholeskySolver", "EighSolver", "LinearSolver", "Prepared",
-           "SolveResult", "SolverError", "available_solvers", "check_symmetric_matrix",
+           "SolveResult", "SolverError", "all_finite", "available_solvers", "check_symmetric_matrix",
            "get_solver", "register_solver"]

@@ -5,6 +5,10 @@ G) with Tikhonov damping λ: it *prepares* M + λI once every ``inv_update_steps
 (factorise, decompose, program the device...) and then *solves* banks of right-hand
 sides against it, or returns its *inverse* (paper Sec. 4.1, Methods 2 and 1).
 
+Implementations read only the **lower triangle** of M (row-major), so a caller that
+keeps only that triangle (as the preconditioner does) passes ``lower_only=True`` and
+skips the symmetrisation; see :mod:`thermokfac._kernels`.
+
 Failure policy (documented, and the same for every solver): :meth:`LinearSolver.prepare`
 validates its input and raises ``ValueError`` on a non-square, non-symmetric or
 non-finite matrix or a negative damping. If the factorisation itself fails (M + λI not
@@ -21,10 +25,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from .._kernels import symmetrize_lower
 
 
 class SolverError(RuntimeError):
@@ -90,22 +97,45 @@ class Prepared:
         return cls(**state)
 
 
-def check_symmetric_matrix(m: Tensor, what: str = "matrix") -> None:
-    """Raise ``ValueError`` unless ``m`` is a finite, square, symmetric 2-D tensor."""
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite, from one reduction (a sum propagates NaN and ±inf).
+
+    Conservative: values so large that their sum overflows also count as non-finite.
+    """
+    return bool(torch.isfinite(t.sum()))
+
+
+@lru_cache(maxsize=64)
+def _probe(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    gen = torch.Generator().manual_seed(12345)
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _check_square(m: Tensor, what: str) -> None:
     if not isinstance(m, Tensor) or m.ndim != 2 or m.shape[0] != m.shape[1]:
         shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
         raise ValueError(f"{what} must be a square 2-D tensor, got shape {shape}")
     if not m.is_floating_point():
         raise ValueError(f"{what} must be floating point, got {m.dtype}")
-    if not bool(torch.isfinite(m).all()):
+
+
+def check_symmetric_matrix(m: Tensor, what: str = "matrix") -> None:
+    """Raise ``ValueError`` unless ``m`` is a finite, square, symmetric 2-D tensor.
+
+    Symmetry is tested in O(n²) with a fixed random probe v: ‖Mv − Mᵀv‖ ≤ 1e3·eps·‖M‖‖v‖
+    (any asymmetry larger than rounding is caught with probability one).
+    """
+    _check_square(m, what)
+    if not all_finite(m):
         raise ValueError(f"{what} contains non-finite values")
-    scale = float(m.abs().max()) if m.numel() else 0.0
-    asym = float((m - m.mT).abs().max()) if m.numel() else 0.0
-    tol = 1e3 * torch.finfo(m.dtype).eps * max(scale, 1e-30)
+    if m.numel() == 0:
+        return
+    v = _probe(m.shape[0], m.dtype, m.device)
+    asym = float((m @ v - m.mT @ v).norm())
+    tol = 1e3 * torch.finfo(m.dtype).eps * float(m.norm()) * float(v.norm())
     if asym > tol:
-        raise ValueError(
-            f"{what} is not symmetric: max |M - Mᵀ| = {asym:.3g} > {tol:.3g} "
-            f"(1e3·eps·max|M|)")
+        raise ValueError(f"{what} is not symmetric: ‖Mv − Mᵀv‖ = {asym:.3g} > {tol:.3g} "
+                         f"(1e3·eps·‖M‖‖v‖ for a random probe v)")
 
 
 class LinearSolver(ABC):
@@ -129,9 +159,21 @@ class LinearSolver(ABC):
         self.max_damping_increases = max_damping_increases
 
     # ------------------------------------------------------------------ public
-    def prepare(self, m: Tensor, damping: float) -> Prepared:
-        """Prepare M + λI for solves (every ``inv_update_steps``); see the failure policy."""
-        check_symmetric_matrix(m, "factor")
+    def prepare(self, m: Tensor, damping: float, *, lower_only: bool = False) -> Prepared:
+        """Prepare M + λI for solves (every ``inv_update_steps``); see the failure policy.
+
+        Args:
+            m: The symmetric factor ``[n, n]``.
+            damping: λ ≥ 0.
+            lower_only: Only the lower triangle of ``m`` holds the matrix (the upper one
+                is ignored and cannot be checked for symmetry).
+        """
+        if lower_only:
+            _check_square(m, "factor")
+            if not all_finite(m):
+                raise ValueError("factor contains non-finite values")
+        else:
+            check_symmetric_matrix(m, "factor")
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping={damping!r} must be a finite number >= 0")
         n = m.shape[0]
@@ -157,31 +199,44 @@ class LinearSolver(ABC):
         stats["failed"] = 1.0
         return Prepared(self.name, n, current, {}, stats, failed=True)
 
-    def solve(self, prepared: Prepared, b: Tensor, *,
-              generator: torch.Generator | None = None) -> SolveResult:
-        """Solve (M + λI) x = b for one vector ``[n]`` or a bank of columns ``[n, k]``."""
+    def solve(self, prepared: Prepared, b: Tensor, *, generator: torch.Generator | None = None,
+              overwrite_b: bool = False) -> SolveResult:
+        """Solve (M + λI) x = b for one vector ``[n]`` or a bank of columns ``[n, k]``.
+
+        Args:
+            prepared: From :meth:`prepare`.
+            b: Right-hand sides.
+            generator: Random source of stochastic solvers.
+            overwrite_b: Allow the solver to work in ``b``'s memory (the result may then
+                share it), saving a copy; ``b`` is garbage afterwards.
+        """
         self._check_prepared(prepared)
         if not isinstance(b, Tensor) or b.ndim not in (1, 2) or b.shape[0] != prepared.n:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"right-hand side must have shape [{prepared.n}] or "
                              f"[{prepared.n}, k], got {shape}")
-        if not bool(torch.isfinite(b).all()):
+        if not all_finite(b):
             raise ValueError("right-hand side contains non-finite values")
         vector = b.ndim == 1
         rhs = b[:, None] if vector else b
         work_dtype = prepared.dtype
-        x, modeled, stats = self._solve(prepared, rhs.to(work_dtype), generator)
-        if not bool(torch.isfinite(x).all()):
+        work = rhs.to(work_dtype)
+        x, modeled, stats = self._solve(prepared, work, generator,
+                                        overwrite_b=overwrite_b or work is not rhs)
+        if not all_finite(x):
             raise SolverError(f"{self.name} produced non-finite values")
         x = x.to(b.dtype)
         return SolveResult(x[:, 0] if vector else x, modeled, stats)
 
-    def inverse(self, prepared: Prepared, *,
-                generator: torch.Generator | None = None) -> SolveResult:
-        """Return (M + λI)⁻¹ as a dense ``[n, n]`` tensor."""
+    def inverse(self, prepared: Prepared, *, generator: torch.Generator | None = None,
+                lower_only: bool = False) -> SolveResult:
+        """Return (M + λI)⁻¹ ``[n, n]``; with ``lower_only`` only its lower triangle is
+        guaranteed (the strict upper one may hold anything)."""
         self._check_prepared(prepared)
         x, modeled, stats = self._inverse(prepared, generator)
-        if not bool(torch.isfinite(x).all()):
+        if not lower_only and getattr(self, "_inverse_is_lower", False):
+            x = symmetrize_lower(x)
+        if not all_finite(x):
             raise SolverError(f"{self.name} produced a non-finite inverse")
         return SolveResult(x, modeled, stats)
 
@@ -191,12 +246,15 @@ class LinearSolver(ABC):
     # ---------------------------------------------------------------- subclass
     @abstractmethod
     def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
-        """Return the prepared tensors for M + λI, or None if it is not usable."""
+        """Return the prepared tensors for M + λI (read M's lower triangle only), or None
+        if it is not usable."""
 
     @abstractmethod
-    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None
-               ) -> tuple[Tensor, float, dict[str, float]]:
-        """Solve for ``b`` ``[n, k]`` in the prepared dtype; return (x, modeled_s, stats)."""
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
+               overwrite_b: bool = False) -> tuple[Tensor, float, dict[str, float]]:
+        """Solve for ``b`` ``[n, k]`` in the prepared dtype; return (x, modeled_s, stats).
+
+        ``b`` may be overwritten when ``overwrite_b`` is True."""
 
     def _inverse(self, prepared: Prepared, generator: torch.Generator | None
                  ) -> tuple[Tensor, float, dict[str, float]]:

@@ -3,7 +3,8 @@
 Both factorise the damped matrix once per ``prepare``; a solve of k right-hand sides
 then costs O(n²k). Only unbatched Cholesky and ``eigh`` are used: batched LU-based
 routines (``lu_factor``, ``linalg.solve``, ``linalg.inv``) returned wrong pivots for
-n ≥ 256 on 2-thread CPU builds of torch 2.13.
+n ≥ 256 on 2-thread CPU builds of torch 2.13. On CPU the Cholesky solver works on one
+triangle through LAPACK (:mod:`thermokfac._kernels`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._kernels import cholesky_inverse_lower, cholesky_lower_, cholesky_solve_rows
 from .base import LinearSolver, Prepared
 
 
-def _damped(m: Tensor, damping: float) -> Tensor:
-    out = m.clone()
-    out.diagonal().add_(damping)
-    return out
-
-
 class CholeskySolver(LinearSolver):
-    """(M + λI) = LLᵀ; solves by two triangular solves, inverse by ``cholesky_inverse``.
+    """(M + λI) = LLᵀ; solves by two triangular solves, inverse from L.
+
+    ``inverse(..., lower_only=True)`` returns only the lower triangle (upper ignored),
+    which is what the preconditioner multiplies with.
 
     >>> s = CholeskySolver()
     >>> p = s.prepare(torch.eye(2), damping=1.0)
@@ -30,18 +29,21 @@ class CholeskySolver(LinearSolver):
     """
 
     name = "cholesky"
+    _inverse_is_lower = True
 
     def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
-        chol, info = torch.linalg.cholesky_ex(_damped(m, damping))
-        if int(info) != 0 or not bool(torch.isfinite(chol.diagonal()).all()):
-            return None
-        return {"cholesky": chol}
+        chol = m.contiguous().clone()
+        chol.diagonal().add_(damping)
+        return {"cholesky": chol} if cholesky_lower_(chol) else None
 
-    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None):
-        return torch.cholesky_solve(b, prepared.tensors["cholesky"]), 0.0, {}
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
+               overwrite_b: bool = False):
+        # The columns of b are the rows of bᵀ: contiguous when b is a transposed view.
+        rows = cholesky_solve_rows(prepared.tensors["cholesky"], b.mT, overwrite=overwrite_b)
+        return rows.mT, 0.0, {}
 
     def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
-        return torch.cholesky_inverse(prepared.tensors["cholesky"]), 0.0, {}
+        return cholesky_inverse_lower(prepared.tensors["cholesky"]), 0.0, {}
 
 
 class EighSolver(LinearSolver):
@@ -55,7 +57,7 @@ class EighSolver(LinearSolver):
 
     def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
         try:
-            evals, evecs = torch.linalg.eigh(m)
+            evals, evecs = torch.linalg.eigh(m, UPLO="L")
         except torch.linalg.LinAlgError:
             return None
         damped = evals + damping
@@ -69,7 +71,8 @@ class EighSolver(LinearSolver):
     def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
         return {"eig_min": float(state["evals"].min()), "eig_max": float(state["evals"].max())}
 
-    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None):
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
+               overwrite_b: bool = False):
         evecs, evals = prepared.tensors["evecs"], prepared.tensors["evals"]
         return evecs @ ((evecs.mT @ b) / evals[:, None]), 0.0, {}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._kernels import symmetrize_lower
 from .base import LinearSolver, Prepared, SolverError
 
 
@@ -44,13 +45,14 @@ class CGSolver(LinearSolver):
         return f"CGSolver(tol={self.tol:g}, max_iter={self.max_iter}, warm_start={self.warm_start})"
 
     def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
-        matrix = m.clone()
+        matrix = symmetrize_lower(m)
         matrix.diagonal().add_(damping)
         if float(matrix.diagonal().min()) <= 0.0:
             return None
         return {"matrix": matrix}
 
-    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None):
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
+               overwrite_b: bool = False):
         a = prepared.tensors["matrix"]
         x0 = prepared.tensors.get("x0")
         x = x0.clone() if self.warm_start and x0 is not None and x0.shape == b.shape \
