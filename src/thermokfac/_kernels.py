@@ -1,8 +1,8 @@
 """Symmetric-matrix kernels that read and write one triangle only.
 
-Kronecker factors are symmetric, so half of the work of forming (A = XᵀX), factorising,
-inverting and applying them is spent on a mirror triangle. PyTorch exposes neither BLAS
-``?syrk``/``?symm`` nor LAPACK ``?potri``, but its CPU builds link Intel MKL, whose
+Kronecker factors are symmetric, so half of the work of forming (A = XᵀX), factorising
+and inverting them is spent on a mirror triangle. PyTorch exposes neither BLAS ``?syrk``
+nor LAPACK ``?potri``/``?potrs`` on one triangle, but its CPU builds link Intel MKL, whose
 routines are reachable by name in ``libtorch_cpu``. This module calls them through
 :mod:`ctypes` when they are present and each passes a self-check against the plain torch
 result on first use; otherwise (no MKL, CUDA tensors, or ``THERMOKFAC_NO_MKL=1``) every
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 _PREFIX = {torch.float32: ("s", ctypes.c_float), torch.float64: ("d", ctypes.c_double)}
-_NAMES = {"syrk": "mkl_blas_{}syrk", "symm": "mkl_blas_{}symm",
-          "potrf": "{}potrf_", "potri": "{}potri_", "potrs": "{}potrs_"}
+_NAMES = {"syrk": "mkl_blas_{}syrk", "potrf": "{}potrf_", "potri": "{}potri_",
+          "potrs": "{}potrs_"}
 
 
 def _byref_int(value: int):
@@ -108,14 +108,6 @@ def _potrs(routine, chol: Tensor, rows: Tensor) -> int:
     return info.value
 
 
-def _symm(routine, side: bytes, a: Tensor, b: Tensor, out: Tensor, m: int, n: int) -> None:
-    fn, scalar = routine
-    lda = a.shape[0]
-    fn(_char(side), _char(b"U"), _byref_int(m), _byref_int(n), ctypes.byref(scalar(1.0)),
-       _ptr(a), _byref_int(lda), _ptr(b), _byref_int(m), ctypes.byref(scalar(0.0)),
-       _ptr(out), _byref_int(m))
-
-
 # ------------------------------------------------------------------ public API
 def add_gram_(out: Tensor, x: Tensor, beta: float = 1.0) -> None:
     """``out ← beta·out + xᵀx`` in the lower triangle of ``out`` (its rows contiguous).
@@ -164,35 +156,12 @@ def cholesky_solve_rows(chol: Tensor, rows: Tensor, overwrite: bool = False) -> 
     """
     routine = _fast("potrs", chol, rows)
     if routine is not None and chol.is_contiguous():
-        if rows.is_contiguous():
-            out = rows if overwrite else rows.clone()
-        else:
-            out = rows.contiguous()
+        out = rows.contiguous()  # a copy unless rows is already contiguous
+        if out is rows and not overwrite:
+            out = rows.clone()
         if _potrs(routine, chol, out) == 0:
             return out
     return torch.cholesky_solve(rows.mT, chol.tril()).mT
-
-
-def symm_left(a: Tensor, b: Tensor) -> Tensor:
-    """``A @ b`` for a lower matrix A ``[n, n]`` and ``b`` ``[n, m]``."""
-    routine = _fast("symm", a, b)
-    if routine is not None and a.is_contiguous():
-        b = b.contiguous()
-        out = torch.empty_like(b)
-        _symm(routine, b"R", a, b, out, b.shape[1], b.shape[0])
-        return out
-    return symmetrize_lower(a) @ b
-
-
-def symm_right(b: Tensor, a: Tensor) -> Tensor:
-    """``b @ A`` for ``b`` ``[m, n]`` and a lower matrix A ``[n, n]``."""
-    routine = _fast("symm", a, b)
-    if routine is not None and a.is_contiguous():
-        b = b.contiguous()
-        out = torch.empty_like(b)
-        _symm(routine, b"L", a, b, out, b.shape[1], b.shape[0])
-        return out
-    return b @ symmetrize_lower(a)
 
 
 @lru_cache(maxsize=64)
@@ -254,16 +223,5 @@ def _check_potrs(routine, dtype) -> bool:
     return ok and _close(out, rows.double() @ torch.linalg.inv(spd.double()))
 
 
-def _check_symm(routine, dtype) -> bool:
-    spd, rows = _case(dtype)
-    lower = spd.tril() + 7 * torch.ones_like(spd).triu(1)  # garbage above the diagonal
-    b = rows.mT.contiguous()  # [5, 4]
-    left = torch.empty_like(b)
-    _symm(routine, b"R", lower, b, left, b.shape[1], b.shape[0])
-    right = torch.empty_like(rows)
-    _symm(routine, b"L", lower, rows, right, rows.shape[1], rows.shape[0])
-    return _close(left, spd @ b) and _close(right, rows @ spd)
-
-
 _SELF_CHECKS = {"syrk": _check_syrk, "potrf": _check_potrf, "potri": _check_potri,
-                "potrs": _check_potrs, "symm": _check_symm}
+                "potrs": _check_potrs}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._kernels import symm_left, symm_right, symmetrize_lower
+from ._kernels import symmetrize_lower
 from .enums import DampingSplit, Method
 from .solvers import LinearSolver, Prepared, SolverError
 
@@ -25,8 +25,9 @@ class LayerState:
     Attributes:
         a, g: EMA of A (``[a_dim, a_dim]``, lower triangle; ``[V]`` when diagonal) and G.
         a_prep, g_prep: Prepared factors (Method 2, ``method='solve'``).
-        a_inv, g_inv: Damped inverses (Method 1), lower triangle valid; ``a_inv`` is a
-            vector for diagonal A (both methods).
+        a_inv, g_inv: Damped inverses (Method 1), full symmetric matrices (a general
+            matrix product measured faster than a one-triangle ``symm`` here); ``a_inv``
+            is a vector for diagonal A (both methods).
         damping: (λ_A, λ_G) used by the last prepare, after any fallback increase.
         failed: The last prepare failed: the layer's gradient passes through unchanged.
     """
@@ -141,9 +142,9 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     if method is Method.INVERSE:
         try:
             if state.a_prep is not None:
-                result = solver.inverse(state.a_prep, generator=generator, lower_only=True)
+                result = solver.inverse(state.a_prep, generator=generator)
                 state.a_inv, modeled = result.x, modeled + result.modeled_time_s
-            result = solver.inverse(state.g_prep, generator=generator, lower_only=True)
+            result = solver.inverse(state.g_prep, generator=generator)
             state.g_inv, modeled = result.x, modeled + result.modeled_time_s
         except SolverError:
             state.failed = True
@@ -156,7 +157,7 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
                  generator: torch.Generator | None) -> tuple[Tensor, float]:
     """U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (Eq. 15) for DΘ ``[d_out, a_dim]``.
 
-    Method 1 multiplies by the stored inverses (one triangle each). Method 2 solves two
+    Method 1 multiplies by the stored inverses. Method 2 solves two
     banks of linear systems (Sec. 4.1): (G+λI) Q = DΘ for the columns of DΘ, then
     (A+λI) Uᵀ = Qᵀ for the rows of Q. ``d_theta`` is the caller's own buffer and is
     overwritten by Method 2; pass it as the transposed view of a contiguous
@@ -171,9 +172,9 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
     """
     if method is Method.INVERSE:
         work = state.g_inv.dtype
-        q = symm_left(state.g_inv, d_theta.to(work))
+        q = state.g_inv @ d_theta.to(work)
         a_inv = state.a_inv.to(work)
-        u = q * a_inv if a_inv.ndim == 1 else symm_right(q, a_inv)
+        u = q * a_inv if a_inv.ndim == 1 else q @ a_inv
         return u.to(d_theta.dtype), 0.0
     res_g = solver.solve(state.g_prep, d_theta, generator=generator, overwrite_b=True)
     q = res_g.x

@@ -56,5 +56,5 @@ def get_solver(name: str | LinearSolver, **kwargs: Any) -> LinearSolver:
 
 
 __all__ = ["SOLVERS", "CGSolver", "CholeskySolver", "EighSolver", "LinearSolver", "Prepared",
-           "SolveResult", "SolverError", "all_finite", "available_solvers", "check_symmetric_matrix",
-           "get_solver", "register_solver"]
+           "SolveResult", "SolverError", "all_finite", "available_solvers",
+           "check_symmetric_matrix", "get_solver", "register_solver"]
