@@ -7,8 +7,9 @@ inverse update of the every-10-steps variants), and the per-step time of a confi
 the median over rounds of its block means. Weights are held fixed (learning rate 0) so
 every configuration does the same, data-independent work at every step.
 
-Peak memory is measured per configuration in a fresh subprocess (max RSS after 12 steps,
-minus the SGD process), beside the bytes the preconditioner holds between steps.
+Peak memory is measured per configuration in a fresh subprocess (peak RSS, VmHWM, after
+12 steps, minus that of the SGD process), beside the bytes the preconditioner holds
+between steps (its factors and what was prepared from them).
 
 Run by hand:  python benchmarks/step_time.py            (≈ 10 minutes on 2 cores)
               python benchmarks/step_time.py --quick    (a smoke run)
@@ -21,7 +22,6 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -201,7 +201,10 @@ def _memory_only(name: str) -> None:
     step = build()
     for _ in range(12):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM is this process's own peak (ru_maxrss would include the parent's before exec).
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(int(line.split()[1]) / 1024)
 
 
 def machine() -> dict:

@@ -1,8 +1,8 @@
 """Symmetric-matrix kernels that read and write one triangle only.
 
 Kronecker factors are symmetric, so half of the work of forming (A = XᵀX), factorising
-and inverting them is spent on a mirror triangle. PyTorch exposes neither BLAS ``?syrk``
-nor LAPACK ``?potri``/``?potrs`` on one triangle, but its CPU builds link Intel MKL, whose
+and inverting them is spent on a mirror triangle. PyTorch exposes neither BLAS
+``?syrk``/``?trsm`` nor LAPACK ``?potri``/``?potrs``, but its CPU builds link Intel MKL, whose
 routines are reachable by name in ``libtorch_cpu``. This module calls them through
 :mod:`ctypes` when they are present and each passes a self-check against the plain torch
 result on first use; otherwise (no MKL, CUDA tensors, or ``THERMOKFAC_NO_MKL=1``) every
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 _PREFIX = {torch.float32: ("s", ctypes.c_float), torch.float64: ("d", ctypes.c_double)}
-_NAMES = {"syrk": "mkl_blas_{}syrk", "potrf": "{}potrf_", "potri": "{}potri_",
-          "potrs": "{}potrs_"}
+_NAMES = {"syrk": "mkl_blas_{}syrk", "trsm": "mkl_blas_{}trsm", "potrf": "{}potrf_",
+          "potri": "{}potri_", "potrs": "{}potrs_"}
 
 
 def _byref_int(value: int):
@@ -108,21 +108,30 @@ def _potrs(routine, chol: Tensor, rows: Tensor) -> int:
     return info.value
 
 
+def _trsm_right(routine, chol: Tensor, b: Tensor) -> None:
+    """In place on col-major Bᵀ ``[k, n]`` (= row-major b ``[n, k]``): Bᵀ ← Bᵀ M⁻¹."""
+    fn, scalar = routine
+    n, k = b.shape
+    one = ctypes.byref(scalar(1.0))
+    # M = UᵀU with U the column-major upper factor: X UᵀU = Bᵀ in two right-side solves.
+    for trans in (b"N", b"T"):
+        fn(_char(b"R"), _char(b"U"), _char(trans), _char(b"N"), _byref_int(k), _byref_int(n),
+           one, _ptr(chol), _byref_int(n), _ptr(b), _byref_int(k))
+
+
 # ------------------------------------------------------------------ public API
-def add_gram_(out: Tensor, x: Tensor, beta: float = 1.0) -> None:
-    """``out ← beta·out + xᵀx`` in the lower triangle of ``out`` (its rows contiguous).
+def add_gram_(out: Tensor, x: Tensor) -> None:
+    """``out += xᵀx`` in the lower triangle of ``out`` (its rows contiguous).
 
     Args:
         out: ``[n, n]`` buffer; it may be the leading block of a larger row-major matrix.
-            With ``beta=0`` its previous content is ignored (it may be uninitialised).
         x: ``[k, n]``, same dtype and device as ``out``.
-        beta: 1 to accumulate, 0 to overwrite.
     """
+    if x.shape[0] == 0:
+        return
     routine = _fast("syrk", out, x)
-    if routine is not None and out.stride(1) == 1 and x.shape[0] > 0:
-        _syrk(routine, x.contiguous(), out, beta)
-    elif beta == 0.0:
-        out.copy_(x.mT @ x)
+    if routine is not None and out.stride(1) == 1:
+        _syrk(routine, x.contiguous(), out, 1.0)
     else:
         out.addmm_(x.mT, x)
 
@@ -162,6 +171,15 @@ def cholesky_solve_rows(chol: Tensor, rows: Tensor, overwrite: bool = False) -> 
         if _potrs(routine, chol, out) == 0:
             return out
     return torch.cholesky_solve(rows.mT, chol.tril()).mT
+
+
+def cholesky_solve_cols_(chol: Tensor, b: Tensor) -> Tensor:
+    """``b ← (LLᵀ)⁻¹ b`` in place for contiguous ``b`` ``[n, k]``; returns ``b``."""
+    routine = _fast("trsm", chol, b)
+    if routine is not None and chol.is_contiguous() and b.is_contiguous():
+        _trsm_right(routine, chol, b)
+        return b
+    return b.copy_(torch.cholesky_solve(b, chol.tril()))
 
 
 @lru_cache(maxsize=64)
@@ -223,5 +241,13 @@ def _check_potrs(routine, dtype) -> bool:
     return ok and _close(out, rows.double() @ torch.linalg.inv(spd.double()))
 
 
-_SELF_CHECKS = {"syrk": _check_syrk, "potrf": _check_potrf, "potri": _check_potri,
-                "potrs": _check_potrs}
+def _check_trsm(routine, dtype) -> bool:
+    spd, rows = _case(dtype)
+    chol = torch.linalg.cholesky(spd).contiguous()
+    b = rows.mT.contiguous()  # [5, 4]
+    _trsm_right(routine, chol, b)
+    return _close(b, torch.linalg.solve(spd.double(), rows.mT.double()))
+
+
+_SELF_CHECKS = {"syrk": _check_syrk, "trsm": _check_trsm, "potrf": _check_potrf,
+                "potri": _check_potri, "potrs": _check_potrs}

@@ -79,7 +79,7 @@ class CurvatureCapture:
         return self.enabled and module.training and torch.is_grad_enabled()
 
     def reset(self) -> None:
-        """Forget this step's sums (after ``step()`` consumed them); buffers are kept."""
+        """Forget this step's sums (after ``step()`` consumed them)."""
         for record in self.records:
             record.sums.reset()
             record.outputs.clear()
@@ -91,8 +91,6 @@ class CurvatureCapture:
             handle.remove()
         self._handles.clear()
         self.reset()
-        for record in self.records:
-            record.sums.release()
 
     # ------------------------------------------------------------------- hooks
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -30,9 +30,8 @@ from .enums import KFACApprox
 class FactorSums:
     """Running sums for one layer within one step.
 
-    The buffers persist across steps (allocated and zeroed once; the first contribution
-    of a step overwrites their lower triangle); ``a_rows``/``g_rows`` tell whether this
-    step wrote them.
+    The buffers live for one step only (released by :meth:`reset`), so between steps the
+    preconditioner holds just the factors and what was prepared from them.
 
     Attributes:
         a: Σ āāᵀ ``[a_dim, a_dim]`` (lower triangle), or Σ counts ``[V]`` for a diagonal A.
@@ -47,20 +46,9 @@ class FactorSums:
     g_rows: int = 0
 
     def reset(self) -> None:
-        """Start a new step, keeping the buffers."""
-        self.a_rows = self.g_rows = 0
-
-    def release(self) -> None:
-        """Drop the buffers (after the moving average adopted them, or on removal)."""
+        """Start a new step: drop this step's buffers."""
         self.a = self.g = None
-        self.reset()
-
-
-def _buffer(current: Tensor | None, n: int, like: Tensor) -> Tensor:
-    if current is not None and current.shape == (n, n) and current.dtype == like.dtype \
-            and current.device == like.device:
-        return current
-    return like.new_zeros(n, n)  # zeroed once: the strict upper triangle stays finite
+        self.a_rows = self.g_rows = 0
 
 
 def activation_rows(x: Tensor, approx: KFACApprox) -> Tensor:
@@ -81,31 +69,27 @@ def accumulate_a(sums: FactorSums, rows: Tensor, has_bias: bool, dtype: torch.dt
     """Add Σ āāᵀ for ``rows`` ``[k, d]``; with a bias ā = [a, 1] (Eq. 4)."""
     rows = rows.detach().to(dtype).contiguous()
     k, d = rows.shape
-    fresh = sums.a_rows == 0
-    sums.a = _buffer(sums.a, d + int(has_bias), rows) if fresh else sums.a
-    add_gram_(sums.a[:d, :d], rows, beta=0.0 if fresh else 1.0)
+    if sums.a is None:  # zero-filled: the strict upper triangle stays finite
+        sums.a = rows.new_zeros(d + int(has_bias), d + int(has_bias))
+    add_gram_(sums.a[:d, :d], rows)
     if has_bias:
-        if fresh:
-            sums.a[d, :d] = rows.sum(dim=0)
-            sums.a[d, d] = k
-        else:
-            sums.a[d, :d] += rows.sum(dim=0)
-            sums.a[d, d] += k
+        sums.a[d, :d] += rows.sum(dim=0)
+        sums.a[d, d] += k
     sums.a_rows += k
 
 
 def accumulate_a_diagonal(sums: FactorSums, counts: Tensor, tokens: int) -> None:
     """Add token counts to a diagonal A."""
-    sums.a = counts if sums.a_rows == 0 else sums.a.add_(counts)
+    sums.a = counts if sums.a is None else sums.a.add_(counts)
     sums.a_rows += tokens
 
 
 def accumulate_g(sums: FactorSums, rows: Tensor, dtype: torch.dtype) -> None:
     """Add Σ ĝĝᵀ for ``rows`` ``[k, d_out]``."""
     rows = rows.detach().to(dtype).contiguous()
-    fresh = sums.g_rows == 0
-    sums.g = _buffer(sums.g, rows.shape[1], rows) if fresh else sums.g
-    add_gram_(sums.g, rows, beta=0.0 if fresh else 1.0)
+    if sums.g is None:
+        sums.g = rows.new_zeros(rows.shape[1], rows.shape[1])
+    add_gram_(sums.g, rows)
     sums.g_rows += rows.shape[0]
 
 

@@ -47,19 +47,17 @@ class LayerState:
         """Whether U can be computed (something was prepared and it did not fail)."""
         return not self.failed and (self.a_prep is not None or self.a_inv is not None)
 
-    def update_ema(self, a_new: Tensor, g_new: Tensor, decay: float) -> bool:
+    def update_ema(self, a_new: Tensor, g_new: Tensor, decay: float) -> None:
         """Ã ← β·Ã + (1 − β)·A (Eqs. 16–17); the first update initialises the average.
 
-        Returns:
-            True if the average adopted ``a_new``/``g_new`` themselves (first update, or
-            β = 0), which the caller must then no longer write into.
+        On the first update, or with β = 0, the average takes ``a_new``/``g_new``
+        themselves (no copy): the caller hands them over.
         """
         if self.a is None or self.g is None or decay == 0.0:
             self.a, self.g = a_new, g_new
-            return True
-        self.a.lerp_(a_new, 1.0 - decay)
-        self.g.lerp_(g_new, 1.0 - decay)
-        return False
+        else:
+            self.a.lerp_(a_new, 1.0 - decay)
+            self.g.lerp_(g_new, 1.0 - decay)
 
     def symmetric_factors(self) -> tuple[Tensor, Tensor]:
         a = self.a.clone() if self.a.ndim == 1 else symmetrize_lower(self.a)
@@ -157,12 +155,10 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
                  generator: torch.Generator | None) -> tuple[Tensor, float]:
     """U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (Eq. 15) for DΘ ``[d_out, a_dim]``.
 
-    Method 1 multiplies by the stored inverses. Method 2 solves two
-    banks of linear systems (Sec. 4.1): (G+λI) Q = DΘ for the columns of DΘ, then
-    (A+λI) Uᵀ = Qᵀ for the rows of Q. ``d_theta`` is the caller's own buffer and is
-    overwritten by Method 2; pass it as the transposed view of a contiguous
-    ``[a_dim, d_out]`` tensor for Method 2 (its columns are then contiguous) and
-    contiguous for Method 1.
+    Method 1 multiplies by the stored inverses. Method 2 solves two banks of linear
+    systems (Sec. 4.1): (G+λI) Q = DΘ for the columns of DΘ, then (A+λI) Uᵀ = Qᵀ for
+    the rows of Q. ``d_theta`` (contiguous) is the caller's own buffer: Method 2 works
+    in it, and U may share its memory.
 
     Returns:
         (U in the dtype of ``d_theta``, modelled hardware time).

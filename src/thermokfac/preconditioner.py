@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
 from .discovery import Discovery, discover, unwrap
-from .enums import FisherType, LossReduction, Method
+from .enums import FisherType, LossReduction
 from .factors import lower_is_finite
 from .fisher import backward_vectors
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
@@ -88,6 +88,19 @@ class KFACPreconditioner:
     Raises:
         ValueError: On any invalid argument (naming it and its valid values/range), or
             if the model has no supported layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pre = KFACPreconditioner(model, optimizer=opt)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> nn.functional.cross_entropy(model(x), y).backward()
+        >>> pre.step(); opt.step()
+        >>> a, g = pre.factors()["0"]
+        >>> tuple(a.shape), tuple(g.shape)  # bias column appended to A (Eq. 4)
+        ((5, 5), (8, 8))
     """
 
     def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
@@ -300,8 +313,7 @@ class KFACPreconditioner:
             if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
                 self._nonfinite_factors(name)
                 continue
-            if self._states[name].update_ema(a_new, g_new, decay):
-                sums.release()  # the average now owns these buffers
+            self._states[name].update_ema(a_new, g_new, decay)
 
     def _nonfinite_factors(self, name: str) -> None:
         self.stats["nonfinite_factor_skips"] += 1
@@ -347,7 +359,6 @@ class KFACPreconditioner:
         cfg = self.config
         updates: list[tuple[LayerRecord, Tensor, Tensor]] = []
         modeled = 0.0
-        transposed = cfg.method is Method.SOLVE
         for name, record in self._records.items():
             state = self._states[name]
             helper = record.helper
@@ -356,7 +367,7 @@ class KFACPreconditioner:
             if not state.ready:
                 self.stats["passthrough_layers"] += 1
                 continue
-            d_theta = helper.grad_matrix(transposed=transposed and not helper.diagonal_a)
+            d_theta = helper.grad_matrix()
             if not all_finite(d_theta):
                 self.stats["nonfinite_grad_skips"] += 1
                 continue

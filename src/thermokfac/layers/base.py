@@ -82,27 +82,16 @@ class LayerHelper(ABC):
     def weight_grad_from_matrix(self, matrix: Tensor) -> Tensor:
         """``[d_out, d_in]`` ↦ a tensor shaped like ``weight``."""
 
-    def grad_matrix(self, transposed: bool = False) -> Tensor | None:
-        """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` as a new tensor, or None without a gradient.
-
-        Args:
-            transposed: Return the same matrix stored transposed, i.e. the view ``.mT``
-                of a contiguous ``[a_dim, d_out]`` tensor (the layout a bank of column
-                solves wants).
-        """
+    def grad_matrix(self) -> Tensor | None:
+        """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` as a new contiguous tensor (None without a
+        gradient)."""
         weight = self.module.weight
         if weight.grad is None:
             return None
         mat = self.weight_grad_matrix(weight.grad)
-        bias_grad = self.module.bias.grad if self.has_bias else None
-        if transposed:
-            out = mat.new_empty(self.a_dim, self.d_out)
-            out[: self.d_in].copy_(mat.mT)
-            if self.has_bias:
-                out[self.d_in].copy_(bias_grad if bias_grad is not None else 0.0)
-            return out.mT
         if not self.has_bias:
             return mat.clone(memory_format=torch.contiguous_format)
+        bias_grad = self.module.bias.grad
         out = mat.new_empty(self.d_out, self.a_dim)
         out[:, : self.d_in] = mat
         out[:, self.d_in] = bias_grad if bias_grad is not None else 0.0

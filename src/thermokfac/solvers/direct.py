@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._kernels import cholesky_inverse_lower, cholesky_lower_, cholesky_solve_rows
+from .._kernels import (
+    cholesky_inverse_lower,
+    cholesky_lower_,
+    cholesky_solve_cols_,
+    cholesky_solve_rows,
+)
 from .base import LinearSolver, Prepared
 
 
@@ -38,9 +43,12 @@ class CholeskySolver(LinearSolver):
 
     def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
                overwrite_b: bool = False):
-        # The columns of b are the rows of bᵀ: contiguous when b is a transposed view.
-        rows = cholesky_solve_rows(prepared.tensors["cholesky"], b.mT, overwrite=overwrite_b)
-        return rows.mT, 0.0, {}
+        chol = prepared.tensors["cholesky"]
+        if b.mT.is_contiguous() and not b.is_contiguous():
+            # b is a transposed view: its columns are contiguous rows of bᵀ.
+            return cholesky_solve_rows(chol, b.mT, overwrite=overwrite_b).mT, 0.0, {}
+        out = b if overwrite_b and b.is_contiguous() else b.contiguous().clone()
+        return cholesky_solve_cols_(chol, out), 0.0, {}
 
     def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
         return cholesky_inverse_lower(prepared.tensors["cholesky"]), 0.0, {}
