@@ -200,7 +200,7 @@ class LinearSolver(ABC):
         return Prepared(self.name, n, current, {}, stats, failed=True)
 
     def solve(self, prepared: Prepared, b: Tensor, *, generator: torch.Generator | None = None,
-              overwrite_b: bool = False) -> SolveResult:
+              overwrite_b: bool = False, check_finite: bool = True) -> SolveResult:
         """Solve (M + λI) x = b for one vector ``[n]`` or a bank of columns ``[n, k]``.
 
         Args:
@@ -209,13 +209,15 @@ class LinearSolver(ABC):
             generator: Random source of stochastic solvers.
             overwrite_b: Allow the solver to work in ``b``'s memory (the result may then
                 share it), saving a copy; ``b`` is garbage afterwards.
+            check_finite: Check that ``b`` and the solution are finite (``ValueError`` /
+                :class:`SolverError`). A caller that checks both itself may skip it.
         """
         self._check_prepared(prepared)
         if not isinstance(b, Tensor) or b.ndim not in (1, 2) or b.shape[0] != prepared.n:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"right-hand side must have shape [{prepared.n}] or "
                              f"[{prepared.n}, k], got {shape}")
-        if not all_finite(b):
+        if check_finite and not all_finite(b):
             raise ValueError("right-hand side contains non-finite values")
         vector = b.ndim == 1
         rhs = b[:, None] if vector else b
@@ -223,7 +225,7 @@ class LinearSolver(ABC):
         work = rhs.to(work_dtype)
         x, modeled, stats = self._solve(prepared, work, generator,
                                         overwrite_b=overwrite_b or work is not rhs)
-        if not all_finite(x):
+        if check_finite and not all_finite(x):
             raise SolverError(f"{self.name} produced non-finite values")
         x = x.to(b.dtype)
         return SolveResult(x[:, 0] if vector else x, modeled, stats)
