@@ -222,3 +222,41 @@ def test_remove_detaches_hooks_and_timings_are_recorded():
     model(x).sum().backward()
     assert all(r.sums.a is None for r in pre._records.values())
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
+def test_schedules_are_read_every_step():
+    """factor_decay(k) = k/(k+1) turns the moving average into the running mean."""
+    x, _ = classification_batch(n=12)
+    model = mlp()
+    pre = KFACPreconditioner(model, kl_clip=None, factor_decay=lambda k: k / (k + 1),
+                             inv_update_steps=lambda k: 1 if k < 2 else 3,
+                             damping=lambda k: 1e-3 * (k + 1))
+    singles = []
+    for k in range(4):
+        single = KFACPreconditioner(mlp(), kl_clip=None)
+        xs = x.roll(k, 0)[:6]
+        for net, p in ((model, pre), (single.model, single)):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(xs), torch.zeros(6, dtype=torch.long)).backward()
+            p.step()  # no optimizer step: both networks keep the same weights
+        single.remove()
+        singles.append(single.factors())
+    for name, (a, g) in pre.factors().items():
+        mean_a = sum(s[name][0] for s in singles) / 4
+        mean_g = sum(s[name][1] for s in singles) / 4
+        assert rel_err(a, mean_a) < 1e-12 and rel_err(g, mean_g) < 1e-12
+    # inverse updates at steps 0, 1, then every 3rd: step 3 used the damping of step 3
+    assert pre.layer_state("0").damping == (pytest.approx(4e-3), pytest.approx(4e-3))
+
+
+def test_kl_clip_uses_momentum_effective_learning_rate():
+    x, y = classification_batch(n=16)
+    nus = {}
+    for momentum in (0.0, 0.9):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+        pre = KFACPreconditioner(model, kl_clip=1e-7, optimizer=opt)
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        nus[momentum] = pre.stats["kl_clip_scale"]
+    assert nus[0.9] == pytest.approx(nus[0.0] * (1 - 0.9), rel=1e-9)

@@ -11,8 +11,9 @@ preconditioner can back-propagate its own vectors through it (:mod:`thermokfac.f
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,24 @@ class CurvatureCapture:
         accumulate_g(record.sums, rows, self.factor_dtype)
         self.elapsed_s += self._clock() - start
 
+    def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]]
+                         ) -> None:
+        """Back-propagate each ``(v, w)`` from ``outputs`` to the kept layer outputs and
+        accumulate w·Σ ggᵀ into G (the ``mc``/``type2`` Fisher types); ``.grad`` is not
+        touched and the graph is kept for the user's own backward."""
+        pairs = [(r, out) for r in self.records for out in r.outputs]
+        if not pairs:
+            return
+        for v, weight in vectors:
+            start = self._clock()
+            grads = _grad_or_explain(outputs, [o for _, o in pairs], v)
+            self.elapsed_s += self._clock() - start  # add_gradient times its own part
+            for (record, _), grad in zip(pairs, grads):
+                if grad is not None:
+                    self.add_gradient(record, grad, row_scale=math.sqrt(weight))
+        for record, _ in pairs:
+            record.outputs.clear()
+
     def _clock(self) -> float:
         if self.sync_cuda:
             torch.cuda.synchronize()
@@ -162,6 +181,19 @@ _interpreter = getattr(_functorch, "peek_interpreter_stack", lambda: None)
 def _transformed(t) -> bool:
     """Whether a ``torch.func`` transform is tracing (nothing is captured then)."""
     return _interpreter() is not None or (isinstance(t, Tensor) and bool(_is_wrapped(t)))
+
+
+def _grad_or_explain(outputs: Tensor, inputs: list[Tensor], v: Tensor) -> tuple:
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs=v, retain_graph=True,
+                                   allow_unused=True)
+    except RuntimeError as err:
+        if "second time" in str(err) or "freed" in str(err):
+            raise RuntimeError(
+                "the graph of `outputs` was already freed: call loss.backward(retain_graph="
+                "True) before pre.step(outputs=...), or call pre.curvature_backward(outputs) "
+                "before loss.backward()") from err
+        raise
 
 
 def _first_tensor(obj) -> Tensor | None:

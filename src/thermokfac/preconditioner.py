@@ -205,20 +205,9 @@ class KFACPreconditioner:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
         self._curvature_done = True
-        pairs = [(r, out) for r in self._records.values() for out in r.outputs]
-        if not pairs:
-            return
-        start = self.timing.clock()
-        vectors = backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
-                                   self.generator, cfg.mc_samples)
-        for v, weight in vectors:
-            grads = _grad_or_explain(outputs, [o for _, o in pairs], v)
-            for (record, _), grad in zip(pairs, grads):
-                if grad is not None:
-                    self._capture.add_gradient(record, grad, row_scale=math.sqrt(weight))
-        for record, _ in pairs:
-            record.outputs.clear()
-        self._capture.elapsed_s += self.timing.clock() - start
+        self._capture.backward_through(outputs, backward_vectors(
+            outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction, self.generator,
+            cfg.mc_samples))
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Moving-average factors ``{name: (A, G)}`` (symmetric copies).
@@ -397,16 +386,3 @@ class KFACPreconditioner:
         if kl_clip is None or not math.isfinite(vg) or vg <= 0.0:
             return 1.0
         return min(1.0, math.sqrt(kl_clip / vg))
-
-
-def _grad_or_explain(outputs: Tensor, inputs: list[Tensor], v: Tensor) -> tuple:
-    try:
-        return torch.autograd.grad(outputs, inputs, grad_outputs=v, retain_graph=True,
-                                   allow_unused=True)
-    except RuntimeError as err:
-        if "second time" in str(err) or "freed" in str(err):
-            raise RuntimeError(
-                "the graph of `outputs` was already freed: call loss.backward(retain_graph="
-                "True) before pre.step(outputs=...), or call pre.curvature_backward(outputs) "
-                "before loss.backward()") from err
-        raise
