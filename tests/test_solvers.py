@@ -9,7 +9,6 @@ from thermokfac.solvers import (
     CGSolver,
     Prepared,
     SolverError,
-    available_solvers,
     get_solver,
 )
 
@@ -84,7 +83,7 @@ def test_cg_warm_start_uses_fewer_iterations():
 def test_damping_is_added():
     m = spd(10, 10.0)
     b = torch.randn(10, dtype=torch.float64)
-    for name in available_solvers():
+    for name in ("cholesky", "eigh", "cg"):
         kwargs = {"tol": 1e-12} if name == "cg" else {}
         solver = get_solver(name, **kwargs)
         x = solver.solve(solver.prepare(m, 0.5), b).x

@@ -27,6 +27,7 @@ from .factors import (
     accumulate_a_diagonal,
     accumulate_g,
     activation_rows,
+    append_rows,
     gradient_rows,
 )
 from .layers import LayerHelper
@@ -52,17 +53,20 @@ class CurvatureCapture:
         factor_dtype: dtype of the sums (float32 under autocast/half models).
         keep_outputs: Keep layer outputs for a preconditioner-owned backward instead of
             capturing the user's output gradients.
+        keep_rows: Keep the rows themselves instead of summing their outer products
+            (resistor-array mode).
         grad_scale: Returns the current loss scale (GradScaler) to undo, or 1.
     """
 
     def __init__(self, root: nn.Module, records: list[LayerRecord], approx: KFACApprox,
                  factor_dtype: torch.dtype, keep_outputs: bool,
-                 grad_scale: Callable[[], float]) -> None:
+                 grad_scale: Callable[[], float], keep_rows: bool = False) -> None:
         self.records = records
         self.approx = approx
         self.factor_dtype = factor_dtype
         self.keep_outputs = keep_outputs
         self.grad_scale = grad_scale
+        self.keep_rows = keep_rows
         self.enabled = False
         self.examples = 0
         self.elapsed_s = 0.0
@@ -114,7 +118,11 @@ class CurvatureCapture:
                 accumulate_a_diagonal(record.sums, counts, tokens)
             else:
                 rows = activation_rows(helper.shared_inputs(x.detach()), self.approx)
-                accumulate_a(record.sums, rows, helper.has_bias, self.factor_dtype)
+                if self.keep_rows:
+                    record.sums.a_rows += append_rows(record.sums.a_parts, rows, helper.has_bias,
+                                                    self.factor_dtype)
+                else:
+                    accumulate_a(record.sums, rows, helper.has_bias, self.factor_dtype)
             self.elapsed_s += self._clock() - start
         return hook
 
@@ -146,7 +154,10 @@ class CurvatureCapture:
         rows = rows.to(self.factor_dtype)
         if row_scale != 1.0:
             rows = rows * row_scale
-        accumulate_g(record.sums, rows, self.factor_dtype)
+        if self.keep_rows:
+            record.sums.g_rows += append_rows(record.sums.g_parts, rows, False, self.factor_dtype)
+        else:
+            accumulate_g(record.sums, rows, self.factor_dtype)
         self.elapsed_s += self._clock() - start
 
     def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]]

@@ -9,6 +9,7 @@ from torch import nn
 
 from .enums import (
     DampingSplit,
+    FactorStorage,
     FisherType,
     KFACApprox,
     LossReduction,
@@ -54,12 +55,13 @@ class KFACConfig:
     mc_samples: int
     factor_dtype: torch.dtype
     momentum: float | None
+    factor_storage: FactorStorage
 
     @classmethod
     def build(cls, *, solver, method, damping, factor_decay, factor_update_steps,
               inv_update_steps, fisher_type, kfac_approx, loss_reduction, skip_layers,
               damping_split, kl_clip, lr, loss_type, num_per_example_loss_terms, mc_samples,
-              factor_dtype, momentum, model: nn.Module) -> KFACConfig:
+              factor_dtype, momentum, factor_storage, model: nn.Module) -> KFACConfig:
         """Validate every argument (``ValueError`` naming the value and valid range)."""
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
@@ -70,6 +72,14 @@ class KFACConfig:
             check_value("kl_clip", kl_clip, POSITIVE)
         if lr is not None:
             check_schedule("lr", lr, POSITIVE)
+        storage = parse_enum(FactorStorage, factor_storage, "factor_storage")
+        if storage is FactorStorage.ROWS:
+            if callable(factor_decay) or factor_decay != 0:
+                raise ValueError(f"factor_storage='rows' needs factor_decay=0 (got "
+                                 f"{factor_decay!r}): a moving average needs the factors")
+            if parse_enum(Method, method, "method") is not Method.SOLVE:
+                raise ValueError("factor_storage='rows' needs method='solve': an explicit "
+                                 "inverse is an n×n matrix")
         return cls(
             solver=get_solver(solver),
             method=parse_enum(Method, method, "method"),
@@ -92,6 +102,7 @@ class KFACConfig:
             factor_dtype=_factor_dtype(factor_dtype, model),
             momentum=None if momentum is None else float(check_value("momentum", momentum,
                                                                       MOMENTUM)),
+            factor_storage=storage,
         )
 
 

@@ -17,6 +17,7 @@ Rules, applied in ``model.named_modules()`` order:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -95,3 +96,13 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
         kinds = ", ".join(sorted(t.__name__ for t in LAYER_HELPERS))
         raise ValueError(f"the model has no layer K-FAC can precondition (supported: {kinds})")
     return found
+
+
+def announce(found: Discovery, logger: logging.Logger) -> None:
+    """Log, once, the modules left to the base optimizer and the tied parameters."""
+    if found.unsupported:
+        listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in found.unsupported.items())
+        logger.warning("K-FAC leaves these modules to the base optimizer: %s", listing)
+    if found.tied:
+        logger.info("tied parameters preconditioned once: %s",
+                    ", ".join(f"{n} -> {o}" for n, o in found.tied.items()))

@@ -71,6 +71,19 @@ class LossType(str, Enum):
     MSE = "mse"
 
 
+class FactorStorage(str, Enum):
+    """What the preconditioner keeps between capture and prepare.
+
+    ``MATRIX`` forms the Kronecker factors (needed for their moving average);
+    ``ROWS`` keeps the activation and gradient rows themselves and lets the solver
+    realise aaᵀ/b + λI from them (the resistor-array mode of App. E): memory O(b·n)
+    instead of O(n²), for ``factor_decay=0`` and ``method="solve"``.
+    """
+
+    MATRIX = "matrix"
+    ROWS = "rows"
+
+
 def parse_enum(enum_cls: type[E], value: E | str, argument: str) -> E:
     """Return ``value`` as a member of ``enum_cls``.
 

@@ -17,7 +17,7 @@ Sums are kept in their **lower triangle** (see :mod:`thermokfac._kernels`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,19 +36,25 @@ class FactorSums:
     Attributes:
         a: Σ āāᵀ ``[a_dim, a_dim]`` (lower triangle), or Σ counts ``[V]`` for a diagonal A.
         g: Σ ĝĝᵀ ``[d_out, d_out]`` (lower triangle).
-        a_rows: Number of rows accumulated into ``a`` this step (0: stale buffer).
-        g_rows: Number of rows accumulated into ``g`` this step (0: stale buffer).
+        a_rows: Number of rows accumulated into ``a`` this step.
+        g_rows: Number of rows accumulated into ``g`` this step.
+        a_parts, g_parts: The rows themselves (ā with its bias 1, and ĝ), when the
+            preconditioner keeps rows instead of factors (resistor-array mode).
     """
 
     a: Tensor | None = None
     g: Tensor | None = None
     a_rows: int = 0
     g_rows: int = 0
+    a_parts: list[Tensor] = field(default_factory=list)
+    g_parts: list[Tensor] = field(default_factory=list)
 
     def reset(self) -> None:
         """Start a new step: drop this step's buffers."""
         self.a = self.g = None
         self.a_rows = self.g_rows = 0
+        self.a_parts.clear()
+        self.g_parts.clear()
 
 
 def activation_rows(x: Tensor, approx: KFACApprox) -> Tensor:
@@ -91,6 +97,15 @@ def accumulate_g(sums: FactorSums, rows: Tensor, dtype: torch.dtype) -> None:
         sums.g = rows.new_zeros(rows.shape[1], rows.shape[1])
     add_gram_(sums.g, rows)
     sums.g_rows += rows.shape[0]
+
+
+def append_rows(parts: list[Tensor], rows: Tensor, has_bias: bool, dtype: torch.dtype) -> int:
+    """Keep ``rows`` (with a column of ones for the bias) for the resistor-array mode."""
+    rows = rows.detach().to(dtype)
+    if has_bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    parts.append(rows.contiguous())
+    return rows.shape[0]
 
 
 def lower_is_finite(m: Tensor) -> bool:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._kernels import symmetrize_lower
 from .enums import DampingSplit, Method
-from .solvers import LinearSolver, Prepared, SolverError
+from .solvers import LinearSolver, Prepared, SolverError, TimeBreakdown
 
 
 @dataclass
@@ -24,6 +24,8 @@ class LayerState:
 
     Attributes:
         a, g: EMA of A (``[a_dim, a_dim]``, lower triangle; ``[V]`` when diagonal) and G.
+        a_rows, g_rows: Resistor-array mode: this step's rows R (factor = scale·RᵀR),
+            kept until the next prepare instead of the factors.
         a_prep, g_prep: Prepared factors (Method 2, ``method='solve'``).
         a_inv, g_inv: Damped inverses (Method 1), full symmetric matrices (a general
             matrix product measured faster than a one-triangle ``symm`` here); ``a_inv``
@@ -41,6 +43,25 @@ class LayerState:
     damping: tuple[float, float] = (0.0, 0.0)
     failed: bool = False
     stats: dict[str, float] = field(default_factory=dict)
+    a_rows: Tensor | None = None
+    g_rows: Tensor | None = None
+    a_row_scale: float = 1.0
+    g_row_scale: float = 1.0
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether there is something to prepare (factors, or rows in array mode)."""
+        return (self.a is not None or self.a_rows is not None) and \
+            (self.g is not None or self.g_rows is not None)
+
+    def mean_diagonal(self, which: str) -> float:
+        """tr(F)/dim(F) of factor ``which`` ("a" or "g"), from rows or the factor."""
+        rows = getattr(self, f"{which}_rows")
+        if rows is not None:
+            return getattr(self, f"{which}_row_scale") * float(rows.pow(2).sum()) / rows.shape[1]
+        factor = getattr(self, which)
+        return float(factor.sum() if factor.ndim == 1 else factor.diagonal().sum()) / \
+            factor.shape[0]
 
     @property
     def ready(self) -> bool:
@@ -65,7 +86,7 @@ class LayerState:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: moving-average factors, and what was prepared from them."""
-        factors = sum(_nbytes(t) for t in (self.a, self.g))
+        factors = sum(_nbytes(t) for t in (self.a, self.g, self.a_rows, self.g_rows))
         prepared = sum(_nbytes(t) for t in (self.a_inv, self.g_inv))
         for prep in (self.a_prep, self.g_prep):
             if prep is not None:
@@ -80,6 +101,8 @@ class LayerState:
             "g_prep": None if self.g_prep is None else self.g_prep.state_dict(),
             "a_inv": self.a_inv, "g_inv": self.g_inv,
             "damping": tuple(self.damping), "failed": self.failed, "stats": dict(self.stats),
+            "a_rows": self.a_rows, "g_rows": self.g_rows, "a_row_scale": self.a_row_scale,
+            "g_row_scale": self.g_row_scale,
         }
 
     @classmethod
@@ -93,13 +116,12 @@ class LayerState:
         return out
 
 
-def split_damping(a: Tensor, g: Tensor, damping: float, split: DampingSplit
+def split_damping(mean_a: float, mean_g: float, damping: float, split: DampingSplit
                   ) -> tuple[float, float]:
-    """(λ_A, λ_G): both λ (equal), or √λ·π and √λ/π with π² = (tr A/n_A)/(tr G/n_G)."""
+    """(λ_A, λ_G): both λ (equal), or √λ·π and √λ/π with π² = (tr A/n_A)/(tr G/n_G),
+    from the mean diagonals ``mean_a`` = tr A/n_A and ``mean_g`` = tr G/n_G."""
     if split is DampingSplit.EQUAL:
         return damping, damping
-    mean_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / a.shape[0]
-    mean_g = float(g.diagonal().sum()) / g.shape[0]
     pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
     if not math.isfinite(pi) or pi == 0.0:
         pi = 1.0
@@ -107,52 +129,74 @@ def split_damping(a: Tensor, g: Tensor, damping: float, split: DampingSplit
     return root * pi, root / pi
 
 
+def job(modeled_s: float, stats: dict[str, float]) -> TimeBreakdown:
+    """The device work behind a modelled time (transfer vs compute, when reported)."""
+    if "modeled_transfer_s" in stats:
+        return TimeBreakdown(load_s=stats["modeled_transfer_s"],
+                             settle_s=stats.get("modeled_compute_s", 0.0))
+    return TimeBreakdown(settle_s=modeled_s)
+
+
 def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, damping: float,
-                  split: DampingSplit, generator: torch.Generator | None) -> float:
+                  split: DampingSplit, generator: torch.Generator | None
+                  ) -> list[TimeBreakdown]:
     """Prepare (Method 2) or invert (Method 1) both damped factors.
 
+    In the resistor-array mode (rows kept instead of factors) the solver realises each
+    factor from its rows and the rows are then released.
+
     Returns:
-        The hardware time the solver modelled for this work.
+        The device jobs the solver modelled for this work.
     """
-    a, g = state.a, state.g  # lower triangles (a: vector when diagonal)
-    lam_a, lam_g = split_damping(a, g, damping, split)
-    modeled = 0.0
+    lam_a, lam_g = split_damping(state.mean_diagonal("a"), state.mean_diagonal("g"), damping,
+                                 split)
+    jobs: list[TimeBreakdown] = []
     state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
     state.failed = False
-    if a.ndim == 1:
-        state.a_inv = 1.0 / (a + lam_a)
+    if state.a is not None and state.a.ndim == 1:
+        state.a_inv = 1.0 / (state.a + lam_a)
         used_a = lam_a
     else:
-        prep_a = solver.prepare(a, lam_a, lower_only=True)
-        modeled += prep_a.modeled_time_s
-        _count(state.stats, prep_a.stats)
-        used_a = prep_a.damping
-        state.a_prep = prep_a
-    prep_g = solver.prepare(g, lam_g, lower_only=True)
-    modeled += prep_g.modeled_time_s
-    _count(state.stats, prep_g.stats)
-    state.g_prep = prep_g
-    state.damping = (used_a, prep_g.damping)
-    if prep_g.failed or (state.a_prep is not None and state.a_prep.failed):
+        state.a_prep = _prepare_factor(state, "a", solver, lam_a, generator)
+        jobs.append(job(state.a_prep.modeled_time_s, state.a_prep.stats))
+        _count(state.stats, state.a_prep.stats)
+        used_a = state.a_prep.damping
+    state.g_prep = _prepare_factor(state, "g", solver, lam_g, generator)
+    jobs.append(job(state.g_prep.modeled_time_s, state.g_prep.stats))
+    _count(state.stats, state.g_prep.stats)
+    state.damping = (used_a, state.g_prep.damping)
+    state.a_rows = state.g_rows = None
+    if state.g_prep.failed or (state.a_prep is not None and state.a_prep.failed):
         state.failed = True
         state.a_prep = state.g_prep = None
-        return modeled
+        return jobs
     if method is Method.INVERSE:
         try:
             if state.a_prep is not None:
                 result = solver.inverse(state.a_prep, generator=generator)
-                state.a_inv, modeled = result.x, modeled + result.modeled_time_s
+                state.a_inv = result.x
+                jobs.append(job(result.modeled_time_s, result.stats))
             result = solver.inverse(state.g_prep, generator=generator)
-            state.g_inv, modeled = result.x, modeled + result.modeled_time_s
+            state.g_inv = result.x
+            jobs.append(job(result.modeled_time_s, result.stats))
         except SolverError:
             state.failed = True
             state.stats["solver_errors"] = state.stats.get("solver_errors", 0.0) + 1
         state.a_prep = state.g_prep = None
-    return modeled
+    return jobs
+
+
+def _prepare_factor(state: LayerState, which: str, solver: LinearSolver, damping: float,
+                    generator: torch.Generator | None) -> Prepared:
+    rows = getattr(state, f"{which}_rows")
+    if rows is not None:
+        return solver.prepare_rows(rows, getattr(state, f"{which}_row_scale"), damping,
+                                   generator=generator)
+    return solver.prepare(getattr(state, which), damping, lower_only=True, generator=generator)
 
 
 def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, method: Method,
-                 generator: torch.Generator | None) -> tuple[Tensor, float]:
+                 generator: torch.Generator | None) -> tuple[Tensor, list[TimeBreakdown]]:
     """U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (Eq. 15) for DΘ ``[d_out, a_dim]``.
 
     Method 1 multiplies by the stored inverses. Method 2 solves two banks of linear
@@ -161,7 +205,7 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
     in it, and U may share its memory.
 
     Returns:
-        (U in the dtype of ``d_theta``, modelled hardware time).
+        (U in the dtype of ``d_theta``, the device jobs of the solves).
 
     Raises:
         SolverError: If a solve failed; the caller passes the gradient through.
@@ -171,16 +215,18 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
         q = state.g_inv @ d_theta.to(work)
         a_inv = state.a_inv.to(work)
         u = q * a_inv if a_inv.ndim == 1 else q @ a_inv
-        return u.to(d_theta.dtype), 0.0
+        return u.to(d_theta.dtype), []
     # The caller checked DΘ and checks U (through ⟨U, DΘ⟩), so the solves skip it.
     res_g = solver.solve(state.g_prep, d_theta, generator=generator, overwrite_b=True,
                          check_finite=False)
+    jobs = [job(res_g.modeled_time_s, res_g.stats)]
     q = res_g.x
     if state.a_prep is None:  # diagonal A
-        return (q * state.a_inv.to(q.dtype)).to(d_theta.dtype), res_g.modeled_time_s
+        return (q * state.a_inv.to(q.dtype)).to(d_theta.dtype), jobs
     res_a = solver.solve(state.a_prep, q.mT, generator=generator, overwrite_b=True,
                          check_finite=False)
-    return res_a.x.mT.to(d_theta.dtype), res_g.modeled_time_s + res_a.modeled_time_s
+    jobs.append(job(res_a.modeled_time_s, res_a.stats))
+    return res_a.x.mT.to(d_theta.dtype), jobs
 
 
 def _nbytes(t: Tensor | None) -> int:

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
-from .discovery import Discovery, discover, unwrap
-from .enums import FisherType, LossReduction
+from .discovery import Discovery, announce, discover, unwrap
+from .enums import FactorStorage, FisherType, LossReduction
 from .factors import lower_is_finite
 from .fisher import backward_vectors
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
+from .kl_clip import effective_learning_rate, kl_clip_scale
 from .layer_state import LayerState, precondition, prepare_layer
-from .solvers import LinearSolver, SolverError, all_finite
+from .solvers import LinearSolver, SolverError, TimeBreakdown, all_finite
 from .state import load_preconditioner_state, preconditioner_state
 from .timing import StepTimings, TimingLog
 
@@ -83,6 +84,10 @@ class KFACPreconditioner:
         grad_scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out of G.
         seed: Seed of the preconditioner's own ``torch.Generator`` (``mc`` labels and
             stochastic solvers); its state is saved in :meth:`state_dict`.
+        factor_storage: ``"matrix"`` (form the factors) or ``"rows"`` (keep the
+            activation/gradient rows and let the solver realise aaᵀ/b + λI from them, the
+            resistor-array mode of App. E: memory O(b·n); needs ``factor_decay=0`` and
+            ``method="solve"``; rows are captured on prepare steps only).
         timing_history: Number of per-step :class:`StepTimings` kept.
 
     Raises:
@@ -113,7 +118,8 @@ class KFACPreconditioner:
                  optimizer: torch.optim.Optimizer | None = None, momentum: float | None = None,
                  loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
-                 grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000) -> None:
+                 grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
+                 factor_storage: str = "matrix") -> None:
         self.model = unwrap(model)
         self.config = KFACConfig.build(
             solver=solver, method=method, damping=damping, factor_decay=factor_decay,
@@ -122,19 +128,20 @@ class KFACPreconditioner:
             skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
             mc_samples=mc_samples, factor_dtype=factor_dtype, momentum=momentum,
-            model=self.model)
+            factor_storage=factor_storage, model=self.model)
         self.solver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
         self.discovery: Discovery = discover(self.model, self.config.skip_layers)
-        self._announce()
+        announce(self.discovery, logger)
         records = [LayerRecord(name, helper) for name, helper in self.discovery.layers]
         self._records = {r.name: r for r in records}
         self._states = {r.name: LayerState() for r in records}
         self._capture = CurvatureCapture(
             self.model, records, self.config.kfac_approx, self.config.factor_dtype,
             keep_outputs=self.config.fisher_type is not FisherType.EMPIRICAL,
-            grad_scale=self._loss_scale)
+            grad_scale=self._loss_scale,
+            keep_rows=self.config.factor_storage is FactorStorage.ROWS)
         device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         self.timing = TimingLog(timing_history)
@@ -183,9 +190,10 @@ class KFACPreconditioner:
             if self._capture.enabled:
                 self._update_factors(num_examples)
         with self.timing.measure(timings, "inversion_s"):
-            timings.modeled_hardware_s += self._prepare_due()
+            jobs = self._prepare_due()
         with self.timing.measure(timings, "update_s"):
-            timings.modeled_hardware_s += self._precondition_all(lr)
+            jobs += self._precondition_all(lr)
+        timings.modeled_hardware_s = self._modeled_time(jobs)
         self.timing.append(timings)
         self.steps += 1
         self._begin_step()
@@ -217,7 +225,7 @@ class KFACPreconditioner:
         yet are absent.
         """
         return {name: s.symmetric_factors() for name, s in self._states.items()
-                if s.a is not None}
+                if s.a is not None and s.g is not None}
 
     def layer_state(self, name: str) -> LayerState:
         """The full state of one layer (factors, prepared solver state, damping used)."""
@@ -256,23 +264,16 @@ class KFACPreconditioner:
         self._capture.remove()
 
     # ----------------------------------------------------------------- private
-    def _announce(self) -> None:
-        d = self.discovery
-        if d.unsupported:
-            listing = "; ".join(f"{n or '<root>'}: {why}" for n, why in d.unsupported.items())
-            logger.warning("K-FAC leaves these modules to the base optimizer: %s", listing)
-        if d.tied:
-            logger.info("tied parameters preconditioned once: %s",
-                        ", ".join(f"{n} -> {o}" for n, o in d.tied.items()))
-
     def _loss_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
 
     def _begin_step(self) -> None:
         self._capture.reset()
         self._curvature_done = False
-        every = int(resolve("factor_update_steps", self.config.factor_update_steps,
-                            self.steps, INTERVAL))
+        name = "factor_update_steps"
+        if self.config.factor_storage is FactorStorage.ROWS:
+            name = "inv_update_steps"  # rows are only needed where a prepare uses them
+        every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
 
     def _g_multiplier(self, num_examples: int | None) -> float:
@@ -297,12 +298,31 @@ class KFACPreconditioner:
             if sums.a_rows == 0 or sums.g_rows == 0:
                 self.stats["missing_factor_skips"] += 1
                 continue
+            if cfg.factor_storage is FactorStorage.ROWS:
+                self._keep_rows(name, sums, multiplier)
+                continue
             a_new = sums.a.div_(sums.a_rows)
             g_new = sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g
             if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
                 self._nonfinite_factors(name)
                 continue
             self._states[name].update_ema(a_new, g_new, decay)
+
+    def _keep_rows(self, name: str, sums, multiplier: float) -> None:
+        """Resistor-array mode: A = RᵀR/#rows and G = c·RᵀR from this step's rows."""
+        state = self._states[name]
+        g_rows = torch.cat(sums.g_parts)
+        a_rows = torch.cat(sums.a_parts) if sums.a_parts else None
+        finite = all_finite(g_rows) and (all_finite(a_rows) if a_rows is not None
+                                         else lower_is_finite(sums.a))
+        if not finite:
+            self._nonfinite_factors(name)
+            return
+        state.g_rows, state.g_row_scale = g_rows, multiplier
+        if a_rows is None:  # diagonal A (embedding): token frequencies
+            state.a = sums.a.div_(sums.a_rows)
+        else:
+            state.a_rows, state.a_row_scale = a_rows, 1.0 / sums.a_rows
 
     def _nonfinite_factors(self, name: str) -> None:
         self.stats["nonfinite_factor_skips"] += 1
@@ -312,42 +332,36 @@ class KFACPreconditioner:
                           f"{self.steps}: its factor update is skipped (counted in "
                           "stats['nonfinite_factor_skips']; warned once)", stacklevel=3)
 
-    def _prepare_due(self) -> float:
+    def _modeled_time(self, jobs: list[TimeBreakdown]) -> float:
+        """Device time of this step's jobs: over the solver's SPUs when it has a hardware
+        model (the busiest SPU), else their sum."""
+        hardware = getattr(self.solver, "hardware", None)
+        if hardware is not None:
+            return hardware.step_time(jobs)
+        return sum(j.total_s for j in jobs)
+
+    def _prepare_due(self) -> list[TimeBreakdown]:
         cfg = self.config
         every = int(resolve("inv_update_steps", cfg.inv_update_steps, self.steps, INTERVAL))
         due = self.steps % every == 0
         damping = resolve("damping", cfg.damping, self.steps, NON_NEGATIVE)
-        modeled = 0.0
+        jobs: list[TimeBreakdown] = []
         for state in self._states.values():
-            if state.a is None or not (due or (not state.ready and not state.failed)):
+            if not state.has_factors or not (due or (not state.ready and not state.failed)):
                 continue
             before = dict(state.stats)
-            modeled += prepare_layer(state, self.solver, cfg.method, damping,
-                                     cfg.damping_split, self.generator)
+            jobs += prepare_layer(state, self.solver, cfg.method, damping, cfg.damping_split,
+                                  self.generator)
             for key, stat in (("float64_retries", "float64_retries"),
                               ("damping_increases", "damping_increases"),
                               ("failed", "prepare_failures"), ("solver_errors", "solver_errors")):
                 self.stats[stat] += state.stats.get(key, 0.0) - before.get(key, 0.0)
-        return modeled
+        return jobs
 
-    def _learning_rate(self, lr: float | None) -> float | None:
-        """Effective rate η = lr/(1 − μ) for the KL clip, or None if unknown."""
-        group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
-        if lr is None and self.config.lr is not None:
-            lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
-        if lr is None and "lr" in group:
-            lr = float(group["lr"])
-        if lr is None:
-            return None
-        momentum = self.config.momentum
-        if momentum is None:
-            momentum = float(group.get("momentum", 0.0)) if "betas" not in group else 0.0
-        return float(lr) / (1.0 - momentum)
-
-    def _precondition_all(self, lr: float | None) -> float:
+    def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
         cfg = self.config
-        updates: list[tuple[LayerRecord, Tensor, Tensor]] = []
-        modeled = 0.0
+        updates: list[tuple[LayerRecord, Tensor, float]] = []
+        jobs: list[TimeBreakdown] = []
         for name, record in self._records.items():
             state = self._states[name]
             helper = record.helper
@@ -361,11 +375,12 @@ class KFACPreconditioner:
                 self.stats["nonfinite_grad_skips"] += 1
                 continue
             try:
-                u, seconds = precondition(state, d_theta, self.solver, cfg.method, self.generator)
+                u, layer_jobs = precondition(state, d_theta, self.solver, cfg.method,
+                                             self.generator)
             except SolverError:
                 self.stats["solver_errors"] += 1
                 continue
-            modeled += seconds
+            jobs += layer_jobs
             # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks
             # U and feeds the KL clip.
             u_dot_d = helper.inner_with_grad(u)
@@ -373,16 +388,11 @@ class KFACPreconditioner:
                 self.stats["nonfinite_update_skips"] += 1
                 continue
             updates.append((record, u, u_dot_d))
-        nu = self._kl_clip_scale(sum(v for _, _, v in updates), self._learning_rate(lr))
+        if lr is None and cfg.lr is not None:
+            lr = resolve("lr", cfg.lr, self.steps, POSITIVE)
+        eta = effective_learning_rate(lr, self.optimizer, cfg.momentum)
+        nu = kl_clip_scale(cfg.kl_clip, sum(v for _, _, v in updates), eta)
         self.stats["kl_clip_scale"] = nu
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-        return modeled
-
-    def _kl_clip_scale(self, u_dot_d: float, lr: float | None) -> float:
-        """ν = min(1, √(κ / (η² Σ⟨U, DΘ⟩)))."""
-        kl_clip = self.config.kl_clip
-        vg = u_dot_d * lr * lr if lr is not None else 0.0
-        if kl_clip is None or not math.isfinite(vg) or vg <= 0.0:
-            return 1.0
-        return min(1.0, math.sqrt(kl_clip / vg))
+        return jobs

@@ -13,7 +13,9 @@ from .base import (
     check_symmetric_matrix,
 )
 from .direct import CholeskySolver, EighSolver
+from .hardware import HardwareModel, SettleModel, TimeBreakdown
 from .iterative import CGSolver
+from .thermo import ThermoConfig, ThermodynamicSolver
 
 SOLVERS: dict[str, type[LinearSolver]] = {}
 
@@ -26,7 +28,7 @@ def register_solver(cls: type[LinearSolver]) -> type[LinearSolver]:
     return cls
 
 
-for _cls in (CholeskySolver, EighSolver, CGSolver):
+for _cls in (CholeskySolver, EighSolver, CGSolver, ThermodynamicSolver):
     register_solver(_cls)
 
 
@@ -55,6 +57,7 @@ def get_solver(name: str | LinearSolver, **kwargs: Any) -> LinearSolver:
     return SOLVERS[key](**kwargs)
 
 
-__all__ = ["SOLVERS", "CGSolver", "CholeskySolver", "EighSolver", "LinearSolver", "Prepared",
-           "SolveResult", "SolverError", "all_finite", "available_solvers",
-           "check_symmetric_matrix", "get_solver", "register_solver"]
+__all__ = ["SOLVERS", "CGSolver", "CholeskySolver", "EighSolver", "HardwareModel",
+           "LinearSolver", "Prepared", "SettleModel", "SolveResult", "SolverError",
+           "ThermoConfig", "ThermodynamicSolver", "TimeBreakdown", "all_finite",
+           "available_solvers", "check_symmetric_matrix", "get_solver", "register_solver"]

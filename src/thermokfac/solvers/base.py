@@ -22,10 +22,11 @@ counted in :attr:`Prepared.stats`. A solve never returns non-finite values: it r
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -111,6 +112,11 @@ def _probe(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
+@cache
+def _takes_generator(cls: type) -> bool:
+    return len(inspect.signature(cls._prepare).parameters) >= 4
+
+
 def _check_square(m: Tensor, what: str) -> None:
     if not isinstance(m, Tensor) or m.ndim != 2 or m.shape[0] != m.shape[1]:
         shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
@@ -159,7 +165,8 @@ class LinearSolver(ABC):
         self.max_damping_increases = max_damping_increases
 
     # ------------------------------------------------------------------ public
-    def prepare(self, m: Tensor, damping: float, *, lower_only: bool = False) -> Prepared:
+    def prepare(self, m: Tensor, damping: float, *, lower_only: bool = False,
+                generator: torch.Generator | None = None) -> Prepared:
         """Prepare M + λI for solves (every ``inv_update_steps``); see the failure policy.
 
         Args:
@@ -167,6 +174,8 @@ class LinearSolver(ABC):
             damping: λ ≥ 0.
             lower_only: Only the lower triangle of ``m`` holds the matrix (the upper one
                 is ignored and cannot be checked for symmetry).
+            generator: Random source of stochastic preparation (e.g. stochastic
+                rounding of the programmed matrix).
         """
         if lower_only:
             _check_square(m, "factor")
@@ -178,13 +187,13 @@ class LinearSolver(ABC):
             raise ValueError(f"damping={damping!r} must be a finite number >= 0")
         n = m.shape[0]
         stats = {"float64_retries": 0.0, "damping_increases": 0.0, "failed": 0.0}
-        state = self._prepare(m, float(damping))
+        state = self._call_prepare(m, float(damping), generator)
         if state is not None:
             return self._finish(state, n, float(damping), stats)
         m64 = m.double()
         if m.dtype != torch.float64:
             stats["float64_retries"] = 1.0
-            state = self._prepare(m64, float(damping))
+            state = self._call_prepare(m64, float(damping), generator)
             if state is not None:
                 return self._finish(state, n, float(damping), stats)
         current = float(damping)
@@ -193,7 +202,7 @@ class LinearSolver(ABC):
         for _ in range(self.max_damping_increases):
             current *= 10.0
             stats["damping_increases"] += 1.0
-            state = self._prepare(m64, current)
+            state = self._call_prepare(m64, current, generator)
             if state is not None:
                 return self._finish(state, n, current, stats)
         stats["failed"] = 1.0
@@ -246,8 +255,19 @@ class LinearSolver(ABC):
         return f"{type(self).__name__}()"
 
     # ---------------------------------------------------------------- subclass
+    def prepare_rows(self, rows: Tensor, row_scale: float, damping: float, *,
+                     generator: torch.Generator | None = None) -> Prepared:
+        """Prepare row_scale·RᵀR + λI from rows R ``[b, n]`` (the resistor-array mode).
+
+        Digital solvers form the n×n matrix; a solver that can realise it from the rows
+        (the thermodynamic one) overrides this and never forms it.
+        """
+        gram = row_scale * (rows.mT @ rows)
+        return self.prepare((gram + gram.mT) / 2, damping, generator=generator)
+
     @abstractmethod
-    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+    def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Tensor] | None:
         """Return the prepared tensors for M + λI (read M's lower triangle only), or None
         if it is not usable."""
 
@@ -262,6 +282,12 @@ class LinearSolver(ABC):
                  ) -> tuple[Tensor, float, dict[str, float]]:
         eye = torch.eye(prepared.n, dtype=prepared.dtype, device=prepared.device)
         return self._solve(prepared, eye, generator)
+
+    def _call_prepare(self, m: Tensor, damping: float, generator: torch.Generator | None
+                      ) -> dict[str, Tensor] | None:
+        if _takes_generator(type(self)):
+            return self._prepare(m, damping, generator)
+        return self._prepare(m, damping)  # a subclass written without the generator
 
     def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
         """Extra statistics for a successful prepare (solver-specific)."""

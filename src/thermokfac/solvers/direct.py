@@ -36,7 +36,8 @@ class CholeskySolver(LinearSolver):
     name = "cholesky"
     _inverse_is_lower = True
 
-    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+    def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Tensor] | None:
         chol = m.contiguous().clone()
         chol.diagonal().add_(damping)
         return {"cholesky": chol} if cholesky_lower_(chol) else None
@@ -63,7 +64,8 @@ class EighSolver(LinearSolver):
 
     name = "eigh"
 
-    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+    def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Tensor] | None:
         try:
             evals, evecs = torch.linalg.eigh(m, UPLO="L")
         except torch.linalg.LinAlgError:

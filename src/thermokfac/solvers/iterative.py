@@ -44,7 +44,8 @@ class CGSolver(LinearSolver):
     def __repr__(self) -> str:
         return f"CGSolver(tol={self.tol:g}, max_iter={self.max_iter}, warm_start={self.warm_start})"
 
-    def _prepare(self, m: Tensor, damping: float) -> dict[str, Tensor] | None:
+    def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Tensor] | None:
         matrix = symmetrize_lower(m)
         matrix.diagonal().add_(damping)
         if float(matrix.diagonal().min()) <= 0.0:

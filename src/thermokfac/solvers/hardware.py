@@ -1,0 +1,188 @@
+"""Timing model of a thermodynamic solver (SPU) — accounting only, no numerics.
+
+Defaults are the paper's App. E assumptions: RC = 1 µs (R = 1 kΩ, C = 1 nF), 16-bit
+input and output, a 50 Gb/s digital link. One solve of k right-hand sides on an
+n-dimensional SPU costs
+
+* **load**: the right-hand sides, n·k values × ``input_bits`` / link bandwidth (the
+  matrix itself is programmed once per prepare: n² values, or 2·b·n resistor values
+  in the resistor-array mode of App. E);
+* **settle**: by ``settle_model`` —
+  ``"rc"``: RC, the paper's own timing ("RC is kept as the relaxation time, because of
+  the problem-dependence of α_min", App. E; the default);
+  ``"rc_over_alpha_min"``: τ = RC/α_min, the worst case over the spectrum (App. E);
+  ``"target_error"``: the burn-in t₀·RC chosen for a target error (bias ≤ e^{−α_min t₀});
+* **integrate**: the averaging window T·RC under ``"target_error"`` (zero otherwise: at
+  the physical noise level the paper reads the settled mean directly);
+* **read-out**: n·k values × ``output_bits`` / link bandwidth.
+
+The k right-hand sides run on parallel oscillator banks, so they settle together.
+Several SPUs (``n_spus``) run different factors in parallel; a step takes as long as
+the busiest SPU, plus — when the link is shared — all transfers in sequence
+(:meth:`HardwareModel.step_time`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+from ..enums import parse_enum
+from .quantize import check_bits
+
+
+class SettleModel(str, Enum):
+    """How the settling time of one solve is counted (see the module docstring)."""
+
+    RC = "rc"
+    RC_OVER_ALPHA_MIN = "rc_over_alpha_min"
+    TARGET_ERROR = "target_error"
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    """Modelled seconds of one device operation."""
+
+    load_s: float = 0.0
+    settle_s: float = 0.0
+    integrate_s: float = 0.0
+    readout_s: float = 0.0
+
+    @property
+    def transfer_s(self) -> float:
+        return self.load_s + self.readout_s
+
+    @property
+    def compute_s(self) -> float:
+        return self.settle_s + self.integrate_s
+
+    @property
+    def total_s(self) -> float:
+        return self.transfer_s + self.compute_s
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total_s": self.total_s}
+
+    def __add__(self, other: TimeBreakdown) -> TimeBreakdown:
+        return TimeBreakdown(self.load_s + other.load_s, self.settle_s + other.settle_s,
+                             self.integrate_s + other.integrate_s,
+                             self.readout_s + other.readout_s)
+
+    def scaled(self, factor: float) -> TimeBreakdown:
+        return TimeBreakdown(self.load_s * factor, self.settle_s * factor,
+                             self.integrate_s * factor, self.readout_s * factor)
+
+
+@dataclass(frozen=True)
+class HardwareModel:
+    """An SPU bank and its digital link.
+
+    Args:
+        rc_s: The RC time constant in seconds (paper: 1 µs).
+        input_bits: Bits per value sent to the device (matrix entries, right-hand sides).
+        output_bits: Bits per value read back (ADC).
+        link_gbps: Digital link bandwidth in Gb/s (paper: 50).
+        n_spus: Number of SPUs working in parallel (each takes whole factors).
+        shared_link: All SPUs share one link (transfers serialise) or each has its own.
+        max_dim: Largest matrix an SPU holds (None: unbounded). Larger factors are
+            solved by block Gauss–Seidel over SPU-sized blocks; each sweep counts.
+        settle_model: ``"rc"`` (default), ``"rc_over_alpha_min"`` or ``"target_error"``.
+    """
+
+    rc_s: float = 1e-6
+    input_bits: int = 16
+    output_bits: int = 16
+    link_gbps: float = 50.0
+    n_spus: int = 1
+    shared_link: bool = True
+    max_dim: int | None = None
+    settle_model: SettleModel = SettleModel.RC
+
+    def __post_init__(self) -> None:
+        for name in ("rc_s", "link_gbps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        check_bits(self.input_bits, "input_bits")
+        check_bits(self.output_bits, "output_bits")
+        if isinstance(self.n_spus, bool) or not isinstance(self.n_spus, int) or self.n_spus < 1:
+            raise ValueError(f"n_spus={self.n_spus!r} must be a positive integer")
+        if self.max_dim is not None and (not isinstance(self.max_dim, int) or self.max_dim < 2):
+            raise ValueError(f"max_dim={self.max_dim!r} must be an integer >= 2 or None")
+        object.__setattr__(self, "settle_model",
+                           parse_enum(SettleModel, self.settle_model, "settle_model"))
+
+    # ---------------------------------------------------------------- pieces
+    def transfer_s(self, values: float, bits: int) -> float:
+        """Seconds to move ``values`` numbers of ``bits`` bits over the link."""
+        return values * bits / (self.link_gbps * 1e9)
+
+    def time_program(self, n: int, *, array_rows: int | None = None) -> TimeBreakdown:
+        """Programming the matrix: n² values, or 2·b·n resistor values (array mode)."""
+        values = 2 * array_rows * n if array_rows is not None else n * n
+        return TimeBreakdown(load_s=self.transfer_s(values, self.input_bits))
+
+    def settle_s(self, alpha_min: float, t0_rc: float,
+                 settle_model: SettleModel | str | None = None) -> float:
+        model = self._model(settle_model)
+        if model is SettleModel.RC:
+            return self.rc_s
+        if model is SettleModel.RC_OVER_ALPHA_MIN:
+            return self.rc_s / alpha_min
+        return self.rc_s * t0_rc
+
+    def time_solve(self, n: int, k: int, *, alpha_min: float, t0_rc: float, window_rc: float,
+                   settle_model: SettleModel | str | None = None) -> TimeBreakdown:
+        """One bank of k right-hand sides on an n-dimensional SPU.
+
+        Args:
+            n: Dimension of the system.
+            k: Number of right-hand sides (parallel banks).
+            alpha_min: Smallest eigenvalue of the device matrix (RC units).
+            t0_rc: Burn-in in RC units (used by ``"target_error"``).
+            window_rc: Averaging window T in RC units (used by ``"target_error"``).
+            settle_model: Overrides the model's ``settle_model``.
+        """
+        model = self._model(settle_model)
+        integrate = self.rc_s * window_rc if model is SettleModel.TARGET_ERROR else 0.0
+        return TimeBreakdown(load_s=self.transfer_s(n * k, self.input_bits),
+                             settle_s=self.settle_s(alpha_min, t0_rc, model),
+                             integrate_s=integrate,
+                             readout_s=self.transfer_s(n * k, self.output_bits))
+
+    def all_settle_models(self, n: int, k: int, *, alpha_min: float, t0_rc: float,
+                          window_rc: float) -> dict[str, TimeBreakdown]:
+        """:meth:`time_solve` under each settle model, for reports."""
+        return {m.value: self.time_solve(n, k, alpha_min=alpha_min, t0_rc=t0_rc,
+                                         window_rc=window_rc, settle_model=m)
+                for m in SettleModel}
+
+    # ----------------------------------------------------------- aggregation
+    def step_time(self, jobs: list[TimeBreakdown]) -> float:
+        """Modelled time of a step's device work: jobs spread over ``n_spus``.
+
+        Jobs are assigned greedily, longest first, to the least-loaded SPU (LPT). With a
+        shared link all transfers serialise and add to the busiest SPU's compute time;
+        with one link per SPU each SPU's transfers and computes run in sequence.
+        """
+        if not jobs:
+            return 0.0
+        if self.shared_link:
+            busiest = _lpt([j.compute_s for j in jobs], self.n_spus)
+            return sum(j.transfer_s for j in jobs) + busiest
+        return _lpt([j.total_s for j in jobs], self.n_spus)
+
+    def _model(self, settle_model: SettleModel | str | None) -> SettleModel:
+        if settle_model is None:
+            return self.settle_model
+        return parse_enum(SettleModel, settle_model, "settle_model")
+
+
+def _lpt(durations: list[float], machines: int) -> float:
+    loads = [0.0] * machines
+    heapq.heapify(loads)
+    for d in sorted(durations, reverse=True):
+        heapq.heappush(loads, heapq.heappop(loads) + d)
+    return max(loads)

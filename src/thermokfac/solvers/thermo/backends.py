@@ -1,0 +1,173 @@
+"""The three ways of producing the device's output (all in device units, times in RC).
+
+* :func:`closed_form` samples the output — the time average over [t₀, t₀+T] or the mean
+  of N samples Δ apart — from its exact Gaussian law: mean x* + g(M)(x₀ − x*), covariance
+  v(M) with g and v from :mod:`.moments`.
+* :func:`trajectory` steps the exact AR(1) transition x* + e^{−MΔ}(x − x*) + noise and
+  returns the mean of its samples (each through the ADC) and the final state.
+* :func:`euler_maruyama` integrates dx = −(Mx − b)dt + √(2/β)dW with step h on any
+  realised matrix (also non-symmetric, for device mismatch).
+
+Noise is always drawn in the original coordinates and coloured by matrix functions
+(:mod:`.spectral`), so outputs do not depend on the basis ``eigh`` picked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import moments
+from .config import Readout
+from .spectral import Spectrum
+
+SampleHook = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Device timing of one read, in RC units.
+
+    Attributes:
+        readout: Time average or samples.
+        t0: Burn-in before the window / first sample.
+        window: Averaging window T (average readout).
+        num_samples: N (samples readout).
+        spacing: Δ between samples (samples readout).
+    """
+
+    readout: Readout
+    t0: float
+    window: float
+    num_samples: int
+    spacing: float
+
+    @property
+    def duration(self) -> float:
+        """Time spent after the burn-in: T, or (N − 1)Δ."""
+        if self.readout is Readout.AVERAGE:
+            return self.window
+        return (self.num_samples - 1) * self.spacing
+
+
+def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
+                generator: torch.Generator | None) -> Tensor:
+    """One draw of the device output for right-hand sides ``b`` ``[n, k]``."""
+    if sched.readout is Readout.AVERAGE:
+        def mean_factor(lam):
+            return moments.window_mean_factor(lam, sched.t0, sched.window)
+
+        def variance(lam):
+            return moments.window_variance(lam, sched.t0, sched.window, beta)
+    else:
+        def mean_factor(lam):
+            return moments.samples_mean_factor(lam, sched.t0, sched.spacing, sched.num_samples)
+
+        def variance(lam):
+            return moments.samples_variance(lam, sched.t0, sched.spacing, sched.num_samples,
+                                            beta)
+    terms = [(lambda lam: (1 - mean_factor(lam)) / lam, b),
+             (lambda lam: variance(lam).sqrt(), _randn(b, generator))]
+    if x0 is not None:
+        terms.append((mean_factor, x0))
+    return spec.apply(terms)
+
+
+def trajectory(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
+               generator: torch.Generator | None, hook: SampleHook
+               ) -> tuple[Tensor, Tensor]:
+    """Exact transitions of the sampled path; returns (mean of hooked samples, last state)."""
+    x_star = spec.apply([(lambda lam: 1 / lam, b)])
+    z = -x_star if x0 is None else x0 - x_star
+
+    def step(z: Tensor, dt: float) -> Tensor:
+        return spec.apply([(lambda lam: torch.exp(-lam * dt), z),
+                           (lambda lam: moments.transition(lam, dt, beta)[1].sqrt(),
+                            _randn(z, generator))])
+
+    if sched.t0 > 0:
+        z = step(z, sched.t0)
+    total = hook(x_star + z)
+    for _ in range(sched.num_samples - 1):
+        z = step(z, sched.spacing)
+        total = total + hook(x_star + z)
+    return total / sched.num_samples, x_star + z
+
+
+def euler_maruyama(matrix: Tensor, b: Tensor, x0: Tensor | None, sched: Schedule, dt: float,
+                   beta: float, generator: torch.Generator | None, hook: SampleHook
+                   ) -> tuple[Tensor, Tensor]:
+    """x ← x − h(Mx − b) + √(2h/β) ξ; samples every round(Δ/h) steps after ⌈t₀/h⌉ steps.
+
+    Raises:
+        ValueError: If h·α_max ≥ 2 (the scheme diverges), with α_max bounded by the
+            largest absolute row sum of M (Gershgorin).
+    """
+    alpha_max = float(matrix.abs().sum(dim=1).max())
+    if dt * alpha_max >= 2.0:
+        raise ValueError(f"Euler–Maruyama step dt={dt:g} (RC) is unstable: dt·α_max = "
+                         f"{dt * alpha_max:.3g} ≥ 2 (α_max ≤ {alpha_max:.3g}); use "
+                         f"em_dt_rc < {2 / alpha_max:.3g}")
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    drive = b * dt
+    scale = math.sqrt(2 * dt / beta)
+    noise = torch.empty_like(b)
+
+    def advance(x: Tensor, steps: int) -> Tensor:
+        for _ in range(steps):
+            x = torch.addmm(x, matrix, x, alpha=-dt).add_(drive)
+            x.add_(torch.randn(noise.shape, generator=generator, out=noise, dtype=b.dtype),
+                   alpha=scale)
+        return x
+
+    x = advance(x, math.ceil(sched.t0 / dt))
+    between = max(1, round(sched.spacing / dt))
+    total = hook(x)
+    for _ in range(sched.num_samples - 1):
+        x = advance(x, between)
+        total = total + hook(x)
+    return total / sched.num_samples, x
+
+
+def wishart_covariance(spec: Spectrum, samples: int, beta: float, extra_variance: float,
+                       generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+    """Sample covariance of N independent equilibrium samples x ~ N(0, β⁻¹M⁻¹ + cI).
+
+    Drawn exactly without the N samples: with Bartlett's decomposition W = LLᵀ ~
+    Wishart(N, I) (L lower triangular, L_ii² ~ χ²_{N−i}, L_ij ~ N(0, 1)), the estimate is
+    S^{1/2} (W/N) S^{1/2} with S^{1/2} = (β⁻¹M⁻¹ + cI)^{1/2} a matrix function. ``c`` is
+    the ADC's quantization variance (Sheppard: LSB²/12).
+    """
+    n = spec.n
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    chi2 = np.random.default_rng(seed).chisquare(samples - np.arange(n))
+    lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril_(-1)
+    lower.diagonal().copy_(torch.from_numpy(np.sqrt(chi2)))
+    wishart = (lower @ lower.mT / samples).to(dtype)
+    root = spec.matrix(lambda lam: (1.0 / (beta * lam) + extra_variance).sqrt(), dtype)
+    return root @ wishart @ root
+
+
+def sample_covariance(mean_fn: Callable[[SampleHook], tuple[Tensor, Tensor]], n: int,
+                      dtype: torch.dtype) -> Tensor:
+    """Σ xxᵀ/N of the samples a path backend produces (b = 0: the mean is known, zero)."""
+    acc = torch.zeros(n, n, dtype=dtype)
+    count = 0
+
+    def hook(x: Tensor) -> Tensor:
+        nonlocal acc, count
+        acc += x @ x.mT
+        count += x.shape[1]
+        return x
+
+    mean_fn(hook)
+    return acc / max(count, 1)

@@ -1,0 +1,176 @@
+"""Configuration of the thermodynamic solver simulator (paper Sec. 4.2–4.5, App. E)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from enum import Enum
+
+from ...enums import parse_enum
+from ..hardware import HardwareModel
+from ..quantize import check_bits
+
+BOLTZMANN_J_PER_K = 1.380649e-23
+
+
+class Backend(str, Enum):
+    """How the device is simulated.
+
+    ``closed-form``: sample the device's output from its exact Gaussian law (one
+    ``eigh`` per prepare, O(n²k) per solve). ``trajectory``: exact discrete transitions
+    of the sampled path (per-sample ADC, warm start). ``euler-maruyama``: the reference
+    integrator for non-ideal physics (device mismatch: a non-symmetric realised matrix).
+    """
+
+    CLOSED_FORM = "closed-form"
+    TRAJECTORY = "trajectory"
+    EULER_MARUYAMA = "euler-maruyama"
+
+
+class Readout(str, Enum):
+    """What the device returns: the time average over [t₀, t₀+T], or the mean of N
+    samples Δ apart after the burn-in t₀."""
+
+    AVERAGE = "average"
+    SAMPLES = "samples"
+
+
+class Quantizer(str, Enum):
+    """Input quantizer of the programmed matrix (:mod:`thermokfac.solvers.quantize`)."""
+
+    NEAREST = "nearest"
+    CONSERVATIVE = "conservative"
+    STOCHASTIC = "stochastic"
+
+
+class AdcRange(str, Enum):
+    """How the ADC full scale is set, from what the hardware knows.
+
+    ``calibrate``: an extra, independent device read sets it (``adc_headroom`` × its
+    largest magnitude per column; costs one more solve). ``bound``: ‖b‖₂/α_min, which
+    no entry of the solution can exceed (never clips, coarser steps).
+    """
+
+    CALIBRATE = "calibrate"
+    BOUND = "bound"
+
+
+class InverseMode(str, Enum):
+    """How the inverse is obtained: solves against identity columns, or the sample
+    covariance × β of equilibrium samples with b = 0 (Eq. 23)."""
+
+    SOLVES = "solves"
+    COVARIANCE = "covariance"
+
+
+class AlphaSource(str, Enum):
+    """Where α_min (for the automatic t₀ and T) comes from: ``damping`` — the bound
+    α_min ≥ λ/s that the device knows from the damping it was given (guaranteed);
+    ``spectrum`` — the smallest eigenvalue of the programmed matrix (tighter)."""
+
+    DAMPING = "damping"
+    SPECTRUM = "spectrum"
+
+
+_ENUMS = {"backend": Backend, "readout": Readout, "quantizer": Quantizer,
+          "adc_range": AdcRange, "inverse_mode": InverseMode, "alpha_min_source": AlphaSource}
+
+
+@dataclass(frozen=True)
+class ThermoConfig:
+    """Every knob of the simulated device. Times are in units of RC.
+
+    Noise: β defaults to the physics, β = C·V²/(k_B·T) for capacitance C, voltage scale V
+    (the voltage that represents 1.0) and temperature T: 2.4·10¹¹ for 1 nF, 1 V, 300 K.
+
+    Timing of a solve: ``t0_rc`` (burn-in) and ``window_rc`` (T, average readout) or
+    ``num_samples``/``sample_spacing_rc`` (samples readout, trajectory, Euler–Maruyama).
+    Left as None they follow from ``target_error`` ε: t₀ = ln(√2/ε)/α_min bounds the
+    relative bias by ε/√2, and T = 4n/(β ε² α_min² ‖b‖²) bounds the expected relative
+    variance 2 tr(M⁻²)/(β T ‖x*‖²) by ε²/2 using only bounds the device knows
+    (tr M⁻² ≤ n/α_min², ‖x*‖ ≥ ‖b‖/α_max with α_max ≤ 1 after scaling).
+    """
+
+    backend: Backend = Backend.CLOSED_FORM
+    beta: float | None = None
+    capacitance_f: float = 1e-9
+    voltage_scale_v: float = 1.0
+    temperature_k: float = 300.0
+    readout: Readout = Readout.AVERAGE
+    t0_rc: float | None = None
+    window_rc: float | None = None
+    num_samples: int = 64
+    sample_spacing_rc: float | None = None
+    target_error: float = 1e-3
+    alpha_min_source: AlphaSource = AlphaSource.DAMPING
+    warm_start: bool = False
+    input_bits: int | None = None
+    quantizer: Quantizer = Quantizer.CONSERVATIVE
+    output_bits: int | None = None
+    adc_range: AdcRange = AdcRange.CALIBRATE
+    adc_headroom: float = 2.0
+    mitigation_samples: int = 1
+    inverse_mode: InverseMode = InverseMode.SOLVES
+    covariance_samples: int = 100_000
+    mismatch_sigma: float = 0.0
+    mismatch_seed: int = 0
+    em_dt_rc: float = 0.05
+    hardware: HardwareModel = field(default_factory=HardwareModel)
+
+    def __post_init__(self) -> None:
+        for name, enum_cls in _ENUMS.items():
+            object.__setattr__(self, name, parse_enum(enum_cls, getattr(self, name), name))
+        _positive(self, "capacitance_f", "voltage_scale_v", "temperature_k", "adc_headroom",
+                  "em_dt_rc")
+        _positive(self, "beta", "t0_rc", "window_rc", "sample_spacing_rc", optional=True)
+        if not (isinstance(self.target_error, (int, float)) and 0 < self.target_error < 1):
+            raise ValueError(f"target_error={self.target_error!r} must lie in (0, 1)")
+        for name in ("num_samples", "mitigation_samples", "covariance_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("input_bits", "output_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        if not (isinstance(self.mismatch_sigma, (int, float)) and 0 <= self.mismatch_sigma < 1):
+            raise ValueError(f"mismatch_sigma={self.mismatch_sigma!r} must lie in [0, 1)")
+        if self.mismatch_sigma > 0 and self.backend is not Backend.EULER_MARUYAMA:
+            raise ValueError("device mismatch (mismatch_sigma > 0) needs backend="
+                             "'euler-maruyama': the realised matrix is not symmetric")
+        if self.warm_start and self.backend is Backend.CLOSED_FORM:
+            raise ValueError("warm_start needs a path: use backend='trajectory' or "
+                             "'euler-maruyama'")
+        if self.mitigation_samples > 1 and (self.input_bits is None
+                                            or self.quantizer is not Quantizer.STOCHASTIC):
+            raise ValueError("mitigation_samples > 1 averages independent stochastic "
+                             "roundings: set input_bits and quantizer='stochastic'")
+        if not isinstance(self.hardware, HardwareModel):
+            raise ValueError(f"hardware={self.hardware!r} must be a HardwareModel")
+
+    @property
+    def beta_value(self) -> float:
+        """β in use: the given value, or C·V²/(k_B·T)."""
+        if self.beta is not None:
+            return float(self.beta)
+        return self.capacitance_f * self.voltage_scale_v**2 / (
+            BOLTZMANN_J_PER_K * self.temperature_k)
+
+    def as_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else value
+        out["hardware"] = {f.name: getattr(self.hardware, f.name) for f in fields(self.hardware)}
+        out["hardware"]["settle_model"] = self.hardware.settle_model.value
+        out["beta_value"] = self.beta_value
+        return out
+
+
+def _positive(cfg: ThermoConfig, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive finite number")

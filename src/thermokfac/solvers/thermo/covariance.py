@@ -1,0 +1,101 @@
+"""Method 1 on the device: the inverse from the equilibrium covariance (paper Eq. 23).
+
+With b = 0 the device's state is distributed as N(0, β⁻¹M⁻¹), so β times the sample
+covariance of N equilibrium samples estimates M⁻¹, with expected relative Frobenius error
+√((tr²Σ/‖Σ‖²_F + 1)/N) ≤ √((n+1)/N) for independent samples.
+
+* closed-form: the sample covariance is drawn exactly (Wishart, :func:`.backends.
+  wishart_covariance`), the samples taken as independent (spaced ≫ 1/α_min); the ADC
+  adds its quantization variance LSB²/12 (Sheppard), with the full scale from one
+  calibration sample.
+* trajectory / Euler–Maruyama: the actual (correlated) samples of the path, each read
+  through the ADC. Euler–Maruyama's stationary covariance is β⁻¹M⁻¹(I − hM/2)⁻¹, so its
+  estimate is corrected by (I − hM/2) with the programmed M.
+
+Timing: one settle, then N samples each followed by a read-out of n values; samples are
+one settle time apart (RC under the paper's model).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..hardware import TimeBreakdown
+from ..quantize import levels
+from . import backends
+from .config import Backend
+
+if TYPE_CHECKING:
+    from ..base import Prepared
+    from .solver import ThermodynamicSolver
+
+
+def covariance_inverse(solver: ThermodynamicSolver, prepared: Prepared,
+                       generator: torch.Generator | None
+                       ) -> tuple[Tensor, float, dict[str, float]]:
+    cfg = solver.config
+    beta = cfg.beta_value
+    n, dtype = prepared.n, prepared.dtype
+    samples = cfg.covariance_samples
+    sched = solver._schedule(prepared)
+    estimates = []
+    for i, spec in enumerate(solver._spectra(prepared)):
+        if cfg.backend is Backend.CLOSED_FORM:
+            extra = 0.0
+            if cfg.output_bits is not None:
+                probe = torch.randn(n, 1, generator=generator, dtype=torch.float64)
+                calib = spec.apply([(lambda lam: (beta * lam).rsqrt(), probe.to(dtype))])
+                lsb = cfg.adc_headroom * float(calib.abs().max()) / levels(cfg.output_bits)
+                extra = lsb**2 / 12
+            cov = backends.wishart_covariance(spec, samples, beta, extra, generator, dtype)
+        else:
+            cov = _path_covariance(solver, prepared, i, spec, sched, samples, generator)
+        estimates.append(beta * cov)
+    inverse = torch.stack(estimates).mean(0) / float(prepared.tensors["scale"])
+    inverse = (inverse + inverse.mT) / 2
+    timing = _covariance_time(solver, prepared, samples)
+    return inverse, timing.total_s, {"modeled_transfer_s": timing.transfer_s,
+                                     "modeled_compute_s": timing.compute_s}
+
+
+def _path_covariance(solver: ThermodynamicSolver, prepared: Prepared, index: int, spec,
+                     sched: backends.Schedule, samples: int,
+                     generator: torch.Generator | None) -> Tensor:
+    from .solver import _Adc
+
+    cfg = solver.config
+    n, dtype = prepared.n, prepared.dtype
+    zero = torch.zeros(n, 1, dtype=dtype)
+    path = backends.Schedule(sched.readout, sched.t0, sched.window, samples, sched.spacing)
+    adc = _Adc(cfg, zero, float(prepared.tensors["alpha_min"]))
+
+    def run(hook):
+        def read(x):
+            return hook(adc(x))
+        if cfg.backend is Backend.TRAJECTORY:
+            return backends.trajectory(spec, zero, None, path, cfg.beta_value, generator, read)
+        return backends.euler_maruyama(prepared.tensors[f"realised_{index}"], zero, None, path,
+                                       cfg.em_dt_rc, cfg.beta_value, generator, read)
+
+    cov = backends.sample_covariance(run, n, dtype)
+    if cfg.backend is Backend.EULER_MARUYAMA:  # undo the scheme's variance inflation
+        programmed = spec.matrix(lambda lam: lam, dtype)
+        cov = cov - (cfg.em_dt_rc / 2) * cov @ programmed
+    return cov
+
+
+def _covariance_time(solver: ThermodynamicSolver, prepared: Prepared, samples: int
+                     ) -> TimeBreakdown:
+    hw = solver.hardware
+    alpha = float(prepared.tensors["alpha_min"])
+    t0 = float(prepared.tensors["t0"])
+    spacing = float(prepared.tensors["spacing"])
+    settle = hw.settle_s(alpha, t0)
+    between = hw.settle_s(alpha, spacing)
+    n = prepared.n
+    one = TimeBreakdown(settle_s=settle, integrate_s=samples * between,
+                        readout_s=hw.transfer_s(samples * n, hw.output_bits))
+    return one.scaled(solver.config.mitigation_samples)

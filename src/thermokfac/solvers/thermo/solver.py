@@ -1,0 +1,318 @@
+"""The thermodynamic linear solver: a simulated SPU behind the ``LinearSolver`` interface.
+
+Conventions (one scaling, stated once):
+
+* **Scaling.** The damped factor M + λI is divided by s = max_i Σ_j |(M + λI)_ij|, the
+  largest absolute row sum (the largest total conductance of a node), so that this
+  conductance maps to 1/RC. By Gershgorin every eigenvalue of the device matrix
+  M̃ = (M + λI)/s is at most 1: α_max ≤ 1, α_min = λ_min(M + λI)/s ≥ λ/s, and the
+  relaxation time is τ = RC/α_min (App. E). Right-hand sides are divided by their
+  largest magnitude (the DAC's full scale) and the answer is scaled back.
+* **Programming.** With ``input_bits`` the device matrix is quantized (conservative,
+  nearest or stochastic; nearest/stochastic results that are not positive definite fall
+  back to the conservative quantizer, counted in ``stats['quantizer_fallbacks']``), and
+  the right-hand sides are rounded to nearest on the same number of bits.
+* **Reading.** One solve returns the time average (or the mean of N samples) after the
+  burn-in t₀, through the ADC when ``output_bits`` is set; the inverse comes from solves
+  against identity columns or from the equilibrium covariance (Eq. 23).
+
+Times reported in ``modeled_time_s`` come from :class:`~thermokfac.solvers.hardware.HardwareModel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..._kernels import symmetrize_lower
+from ..base import LinearSolver, Prepared
+from ..hardware import TimeBreakdown
+from ..quantize import (
+    is_positive_definite,
+    quantize_conservative,
+    quantize_nearest,
+    quantize_output,
+    quantize_stochastic,
+)
+from . import backends
+from .backends import Schedule
+from .config import AdcRange, AlphaSource, Backend, InverseMode, Quantizer, Readout, ThermoConfig
+from .spectral import Spectrum
+
+
+class ThermodynamicSolver(LinearSolver):
+    """Simulated thermodynamic (OU) solver; see :class:`ThermoConfig` for every option.
+
+    Args:
+        config: A :class:`ThermoConfig` (default: the paper's device, closed-form).
+        max_damping_increases: See :class:`~thermokfac.solvers.LinearSolver`.
+        **overrides: Fields of :class:`ThermoConfig` to change, e.g. ``input_bits=8``.
+
+    >>> solver = ThermodynamicSolver(t0_rc=200.0)
+    >>> prepared = solver.prepare(torch.eye(3), damping=0.0)
+    >>> result = solver.solve(prepared, torch.ones(3), generator=torch.Generator().manual_seed(0))
+    >>> bool(torch.allclose(result.x, torch.ones(3), atol=1e-4)), result.modeled_time_s > 0
+    (True, True)
+    """
+
+    name = "thermodynamic"
+
+    def __init__(self, config: ThermoConfig | None = None, *, max_damping_increases: int = 4,
+                 **overrides: Any) -> None:
+        super().__init__(max_damping_increases=max_damping_increases)
+        valid = {f.name for f in fields(ThermoConfig)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(f"unknown thermodynamic solver options {unknown}; valid: "
+                             f"{sorted(valid)}")
+        self.config = replace(config or ThermoConfig(), **overrides)
+        self.hardware = self.config.hardware
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"ThermodynamicSolver(backend={cfg.backend.value!r}, input_bits={cfg.input_bits}"
+                f", output_bits={cfg.output_bits})")
+
+    # ------------------------------------------------------------------ prepare
+    def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Tensor] | None:
+        damped = symmetrize_lower(m)
+        damped.diagonal().add_(damping)
+        scale = float(damped.abs().sum(dim=1).max())
+        if not math.isfinite(scale) or scale <= 0:
+            return None
+        device = damped / scale
+        return self._program(device, damping / scale, scale, generator)
+
+    def prepare_rows(self, rows: Tensor, row_scale: float, damping: float, *,
+                     generator: torch.Generator | None = None) -> Prepared:
+        """Resistor-array mode (App. E): realise row_scale·RᵀR + λI from rows R ``[b, n]``.
+
+        The n×n matrix is never formed: a thin SVD gives its spectrum (memory O(bn)).
+        With ``input_bits`` the rows (the resistor values) are quantized to nearest; the
+        realised matrix stays positive definite. Programming time counts 2·b·n values.
+        """
+        if rows.ndim != 2 or not rows.is_floating_point():
+            raise ValueError(f"rows must be a 2-D floating tensor, got shape {tuple(rows.shape)}")
+        if not bool(torch.isfinite(rows).all()) or damping <= 0:
+            raise ValueError("rows must be finite and damping > 0 in the resistor-array mode")
+        if self.config.input_bits is not None:
+            rows = quantize_nearest(rows, self.config.input_bits)
+        # The largest absolute row sum of row_scale·RᵀR + λI, bounded without forming it:
+        # Σ_j |Σ_k R_ki R_kj| ≤ (|R|ᵀ |R| 1)_i (exact for non-negative rows).
+        magnitude = rows.abs()
+        scale = row_scale * float((magnitude.mT @ magnitude.sum(dim=1)).max()) + damping
+        spec = Spectrum.of_rows(rows, row_scale / scale, damping / scale)
+        tensors = self._store([spec], scale, damping / scale, 0.0)
+        n = rows.shape[1]
+        program = self.hardware.time_program(n, array_rows=rows.shape[0])
+        stats = {"float64_retries": 0.0, "damping_increases": 0.0, "failed": 0.0,
+                 "alpha_min": spec.alpha_min, "scale": scale, **_time_stats(program)}
+        return Prepared(self.name, n, damping, tensors, stats, modeled_time_s=program.total_s)
+
+    def _program(self, device: Tensor, damping_bound: float, scale: float,
+                 generator: torch.Generator | None) -> dict[str, Tensor] | None:
+        cfg = self.config
+        matrices, fallbacks = [], 0
+        for _ in range(cfg.mitigation_samples):
+            programmed, fell_back = self._quantize(device, generator)
+            matrices.append(programmed)
+            fallbacks += fell_back
+        spectra = [Spectrum.of_matrix(q) for q in matrices]
+        if min(s.alpha_min for s in spectra) <= 0:
+            return None
+        shift = 0.0
+        if cfg.input_bits is not None:
+            base = float(torch.linalg.eigvalsh(device.double())[0])
+            shift = min(s.alpha_min for s in spectra) - base
+        tensors = self._store(spectra, scale, damping_bound, shift)
+        tensors["quantizer_fallbacks"] = torch.tensor(float(fallbacks), dtype=torch.float64)
+        if cfg.backend is Backend.EULER_MARUYAMA:
+            for i, q in enumerate(matrices):
+                tensors[f"realised_{i}"] = self._realise(q)
+        return tensors
+
+    def _quantize(self, device: Tensor, generator: torch.Generator | None
+                  ) -> tuple[Tensor, int]:
+        cfg = self.config
+        if cfg.input_bits is None:
+            return device, 0
+        if cfg.quantizer is Quantizer.CONSERVATIVE:
+            return quantize_conservative(device, cfg.input_bits)[0], 0
+        if cfg.quantizer is Quantizer.NEAREST:
+            q = quantize_nearest(device, cfg.input_bits)
+        else:
+            q = quantize_stochastic(device, cfg.input_bits, generator)
+        if is_positive_definite(q):
+            return q, 0
+        return quantize_conservative(device, cfg.input_bits)[0], 1
+
+    def _realise(self, programmed: Tensor) -> Tensor:
+        """The matrix the device realises: each conductance off by a relative N(0, σ²)."""
+        sigma = self.config.mismatch_sigma
+        if sigma == 0:
+            return programmed.clone()
+        gen = torch.Generator().manual_seed(self.config.mismatch_seed)
+        noise = torch.randn(programmed.shape, generator=gen, dtype=torch.float64)
+        return programmed * (1 + sigma * noise).to(programmed.dtype)
+
+    def _store(self, spectra: list[Spectrum], scale: float, damping_bound: float,
+               shift: float) -> dict[str, Tensor]:
+        cfg = self.config
+        n = spectra[0].n
+        tensors: dict[str, Tensor] = {}
+        for i, spec in enumerate(spectra):
+            tensors[f"evecs_{i}"] = spec.evecs
+            tensors[f"evals_{i}"] = spec.evals
+            if spec.rest is not None:
+                tensors[f"rest_{i}"] = torch.tensor(spec.rest, dtype=torch.float64)
+        true_min = min(s.alpha_min for s in spectra)
+        if cfg.alpha_min_source is AlphaSource.DAMPING and damping_bound > 0:
+            alpha = min(damping_bound, true_min)
+        else:
+            alpha = true_min
+        beta = cfg.beta_value
+        eps = cfg.target_error
+        t0 = cfg.t0_rc if cfg.t0_rc is not None else math.log(math.sqrt(2) / eps) / alpha
+        window = cfg.window_rc if cfg.window_rc is not None else 4 * n / (beta * eps**2 * alpha**2)
+        spacing = cfg.sample_spacing_rc or window / cfg.num_samples
+        if cfg.readout is Readout.SAMPLES and cfg.window_rc is None:
+            window = spacing * cfg.num_samples
+        values = {"scale": scale, "alpha_min": alpha, "t0": t0, "window": window,
+                  "spacing": spacing, "samples": float(cfg.num_samples),
+                  "damping_shift": shift * scale, "true_alpha_min": true_min}
+        tensors.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        return tensors
+
+    def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
+        keys = ("scale", "alpha_min", "true_alpha_min", "t0", "window", "damping_shift",
+                "quantizer_fallbacks")
+        out = {k: float(state[k]) for k in keys if k in state}
+        out["effective_added_damping"] = out.pop("damping_shift", 0.0)
+        return out
+
+    def _finish(self, state: dict[str, Tensor], n: int, damping: float,
+                stats: dict[str, float]) -> Prepared:
+        prepared = super()._finish(state, n, damping, stats)
+        program = self.hardware.time_program(n).scaled(self.config.mitigation_samples)
+        prepared.modeled_time_s = program.total_s
+        prepared.stats.update(_time_stats(program))
+        return prepared
+
+    # -------------------------------------------------------------------- solve
+    def _spectra(self, prepared: Prepared) -> list[Spectrum]:
+        t = prepared.tensors
+        out = []
+        for i in range(self.config.mitigation_samples):
+            if f"evecs_{i}" not in t:
+                break
+            rest = float(t[f"rest_{i}"]) if f"rest_{i}" in t else None
+            out.append(Spectrum(t[f"evecs_{i}"], t[f"evals_{i}"], rest))
+        return out
+
+    def _schedule(self, prepared: Prepared) -> Schedule:
+        t = prepared.tensors
+        readout = self.config.readout if self.config.backend is Backend.CLOSED_FORM \
+            else Readout.SAMPLES
+        return Schedule(readout, float(t["t0"]), float(t["window"]), int(t["samples"]),
+                        float(t["spacing"]))
+
+    def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
+               overwrite_b: bool = False):
+        cfg = self.config
+        full_scale = float(b.abs().max())
+        if full_scale == 0.0:
+            return torch.zeros_like(b), 0.0, {}
+        rhs = b / full_scale
+        if cfg.input_bits is not None:
+            rhs = quantize_nearest(rhs, cfg.input_bits, scale=1.0)
+        sched = self._schedule(prepared)
+        x0 = prepared.tensors.get("x_state") if cfg.warm_start else None
+        if x0 is not None and x0.shape != rhs.shape:
+            x0 = None
+        reads, clipped = [], 0
+        for i, spec in enumerate(self._spectra(prepared)):
+            x, state, clips = self._read(prepared, i, spec, rhs, x0, sched, generator)
+            reads.append(x)
+            clipped += clips
+            if cfg.warm_start and i == 0:
+                prepared.tensors["x_state"] = state
+        x = torch.stack(reads).mean(0) * (full_scale / float(prepared.tensors["scale"]))
+        timing = self._solve_time(prepared, b.shape[0], b.shape[1], sched)
+        stats = {"clipped": float(clipped), **_time_stats(timing)}
+        return x, timing.total_s, stats
+
+    def _read(self, prepared: Prepared, index: int, spec: Spectrum, rhs: Tensor,
+              x0: Tensor | None, sched: Schedule, generator: torch.Generator | None
+              ) -> tuple[Tensor, Tensor | None, int]:
+        cfg = self.config
+        beta = cfg.beta_value
+        adc = _Adc(cfg, rhs, float(prepared.tensors["alpha_min"]))
+        if cfg.backend is Backend.CLOSED_FORM:
+            if adc.active and cfg.adc_range is AdcRange.CALIBRATE:
+                adc.calibrate(backends.closed_form(spec, rhs, x0, sched, beta, generator))
+            return adc(backends.closed_form(spec, rhs, x0, sched, beta, generator)), None, \
+                adc.clipped
+        if cfg.backend is Backend.TRAJECTORY:
+            mean, state = backends.trajectory(spec, rhs, x0, sched, beta, generator, adc)
+        else:
+            mean, state = backends.euler_maruyama(
+                prepared.tensors[f"realised_{index}"], rhs, x0, sched, cfg.em_dt_rc, beta,
+                generator, adc)
+        return mean, state, adc.clipped
+
+    def _solve_time(self, prepared: Prepared, n: int, k: int, sched: Schedule) -> TimeBreakdown:
+        cfg = self.config
+        reads = cfg.mitigation_samples * (2 if cfg.output_bits is not None and cfg.adc_range
+                                          is AdcRange.CALIBRATE and cfg.backend
+                                          is Backend.CLOSED_FORM else 1)
+        one = self.hardware.time_solve(n, k, alpha_min=float(prepared.tensors["alpha_min"]),
+                                       t0_rc=sched.t0, window_rc=sched.duration)
+        return one.scaled(reads)
+
+    # ------------------------------------------------------------------ inverse
+    def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
+        cfg = self.config
+        if cfg.inverse_mode is InverseMode.SOLVES:
+            eye = torch.eye(prepared.n, dtype=prepared.dtype, device=prepared.device)
+            x, seconds, stats = self._solve(prepared, eye, generator)
+            return (x + x.mT) / 2, seconds, stats
+        from .covariance import covariance_inverse
+
+        return covariance_inverse(self, prepared, generator)
+
+
+class _Adc:
+    """Output quantization with a full scale set from what the hardware knows."""
+
+    def __init__(self, cfg: ThermoConfig, rhs: Tensor, alpha_min: float) -> None:
+        self.bits = cfg.output_bits
+        self.headroom = cfg.adc_headroom
+        self.clipped = 0
+        self.full_scale: Tensor | None = None
+        if self.bits is not None and cfg.adc_range is AdcRange.BOUND:
+            self.full_scale = rhs.norm(dim=0) / alpha_min
+
+    @property
+    def active(self) -> bool:
+        return self.bits is not None
+
+    def calibrate(self, reading: Tensor) -> None:
+        self.full_scale = self.headroom * reading.abs().amax(dim=0)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.bits is None:
+            return x
+        if self.full_scale is None:  # path backends: the first sample sets the range
+            self.calibrate(x)
+        out, clipped = quantize_output(x, self.bits, self.full_scale)
+        self.clipped += clipped
+        return out
+
+
+def _time_stats(timing: TimeBreakdown) -> dict[str, float]:
+    return {"modeled_transfer_s": timing.transfer_s, "modeled_compute_s": timing.compute_s}
