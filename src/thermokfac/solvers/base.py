@@ -81,8 +81,10 @@ class Prepared:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The working dtype of the prepared state (float64 after a float64 retry)."""
-        return next(t.dtype for t in self.tensors.values() if t.is_floating_point())
+        """The working dtype: that of the first matrix in the state (float64 after a
+        float64 retry); scalars and spectra kept in float64 do not count."""
+        floats = [t for t in self.tensors.values() if t.is_floating_point()]
+        return next((t.dtype for t in floats if t.ndim >= 2), floats[0].dtype)
 
     @property
     def device(self) -> torch.device:

@@ -59,9 +59,9 @@ def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
-def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
-                generator: torch.Generator | None) -> Tensor:
-    """One draw of the device output for right-hand sides ``b`` ``[n, k]``."""
+def closed_form_weights(sched: Schedule, beta: float
+                        ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(g, v): the output's mean factor and variance per eigenvalue for this readout."""
     if sched.readout is Readout.AVERAGE:
         def mean_factor(lam):
             return moments.window_mean_factor(lam, sched.t0, sched.window)
@@ -75,6 +75,14 @@ def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, b
         def variance(lam):
             return moments.samples_variance(lam, sched.t0, sched.spacing, sched.num_samples,
                                             beta)
+    return mean_factor, variance
+
+
+def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
+                generator: torch.Generator | None) -> Tensor:
+    """One draw of the device output for right-hand sides ``b`` ``[n, k]``:
+    x̄ = (I − g(M))M⁻¹b + g(M)x₀ + v(M)^{1/2} ξ."""
+    mean_factor, variance = closed_form_weights(sched, beta)
     terms = [(lambda lam: (1 - mean_factor(lam)) / lam, b),
              (lambda lam: variance(lam).sqrt(), _randn(b, generator))]
     if x0 is not None:

@@ -131,6 +131,8 @@ class ThermodynamicSolver(LinearSolver):
             shift = min(s.alpha_min for s in spectra) - base
         tensors = self._store(spectra, scale, damping_bound, shift)
         tensors["quantizer_fallbacks"] = torch.tensor(float(fallbacks), dtype=torch.float64)
+        if cfg.backend is Backend.CLOSED_FORM:
+            self._densify(tensors, spectra)
         if cfg.backend is Backend.EULER_MARUYAMA:
             for i, q in enumerate(matrices):
                 tensors[f"realised_{i}"] = self._realise(q)
@@ -188,6 +190,20 @@ class ThermodynamicSolver(LinearSolver):
         tensors.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         return tensors
 
+    def _densify(self, tensors: dict[str, Tensor], spectra: list[Spectrum]) -> None:
+        """Closed form: precompute F = (I − g(M))M⁻¹ and S = v(M)^{1/2} so that a read is
+        F b + S ξ — two matrix products instead of three. The eigenvectors are dropped
+        unless the covariance inverse needs them (memory: 2n² instead of n²)."""
+        sched = self._schedule_from(tensors)
+        keep_vectors = self.config.inverse_mode is InverseMode.COVARIANCE
+        for i, spec in enumerate(spectra):
+            dtype = spec.evecs.dtype
+            mean_factor, variance = backends.closed_form_weights(sched, self.config.beta_value)
+            tensors[f"solve_{i}"] = spec.matrix(lambda lam: (1 - mean_factor(lam)) / lam, dtype)
+            tensors[f"noise_{i}"] = spec.matrix(lambda lam: variance(lam).sqrt(), dtype)
+            if not keep_vectors:
+                del tensors[f"evecs_{i}"]
+
     def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
         keys = ("scale", "alpha_min", "true_alpha_min", "t0", "window", "damping_shift",
                 "quantizer_fallbacks")
@@ -204,18 +220,22 @@ class ThermodynamicSolver(LinearSolver):
         return prepared
 
     # -------------------------------------------------------------------- solve
-    def _spectra(self, prepared: Prepared) -> list[Spectrum]:
+    def _spectra(self, prepared: Prepared) -> list[Spectrum | None]:
+        """One spectrum per programmed matrix (None where only F and S were kept)."""
         t = prepared.tensors
-        out = []
+        out: list[Spectrum | None] = []
         for i in range(self.config.mitigation_samples):
-            if f"evecs_{i}" not in t:
-                break
-            rest = float(t[f"rest_{i}"]) if f"rest_{i}" in t else None
-            out.append(Spectrum(t[f"evecs_{i}"], t[f"evals_{i}"], rest))
+            if f"evecs_{i}" in t:
+                rest = float(t[f"rest_{i}"]) if f"rest_{i}" in t else None
+                out.append(Spectrum(t[f"evecs_{i}"], t[f"evals_{i}"], rest))
+            elif f"solve_{i}" in t:
+                out.append(None)
         return out
 
     def _schedule(self, prepared: Prepared) -> Schedule:
-        t = prepared.tensors
+        return self._schedule_from(prepared.tensors)
+
+    def _schedule_from(self, t: dict[str, Tensor]) -> Schedule:
         readout = self.config.readout if self.config.backend is Backend.CLOSED_FORM \
             else Readout.SAMPLES
         return Schedule(readout, float(t["t0"]), float(t["window"]), int(t["samples"]),
@@ -224,13 +244,28 @@ class ThermodynamicSolver(LinearSolver):
     def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
                overwrite_b: bool = False):
         cfg = self.config
-        full_scale = float(b.abs().max())
+        full_scale = max(float(b.max()), -float(b.min()))  # the DAC's full scale
         if full_scale == 0.0:
             return torch.zeros_like(b), 0.0, {}
+        sched = self._schedule(prepared)
+        timing = self._solve_time(prepared, b.shape[0], b.shape[1], sched)
+        stats = _time_stats(timing)
+        if self._plain_closed_form(prepared):
+            # x = x̃·fs/s with x̃ = F b̃ + S ξ and b̃ = b/fs: (F b)/s + (fs/s) S ξ, fused.
+            t, scale = prepared.tensors, float(prepared.tensors["scale"])
+            rows = not b.is_contiguous() and b.mT.is_contiguous()
+            rhs = b.mT if rows else b  # a transposed view: work on its contiguous rows
+            noise = torch.randn(rhs.shape, generator=generator, dtype=b.dtype, device=b.device)
+            if rows:  # (F b)ᵀ = bᵀF and (S ξ)ᵀ = ξᵀS for symmetric F, S
+                x = torch.addmm(rhs @ t["solve_0"], noise, t["noise_0"], beta=1 / scale,
+                                alpha=full_scale / scale).mT
+            else:
+                x = torch.addmm(t["solve_0"] @ rhs, t["noise_0"], noise, beta=1 / scale,
+                                alpha=full_scale / scale)
+            return x, timing.total_s, {"clipped": 0.0, **stats}
         rhs = b / full_scale
         if cfg.input_bits is not None:
             rhs = quantize_nearest(rhs, cfg.input_bits, scale=1.0)
-        sched = self._schedule(prepared)
         x0 = prepared.tensors.get("x_state") if cfg.warm_start else None
         if x0 is not None and x0.shape != rhs.shape:
             x0 = None
@@ -241,10 +276,16 @@ class ThermodynamicSolver(LinearSolver):
             clipped += clips
             if cfg.warm_start and i == 0:
                 prepared.tensors["x_state"] = state
-        x = torch.stack(reads).mean(0) * (full_scale / float(prepared.tensors["scale"]))
-        timing = self._solve_time(prepared, b.shape[0], b.shape[1], sched)
-        stats = {"clipped": float(clipped), **_time_stats(timing)}
-        return x, timing.total_s, stats
+        x = reads[0] if len(reads) == 1 else torch.stack(reads).mean(0)
+        x = x.mul_(full_scale / float(prepared.tensors["scale"]))
+        return x, timing.total_s, {"clipped": float(clipped), **stats}
+
+    def _plain_closed_form(self, prepared: Prepared) -> bool:
+        """Closed form with one programmed matrix, precomputed F and S, and no
+        right-hand-side or output quantization: the fused fast path."""
+        cfg = self.config
+        return (cfg.mitigation_samples == 1 and cfg.input_bits is None
+                and cfg.output_bits is None and "solve_0" in prepared.tensors)
 
     def _read(self, prepared: Prepared, index: int, spec: Spectrum, rhs: Tensor,
               x0: Tensor | None, sched: Schedule, generator: torch.Generator | None
@@ -253,10 +294,16 @@ class ThermodynamicSolver(LinearSolver):
         beta = cfg.beta_value
         adc = _Adc(cfg, rhs, float(prepared.tensors["alpha_min"]))
         if cfg.backend is Backend.CLOSED_FORM:
+            def read() -> Tensor:
+                if f"solve_{index}" in prepared.tensors:
+                    t = prepared.tensors
+                    noise = torch.randn(rhs.shape, generator=generator, dtype=rhs.dtype,
+                                        device=rhs.device)
+                    return torch.addmm(t[f"solve_{index}"] @ rhs, t[f"noise_{index}"], noise)
+                return backends.closed_form(spec, rhs, x0, sched, beta, generator)
             if adc.active and cfg.adc_range is AdcRange.CALIBRATE:
-                adc.calibrate(backends.closed_form(spec, rhs, x0, sched, beta, generator))
-            return adc(backends.closed_form(spec, rhs, x0, sched, beta, generator)), None, \
-                adc.clipped
+                adc.calibrate(read())
+            return adc(read()), None, adc.clipped
         if cfg.backend is Backend.TRAJECTORY:
             mean, state = backends.trajectory(spec, rhs, x0, sched, beta, generator, adc)
         else:
