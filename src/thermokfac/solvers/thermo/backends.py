@@ -91,9 +91,106 @@ def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, b
 
 
 def trajectory(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
-               generator: torch.Generator | None, hook: SampleHook
+               generator: torch.Generator | None, hook: SampleHook | None = None
                ) -> tuple[Tensor, Tensor]:
-    """Exact transitions of the sampled path; returns (mean of hooked samples, last state)."""
+    """Exact transitions of the sampled path; returns (mean of hooked samples, last state).
+
+    The offset from x* is carried as y = Vᵀ(x − x*), where each mode decays by ρ = e^{−λΔ}
+    per sample; the noise of a chunk of samples is drawn in the original coordinates and
+    projected at once (one matrix product), so V y — the state — does not depend on the
+    basis ``eigh`` picked. Without a per-sample ``hook`` (no ADC) the samples are never
+    formed in the original coordinates: only their mean is.
+    """
+    if spec.rest is not None and spec.evecs.shape[1] < spec.n:
+        return _trajectory_generic(spec, b, x0, sched, beta, generator, hook)
+    v = spec.evecs.to(b.dtype)
+    lam = spec.evals
+    x_star = v @ ((v.mT @ b) / lam.to(b.dtype)[:, None])
+    y = -(v.mT @ x_star) if x0 is None else v.mT @ (x0 - x_star)
+    k = b.shape[1]
+    if sched.t0 > 0:
+        rho0, var0 = moments.transition(lam, sched.t0, beta)
+        y = rho0.to(b.dtype)[:, None] * y + var0.sqrt().to(b.dtype)[:, None] * (
+            v.mT @ _randn(b, generator))
+    rho, var = moments.transition(lam, sched.spacing, beta)
+    total = torch.zeros_like(b)
+    chunk = max(2, min(4096, 2**22 // max(1, b.numel())))  # samples per chunk: ≤ 4M values
+    done = 0
+    while done < sched.num_samples:
+        steps = min(chunk, sched.num_samples - done)
+        fresh = steps - (1 if done == 0 else 0)  # the first sample needs no innovation
+        noise = (v.mT @ torch.randn(b.shape[0], fresh * k, generator=generator, dtype=b.dtype,
+                                    device=b.device)).view(b.shape[0], fresh, k)
+        block, y = _ar1_scan(y, noise, rho, var.sqrt(), include_start=done == 0)
+        if hook is None:
+            total += block.sum(dim=1).to(b.dtype)
+        else:
+            samples = (v @ block.to(b.dtype).reshape(b.shape[0], -1)).view(
+                b.shape[0], steps, k) + x_star[:, None, :]
+            for j in range(steps):
+                total += hook(samples[:, j])
+        done += steps
+    if hook is None:
+        return x_star + v @ (total / sched.num_samples), x_star + v @ y
+    return total / sched.num_samples, x_star + v @ y
+
+
+def _ar1_scan(y0: Tensor, noise: Tensor, rho: Tensor, sd: Tensor, include_start: bool
+              ) -> tuple[Tensor, Tensor]:
+    """All states of y_{j+1} = ρ y_j + σ h_j for a chunk, vectorised (float64 inside).
+
+    Uses y_j = ρʲ (y₀ + Σ_{i≤j} ρ^{−i} σ h_i), a cumulative sum, for modes with λΔ ≤ 30
+    (in sub-chunks short enough that ρ^{−i} stays in range), and y_j = σ h_j for faster
+    modes, whose memory ρ ≤ e^{−30} is below float64 resolution.
+
+    Args:
+        y0: ``[n, k]`` state before the chunk.
+        noise: ``[n, m, k]`` innovations h (already in eigen-coordinates).
+        rho, sd: ``[n]`` float64 decay and innovation scale.
+        include_start: Whether y₀ itself is the chunk's first sample.
+
+    Returns:
+        (samples ``[n, m (+1), k]``, last state ``[n, k]``) in float64 / y0's dtype.
+    """
+    _n, m, _k = noise.shape
+    rate = -torch.log(rho.clamp_min(1e-300))  # λΔ
+    y = y0.double()
+    h = noise.double().mul_(sd[:, None, None])
+    slow = rate <= 30.0
+    everything_slow = bool(slow.all())
+    out = h if not bool(slow.any()) else torch.empty_like(h)
+    if not everything_slow:
+        out[~slow] = h[~slow]
+    if bool(slow.any()) and m > 0:
+        r = rate if everything_slow else rate[slow]
+        hs = h if everything_slow else h[slow]
+        ys = y if everything_slow else y[slow]
+        span = max(1, min(m, int(600.0 / max(float(r.max()), 1e-12))))
+        blocks = []
+        for start in range(0, m, span):
+            stop = min(m, start + span)
+            steps = torch.arange(1, stop - start + 1, dtype=torch.float64, device=noise.device)
+            grow = torch.exp(r[:, None] * steps)[:, :, None]  # ρ^{−i}
+            acc = torch.cumsum(hs[:, start:stop].mul_(grow), dim=1).add_(ys[:, None, :])
+            block = acc.div_(grow)
+            blocks.append(block)
+            ys = block[:, -1]
+        solved = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        if everything_slow:
+            out = solved
+        else:
+            out[slow] = solved
+    last = out[:, -1] if m > 0 else y
+    if include_start:
+        out = torch.cat([y[:, None, :], out], dim=1)
+    return out, last.to(y0.dtype)
+
+
+def _trajectory_generic(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule,
+                        beta: float, generator: torch.Generator | None,
+                        hook: SampleHook | None) -> tuple[Tensor, Tensor]:
+    """Step by step through matrix functions (low-rank spectra)."""
+    hook = hook or (lambda x: x)
     x_star = spec.apply([(lambda lam: 1 / lam, b)])
     z = -x_star if x0 is None else x0 - x_star
 
@@ -112,8 +209,8 @@ def trajectory(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, be
 
 
 def euler_maruyama(matrix: Tensor, b: Tensor, x0: Tensor | None, sched: Schedule, dt: float,
-                   beta: float, generator: torch.Generator | None, hook: SampleHook
-                   ) -> tuple[Tensor, Tensor]:
+                   beta: float, generator: torch.Generator | None,
+                   hook: SampleHook | None = None) -> tuple[Tensor, Tensor]:
     """x ← x − h(Mx − b) + √(2h/β) ξ; samples every round(Δ/h) steps after ⌈t₀/h⌉ steps.
 
     Raises:
@@ -137,6 +234,7 @@ def euler_maruyama(matrix: Tensor, b: Tensor, x0: Tensor | None, sched: Schedule
                    alpha=scale)
         return x
 
+    hook = hook or (lambda v: v)
     x = advance(x, math.ceil(sched.t0 / dt))
     between = max(1, round(sched.spacing / dt))
     total = hook(x)

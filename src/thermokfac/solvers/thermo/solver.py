@@ -196,9 +196,9 @@ class ThermodynamicSolver(LinearSolver):
         unless the covariance inverse needs them (memory: 2n² instead of n²)."""
         sched = self._schedule_from(tensors)
         keep_vectors = self.config.inverse_mode is InverseMode.COVARIANCE
+        mean_factor, variance = backends.closed_form_weights(sched, self.config.beta_value)
         for i, spec in enumerate(spectra):
             dtype = spec.evecs.dtype
-            mean_factor, variance = backends.closed_form_weights(sched, self.config.beta_value)
             tensors[f"solve_{i}"] = spec.matrix(lambda lam: (1 - mean_factor(lam)) / lam, dtype)
             tensors[f"noise_{i}"] = spec.matrix(lambda lam: variance(lam).sqrt(), dtype)
             if not keep_vectors:
@@ -304,12 +304,13 @@ class ThermodynamicSolver(LinearSolver):
             if adc.active and cfg.adc_range is AdcRange.CALIBRATE:
                 adc.calibrate(read())
             return adc(read()), None, adc.clipped
+        hook = adc if adc.active else None
         if cfg.backend is Backend.TRAJECTORY:
-            mean, state = backends.trajectory(spec, rhs, x0, sched, beta, generator, adc)
+            mean, state = backends.trajectory(spec, rhs, x0, sched, beta, generator, hook)
         else:
             mean, state = backends.euler_maruyama(
                 prepared.tensors[f"realised_{index}"], rhs, x0, sched, cfg.em_dt_rc, beta,
-                generator, adc)
+                generator, hook)
         return mean, state, adc.clipped
 
     def _solve_time(self, prepared: Prepared, n: int, k: int, sched: Schedule) -> TimeBreakdown:

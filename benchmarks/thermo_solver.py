@@ -1,0 +1,251 @@
+"""Speed of the thermodynamic-solver simulator, and of K-FAC on it.
+
+1. ``solver``: this simulator against thermox 0.0.6 (JAX, CPU, jitted) when it is
+   installed, for n = 64, 256, 1024 on an SPD matrix with eigenvalues in [0.1, 1]. Both
+   simulate dx = −(Ax − b)dt + √2 dW (β = 1) and return the mean of N samples dt = 1
+   apart after a burn-in: thermox's N is doubled until its relative error is ≤ 1e-2
+   (mean of 3 keys); the closed-form backend draws the same output law (one ``eigh``,
+   then O(n²)), the trajectory backend steps the same N samples. Times are medians of 3
+   after a warm-up (thermox: jit compile excluded).
+2. ``euler``: Euler–Maruyama steps (n × n times n × 64, plus noise) against the bare
+   matrix products they need.
+3. ``kfac``: a K-FAC step (Method 2, factors every step, prepare every 10) on the
+   reference MLP of ``step_time.py`` with the Cholesky solver vs the closed-form
+   thermodynamic solver, round-robin medians.
+4. ``memory``: held bytes and peak RSS of factor-forming vs resistor-array (rows) mode.
+
+Run by hand, in an environment with thermox for part 1 (see the README):
+    python benchmarks/thermo_solver.py [--quick] [--parts solver euler kfac memory]
+Writes ``benchmarks/results/thermo_solver.json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import step_time  # the reference MLP and machine facts
+
+from thermokfac import KFACPreconditioner
+from thermokfac.solvers import ThermodynamicSolver
+from thermokfac.solvers.thermo import backends
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _problem(n: int):
+    rng = np.random.default_rng(n)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = (q * np.linspace(0.1, 1.0, n)) @ q.T
+    b = rng.standard_normal(n)
+    return a, b, np.linalg.solve(a, b)
+
+
+def _thermox_setting(a, b, x_star, burnin: int):
+    import jax
+    import thermox
+
+    f32 = jax.numpy.float32
+    aj, bj = jax.numpy.asarray(a, dtype=f32), jax.numpy.asarray(b, dtype=f32)
+    samples = 1000
+    while True:
+        fn = jax.jit(lambda key, n=samples: thermox.linalg.solve(
+            aj, bj, num_samples=n, dt=1.0, burnin=burnin, key=key))
+        errs = [np.linalg.norm(np.asarray(fn(jax.random.PRNGKey(k)).block_until_ready())
+                               - x_star) / np.linalg.norm(x_star) for k in range(3)]
+        if np.mean(errs) <= 1e-2 or samples >= 2**22:
+            seconds = _median_time(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
+            return samples, float(np.mean(errs)), seconds
+        samples *= 2
+
+
+def _ours(backend: str, at, bt, ref, burnin: int, samples: int):
+    """(seconds, mean relative error) of prepare + solve with N samples dt = 1 apart.
+
+    β = 2 matches thermox's identity diffusion (dx = −(Ax − b)dt + dW)."""
+    solver = ThermodynamicSolver(backend=backend, beta=2.0, readout="samples",
+                                 t0_rc=float(burnin), num_samples=samples, sample_spacing_rc=1.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        return solver.solve(solver.prepare(at, 0.0), bt, generator=gen).x
+    seconds = _median_time(run)
+    return seconds, float(np.mean([float((run() - ref).norm() / ref.norm()) for _ in range(3)]))
+
+
+def solver_part(sizes: list[int]) -> dict:
+    try:
+        import thermox  # noqa: F401
+        have_thermox = True
+    except ImportError:
+        have_thermox = False
+    out = {}
+    for n in sizes:
+        a, b, x_star = _problem(n)
+        burnin = math.ceil(math.log(100.0) / 0.1)  # bias e^{−α_min t₀} ≤ 1e-2
+        entry: dict = {"n": n, "burnin": burnin}
+        if have_thermox:
+            samples, err, seconds = _thermox_setting(a, b, x_star, burnin)
+            entry.update(thermox_samples=samples, thermox_error=err, thermox_s=seconds)
+        else:
+            samples = 2 ** 14
+        at = torch.tensor(a, dtype=torch.float32)
+        bt = torch.tensor(b, dtype=torch.float32)
+        ref = torch.tensor(x_star, dtype=torch.float32)
+        # closed form: its cost does not depend on N; take the N that reaches 1e-2 here
+        n_cf = 1000
+        while True:
+            seconds, err = _ours("closed-form", at, bt, ref, burnin, n_cf)
+            if err <= 1e-2 or n_cf >= 2**26:
+                break
+            n_cf *= 2
+        entry.update({"closed-form_samples": n_cf, "closed-form_s": seconds,
+                      "closed-form_error": err})
+        # trajectory: the same number of samples as thermox
+        seconds, err = _ours("trajectory", at, bt, ref, burnin, samples)
+        entry.update({"trajectory_s": seconds, "trajectory_error": err})
+        if have_thermox:
+            entry["closed-form_speedup"] = entry["thermox_s"] / entry["closed-form_s"]
+            entry["trajectory_speedup"] = entry["thermox_s"] / entry["trajectory_s"]
+        out[str(n)] = entry
+        print(f"solver n={n}: {entry}", file=sys.stderr)
+    return out
+
+
+def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
+    out = {}
+    for n in sizes:
+        a, _, _ = _problem(n)
+        matrix = torch.tensor(a, dtype=torch.float32) / 1.0
+        b = torch.randn(n, rhs)
+        sched = backends.Schedule(backends.Readout.SAMPLES, steps * 0.1, 0.0, 1, 0.1)
+        gen = torch.Generator().manual_seed(0)
+        em = _median_time(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
+            m, b, None, s, 0.1, 1.0, g))
+
+        def bare(m=matrix, x=torch.randn(n, rhs)):
+            for _ in range(steps):
+                x = torch.addmm(x, m, x, alpha=-0.1)
+            return x
+        mm = _median_time(bare)
+        out[str(n)] = {"em_step_us": 1e6 * em / steps, "matmul_us": 1e6 * mm / steps,
+                       "em_speed_vs_matmul": mm / em}
+        print(f"euler n={n}: {out[str(n)]}", file=sys.stderr)
+    return out
+
+
+def kfac_part(rounds: int) -> dict:
+    def build(solver):
+        model, (x, y) = step_time.reference_mlp(), step_time.batch()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        pre = KFACPreconditioner(model, solver=solver, method="solve", optimizer=opt)
+
+        def step():
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+            opt.step()
+        return step, pre
+
+    configs = {"digital (cholesky)": build("cholesky"),
+               "thermodynamic (closed-form)": build(ThermodynamicSolver())}
+    for step, _ in configs.values():
+        for _ in range(10):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for name, (step, _) in configs.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                step()
+            times[name].append((time.perf_counter() - start) / 10)
+    out = {}
+    for name, (_, pre) in configs.items():
+        out[name] = {"median_ms": 1e3 * statistics.median(times[name]),
+                     "breakdown_ms": {k.removeprefix("mean_").removesuffix("_s"): 1e3 * v
+                                      for k, v in pre.timing_summary().items()
+                                      if k.startswith("mean_")}}
+    names = list(configs)
+    out["ratio"] = out[names[1]]["median_ms"] / out[names[0]]["median_ms"]
+    print(f"kfac: {out}", file=sys.stderr)
+    return out
+
+
+def _memory_child(storage: str, width: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width),
+                          nn.ReLU(), nn.Linear(width, 10))
+    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
+    pre = KFACPreconditioner(model, solver=ThermodynamicSolver(), factor_decay=0.0,
+                             kl_clip=None, factor_storage=storage, inv_update_steps=1)
+    for _ in range(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text()
+                .splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"held_mb": pre.memory_bytes()["total"] / 2**20, "peak_mb": peak / 1024}))
+
+
+def memory_part(width: int = 2048, batch: int = 32) -> dict:
+    out = {}
+    for storage in ("matrix", "rows"):
+        res = subprocess.run([sys.executable, __file__, "--memory-child", storage, str(width),
+                              str(batch)], check=True, capture_output=True, text=True)
+        out[storage] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["workload"] = f"MLP {width}->{width}->{width}->10, batch {batch}, factor_decay 0"
+    print(f"memory: {out}", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["solver", "euler", "kfac", "memory"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "thermo_solver.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        storage, width, batch = args.memory_child
+        _memory_child(storage, int(width), int(batch))
+        return
+    sizes = [64, 256] if args.quick else [64, 256, 1024]
+    results: dict = {"machine": step_time.machine()}
+    if "solver" in args.parts:
+        results["solver"] = solver_part(sizes)
+    if "euler" in args.parts:
+        results["euler"] = euler_part(sizes)
+    if "kfac" in args.parts:
+        results["kfac"] = kfac_part(3 if args.quick else 20)
+    if "memory" in args.parts:
+        results["memory"] = memory_part()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
