@@ -142,7 +142,9 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
         em = _median_time(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
             m, b, None, s, 0.1, 1.0, g))
 
-        def bare(m=matrix, x=torch.randn(n, rhs)):
+        start = torch.randn(n, rhs)
+
+        def bare(m=matrix, x=start):
             for _ in range(steps):
                 x = torch.addmm(x, m, x, alpha=-0.1)
             return x
