@@ -52,7 +52,7 @@ def test_resistor_array_mode_matches_factor_mode():
     """factor_storage='rows' realises aaᵀ/b + λI from rows: same U as forming factors."""
     precise = ThermodynamicSolver(target_error=1e-7, alpha_min_source="spectrum")
     rows_pre, rows_u = _one_step(precise, "solve", 0, factor_decay=0.0, factor_storage="rows")
-    dense_pre, dense_u = _one_step("cholesky", "solve", 0, factor_decay=0.0)
+    _, dense_u = _one_step("cholesky", "solve", 0, factor_decay=0.0)
     for name in dense_u:
         rel = float((rows_u[name] - dense_u[name]).norm() / dense_u[name].norm())
         assert rel < 1e-5, name
