@@ -83,6 +83,10 @@ class ThermoConfig:
     Noise: β defaults to the physics, β = C·V²/(k_B·T) for capacitance C, voltage scale V
     (the voltage that represents 1.0) and temperature T: 2.4·10¹¹ for 1 nF, 1 V, 300 K.
 
+    A factor larger than ``hardware.max_dim`` is solved by block Gauss–Seidel over
+    SPU-sized blocks (:mod:`.blocks`), at most ``block_sweeps`` sweeps, stopping when the
+    relative change falls below ``target_error``.
+
     Timing of a solve: ``t0_rc`` (burn-in) and ``window_rc`` (T, average readout) or
     ``num_samples``/``sample_spacing_rc`` (samples readout, trajectory, Euler–Maruyama).
     Left as None they follow from ``target_error`` ε: t₀ = ln(√2/ε)/α_min bounds the
@@ -115,6 +119,7 @@ class ThermoConfig:
     mismatch_sigma: float = 0.0
     mismatch_seed: int = 0
     em_dt_rc: float = 0.05
+    block_sweeps: int = 50
     hardware: HardwareModel = field(default_factory=HardwareModel)
 
     def __post_init__(self) -> None:
@@ -125,7 +130,7 @@ class ThermoConfig:
         _positive(self, "beta", "t0_rc", "window_rc", "sample_spacing_rc", optional=True)
         if not (isinstance(self.target_error, (int, float)) and 0 < self.target_error < 1):
             raise ValueError(f"target_error={self.target_error!r} must lie in (0, 1)")
-        for name in ("num_samples", "mitigation_samples", "covariance_samples"):
+        for name in ("num_samples", "mitigation_samples", "covariance_samples", "block_sweeps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

@@ -40,6 +40,7 @@ from ..quantize import (
 )
 from . import backends
 from .backends import Schedule
+from .blocks import prepare_blocks, solve_blocks
 from .config import AdcRange, AlphaSource, Backend, InverseMode, Quantizer, Readout, ThermoConfig
 from .spectral import Spectrum
 
@@ -71,6 +72,10 @@ class ThermodynamicSolver(LinearSolver):
                              f"{sorted(valid)}")
         self.config = replace(config or ThermoConfig(), **overrides)
         self.hardware = self.config.hardware
+        self._inner: ThermodynamicSolver | None = None
+        if self.hardware.max_dim is not None:  # the per-SPU solver of block Gauss–Seidel
+            self._inner = ThermodynamicSolver(replace(
+                self.config, hardware=replace(self.hardware, max_dim=None)))
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -80,6 +85,8 @@ class ThermodynamicSolver(LinearSolver):
     # ------------------------------------------------------------------ prepare
     def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
                  ) -> dict[str, Tensor] | None:
+        if self._inner is not None and m.shape[0] > self.hardware.max_dim:
+            return prepare_blocks(self, self._inner, m, damping, generator)
         damped = symmetrize_lower(m)
         damped.diagonal().add_(damping)
         scale = float(damped.abs().sum(dim=1).max())
@@ -214,7 +221,14 @@ class ThermodynamicSolver(LinearSolver):
     def _finish(self, state: dict[str, Tensor], n: int, damping: float,
                 stats: dict[str, float]) -> Prepared:
         prepared = super()._finish(state, n, damping, stats)
-        program = self.hardware.time_program(n).scaled(self.config.mitigation_samples)
+        if "blocks" in state:
+            sizes = [int(r[1] - r[0]) for k, r in state.items() if k.endswith("/range")]
+            program = TimeBreakdown()
+            for size in sizes:
+                program = program + self.hardware.time_program(size)
+            program = program.scaled(self.config.mitigation_samples)
+        else:
+            program = self.hardware.time_program(n).scaled(self.config.mitigation_samples)
         prepared.modeled_time_s = program.total_s
         prepared.stats.update(_time_stats(program))
         return prepared
@@ -244,6 +258,8 @@ class ThermodynamicSolver(LinearSolver):
     def _solve(self, prepared: Prepared, b: Tensor, generator: torch.Generator | None,
                overwrite_b: bool = False):
         cfg = self.config
+        if "blocks" in prepared.tensors:
+            return solve_blocks(self, self._inner, prepared, b, generator)
         full_scale = max(float(b.max()), -float(b.min()))  # the DAC's full scale
         if full_scale == 0.0:
             return torch.zeros_like(b), 0.0, {}
@@ -329,6 +345,9 @@ class ThermodynamicSolver(LinearSolver):
             eye = torch.eye(prepared.n, dtype=prepared.dtype, device=prepared.device)
             x, seconds, stats = self._solve(prepared, eye, generator)
             return (x + x.mT) / 2, seconds, stats
+        if "blocks" in prepared.tensors:
+            raise ValueError("the covariance inverse needs the whole factor on one SPU: use "
+                             "inverse_mode='solves' with hardware.max_dim")
         from .covariance import covariance_inverse
 
         return covariance_inverse(self, prepared, generator)
