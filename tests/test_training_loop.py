@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,30 +85,44 @@ def test_autocast_bfloat16_accumulates_float32_factors():
         assert torch.isfinite(grad_matrix(model.get_submodule(name))).all()
 
 
+def _ddp_worker(store: str, out: str) -> None:
+    """Runs in a fresh process: DDP (gloo, one rank) with no_sync accumulation."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    x, y = classification_batch(n=16)
+    inner = mlp()
+    ddp = nn.parallel.DistributedDataParallel(inner)
+    pre = KFACPreconditioner(ddp, kl_clip=None)
+    with ddp.no_sync():
+        (nn.functional.cross_entropy(ddp(x[:8]), y[:8]) / 2).backward()
+    (nn.functional.cross_entropy(ddp(x[8:]), y[8:]) / 2).backward()
+    pre.step()
+    torch.save({"names": pre.layer_names, "run": _factors_and_grads(inner, pre)}, out)
+
+
 @pytest.mark.distributed
 def test_ddp_no_sync_accumulation(tmp_path):
+    """DDP-wrapped model, gradient accumulation under no_sync: same as the bare model.
+
+    The DDP part runs in a subprocess that exits without tearing the process group down:
+    freeing DDP's reducer while gloo's worker thread frees its last work object can
+    deadlock inside torch (both wait on the GIL), which must not hang the suite.
+    """
     x, y = classification_batch(n=16)
     plain_model = mlp()
     plain = KFACPreconditioner(plain_model, kl_clip=None)
     for xs, ys in zip(x.chunk(2), y.chunk(2)):
         (nn.functional.cross_entropy(plain_model(xs), ys) / 2).backward()
     plain.step()
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        inner = mlp()
-        ddp = nn.parallel.DistributedDataParallel(inner)
-        pre = KFACPreconditioner(ddp, kl_clip=None)
-        assert pre.layer_names == ["0", "2"]
-        with ddp.no_sync():
-            (nn.functional.cross_entropy(ddp(x[:8]), y[:8]) / 2).backward()
-        (nn.functional.cross_entropy(ddp(x[8:]), y[8:]) / 2).backward()
-        pre.step()
-        _assert_same(_factors_and_grads(plain_model, plain), _factors_and_grads(inner, pre),
-                     1e-12)
-    finally:
-        dist.destroy_process_group()
+    out = tmp_path / "ddp.pt"
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); "
+            "from tests.test_training_loop import _ddp_worker; "
+            "_ddp_worker(sys.argv[2], sys.argv[3]); sys.stdout.flush(); os._exit(0)")
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code, root, str(tmp_path / "store"), str(out)],
+                   check=True, timeout=120)
+    result = torch.load(out, weights_only=False)
+    assert result["names"] == ["0", "2"]
+    _assert_same(_factors_and_grads(plain_model, plain), result["run"], 1e-12)
 
 
 class Twice(nn.Module):
