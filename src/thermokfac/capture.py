@@ -40,7 +40,7 @@ class LayerRecord:
     name: str
     helper: LayerHelper
     sums: FactorSums = field(default_factory=FactorSums)
-    outputs: list[Tensor] = field(default_factory=list)
+    outputs: list[tuple[Tensor, tuple[Tensor, int] | None]] = field(default_factory=list)
 
 
 class CurvatureCapture:
@@ -67,6 +67,7 @@ class CurvatureCapture:
         self.keep_outputs = keep_outputs
         self.grad_scale = grad_scale
         self.keep_rows = keep_rows
+        self.groups: tuple[Tensor, int] | None = None
         self.enabled = False
         self.examples = 0
         self.elapsed_s = 0.0
@@ -101,8 +102,11 @@ class CurvatureCapture:
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.active(module):
             return
-        first = _first_tensor((args, kwargs))
-        self.examples += 1 if first is None or first.ndim == 0 else first.shape[0]
+        if self.groups is not None:
+            self.examples += self.groups[1]
+        else:
+            first = _first_tensor((args, kwargs))
+            self.examples += 1 if first is None or first.ndim == 0 else first.shape[0]
         scale = float(self.grad_scale())
         self._inv_scale = 1.0 / scale if scale != 1.0 else 1.0
 
@@ -117,7 +121,8 @@ class CurvatureCapture:
                 counts, tokens = helper.token_counts(x, self.factor_dtype)
                 accumulate_a_diagonal(record.sums, counts, tokens)
             else:
-                rows = activation_rows(helper.shared_inputs(x.detach()), self.approx)
+                rows = activation_rows(helper.shared_inputs(x.detach()), self.approx,
+                                       self.groups)
                 if self.keep_rows:
                     record.sums.a_rows += append_rows(record.sums.a_parts, rows, helper.has_bias,
                                                     self.factor_dtype)
@@ -132,16 +137,17 @@ class CurvatureCapture:
                     or not output.requires_grad or _transformed(output):
                 return
             if self.keep_outputs:
-                record.outputs.append(output)
+                record.outputs.append((output, self.groups))
                 return
-            inv_scale = self._inv_scale
+            inv_scale, groups = self._inv_scale, self.groups
 
             def grad_hook(grad: Tensor) -> None:
-                self.add_gradient(record, grad, inv_scale)
+                self.add_gradient(record, grad, inv_scale, groups)
             output.register_hook(grad_hook)
         return hook
 
-    def add_gradient(self, record: LayerRecord, grad: Tensor, row_scale: float = 1.0) -> None:
+    def add_gradient(self, record: LayerRecord, grad: Tensor, row_scale: float = 1.0,
+                     groups: tuple[Tensor, int] | None = None) -> None:
         """Accumulate the rows of G from a gradient w.r.t. one call's output.
 
         ``row_scale`` multiplies the gradient (so G by its square): 1/S undoes a loss
@@ -150,7 +156,7 @@ class CurvatureCapture:
         start = self._clock()
         helper = record.helper
         approx = KFACApprox.EXPAND if helper.diagonal_a else self.approx
-        rows = gradient_rows(helper.shared_grad_outputs(grad.detach()), approx)
+        rows = gradient_rows(helper.shared_grad_outputs(grad.detach()), approx, groups)
         rows = rows.to(self.factor_dtype)
         if row_scale != 1.0:
             rows = rows * row_scale
@@ -165,17 +171,17 @@ class CurvatureCapture:
         """Back-propagate each ``(v, w)`` from ``outputs`` to the kept layer outputs and
         accumulate w·Σ ggᵀ into G (the ``mc``/``type2`` Fisher types); ``.grad`` is not
         touched and the graph is kept for the user's own backward."""
-        pairs = [(r, out) for r in self.records for out in r.outputs]
+        pairs = [(r, out, groups) for r in self.records for out, groups in r.outputs]
         if not pairs:
             return
         for v, weight in vectors:
             start = self._clock()
-            grads = _grad_or_explain(outputs, [o for _, o in pairs], v)
+            grads = _grad_or_explain(outputs, [o for _, o, _ in pairs], v)
             self.elapsed_s += self._clock() - start  # add_gradient times its own part
-            for (record, _), grad in zip(pairs, grads):
+            for (record, _, groups), grad in zip(pairs, grads):
                 if grad is not None:
-                    self.add_gradient(record, grad, row_scale=math.sqrt(weight))
-        for record, _ in pairs:
+                    self.add_gradient(record, grad, math.sqrt(weight), groups)
+        for record, _, _ in pairs:
             record.outputs.clear()
 
     def _clock(self) -> float:

@@ -57,15 +57,38 @@ class FactorSums:
         self.g_parts.clear()
 
 
-def activation_rows(x: Tensor, approx: KFACApprox) -> Tensor:
-    """``[batch, shared, d]`` ↦ rows of A (expand: every position; reduce: the mean)."""
+Groups = tuple[Tensor, int]  # (membership of each row, number of groups)
+
+
+def _grouped(rows: Tensor, groups: Groups | None) -> bool:
+    return groups is not None and rows.shape[1] == 1 and rows.shape[0] == groups[0].shape[0]
+
+
+def _group_sum(rows: Tensor, groups: Groups) -> Tensor:
+    membership, count = groups
+    out = rows.new_zeros(count, rows.shape[-1])
+    return out.index_add_(0, membership, rows.reshape(-1, rows.shape[-1]))
+
+
+def activation_rows(x: Tensor, approx: KFACApprox, groups: Groups | None = None) -> Tensor:
+    """``[batch, shared, d]`` ↦ rows of A (expand: every position; reduce: the mean).
+
+    With ``groups`` (ragged examples, e.g. the atoms of each molecule: 2-D inputs whose
+    rows belong to groups), reduce averages the rows of each group.
+    """
+    if approx is KFACApprox.REDUCE and _grouped(x, groups):
+        counts = torch.bincount(groups[0], minlength=groups[1]).clamp_min(1)
+        return _group_sum(x, groups) / counts[:, None].to(x.dtype)
     if approx is KFACApprox.EXPAND or x.shape[1] == 1:
         return x.reshape(-1, x.shape[-1])
     return x.mean(dim=1)
 
 
-def gradient_rows(g: Tensor, approx: KFACApprox) -> Tensor:
-    """``[batch, shared, d_out]`` ↦ rows of G (expand: every position; reduce: the sum)."""
+def gradient_rows(g: Tensor, approx: KFACApprox, groups: Groups | None = None) -> Tensor:
+    """``[batch, shared, d_out]`` ↦ rows of G (expand: every position; reduce: the sum,
+    per group with ``groups``)."""
+    if approx is KFACApprox.REDUCE and _grouped(g, groups):
+        return _group_sum(g, groups)
     if approx is KFACApprox.EXPAND or g.shape[1] == 1:
         return g.reshape(-1, g.shape[-1])
     return g.sum(dim=1)

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ._kernels import symmetrize_lower
 from .enums import DampingSplit, Method
-from .solvers import LinearSolver, Prepared, SolverError, TimeBreakdown
+from .factors import FactorSums, lower_is_finite
+from .solvers import LinearSolver, Prepared, SolverError, TimeBreakdown, all_finite
 
 
 @dataclass
@@ -79,6 +80,24 @@ class LayerState:
         else:
             self.a.lerp_(a_new, 1.0 - decay)
             self.g.lerp_(g_new, 1.0 - decay)
+
+    def take_rows(self, sums: FactorSums, g_scale: float) -> bool:
+        """Resistor-array mode: keep this step's rows, A = RᵀR/#rows and G = c·RᵀR.
+
+        Returns:
+            False (nothing kept) if any row is non-finite.
+        """
+        g_rows = torch.cat(sums.g_parts)
+        a_rows = torch.cat(sums.a_parts) if sums.a_parts else None
+        if not all_finite(g_rows) or not (all_finite(a_rows) if a_rows is not None
+                                          else lower_is_finite(sums.a)):
+            return False
+        self.g_rows, self.g_row_scale = g_rows, g_scale
+        if a_rows is None:  # diagonal A (embedding): token frequencies
+            self.a = sums.a.div_(sums.a_rows)
+        else:
+            self.a_rows, self.a_row_scale = a_rows, 1.0 / sums.a_rows
+        return True
 
     def symmetric_factors(self) -> tuple[Tensor, Tensor]:
         a = self.a.clone() if self.a.ndim == 1 else symmetrize_lower(self.a)

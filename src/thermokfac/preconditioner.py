@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -217,6 +218,28 @@ class KFACPreconditioner:
             outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction, self.generator,
             cfg.mc_samples))
 
+    @contextmanager
+    def grouped_rows(self, membership: Tensor, num_groups: int | None = None
+                     ) -> Iterator[None]:
+        """Forward passes inside this block have ragged examples: the rows of 2-D layer
+        inputs belong to groups (e.g. the atoms of each molecule in a graph batch).
+
+        K-FAC-reduce then averages activations and sums output gradients per group
+        (Eqs. 20–21 with a ragged shared dimension), and the number of examples of the
+        step is the number of groups. Expand is unchanged (every row counts).
+
+        Args:
+            membership: ``[rows]`` group index of each row (graph membership).
+            num_groups: Number of groups (default: ``membership.max() + 1``).
+        """
+        count = int(membership.max()) + 1 if num_groups is None else int(num_groups)
+        previous = self._capture.groups
+        self._capture.groups = (membership, count)
+        try:
+            yield
+        finally:
+            self._capture.groups = previous
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Moving-average factors ``{name: (A, G)}`` (symmetric copies).
 
@@ -299,7 +322,8 @@ class KFACPreconditioner:
                 self.stats["missing_factor_skips"] += 1
                 continue
             if cfg.factor_storage is FactorStorage.ROWS:
-                self._keep_rows(name, sums, multiplier)
+                if not self._states[name].take_rows(sums, multiplier):
+                    self._nonfinite_factors(name)
                 continue
             a_new = sums.a.div_(sums.a_rows)
             g_new = sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g
@@ -307,22 +331,6 @@ class KFACPreconditioner:
                 self._nonfinite_factors(name)
                 continue
             self._states[name].update_ema(a_new, g_new, decay)
-
-    def _keep_rows(self, name: str, sums, multiplier: float) -> None:
-        """Resistor-array mode: A = RᵀR/#rows and G = c·RᵀR from this step's rows."""
-        state = self._states[name]
-        g_rows = torch.cat(sums.g_parts)
-        a_rows = torch.cat(sums.a_parts) if sums.a_parts else None
-        finite = all_finite(g_rows) and (all_finite(a_rows) if a_rows is not None
-                                         else lower_is_finite(sums.a))
-        if not finite:
-            self._nonfinite_factors(name)
-            return
-        state.g_rows, state.g_row_scale = g_rows, multiplier
-        if a_rows is None:  # diagonal A (embedding): token frequencies
-            state.a = sums.a.div_(sums.a_rows)
-        else:
-            state.a_rows, state.a_row_scale = a_rows, 1.0 / sums.a_rows
 
     def _nonfinite_factors(self, name: str) -> None:
         self.stats["nonfinite_factor_skips"] += 1
