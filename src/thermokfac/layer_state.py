@@ -248,6 +248,36 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
     return res_a.x.mT.to(d_theta.dtype), jobs
 
 
+def precondition_layer(helper, state: LayerState, solver: LinearSolver, method: Method,
+                       generator: torch.Generator | None
+                       ) -> tuple[Tensor, float, list[TimeBreakdown]] | str:
+    """Precondition one layer's gradient, or say why not.
+
+    Returns:
+        ``(U, ⟨U, DΘ⟩, jobs)``; or the name of the statistic to count when the gradient
+        is passed through: ``"passthrough_layers"`` (nothing prepared),
+        ``"nonfinite_grad_skips"``, ``"solver_errors"``, ``"nonfinite_update_skips"``;
+        or ``""`` when the layer has no gradient.
+    """
+    if helper.module.weight.grad is None:
+        return ""
+    if not state.ready:
+        return "passthrough_layers"
+    d_theta = helper.grad_matrix()
+    if not all_finite(d_theta):
+        return "nonfinite_grad_skips"
+    try:
+        u, jobs = precondition(state, d_theta, solver, method, generator)
+    except SolverError:
+        return "solver_errors"
+    # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks U
+    # and feeds the KL clip.
+    u_dot_d = helper.inner_with_grad(u)
+    if not math.isfinite(u_dot_d):
+        return "nonfinite_update_skips"
+    return u, u_dot_d, jobs
+
+
 def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 

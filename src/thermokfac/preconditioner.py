@@ -11,7 +11,6 @@ gradient (the paper's Table 3 combinations).
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,8 +27,8 @@ from .factors import lower_is_finite
 from .fisher import backward_vectors
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .kl_clip import effective_learning_rate, kl_clip_scale
-from .layer_state import LayerState, precondition, prepare_layer
-from .solvers import LinearSolver, SolverError, TimeBreakdown, all_finite
+from .layer_state import LayerState, precondition_layer, prepare_layer
+from .solvers import LinearSolver, TimeBreakdown
 from .state import load_preconditioner_state, preconditioner_state
 from .timing import StepTimings, TimingLog
 
@@ -265,6 +264,11 @@ class KFACPreconditioner:
         return out
 
     @property
+    def pending_curvature_s(self) -> float:
+        """Seconds the hooks spent on this step's factors so far (before :meth:`step`)."""
+        return self._capture.elapsed_s
+
+    @property
     def last_timings(self) -> StepTimings | None:
         """Timing breakdown of the latest step (see :class:`StepTimings`)."""
         return self.timing.history[-1] if self.timing.history else None
@@ -371,30 +375,14 @@ class KFACPreconditioner:
         updates: list[tuple[LayerRecord, Tensor, float]] = []
         jobs: list[TimeBreakdown] = []
         for name, record in self._records.items():
-            state = self._states[name]
-            helper = record.helper
-            if helper.module.weight.grad is None:
+            outcome = precondition_layer(record.helper, self._states[name], self.solver,
+                                         cfg.method, self.generator)
+            if isinstance(outcome, str):
+                if outcome:
+                    self.stats[outcome] += 1
                 continue
-            if not state.ready:
-                self.stats["passthrough_layers"] += 1
-                continue
-            d_theta = helper.grad_matrix()
-            if not all_finite(d_theta):
-                self.stats["nonfinite_grad_skips"] += 1
-                continue
-            try:
-                u, layer_jobs = precondition(state, d_theta, self.solver, cfg.method,
-                                             self.generator)
-            except SolverError:
-                self.stats["solver_errors"] += 1
-                continue
+            u, u_dot_d, layer_jobs = outcome
             jobs += layer_jobs
-            # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks
-            # U and feeds the KL clip.
-            u_dot_d = helper.inner_with_grad(u)
-            if not math.isfinite(u_dot_d):
-                self.stats["nonfinite_update_skips"] += 1
-                continue
             updates.append((record, u, u_dot_d))
         if lr is None and cfg.lr is not None:
             lr = resolve("lr", cfg.lr, self.steps, POSITIVE)

@@ -1,0 +1,134 @@
+"""``thermokfac <command>``: argument parsing only; the work is in :mod:`.experiments`.
+
+Commands: ``train``, ``compare``, ``plot``. Every command takes ``--seed``,
+``--threads`` and ``--out``, shows progress bars, and writes ``config.json``, its results
+and PNG plots into its run folder. Bad arguments exit with status 2 and a one-line
+message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from . import plots
+from .experiments.compare import compare, table
+from .experiments.train import OPTIMIZERS, Run, TrainConfig
+
+_SKIP = {"seed", "threads"}
+
+
+def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+    return parse
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        base = {"int": int, "float": float, "str": str}
+        text = str(f.type)
+        kind = next((v for k, v in base.items() if text.startswith(k)), str)
+        if "None" in text:
+            kind = _parse_optional(kind)
+        choices = OPTIMIZERS if f.name == "optimizer" else None
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices,
+                            help=f"(default: {f.default})")
+
+
+def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random source")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=Path("runs") / out, help="run folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if hasattr(args, f.name)}
+    return TrainConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    run = Run.resume(args.out, steps=args.steps) if args.resume else Run(_config(args), args.out)
+    summary = run.train(progress=not args.no_progress)
+    figures = plots.plot_train(args.out)
+    final = summary["final"]
+    print(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    print(f"results in {args.out} ({', '.join(p.name for p in figures)})")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    base = replace(_config(args), kfac=True)
+    methods = tuple(m for m in args.methods)
+    summary = compare(base, args.out, args.baseline, args.baseline_lr, methods,
+                      progress=not args.no_progress)
+    figures = plots.plot_compare(args.out)
+    print(table(summary))
+    print(f"\nplot: {figures[0]}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    for path in plots.redraw(args.folder):
+        print(path)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="thermokfac", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one model × data × optimizer (± K-FAC)")
+    _add_train_options(train)
+    _common(train, "train")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --out (to --steps in total)")
+    train.set_defaults(func=cmd_train)
+
+    comp = sub.add_parser("compare", help="baseline vs K-FAC vs Thermodynamic K-FAC (Fig. 3)")
+    _add_train_options(comp)
+    _common(comp, "compare")
+    comp.add_argument("--baseline", choices=OPTIMIZERS, default="adam")
+    comp.add_argument("--baseline-lr", type=float, default=1e-3)
+    comp.add_argument("--methods", nargs="+", choices=("m2", "m1"), default=["m2", "m1"],
+                      help="device accountings to run (Method 2 and/or Method 1)")
+    comp.set_defaults(func=cmd_compare)
+
+    plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
+    plot.add_argument("folder", type=Path)
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
+        args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

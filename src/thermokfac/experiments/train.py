@@ -1,0 +1,249 @@
+"""``thermokfac train``: one model × data × optimizer (× optional K-FAC) run.
+
+Writes into its run folder: ``config.json``; ``steps.csv`` (per step: training loss and
+the timing breakdown — gradient, curvature, inversion, update, modelled device time);
+``metrics.csv`` (per evaluation: step, training seconds, validation loss and metric);
+``results.json`` (summary) and ``checkpoint.pt`` (everything needed to continue:
+``--resume`` continues exactly, data order and random generators included).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import KFACPreconditioner
+from ..solvers import HardwareModel, ThermodynamicSolver
+from .tasks import Task, build_model, load_task
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
+STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
+               "update_s", "modeled_s")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; every field is a command-line option of ``thermokfac train``."""
+
+    model: str = "mlp"
+    data: str = "digits"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    steps: int = 300
+    eval_every: int = 50
+    seed: int = 0
+    width: int = 256
+    depth: int = 2
+    heads: int = 4
+    context: int = 64
+    limit: int | None = None
+    data_dir: str | None = None
+    kfac: bool = False
+    solver: str = "cholesky"
+    method: str = "solve"
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    kl_clip: float | None = 1e-3
+    kfac_approx: str | None = None
+    backend: str = "closed-form"
+    input_bits: int | None = None
+    output_bits: int | None = None
+    quantizer: str = "conservative"
+    settle_model: str = "rc"
+    n_spus: int = 1
+    target_error: float = 1e-3
+    threads: int = 2
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not valid; choose one of "
+                             f"{list(OPTIMIZERS)}")
+        for name in ("steps", "batch_size", "eval_every", "threads", "width", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.optimizer == "nesterov",
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.NAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             decoupled_weight_decay=True)
+
+
+def make_solver(cfg: TrainConfig):
+    if cfg.solver != "thermodynamic":
+        return cfg.solver
+    hardware = HardwareModel(settle_model=cfg.settle_model, n_spus=cfg.n_spus,
+                             input_bits=cfg.input_bits or 16, output_bits=cfg.output_bits or 16)
+    return ThermodynamicSolver(backend=cfg.backend, input_bits=cfg.input_bits,
+                               output_bits=cfg.output_bits, quantizer=cfg.quantizer,
+                               target_error=cfg.target_error, hardware=hardware)
+
+
+def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
+                        opt: torch.optim.Optimizer) -> KFACPreconditioner | None:
+    if not cfg.kfac:
+        return None
+    return KFACPreconditioner(
+        model, solver=make_solver(cfg), method=cfg.method, damping=cfg.damping,
+        factor_decay=cfg.factor_decay, factor_update_steps=cfg.factor_update_steps,
+        inv_update_steps=cfg.inv_update_steps, kl_clip=cfg.kl_clip, optimizer=opt,
+        kfac_approx=cfg.kfac_approx or task.kfac_approx,
+        loss_type="mse" if task.kind == "graph" else "cross_entropy",
+        num_per_example_loss_terms=task.loss_terms_per_example, seed=cfg.seed)
+
+
+class Run:
+    """A training run with its state; :meth:`train` continues from wherever it is."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, task: Task | None = None) -> None:
+        torch.set_num_threads(cfg.threads)
+        self.cfg, self.out = cfg, Path(out)
+        self.task = task or load_task(cfg.data, limit=cfg.limit, data_dir=cfg.data_dir,
+                                      context=cfg.context, seed=cfg.seed)
+        self.task.batch_size = cfg.batch_size
+        self.model = build_model(cfg.model, self.task, width=cfg.width, depth=cfg.depth,
+                                 heads=cfg.heads, seed=cfg.seed)
+        self.opt = make_optimizer(cfg, self.model.parameters())
+        self.pre = make_preconditioner(cfg, self.model, self.task, self.opt)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.train_s = 0.0
+        self.steps: list[dict[str, float]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.cfg), "step": self.step, "train_s": self.train_s,
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "pre": self.pre.state_dict() if self.pre is not None else None,
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "steps": self.steps, "metrics": self.metrics}
+
+    def save(self) -> Path:
+        path = self.out / "checkpoint.pt"
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def resume(cls, out: Path, steps: int | None = None) -> Run:
+        """Continue the run saved in ``out`` (optionally to a new total of ``steps``)."""
+        path = Path(out) / "checkpoint.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint to resume in {out}")
+        state = torch.load(path, weights_only=False)
+        cfg = TrainConfig(**state["config"])
+        if steps is not None:
+            cfg = replace(cfg, steps=steps)
+        run = cls(cfg, out)
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["opt"])
+        if run.pre is not None:
+            run.pre.load_state_dict(state["pre"])
+        run.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        run.step, run.train_s = state["step"], state["train_s"]
+        run.steps, run.metrics = state["steps"], state["metrics"]
+        return run
+
+    # ----------------------------------------------------------------- train
+    def train(self, progress: bool = True) -> dict[str, Any]:
+        cfg, task = self.cfg, self.task
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if not self.metrics:
+            self.metrics.append({"step": 0, "train_s": 0.0, **task.evaluate(self.model)})
+        bar = tqdm(range(self.step, cfg.steps), desc=f"{cfg.model}/{cfg.data}",
+                   disable=not progress, initial=self.step, total=cfg.steps, leave=False)
+        for _ in bar:
+            record = self._one_step()
+            self.steps.append(record)
+            self.step += 1
+            if not all(map(_finite, [record["loss"]])):
+                raise FloatingPointError(f"training loss became {record['loss']} at step "
+                                         f"{self.step}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self.metrics.append({"step": self.step, "train_s": self.train_s,
+                                     **task.evaluate(self.model)})
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        self.save()
+        return self.write()
+
+    def _one_step(self) -> dict[str, float]:
+        task = self.task
+        start = time.perf_counter()
+        inputs, targets = task.batch(self.gen)
+        self.opt.zero_grad()
+        loss = task.loss(task.forward(self.model, inputs, self.pre), targets)
+        loss.backward()
+        grad_done = time.perf_counter()
+        hooks = self.pre.pending_curvature_s if self.pre is not None else 0.0
+        if self.pre is not None:
+            self.pre.step()
+        self.opt.step()
+        wall = time.perf_counter() - start
+        self.train_s += wall
+        record = {"step": self.step, "loss": float(loss.detach()), "wall_s": wall,
+                  "gradient_s": grad_done - start - hooks, "curvature_s": 0.0,
+                  "inversion_s": 0.0, "update_s": 0.0, "modeled_s": 0.0}
+        if self.pre is not None:
+            t = self.pre.last_timings
+            record.update(curvature_s=t.curvature_s, inversion_s=t.inversion_s,
+                          update_s=t.update_s, modeled_s=t.modeled_hardware_s)
+        return record
+
+    def write(self) -> dict[str, Any]:
+        _write_csv(self.out / "steps.csv", STEP_FIELDS, self.steps)
+        keys = list(self.metrics[-1])
+        _write_csv(self.out / "metrics.csv", keys, self.metrics)
+        final = self.metrics[-1]
+        summary = {"config": asdict(self.cfg), "steps": self.step, "train_s": self.train_s,
+                   "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
+                                            "metric": self.task.metric}}
+        if self.pre is not None:
+            summary["preconditioner"] = {"timing": self.pre.timing_summary(),
+                                         "stats": dict(self.pre.stats),
+                                         "layers": self.pre.layer_names}
+        (self.out / "results.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _write_csv(path: Path, keys, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def config_fields() -> list[tuple[str, Any, Any]]:
+    """(name, default, type) of every :class:`TrainConfig` field, for the CLI."""
+    return [(f.name, f.default, f.type) for f in fields(TrainConfig)]

@@ -1,0 +1,85 @@
+"""The command line end to end, CI-sized: outputs, plots, resume, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from thermokfac.cli import main
+from thermokfac.experiments.train import Run, TrainConfig
+
+TINY = ["--data", "digits", "--width", "32", "--steps", "12", "--eval-every", "6",
+        "--batch-size", "64", "--no-progress"]
+
+
+def test_train_writes_results_and_plot(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--kfac", "--optimizer", "sgd", "--lr", "0.05",
+                 "--out", str(out)]) == 0
+    for name in ("config.json", "steps.csv", "metrics.csv", "results.json", "checkpoint.pt",
+                 "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 12 and 0 <= results["final"]["val_accuracy"] <= 1
+    assert results["preconditioner"]["layers"] == ["net.1", "net.3", "net.5"]
+    header = (out / "steps.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["step", "loss", "wall_s", "gradient_s", "curvature_s"]
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "thermodynamic"])
+def test_resume_continues_exactly(tmp_path, solver):
+    cfg = TrainConfig(data="digits", width=32, steps=10, eval_every=5, batch_size=64,
+                      kfac=True, optimizer="sgd", lr=0.05, solver=solver, seed=3)
+    whole = Run(cfg, tmp_path / "whole")
+    whole.train(progress=False)
+    half = Run(TrainConfig(**{**cfg.__dict__, "steps": 5}), tmp_path / "half")
+    half.train(progress=False)
+    resumed = Run.resume(tmp_path / "half", steps=10)
+    resumed.train(progress=False)
+    for p, q in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert [m["val_loss"] for m in whole.metrics] == [m["val_loss"] for m in resumed.metrics]
+
+
+def test_compare_writes_curves_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--optimizer", "sgd", "--lr", "0.05", "--damping", "0.01",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    labels = [c["label"] for c in summary["curves"]]
+    assert len(labels) == 4 and labels[2].startswith("Thermodynamic K-FAC, Method 2")
+    assert all(len(c["points"]) == 3 for c in summary["curves"])
+    assert 0 < summary["share_removed"]["method_2 (prepare + solves)"] < 1
+    assert (out / "compare.png").stat().st_size > 10_000
+    (out / "compare.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "compare.png").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--data", "nope"], "unknown data set 'nope'"),
+    (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
+    (["train", "--data", "digits", "--kfac", "--solver", "thermodynamic", "--input-bits",
+      "40", "--steps", "1"], "input_bits=40 must be an integer in [2, 32]"),
+    (["train", "--data", "cifar10"], "cifar10 needs --data-dir"),
+    (["train", "--model", "gpt", "--data", "digits"], "model 'gpt' does not fit digits"),
+    (["plot", "/nonexistent/folder"], "is not a run folder"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", *argv],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_command_has_help():
+    for command in ("train", "compare", "plot"):
+        proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", command, "--help"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "usage: thermokfac" in proc.stdout
