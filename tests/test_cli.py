@@ -79,7 +79,21 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
 
 
 def test_every_command_has_help():
-    for command in ("train", "compare", "plot"):
+    for command in ("train", "compare", "profile", "plot"):
         proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", command, "--help"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "usage: thermokfac" in proc.stdout
+
+
+def test_profile_writes_four_parts_and_plot(tmp_path):
+    out = tmp_path / "prof"
+    assert main(["profile", "--widths", "16", "32", "--depth", "2", "--mlp-batch", "8",
+                 "--embds", "8", "--vocabs", "20", "40", "--gpt-batch", "2", "--context", "4",
+                 "--n-layer", "1", "--vocab", "20", "--n-embd", "8", "--repeats", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    assert [r["width"] for r in result["mlp_width"]] == [16, 32]
+    assert [r["vocab"] for r in result["gpt_vocab"]] == [20, 40]
+    for row in result["mlp_width"] + result["gpt_embd"] + result["gpt_vocab"]:
+        assert all(row[p] > 0 for p in ("gradient", "curvature", "inversion", "update"))
+    assert (out / "profile.png").stat().st_size > 10_000

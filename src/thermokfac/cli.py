@@ -1,6 +1,6 @@
 """``thermokfac <command>``: argument parsing only; the work is in :mod:`.experiments`.
 
-Commands: ``train``, ``compare``, ``plot``. Every command takes ``--seed``,
+Commands: ``train``, ``compare``, ``profile``, ``plot``. Every command takes ``--seed``,
 ``--threads`` and ``--out``, shows progress bars, and writes ``config.json``, its results
 and PNG plots into its run folder. Bad arguments exit with status 2 and a one-line
 message, never a traceback.
@@ -17,6 +17,7 @@ from typing import Any
 
 from . import plots
 from .experiments.compare import compare, table
+from .experiments.profile import profile
 from .experiments.train import OPTIMIZERS, Run, TrainConfig
 
 _SKIP = {"seed", "threads"}
@@ -78,6 +79,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\nplot: {figures[0]}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = profile(args.out, widths=args.widths, depth=args.depth, mlp_batch=args.mlp_batch,
+                     embds=args.embds, vocabs=args.vocabs, gpt_batch=args.gpt_batch,
+                     context=args.context, n_layer=args.n_layer, vocab=args.vocab,
+                     n_embd=args.n_embd, repeats=args.repeats)
+    figures = plots.plot_profile(args.out)
+    for key in ("mlp_width", "gpt_embd", "gpt_vocab"):
+        for row in result[key]:
+            print(key, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()))
+    print(f"plot: {figures[0]}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     for path in plots.redraw(args.folder):
         print(path)
@@ -109,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--methods", nargs="+", choices=("m2", "m1"), default=["m2", "m1"],
                       help="device accountings to run (Method 2 and/or Method 1)")
     comp.set_defaults(func=cmd_compare)
+
+    prof = sub.add_parser("profile", help="K-FAC update time by part vs width / vocab (Fig. 2)")
+    _common(prof, "profile")
+    prof.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    prof.add_argument("--depth", type=int, default=50)
+    prof.add_argument("--mlp-batch", type=int, default=512)
+    prof.add_argument("--embds", type=int, nargs="+", default=[64, 128, 256, 512])
+    prof.add_argument("--vocabs", type=int, nargs="+",
+                      default=[1000, 2000, 4000, 8000, 16000])
+    prof.add_argument("--gpt-batch", type=int, default=64)
+    prof.add_argument("--context", type=int, default=64)
+    prof.add_argument("--n-layer", type=int, default=3)
+    prof.add_argument("--vocab", type=int, default=10_000, help="vocabulary of the width sweep")
+    prof.add_argument("--n-embd", type=int, default=256, help="width of the vocabulary sweep")
+    prof.add_argument("--repeats", type=int, default=10)
+    prof.set_defaults(func=cmd_profile)
 
     plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
     plot.add_argument("folder", type=Path)

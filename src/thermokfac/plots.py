@@ -71,7 +71,38 @@ def plot_compare(folder: Path) -> list[Path]:
     return [path]
 
 
-DRAWERS = {"compare.json": plot_compare, "steps.csv": plot_train}
+def plot_profile(folder: Path) -> list[Path]:
+    """Stacked time of the four parts of a K-FAC update per sweep (Fig. 2)."""
+    folder = Path(folder)
+    result = json.loads((folder / "profile.json").read_text())
+    panels = [("mlp_width", "width", f"MLP, depth {result['config']['depth']}: width n"),
+              ("gpt_embd", "n_embd", "GPT: embedding width n"),
+              ("gpt_vocab", "vocab", "GPT: vocabulary size")]
+    parts = ("gradient", "curvature", "inversion", "update")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, xkey, title) in zip(axes, panels):
+        rows = result[key]
+        labels = [str(r[xkey]) for r in rows]
+        bottom = [0.0] * len(rows)
+        for part in parts:
+            values = [r[part] for r in rows]
+            ax.bar(labels, values, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set(title=title, ylabel="seconds per step", xlabel=xkey)
+    axes[0].legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"K-FAC update time (factors and inverses every step, {cfg['solver']}, "
+                 f"Method 1; mean of {cfg['repeats']} steps, {cfg['threads']} threads)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = folder / "profile.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+DRAWERS = {"compare.json": plot_compare, "steps.csv": plot_train,
+           "profile.json": plot_profile}
 
 
 def redraw(folder: Path) -> list[Path]:

@@ -1,0 +1,112 @@
+"""``thermokfac profile`` (paper Fig. 2): where the time of a K-FAC update goes.
+
+Each step is split into the paper's four parts: **gradient** (forward + backward,
+without the hooks' work), **curvature** (forming the factors and their moving average),
+**inversion** (factorising / inverting) and **update** (computing U). Factors and
+inverses are updated every step (as in the paper's profile), Method 1 by default; the
+parts are averaged over ``repeats`` steps after one warm-up step. Inputs are random
+tensors of the workload's shapes: the costs do not depend on the values.
+
+Sweeps: (a) an MLP of fixed depth (50) vs width; (b) a GPT vs embedding width
+(vocabulary 10⁴, context 64, batch 64, 3 layers, as the paper's App. C); (c) a GPT vs
+vocabulary size (the untied V×V output-head factor dominates).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import KFACPreconditioner
+from ..models import GPT, MLP
+
+PARTS = ("gradient", "curvature", "inversion", "update")
+
+
+def profile_step(model: nn.Module, batch: Callable[[], tuple], loss_fn: Callable,
+                 repeats: int, method: str = "inverse", solver: str = "cholesky",
+                 **kfac: Any) -> dict[str, float]:
+    """Mean seconds of each part of a K-FAC step (factors and inverses every step)."""
+    pre = KFACPreconditioner(model, solver=solver, method=method, factor_update_steps=1,
+                             inv_update_steps=1, kl_clip=None, **kfac)
+    totals = dict.fromkeys(PARTS, 0.0)
+    for i in range(repeats + 1):
+        x, y = batch()
+        model.zero_grad(set_to_none=False)
+        start = time.perf_counter()
+        loss_fn(model(x), y).backward()
+        grad = time.perf_counter() - start - pre.pending_curvature_s
+        pre.step()
+        if i == 0:
+            continue  # warm-up: allocator, kernels' self-checks
+        t = pre.last_timings
+        for part, value in zip(PARTS, (grad, t.curvature_s, t.inversion_s, t.update_s)):
+            totals[part] += value
+    pre.remove()
+    return {part: value / repeats for part, value in totals.items()}
+
+
+def _classification(logits, y):
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def mlp_sweep(widths: list[int], depth: int, batch: int, repeats: int, input_dim: int = 3072
+              ) -> list[dict[str, Any]]:
+    rows = []
+    for width in tqdm(widths, desc="MLP width", leave=False):
+        torch.manual_seed(0)
+        model = MLP(input_dim, width, depth, 10)
+        gen = torch.Generator().manual_seed(1)
+
+        def data(width=width, gen=gen):
+            return (torch.randn(batch, input_dim, generator=gen),
+                    torch.randint(0, 10, (batch,), generator=gen))
+        rows.append({"width": width, **profile_step(model, data, _classification, repeats)})
+    return rows
+
+
+def gpt_sweep(key: str, values: list[int], base: dict[str, int], batch: int, repeats: int
+              ) -> list[dict[str, Any]]:
+    rows = []
+    for value in tqdm(values, desc=f"GPT {key}", leave=False):
+        cfg = {**base, key: value}
+        torch.manual_seed(0)
+        model = GPT(cfg["vocab"], cfg["context"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                    n_head=cfg["n_head"], tie=False)
+        gen = torch.Generator().manual_seed(1)
+
+        def data(cfg=cfg, gen=gen):
+            x = torch.randint(0, cfg["vocab"], (batch, cfg["context"]), generator=gen)
+            return x, torch.randint(0, cfg["vocab"], (batch, cfg["context"]), generator=gen)
+        rows.append({key: value, **profile_step(
+            model, data, _classification, repeats, kfac_approx="expand",
+            num_per_example_loss_terms=cfg["context"])})
+    return rows
+
+
+def profile(out: Path, *, widths: list[int], depth: int, mlp_batch: int, embds: list[int],
+            vocabs: list[int], gpt_batch: int, context: int, n_layer: int, vocab: int,
+            n_embd: int, repeats: int) -> dict[str, Any]:
+    """Run the three sweeps and write ``profile.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"vocab": vocab, "context": context, "n_layer": n_layer, "n_embd": n_embd,
+            "n_head": 4}
+    result = {
+        "config": {"widths": widths, "depth": depth, "mlp_batch": mlp_batch, "embds": embds,
+                   "vocabs": vocabs, "gpt_batch": gpt_batch, "gpt": base, "repeats": repeats,
+                   "threads": torch.get_num_threads(), "method": "inverse",
+                   "solver": "cholesky"},
+        "mlp_width": mlp_sweep(widths, depth, mlp_batch, repeats),
+        "gpt_embd": gpt_sweep("n_embd", embds, base, gpt_batch, repeats),
+        "gpt_vocab": gpt_sweep("vocab", vocabs, base, gpt_batch, repeats),
+    }
+    (out / "profile.json").write_text(json.dumps(result, indent=2))
+    return result
