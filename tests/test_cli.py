@@ -79,7 +79,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
 
 
 def test_every_command_has_help():
-    for command in ("train", "compare", "profile", "plot"):
+    for command in ("train", "compare", "profile", "scaling", "quantize", "plan", "plot"):
         proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", command, "--help"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "usage: thermokfac" in proc.stdout
@@ -97,3 +97,42 @@ def test_profile_writes_four_parts_and_plot(tmp_path):
     for row in result["mlp_width"] + result["gpt_embd"] + result["gpt_vocab"]:
         assert all(row[p] > 0 for p in ("gradient", "curvature", "inversion", "update"))
     assert (out / "profile.png").stat().st_size > 10_000
+
+
+def test_scaling_fits_exponents_and_measures_memory(tmp_path):
+    out = tmp_path / "scal"
+    assert main(["scaling", "--ns", "16", "32", "64", "--repeats", "1", "--batch", "4",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "scaling.json").read_text())
+    assert [r["n"] for r in result["rows"]] == [16, 32, 64]
+    row = result["rows"][-1]
+    assert row["held_bytes_rows"] < row["held_bytes_matrix"]
+    assert row["model_s"]["rc_over_alpha_min"] > row["model_s"]["rc"]
+    assert set(result["exponents"]) >= {"cholesky_inverse_s", "cg_solve_s", "model_rc"}
+    assert (out / "scaling.png").stat().st_size > 10_000
+
+
+def test_quantize_sweep_writes_mean_and_std(tmp_path):
+    out = tmp_path / "quant"
+    assert main(["quantize", "--model", "mlp", "--data", "digits", "--width", "16",
+                 "--steps", "4", "--eval-every", "2", "--batch-size", "32", "--bits", "6",
+                 "8", "--seeds", "0", "1", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "quantize.json").read_text())
+    assert set(result["curves"]) == {"fp32", "input-6", "input-8", "output-6", "output-8",
+                                     "adam"}
+    curve = result["curves"]["input-6"]
+    assert curve["step"] == [0, 2, 4] and len(curve["std"]) == 3
+    assert (out / "quantize.png").stat().st_size > 10_000
+    assert main(["quantize", "--bits", "40", "--out", str(out)]) == 2
+
+
+def test_plan_lists_factors_and_speedups(tmp_path):
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", "mlp", "--data", "digits", "--width", "32", "--bits", "8",
+                 "16", "--rcs-us", "1", "10", "--out", str(out)]) == 0
+    result = json.loads((out / "plan.json").read_text())
+    assert [layer["g_dim"] for layer in result["layers"]] == [32, 32, 10]
+    assert result["spus_needed"] == 6 and result["largest_factor"] == 65
+    speed = {(g["bits"], g["rc_us"]): g["speedup"] for g in result["grid"]}
+    assert speed[(8, 1.0)] > speed[(16, 1.0)] > speed[(16, 10.0)] > 0
+    assert (out / "plan.png").stat().st_size > 5_000

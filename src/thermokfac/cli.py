@@ -1,6 +1,7 @@
 """``thermokfac <command>``: argument parsing only; the work is in :mod:`.experiments`.
 
-Commands: ``train``, ``compare``, ``profile``, ``plot``. Every command takes ``--seed``,
+Commands: ``train``, ``compare``, ``profile``, ``scaling``,
+``quantize``, ``plan``, ``plot``. Every command takes ``--seed``,
 ``--threads`` and ``--out``, shows progress bars, and writes ``config.json``, its results
 and PNG plots into its run folder. Bad arguments exit with status 2 and a one-line
 message, never a traceback.
@@ -17,8 +18,12 @@ from typing import Any
 
 from . import plots
 from .experiments.compare import compare, table
+from .experiments.plan import plan
 from .experiments.profile import profile
+from .experiments.quantize import quantize_sweep
+from .experiments.scaling import scaling
 from .experiments.train import OPTIMIZERS, Run, TrainConfig
+from .solvers.quantize import check_bits
 
 _SKIP = {"seed", "threads"}
 
@@ -95,6 +100,54 @@ def cmd_profile(args: argparse.Namespace) -> None:
     print(f"plot: {figures[0]}")
 
 
+def cmd_scaling(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = scaling(args.out, args.ns, args.repeats, args.batch)
+    figures = plots.plot_scaling(args.out)
+    print("| n | Cholesky+inverse (s) | Cholesky+n solves (s) | CG (s) | SPU model rc (s) |"
+          " held matrix (MB) | held rows (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['n']} | {r['cholesky_inverse_s']:.4g} | {r['cholesky_solve_s']:.4g} | "
+              f"{r['cg_solve_s']:.4g} | {r['model_s']['rc']:.3g} | "
+              f"{r['held_bytes_matrix'] / 2**20:.2f} | {r['held_bytes_rows'] / 2**20:.2f} |")
+    print("log-log exponents:", {k: round(v, 2) for k, v in result["exponents"].items()})
+    print(f"plot: {figures[0]}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    for b in args.bits:
+        check_bits(b, "--bits")
+    result = quantize_sweep(_config(args), args.out, args.bits, args.seeds, args.adam_lr,
+                            progress=not args.no_progress)
+    figures = plots.plot_quantize(args.out)
+    print(f"| precision | final {result['metric']} (mean ± std over {len(args.seeds)} seeds) |")
+    print("|---|---|")
+    for name, v in result["final"].items():
+        print(f"| {name} | {v['mean']:.4f} ± {v['std']:.4f} |")
+    print(f"plot: {figures[0]}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    result = plan(_config(args), args.out, args.bits, args.rcs_us, args.inv_update_steps)
+    figures = plots.plot_plan(args.out)
+    print("| layer | A dim | G dim |\n|---|---:|---:|")
+    for layer in result["layers"]:
+        a = "diag" if layer["diagonal_a"] else layer["a_dim"]
+        print(f"| {layer['layer']} | {a} | {layer['g_dim']} |")
+    print(f"\nSPUs needed: {result['spus_needed']} (largest factor {result['largest_factor']})")
+    print(f"digital K-FAC work per step: {1e3 * result['digital_kfac_s']:.2f} ms; device: "
+          f"{1e3 * result['device_s_per_spu_links']:.3f} ms (own links), "
+          f"{1e3 * result['device_s_shared_link']:.3f} ms (shared link)")
+    print("| bits | RC (µs) | device (ms) | speed-up |\n|---:|---:|---:|---:|")
+    for g in result["grid"]:
+        print(f"| {g['bits']} | {g['rc_us']:g} | {1e3 * g['device_s']:.4f} | "
+              f"{g['speedup']:.1f} |")
+    print(f"plot: {figures[0]}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     for path in plots.redraw(args.folder):
         print(path)
@@ -142,6 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--n-embd", type=int, default=256, help="width of the vocabulary sweep")
     prof.add_argument("--repeats", type=int, default=10)
     prof.set_defaults(func=cmd_profile)
+
+    scal = sub.add_parser("scaling", help="measured and modelled cost vs n (Tables 1-2)")
+    _common(scal, "scaling")
+    scal.add_argument("--ns", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    scal.add_argument("--repeats", type=int, default=5)
+    scal.add_argument("--batch", type=int, default=32,
+                      help="batch of the memory comparison (resistor-array rows)")
+    scal.set_defaults(func=cmd_scaling)
+
+    quant = sub.add_parser("quantize", help="input / output quantization sweeps (Fig. 4)")
+    _add_train_options(quant)
+    _common(quant, "quantize")
+    quant.set_defaults(model="resnet", data="fashion-mnist", optimizer="sgd", lr=0.05)
+    quant.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
+    quant.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    quant.add_argument("--adam-lr", type=float, default=1e-3)
+    quant.set_defaults(func=cmd_quantize)
+
+    pln = sub.add_parser("plan", help="SPUs, predicted digital vs device time, speed-up")
+    _add_train_options(pln)
+    _common(pln, "plan")
+    pln.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
+    pln.add_argument("--rcs-us", type=float, nargs="+", default=[0.1, 1.0, 10.0])
+    pln.set_defaults(func=cmd_plan)
 
     plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
     plot.add_argument("folder", type=Path)

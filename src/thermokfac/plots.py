@@ -101,8 +101,92 @@ def plot_profile(folder: Path) -> list[Path]:
     return [path]
 
 
+def plot_scaling(folder: Path) -> list[Path]:
+    """Measured digital times and modelled SPU times vs n (log–log); held memory vs n."""
+    folder = Path(folder)
+    result = json.loads((folder / "scaling.json").read_text())
+    rows, exps = result["rows"], result["exponents"]
+    ns = [r["n"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for key, label in (("cholesky_inverse_s", "Cholesky + inverse"),
+                       ("cholesky_solve_s", "Cholesky + n solves"),
+                       ("cg_solve_s", "CG, n solves")):
+        axes[0].loglog(ns, [r[key] for r in rows], marker="o",
+                       label=f"{label} (measured, slope {exps[key]:.2f})")
+    for name, style in (("rc", ":"), ("rc_over_alpha_min", "--")):
+        axes[0].loglog(ns, [r["model_s"][name] for r in rows], style, marker="x",
+                       label=f"SPU model, settle {name} (model)")
+    axes[0].set(xlabel="n", ylabel="seconds", title="time per factor: n×n, n right-hand sides")
+    axes[0].legend(fontsize=7)
+    axes[1].loglog(ns, [r["held_bytes_matrix"] / 2**20 for r in rows], marker="o",
+                   label="factor-forming (K-FAC with EMA)")
+    axes[1].loglog(ns, [r["held_bytes_rows"] / 2**20 for r in rows], marker="o",
+                   label=f"resistor-array rows (batch {result['config']['batch']})")
+    axes[1].set(xlabel="n", ylabel="MB held", title="memory of a width-n layer (measured)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "scaling.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_quantize(folder: Path) -> list[Path]:
+    """Validation metric vs step for each precision, mean ± one std over seeds (Fig. 4)."""
+    folder = Path(folder)
+    result = json.loads((folder / "quantize.json").read_text())
+    bits = result["config"]["bits"]
+    curves, metric = result["curves"], result["metric"]
+    colours = plt.cm.viridis([i / max(1, len(bits)) for i in range(len(bits) + 1)])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, mode in zip(axes, ("input", "output")):
+        names = [f"{mode}-{b}" for b in bits] + ["fp32"]
+        labels = [f"K-FAC, {b}-bit {mode}" for b in bits] + ["K-FAC, fp32"]
+        for name, label, colour in zip(names, labels, colours):
+            c = curves[name]
+            lo = [m - s for m, s in zip(c["mean"], c["std"])]
+            hi = [m + s for m, s in zip(c["mean"], c["std"])]
+            ax.plot(c["step"], c["mean"], color=colour, label=label)
+            ax.fill_between(c["step"], lo, hi, color=colour, alpha=0.2)
+        c = curves["adam"]
+        ax.plot(c["step"], c["mean"], "k--", label="Adam")
+        ax.fill_between(c["step"], [m - s for m, s in zip(c["mean"], c["std"])],
+                        [m + s for m, s in zip(c["mean"], c["std"])], color="k", alpha=0.1)
+        ax.set(title=f"{mode} quantization", xlabel="step", ylabel=metric.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.suptitle(result["title"], fontsize=10)
+    fig.tight_layout()
+    path = folder / "quantize.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_plan(folder: Path) -> list[Path]:
+    """Predicted speed-up of the device over digital K-FAC vs bits and RC."""
+    folder = Path(folder)
+    result = json.loads((folder / "plan.json").read_text())
+    grid = result["grid"]
+    bits = sorted({g["bits"] for g in grid})
+    rcs = sorted({g["rc_us"] for g in grid})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rc in rcs:
+        ax.plot(bits, [next(g["speedup"] for g in grid if g["bits"] == b and g["rc_us"] == rc)
+                       for b in bits], marker="o", label=f"RC = {rc:g} µs")
+    ax.set(xlabel="bits per value", ylabel="predicted speed-up of the K-FAC work",
+           yscale="log", title=f"{result['model']} on {result['data']}: "
+                               f"{result['spus_needed']} SPUs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "plan.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 DRAWERS = {"compare.json": plot_compare, "steps.csv": plot_train,
-           "profile.json": plot_profile}
+           "profile.json": plot_profile, "scaling.json": plot_scaling,
+           "quantize.json": plot_quantize, "plan.json": plot_plan}
 
 
 def redraw(folder: Path) -> list[Path]:
