@@ -79,7 +79,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
 
 
 def test_every_command_has_help():
-    for command in ("train", "compare", "profile", "scaling", "quantize", "plan", "plot"):
+    for command in ("train", "compare", "sweep", "profile", "scaling", "quantize", "plan", "plot"):
         proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", command, "--help"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "usage: thermokfac" in proc.stdout
@@ -136,3 +136,54 @@ def test_plan_lists_factors_and_speedups(tmp_path):
     speed = {(g["bits"], g["rc_us"]): g["speedup"] for g in result["grid"]}
     assert speed[(8, 1.0)] > speed[(16, 1.0)] > speed[(16, 10.0)] > 0
     assert (out / "plan.png").stat().st_size > 5_000
+
+
+def _read_csv(path):
+    import csv
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sweep_tunes_lr_and_times_target(tmp_path):
+    spec = {"target": 0.8, "seeds": [0, 1],
+            "base": {"data": "digits", "width": 32, "batch_size": 64, "steps": 60,
+                     "eval_every": 5},
+            "arms": [{"name": "adam", "lrs": [1e-5, 1e-2], "set": {"optimizer": "adam"}},
+                     {"name": "thermo", "lrs": [0.05], "clock": "thermo-m2",
+                      "set": {"optimizer": "sgd", "kfac": True, "solver": "thermodynamic",
+                              "damping": 0.01}}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    adam, thermo = summary["arms"]
+    assert adam["best_lr"] == 1e-2 and adam["by_lr"]["1e-05"]["reached"] == 0
+    assert (out / "sweep.png").exists() and (out / "sweep.csv").exists()
+    for arm in (adam, thermo):
+        for r in summary["runs"][arm["name"]]:
+            folder = out / "runs" / arm["name"] / f"lr{r['lr']:g}_seed{r['seed']}"
+            metrics = _read_csv(folder / "metrics.csv")
+            hits = [m for m in metrics[1:] if float(m["val_accuracy"]) >= 0.8]
+            if not hits:  # never reached: ran the whole budget
+                assert r["step"] is None and r["steps_run"] == 60
+                continue
+            first = hits[0]  # the run stopped at its first evaluation over the target
+            assert r["step"] == int(first["step"]) == r["steps_run"] == len(
+                _read_csv(folder / "steps.csv"))
+            assert r["seconds"] == pytest.approx(float(first["train_s"]))
+            if arm["clock"] == "thermo-m2":  # measured − (prepare + solves) + device model
+                steps = _read_csv(folder / "steps.csv")[: r["step"]]
+                expect = sum(float(s["wall_s"]) - float(s["inversion_s"])
+                             - float(s["update_s"]) + float(s["modeled_s"]) for s in steps)
+                assert r["estimated_s"] == pytest.approx(expect)
+                assert r["estimated_s"] < r["seconds"]
+    assert thermo["median_estimated_s_vs_adam"] == pytest.approx(
+        thermo["median_estimated_s"] / adam["median_s"])
+
+
+def test_sweep_rejects_a_bad_spec(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"target": 0.8, "seeds": [0], "base": {},
+                                "arms": [{"name": "a", "lrs": [0.1], "clock": "quantum"}]}))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 2

@@ -1,6 +1,6 @@
 """``thermokfac <command>``: argument parsing only; the work is in :mod:`.experiments`.
 
-Commands: ``train``, ``compare``, ``profile``, ``scaling``,
+Commands: ``train``, ``compare``, ``sweep``, ``profile``, ``scaling``,
 ``quantize``, ``plan``, ``plot``. Every command takes ``--seed``,
 ``--threads`` and ``--out``, shows progress bars, and writes ``config.json``, its results
 and PNG plots into its run folder. Bad arguments exit with status 2 and a one-line
@@ -22,6 +22,8 @@ from .experiments.plan import plan
 from .experiments.profile import profile
 from .experiments.quantize import quantize_sweep
 from .experiments.scaling import scaling
+from .experiments.sweep import load_spec, sweep
+from .experiments.sweep import table as sweep_table
 from .experiments.train import OPTIMIZERS, Run, TrainConfig
 from .solvers.quantize import check_bits
 
@@ -148,6 +150,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"plot: {figures[0]}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    spec = load_spec(args.spec)
+    if args.seeds is not None:
+        spec["seeds"] = args.seeds
+    spec["base"] = {**spec["base"], "threads": args.threads}
+    summary = sweep(spec, args.out, progress=not args.no_progress)
+    figures = plots.plot_sweep(args.out)
+    print(sweep_table(summary))
+    print(f"\nplot: {figures[0]}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     for path in plots.redraw(args.folder):
         print(path)
@@ -219,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
     pln.add_argument("--rcs-us", type=float, nargs="+", default=[0.1, 1.0, 10.0])
     pln.set_defaults(func=cmd_plan)
+
+    swp = sub.add_parser("sweep", help="time to a target metric per optimizer, lr-tuned")
+    swp.add_argument("spec", type=Path, help="sweep spec (JSON; see configs/)")
+    _common(swp, "sweep")
+    swp.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help="override the spec's seeds")
+    swp.set_defaults(func=cmd_sweep)
 
     plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
     plot.add_argument("folder", type=Path)

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -124,6 +125,9 @@ def plot_scaling(folder: Path) -> list[Path]:
                    label=f"resistor-array rows (batch {result['config']['batch']})")
     axes[1].set(xlabel="n", ylabel="MB held", title="memory of a width-n layer (measured)")
     axes[1].legend(fontsize=8)
+    for ax in axes:  # label the measured sizes only (no overlapping minor labels)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     path = folder / "scaling.png"
     fig.savefig(path, dpi=120)
@@ -184,7 +188,45 @@ def plot_plan(folder: Path) -> list[Path]:
     return [path]
 
 
-DRAWERS = {"compare.json": plot_compare, "steps.csv": plot_train,
+def plot_sweep(folder: Path) -> list[Path]:
+    """Time to target per arm (tuned lr; dots: seeds) and the tuned runs' curves."""
+    folder = Path(folder)
+    summary = json.loads((folder / "sweep.json").read_text())
+    metric, target = summary["metric"], summary["target"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    labels, colors = [], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, arm in enumerate(summary["arms"]):
+        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]]
+        color = colors[i % len(colors)]
+        estimated = arm["clock"] != "measured"
+        key = "estimated_s" if estimated else "seconds"
+        med = arm["median_estimated_s"] if estimated else arm["median_s"]
+        axes[0].bar(i, med or 0.0, color=color, alpha=0.6, hatch="//" if estimated else None)
+        seeds = [r[key] for r in chosen if r[key] is not None]
+        axes[0].scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
+        labels.append(f"{arm['name']}\nlr {arm['best_lr']:g}\n{arm['reached']}/{arm['seeds']}")
+        for j, r in enumerate(chosen):
+            xs = [p[key] for p in r["curve"]]
+            axes[1].plot(xs, [p[metric] for p in r["curve"]], "--" if estimated else "-",
+                         color=color, lw=0.9, label=arm["name"] if j == 0 else None)
+    axes[0].set_xticks(range(len(labels)), labels, fontsize=8)
+    axes[0].set(ylabel=f"seconds to {metric.replace('_', ' ')} {target:g}")
+    axes[1].axhline(target, color="grey", lw=0.8, ls=":")
+    axes[1].set(xlabel="training clock (s; dashed/hatched: estimated)",
+                ylabel=metric.replace("_", " "))
+    axes[1].legend(fontsize=8)
+    base = summary["base"]
+    fig.suptitle(f"{base['model']} on {base['data']}: time to {metric} {target:g} "
+                 f"(median of {len(summary['seeds'])} seeds, each arm at its best lr)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = folder / "sweep.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return [path]
+
+
+DRAWERS = {"sweep.json": plot_sweep, "compare.json": plot_compare, "steps.csv": plot_train,
            "profile.json": plot_profile, "scaling.json": plot_scaling,
            "quantize.json": plot_quantize, "plan.json": plot_plan}
 

@@ -67,6 +67,7 @@ class TrainConfig:
     target_error: float = 1e-3
     threads: int = 2
     checkpoint_every: int = 0
+    stop_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.stop_at is not None and not self.stop_at == self.stop_at:
+            raise ValueError("stop_at=nan is not a valid target")
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -170,7 +173,17 @@ class Run:
         return run
 
     # ----------------------------------------------------------------- train
-    def train(self, progress: bool = True) -> dict[str, Any]:
+    def reached(self, metrics: dict[str, float] | None = None) -> bool:
+        """Whether an evaluation meets ``stop_at`` (accuracy ≥ it; RMSE ≤ it)."""
+        if self.cfg.stop_at is None:
+            return False
+        value = (metrics or self.metrics[-1])[f"val_{self.task.metric}"]
+        if self.task.metric == "rmse":
+            return value <= self.cfg.stop_at
+        return value >= self.cfg.stop_at
+
+    def train(self, progress: bool = True, checkpoint: bool = True) -> dict[str, Any]:
+        """Train to ``steps`` (or until ``stop_at`` is met); write the run's files."""
         cfg, task = self.cfg, self.task
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -189,9 +202,13 @@ class Run:
                 self.metrics.append({"step": self.step, "train_s": self.train_s,
                                      **task.evaluate(self.model)})
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if self.reached():
+                    break
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-        self.save()
+        bar.close()
+        if checkpoint:
+            self.save()
         return self.write()
 
     def _one_step(self) -> dict[str, float]:
