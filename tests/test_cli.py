@@ -122,6 +122,10 @@ def test_quantize_sweep_writes_mean_and_std(tmp_path):
                                      "adam"}
     curve = result["curves"]["input-6"]
     assert curve["step"] == [0, 2, 4] and len(curve["std"]) == 3
+    finals = [float(_read_csv(out / "runs" / f"input-6-seed{s}" / "metrics.csv")[-1][
+        "val_accuracy"]) for s in (0, 1)]
+    assert curve["mean"][-1] == pytest.approx(sum(finals) / 2)
+    assert curve["std"][-1] == pytest.approx(abs(finals[0] - finals[1]) / 2)
     assert (out / "quantize.png").stat().st_size > 10_000
     assert main(["quantize", "--bits", "40", "--out", str(out)]) == 2
 

@@ -10,6 +10,7 @@ message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
@@ -20,6 +21,7 @@ from . import plots
 from .experiments.compare import compare, table
 from .experiments.plan import plan
 from .experiments.profile import profile
+from .experiments.profile_dist import profile_nproc
 from .experiments.quantize import quantize_sweep
 from .experiments.scaling import scaling
 from .experiments.sweep import load_spec, sweep
@@ -49,7 +51,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         kind = next((v for k, v in base.items() if text.startswith(k)), str)
         if "None" in text:
             kind = _parse_optional(kind)
-        choices = OPTIMIZERS if f.name == "optimizer" else None
+        choices = {"optimizer": OPTIMIZERS,
+                   "dist_strategy": ("comm-opt", "mem-opt")}.get(f.name)
         parser.add_argument(flag, type=kind, default=f.default, choices=choices,
                             help=f"(default: {f.default})")
 
@@ -70,6 +73,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     run = Run.resume(args.out, steps=args.steps) if args.resume else Run(_config(args), args.out)
     summary = run.train(progress=not args.no_progress)
+    if run.rank != 0:
+        return
     figures = plots.plot_train(args.out)
     final = summary["final"]
     print(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
@@ -88,6 +93,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     import torch
+
+    if args.nproc is not None:
+        result = profile_nproc(args.out, nprocs=sorted({1, args.nproc}), widths=args.widths,
+                               depth=args.depth, batch=args.mlp_batch, repeats=args.repeats,
+                               total_threads=args.threads, strategy=args.strategy,
+                               progress=not args.no_progress)
+        figures = plots.plot_profile_nproc(args.out)
+        print("| width | processes | gradient s | curvature s | inversion s | update s | "
+              "step s | inversion share |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in result["rows"]:
+            print(f"| {r['width']} | {r['nproc']} | {r['gradient']:.4f} | "
+                  f"{r['curvature']:.4f} | {r['inversion']:.4f} | {r['update']:.4f} | "
+                  f"{r['step']:.4f} | {100 * r['inversion_share']:.1f}% |")
+        print(f"plot: {figures[0]}")
+        return
 
     torch.set_num_threads(args.threads)
     result = profile(args.out, widths=args.widths, depth=args.depth, mlp_batch=args.mlp_batch,
@@ -207,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--vocab", type=int, default=10_000, help="vocabulary of the width sweep")
     prof.add_argument("--n-embd", type=int, default=256, help="width of the vocabulary sweep")
     prof.add_argument("--repeats", type=int, default=10)
+    prof.add_argument("--nproc", type=int, default=None,
+                      help="instead of the sweeps: an MLP of --depth × each of --widths, "
+                           "batch --mlp-batch, on 1 and NPROC processes (gloo), --threads "
+                           "divided among them")
+    prof.add_argument("--strategy", choices=("comm-opt", "mem-opt"), default="comm-opt",
+                      help="work distribution with --nproc")
     prof.set_defaults(func=cmd_profile)
 
     scal = sub.add_parser("scaling", help="measured and modelled cost vs n (Tables 1-2)")
@@ -257,7 +283,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
         return 2
+    _leave_distributed()
     return 0
+
+
+def _leave_distributed() -> None:
+    """Under torchrun: wait for every rank, then exit without tearing the process group
+    down (freeing DDP's reducer beside gloo's worker thread can deadlock at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -176,13 +176,13 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
         state.a_inv = 1.0 / (state.a + lam_a)
         used_a = lam_a
     else:
-        state.a_prep = _prepare_factor(state, "a", solver, lam_a, generator)
+        state.a_prep = prepare_factor(state, "a", solver, lam_a, generator)
         jobs.append(job(state.a_prep.modeled_time_s, state.a_prep.stats))
-        _count(state.stats, state.a_prep.stats)
+        count_stats(state.stats, state.a_prep.stats)
         used_a = state.a_prep.damping
-    state.g_prep = _prepare_factor(state, "g", solver, lam_g, generator)
+    state.g_prep = prepare_factor(state, "g", solver, lam_g, generator)
     jobs.append(job(state.g_prep.modeled_time_s, state.g_prep.stats))
-    _count(state.stats, state.g_prep.stats)
+    count_stats(state.stats, state.g_prep.stats)
     state.damping = (used_a, state.g_prep.damping)
     state.a_rows = state.g_rows = None
     if state.g_prep.failed or (state.a_prep is not None and state.a_prep.failed):
@@ -205,7 +205,7 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     return jobs
 
 
-def _prepare_factor(state: LayerState, which: str, solver: LinearSolver, damping: float,
+def prepare_factor(state: LayerState, which: str, solver: LinearSolver, damping: float,
                     generator: torch.Generator | None) -> Prepared:
     rows = getattr(state, f"{which}_rows")
     if rows is not None:
@@ -282,6 +282,6 @@ def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _count(into: dict[str, float], stats: dict[str, float]) -> None:
+def count_stats(into: dict[str, float], stats: dict[str, float]) -> None:
     for key in ("float64_retries", "damping_increases", "failed"):
         into[key] = into.get(key, 0.0) + stats.get(key, 0.0)

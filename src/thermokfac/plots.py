@@ -102,6 +102,40 @@ def plot_profile(folder: Path) -> list[Path]:
     return [path]
 
 
+def plot_profile_nproc(folder: Path) -> list[Path]:
+    """Stacked parts of the step per width, one bar per process count (Table 4 analogue)."""
+    folder = Path(folder)
+    result = json.loads((folder / "profile_nproc.json").read_text())
+    rows, nprocs = result["rows"], result["config"]["nprocs"]
+    widths = result["config"]["widths"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bar = 0.8 / len(nprocs)
+    for j, n in enumerate(nprocs):
+        for i, w in enumerate(widths):
+            r = next(r for r in rows if r["width"] == w and r["nproc"] == n)
+            bottom, x = 0.0, i + (j - (len(nprocs) - 1) / 2) * bar
+            for k, part in enumerate(("gradient", "curvature", "inversion", "update")):
+                ax.bar(x, r[part], bar * 0.9, bottom=bottom, color=colors[k],
+                       label=part if (i, j) == (0, 0) else None)
+                bottom += r[part]
+            ax.text(x, bottom, f"{n}p\n{100 * r['inversion_share']:.0f}%", ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+    cfg = result["config"]
+    ax.set(xlabel="width", ylabel="seconds per step",
+           title=f"MLP depth {cfg['depth']}, batch {cfg['batch']}: 1 vs more processes "
+                 f"({cfg['strategy']}, {cfg['total_threads']} threads in all; label: "
+                 "inversion share)")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "profile_nproc.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return [path]
+
+
 def plot_scaling(folder: Path) -> list[Path]:
     """Measured digital times and modelled SPU times vs n (log–log); held memory vs n."""
     folder = Path(folder)
@@ -226,7 +260,8 @@ def plot_sweep(folder: Path) -> list[Path]:
     return [path]
 
 
-DRAWERS = {"sweep.json": plot_sweep, "compare.json": plot_compare, "steps.csv": plot_train,
+DRAWERS = {"sweep.json": plot_sweep, "profile_nproc.json": plot_profile_nproc,
+           "compare.json": plot_compare, "steps.csv": plot_train,
            "profile.json": plot_profile, "scaling.json": plot_scaling,
            "quantize.json": plot_quantize, "plan.json": plot_plan}
 

@@ -146,11 +146,9 @@ class KFACPreconditioner:
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
-        self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
-        self.stats["kl_clip_scale"] = 1.0
+        self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
         self.steps = 0
-        self._warned_nonfinite = False
-        self._curvature_done = False
+        self._warned_nonfinite = self._curvature_done = False
         if kl_clip is not None and lr is None and optimizer is None:
             warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
                           "optimizer=, or kl_clip=None to silence this)", stacklevel=2)
@@ -267,7 +265,6 @@ class KFACPreconditioner:
     def pending_curvature_s(self) -> float:
         """Seconds the hooks spent on this step's factors so far (before :meth:`step`)."""
         return self._capture.elapsed_s
-
     @property
     def last_timings(self) -> StepTimings | None:
         """Timing breakdown of the latest step (see :class:`StepTimings`)."""
@@ -292,7 +289,7 @@ class KFACPreconditioner:
 
     # ----------------------------------------------------------------- private
     def _loss_scale(self) -> float:
-        return float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        return 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
 
     def _begin_step(self) -> None:
         self._capture.reset()
@@ -320,21 +317,30 @@ class KFACPreconditioner:
                 "pre.curvature_backward(logits) for each micro-batch")
         decay = resolve("factor_decay", cfg.factor_decay, self.steps, DECAY)
         multiplier = self._g_multiplier(num_examples)
+        if cfg.factor_storage is FactorStorage.ROWS:
+            for name, record in self._records.items():
+                if record.sums.a_rows == 0 or record.sums.g_rows == 0:
+                    self.stats["missing_factor_skips"] += 1
+                elif not self._states[name].take_rows(record.sums, multiplier):
+                    self._nonfinite_factors(name)
+            return
+        for name, (a_new, g_new) in self._fresh_factors(multiplier).items():
+            if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
+                self._nonfinite_factors(name)
+                continue
+            self._states[name].update_ema(a_new, g_new, decay)
+
+    def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
+        """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
+        fresh = {}
         for name, record in self._records.items():
             sums = record.sums
             if sums.a_rows == 0 or sums.g_rows == 0:
                 self.stats["missing_factor_skips"] += 1
                 continue
-            if cfg.factor_storage is FactorStorage.ROWS:
-                if not self._states[name].take_rows(sums, multiplier):
-                    self._nonfinite_factors(name)
-                continue
-            a_new = sums.a.div_(sums.a_rows)
-            g_new = sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g
-            if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
-                self._nonfinite_factors(name)
-                continue
-            self._states[name].update_ema(a_new, g_new, decay)
+            fresh[name] = (sums.a.div_(sums.a_rows),
+                           sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
+        return fresh
 
     def _nonfinite_factors(self, name: str) -> None:
         self.stats["nonfinite_factor_skips"] += 1

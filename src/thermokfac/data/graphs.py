@@ -44,6 +44,11 @@ class GraphBatch:
     def num_graphs(self) -> int:
         return self.targets.shape[0]
 
+    def to(self, device: torch.device | str) -> GraphBatch:
+        """The batch with every tensor on ``device``."""
+        return GraphBatch(*(getattr(self, f).to(device) for f in
+                            ("nodes", "edges", "edge_features", "membership", "targets")))
+
 
 def collate(graphs: list[Graph]) -> GraphBatch:
     offsets = torch.cumsum(torch.tensor([0] + [g.nodes.shape[0] for g in graphs[:-1]]), 0)

@@ -38,8 +38,8 @@ def quantize_sweep(base: TrainConfig, out: Path, bits: list[int], seeds: list[in
     for name, cfg in plans.items():
         runs[name] = []
         for seed in seeds:
-            run = Run(replace(cfg, seed=seed), out / f"{name}-seed{seed}")
-            run.train(progress=progress)
+            run = Run(replace(cfg, seed=seed), out / "runs" / f"{name}-seed{seed}")
+            run.train(progress=progress, checkpoint=False)
             runs[name].append(run)
     task = runs["adam"][0].task
     metric = "val_accuracy" if task.metric == "accuracy" else "val_rmse"

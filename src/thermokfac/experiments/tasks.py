@@ -33,6 +33,7 @@ class Task:
     val: Any
     meta: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 128
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def kfac_approx(self) -> str:
@@ -44,6 +45,12 @@ class Task:
         return self.meta.get("context", 1) if self.kind == "text" else 1
 
     def batch(self, generator: torch.Generator) -> tuple[Any, Tensor]:
+        """A training batch of ``batch_size`` examples drawn with ``generator``, on
+        ``device``."""
+        inputs, targets = self._batch(generator)
+        return to_device(inputs, self.device), targets.to(self.device)
+
+    def _batch(self, generator: torch.Generator) -> tuple[Any, Tensor]:
         if self.kind == "image":
             x, y = self.train
             idx = torch.randint(0, len(x), (self.batch_size,), generator=generator)
@@ -86,6 +93,7 @@ class Task:
                                                    for i in range(0, len(graphs), 256))]
             total, correct, count, sq = 0.0, 0.0, 0, 0.0
             for inputs, targets in chunks:
+                inputs, targets = to_device(inputs, self.device), targets.to(self.device)
                 out = model(inputs)
                 n = targets.numel()
                 total += float(self.loss(out, targets)) * n
@@ -102,6 +110,11 @@ class Task:
             return result
         finally:
             model.train(was_training)
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """A tensor or a :class:`~thermokfac.data.GraphBatch` on ``device``."""
+    return inputs.to(device)
 
 
 def _image_task(name: str, loader: Callable, limit: int | None, **kw) -> Task:

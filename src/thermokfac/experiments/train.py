@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from .. import KFACPreconditioner
+from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from .tasks import Task, build_model, load_task
 
@@ -68,6 +71,8 @@ class TrainConfig:
     threads: int = 2
     checkpoint_every: int = 0
     stop_at: float | None = None
+    device: str = "auto"
+    dist_strategy: str = "comm-opt"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -105,12 +110,42 @@ def make_solver(cfg: TrainConfig):
                                target_error=cfg.target_error, hardware=hardware)
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); under ``torchrun`` (``WORLD_SIZE`` > 1) this initialises
+    torch.distributed first — NCCL when CUDA is available, else gloo."""
+    if dist.is_available() and not dist.is_initialized() and \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else CPU."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} is not available: this torch has no CUDA device")
+        torch.cuda.set_device(device)
+    return device
+
+
 def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
-                        opt: torch.optim.Optimizer) -> KFACPreconditioner | None:
+                        opt: torch.optim.Optimizer, world: int = 1
+                        ) -> KFACPreconditioner | None:
     if not cfg.kfac:
         return None
-    return KFACPreconditioner(
-        model, solver=make_solver(cfg), method=cfg.method, damping=cfg.damping,
+    extra: dict[str, Any] = {}
+    cls = KFACPreconditioner
+    if world > 1:
+        cls, extra = DistributedKFACPreconditioner, {"strategy": cfg.dist_strategy}
+    return cls(
+        model, **extra, solver=make_solver(cfg), method=cfg.method, damping=cfg.damping,
         factor_decay=cfg.factor_decay, factor_update_steps=cfg.factor_update_steps,
         inv_update_steps=cfg.inv_update_steps, kl_clip=cfg.kl_clip, optimizer=opt,
         kfac_approx=cfg.kfac_approx or task.kfac_approx,
@@ -123,15 +158,23 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, out: Path, task: Task | None = None) -> None:
         torch.set_num_threads(cfg.threads)
+        self.rank, self.world = init_distributed()
+        self.device = resolve_device(cfg.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number "
+                             f"of processes ({self.world}): it is the global batch")
         self.cfg, self.out = cfg, Path(out)
         self.task = task or load_task(cfg.data, limit=cfg.limit, data_dir=cfg.data_dir,
                                       context=cfg.context, seed=cfg.seed)
-        self.task.batch_size = cfg.batch_size
-        self.model = build_model(cfg.model, self.task, width=cfg.width, depth=cfg.depth,
-                                 heads=cfg.heads, seed=cfg.seed)
-        self.opt = make_optimizer(cfg, self.model.parameters())
-        self.pre = make_preconditioner(cfg, self.model, self.task, self.opt)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.task.batch_size = cfg.batch_size // self.world
+        self.task.device = self.device
+        self.net = build_model(cfg.model, self.task, width=cfg.width, depth=cfg.depth,
+                               heads=cfg.heads, seed=cfg.seed).to(self.device)
+        self.model = self.net if self.world == 1 else nn.parallel.DistributedDataParallel(
+            self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.opt = make_optimizer(cfg, self.net.parameters())
+        self.pre = make_preconditioner(cfg, self.model, self.task, self.opt, self.world)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * self.rank)
         self.step = 0
         self.train_s = 0.0
         self.steps: list[dict[str, float]] = []
@@ -139,16 +182,28 @@ class Run:
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
+        """Everything to continue exactly; with several processes a collective (every
+        rank's data order and random state are gathered)."""
+        randomness = [self.gen.get_state(), torch.get_rng_state()]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, randomness)
+        else:
+            gathered = [randomness]
         return {"config": asdict(self.cfg), "step": self.step, "train_s": self.train_s,
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "model": self.net.state_dict(), "opt": self.opt.state_dict(),
                 "pre": self.pre.state_dict() if self.pre is not None else None,
-                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "steps": self.steps, "metrics": self.metrics}
+                "world_size": self.world, "gen": [g for g, _ in gathered],
+                "torch_rng": [r for _, r in gathered], "steps": self.steps,
+                "metrics": self.metrics}
 
     def save(self) -> Path:
+        """Write ``checkpoint.pt`` (rank 0; every rank must call it)."""
         path = self.out / "checkpoint.pt"
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, path)
         return path
 
     @classmethod
@@ -157,17 +212,20 @@ class Run:
         path = Path(out) / "checkpoint.pt"
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint to resume in {out}")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         cfg = TrainConfig(**state["config"])
         if steps is not None:
             cfg = replace(cfg, steps=steps)
         run = cls(cfg, out)
-        run.model.load_state_dict(state["model"])
+        if state["world_size"] != run.world:
+            raise ValueError(f"the checkpoint in {out} was written by {state['world_size']} "
+                             f"process(es); resume it with the same number, not {run.world}")
+        run.net.load_state_dict(state["model"])
         run.opt.load_state_dict(state["opt"])
         if run.pre is not None:
-            run.pre.load_state_dict(state["pre"])
-        run.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+            run.pre.load_state_dict(_to(state["pre"], run.device))
+        run.gen.set_state(state["gen"][run.rank])
+        torch.set_rng_state(state["torch_rng"][run.rank])
         run.step, run.train_s = state["step"], state["train_s"]
         run.steps, run.metrics = state["steps"], state["metrics"]
         return run
@@ -184,13 +242,15 @@ class Run:
 
     def train(self, progress: bool = True, checkpoint: bool = True) -> dict[str, Any]:
         """Train to ``steps`` (or until ``stop_at`` is met); write the run's files."""
-        cfg, task = self.cfg, self.task
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if not self.metrics:
-            self.metrics.append({"step": 0, "train_s": 0.0, **task.evaluate(self.model)})
+            self.metrics.append({"step": 0, "train_s": 0.0, **self.evaluate()})
         bar = tqdm(range(self.step, cfg.steps), desc=f"{cfg.model}/{cfg.data}",
-                   disable=not progress, initial=self.step, total=cfg.steps, leave=False)
+                   disable=not progress or self.rank != 0, initial=self.step,
+                   total=cfg.steps, leave=False)
         for _ in bar:
             record = self._one_step()
             self.steps.append(record)
@@ -200,7 +260,7 @@ class Run:
                                          f"{self.step}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self.metrics.append({"step": self.step, "train_s": self.train_s,
-                                     **task.evaluate(self.model)})
+                                     **self.evaluate()})
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
                 if self.reached():
                     break
@@ -210,6 +270,15 @@ class Run:
         if checkpoint:
             self.save()
         return self.write()
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics (computed on rank 0 and shared, so every rank agrees)."""
+        metrics = self.task.evaluate(self.net) if self.rank == 0 else None
+        if self.world > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
 
     def _one_step(self) -> dict[str, float]:
         task = self.task
@@ -235,19 +304,33 @@ class Run:
         return record
 
     def write(self) -> dict[str, Any]:
-        _write_csv(self.out / "steps.csv", STEP_FIELDS, self.steps)
-        keys = list(self.metrics[-1])
-        _write_csv(self.out / "metrics.csv", keys, self.metrics)
+        """The run's summary; rank 0 writes it and the CSV files."""
+        if self.rank == 0:
+            _write_csv(self.out / "steps.csv", STEP_FIELDS, self.steps)
+            _write_csv(self.out / "metrics.csv", list(self.metrics[-1]), self.metrics)
         final = self.metrics[-1]
-        summary = {"config": asdict(self.cfg), "steps": self.step, "train_s": self.train_s,
+        summary = {"config": asdict(self.cfg), "world_size": self.world, "steps": self.step,
+                   "train_s": self.train_s,
                    "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
                                             "metric": self.task.metric}}
         if self.pre is not None:
             summary["preconditioner"] = {"timing": self.pre.timing_summary(),
                                          "stats": dict(self.pre.stats),
                                          "layers": self.pre.layer_names}
-        (self.out / "results.json").write_text(json.dumps(summary, indent=2))
+        if self.rank == 0:
+            (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Every tensor of a nested dict / list / tuple on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def _finite(value: float) -> bool:

@@ -1,0 +1,113 @@
+"""Worker functions of the distributed tests; each runs inside a rank started by
+:func:`thermokfac.distributed.run_workers` (the process group is already set up)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from thermokfac import KFACPreconditioner
+from thermokfac.distributed import DistributedKFACPreconditioner
+from thermokfac.solvers import HardwareModel, ThermodynamicSolver
+
+STEPS, BATCH = 5, 16
+
+
+class TokenNet(nn.Module):
+    """Embedding (diagonal A) → Linear → Linear: every layer kind with a Kronecker factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.hidden = nn.Linear(18, 10)
+        self.out = nn.Linear(10, 4)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embed(tokens).flatten(1))))
+
+
+def data(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 12, (BATCH, 3), generator=g), torch.randint(0, 4, (BATCH,),
+                                                                          generator=g)
+
+
+def train(model: nn.Module, pre, opt, rank: int, world: int) -> None:
+    """STEPS steps; this rank takes its contiguous share of every batch."""
+    share = BATCH // world
+    for step in range(STEPS):
+        x, y = data(step)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        opt.step()
+
+
+KFAC = {"damping": 0.05, "factor_decay": 0.5, "inv_update_steps": 2, "kl_clip": 1e-2,
+        "lr": 0.2}
+
+
+def single(method: str, solver: str = "cholesky"):
+    """The reference: one process, the whole batch."""
+    torch.manual_seed(0)
+    model = TokenNet().double()
+    pre = KFACPreconditioner(model, method=method, solver=solver, **KFAC)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train(model, pre, opt, 0, 1)
+    return model, pre
+
+
+def equivalence(out: str, strategy: str, method: str, solver: str = "cholesky") -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    inner = TokenNet().double()
+    model = nn.parallel.DistributedDataParallel(inner)
+    pre = DistributedKFACPreconditioner(model, strategy=strategy, method=method,
+                                        solver=solver, **KFAC)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train(model, pre, opt, rank, world)
+    torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
+                "factors": pre.factors(), "owners": pre.assignment.owners,
+                "collectives": pre.collectives, "kl": pre.stats["kl_clip_scale"]},
+               f"{out}.{rank}")
+
+
+def thermodynamic(out: str, strategy: str, method: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    inner = TokenNet()
+    model = nn.parallel.DistributedDataParallel(inner)
+    solver = ThermodynamicSolver(hardware=HardwareModel(n_spus=1), input_bits=8,
+                                 target_error=1e-2)
+    pre = DistributedKFACPreconditioner(model, strategy=strategy, method=method,
+                                        solver=solver, **KFAC, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train(model, pre, opt, rank, world)
+    local = []
+    for step in range(STEPS):  # a few more steps, recording this rank's own device time
+        x, y = data(STEPS + step)
+        share = BATCH // world
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[rank * share:(rank + 1) * share]),
+                                    y[rank * share:(rank + 1) * share]).backward()
+        pre.step()
+        opt.step()
+        local.append((pre.local_modeled_s, pre.last_timings.modeled_hardware_s))
+    torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
+                "modeled": local, "owners": pre.assignment.owners}, f"{out}.{rank}")
+
+
+def train_run(out: str, steps: str, strategy: str, solver: str, resume: str) -> None:
+    """``Run`` on 2 ranks (the CLI's training loop): fresh, or resumed from its folder."""
+    from thermokfac.experiments.train import Run, TrainConfig
+
+    cfg = TrainConfig(data="digits", width=24, steps=int(steps), eval_every=4, batch_size=64,
+                      kfac=True, optimizer="sgd", lr=0.05, damping=0.01, solver=solver,
+                      dist_strategy=strategy, threads=1, device="cpu", inv_update_steps=3,
+                      input_bits=8 if solver == "thermodynamic" else None)
+    run = Run.resume(out, steps=int(steps)) if resume == "1" else Run(cfg, out)
+    run.train(progress=False)
+    torch.save({k: v.clone() for k, v in run.net.state_dict().items()},
+               f"{out}/params.{dist.get_rank()}")

@@ -1,0 +1,188 @@
+"""Distributed K-FAC: the work assignment (pure) and multi-process runs on gloo.
+
+The multi-process tests start real ranks with ``run_workers`` (separate processes,
+one thread each) and compare against the single-process preconditioner on the whole
+batch: with equal shares per rank, averaged factors and DDP-averaged gradients are the
+full-batch ones, so the trained parameters must agree to float64 round-off.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from thermokfac.distributed import (
+    Assignment,
+    Strategy,
+    WorkItem,
+    cubic_cost,
+    hardware_cost,
+    run_workers,
+    work_items,
+)
+from thermokfac.distributed.comm import _buckets
+from thermokfac.solvers import HardwareModel
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _best_makespan(costs: list[float], world: int) -> float:
+    best = float("inf")
+    for owners in itertools.product(range(world), repeat=len(costs)):
+        loads = [0.0] * world
+        for c, o in zip(costs, owners):
+            loads[o] += c
+        best = min(best, max(loads))
+    return best
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_greedy_assignment_is_within_lpt_bound_of_optimum(world):
+    gen = torch.Generator().manual_seed(world)
+    for _ in range(20):
+        costs = (torch.randint(1, 50, (7,), generator=gen) ** 3).tolist()
+        items = [WorkItem(f"l{i}", "g", float(c)) for i, c in enumerate(costs)]
+        a = Assignment.greedy(items, world)
+        assert sorted(a.owners) == sorted((f"l{i}", "g") for i in range(7))
+        loads = [sum(c for i, c in enumerate(costs) if a.owner(f"l{i}", "g") == r)
+                 for r in range(world)]
+        assert loads == pytest.approx(list(a.loads))
+        best = _best_makespan(costs, world)
+        assert best <= a.makespan <= (4 / 3 - 1 / (3 * world)) * best + 1e-9
+
+
+def test_assignment_is_deterministic_and_ties_keep_model_order():
+    items = [WorkItem(f"l{i}", "layer", 1.0) for i in range(5)]
+    a = Assignment.greedy(items, 2)
+    assert [a.owner(f"l{i}") for i in range(5)] == [0, 1, 0, 1, 0]
+    assert a == Assignment.greedy(list(items), 2) and a.imbalance == pytest.approx(3 / 2.5)
+    with pytest.raises(ValueError, match="world_size=0"):
+        Assignment.greedy(items, 0)
+
+
+def test_work_items_per_strategy_and_costs():
+    layers = [("embed", None, 6), ("fc", 19, 10)]
+    comm = work_items(layers, "comm-opt", cubic_cost)
+    assert [(w.layer, w.factor, w.cost) for w in comm] == [
+        ("embed", "g", 216.0), ("fc", "g", 1000.0), ("fc", "a", 6859.0)]
+    mem = work_items(layers, Strategy.MEM_OPT, cubic_cost)
+    assert [(w.layer, w.factor, w.cost) for w in mem] == [("embed", "layer", 216.0),
+                                                         ("fc", "layer", 7859.0)]
+    hw = HardwareModel()
+    cost = hardware_cost(hw)
+    # program n² values, load and read n² values, settle one RC
+    assert cost(64) == pytest.approx(64 * 64 * 16 * 3 / 50e9 + 1e-6)
+    with pytest.raises(ValueError, match="strategy"):
+        work_items(layers, "fastest", cubic_cost)
+
+
+def test_buckets_respect_size_and_dtype():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(100), torch.zeros(5, dtype=torch.float64),
+          torch.zeros(3)]
+    groups = _buckets(ts, bucket_bytes=100)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    for g in groups:
+        assert len({ts[i].dtype for i in g}) == 1
+        assert len(g) == 1 or sum(ts[i].numel() * ts[i].element_size() for i in g) <= 100
+
+
+def _load(out: Path, world: int) -> list[dict]:
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("strategy", "method"), [("comm-opt", "solve"), ("comm-opt", "inverse"),
+                                                  ("mem-opt", "solve"), ("mem-opt", "inverse")])
+def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path, strategy, method):
+    import tests.dist_workers as w
+
+    out = tmp_path / "run"
+    run_workers("tests.dist_workers:equivalence", 2, [str(out), strategy, method],
+                timeout=180, extra_path=ROOT)
+    ranks = _load(out, 2)
+    model, pre = w.single(method)
+    reference = dict(model.named_parameters())
+    for result in ranks:
+        for name, value in result["params"].items():
+            torch.testing.assert_close(value, reference[name].detach(), rtol=1e-10,
+                                       atol=1e-12)
+        for name, (a, g) in result["factors"].items():
+            a_ref, g_ref = pre.factors()[name]
+            torch.testing.assert_close(a, a_ref, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+        assert result["kl"] == pytest.approx(pre.stats["kl_clip_scale"], rel=1e-9)
+    # the work is split: both ranks own something, and they agree on who owns what
+    assert ranks[0]["owners"] == ranks[1]["owners"]
+    assert set(ranks[0]["owners"].values()) == {0, 1}
+    # factors go in one bucket per factor-update step (plus the prepare broadcasts)
+    assert ranks[0]["collectives"] == ranks[1]["collectives"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["comm-opt", "mem-opt"])
+def test_thermodynamic_ranks_agree_and_time_is_the_busiest(tmp_path, strategy):
+    out = tmp_path / "run"
+    run_workers("tests.dist_workers:thermodynamic", 2, [str(out), strategy, "solve"],
+                timeout=180, extra_path=ROOT)
+    r0, r1 = _load(out, 2)
+    for name, value in r0["params"].items():  # same noise on every rank: same model
+        assert torch.equal(value, r1["params"][name]), name
+    for (local0, step0), (local1, step1) in zip(r0["modeled"], r1["modeled"]):
+        assert step0 == step1 == pytest.approx(max(local0, local1))
+        assert step0 > 0
+
+
+def test_needs_an_initialised_process_group():
+    from tests.dist_workers import TokenNet
+    from thermokfac.distributed import DistributedKFACPreconditioner
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedKFACPreconditioner(TokenNet())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("strategy", "solver"), [("comm-opt", "cholesky"),
+                                                  ("mem-opt", "thermodynamic")])
+def test_distributed_run_resumes_exactly(tmp_path, strategy, solver):
+    """rank 0 writes the run folder; every rank resumes from it and continues exactly."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out, steps, resume in ((whole, 10, "0"), (split, 6, "0"), (split, 10, "1")):
+        run_workers("tests.dist_workers:train_run", 2,
+                    [str(out), str(steps), strategy, solver, resume], timeout=240,
+                    extra_path=ROOT)
+    results = __import__("json").loads((split / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 10
+    for rank in (0, 1):
+        a = torch.load(whole / f"params.{rank}")
+        b = torch.load(split / f"params.{rank}")
+        for name in a:
+            assert torch.equal(a[name], b[name]), (rank, name)
+    first = torch.load(whole / "params.0")
+    second = torch.load(whole / "params.1")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.distributed
+def test_torchrun_train_on_two_processes(tmp_path):
+    """The CLI under torchrun: DDP + distributed K-FAC, one run folder written by rank 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    exe = Path(sys.executable).parent / "thermokfac"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--no-python", str(exe), "train", "--data", "digits", "--width", "16", "--steps", "6",
+         "--eval-every", "3", "--batch-size", "32", "--kfac", "--optimizer", "sgd",
+         "--lr", "0.05", "--threads", "1", "--dist-strategy", "mem-opt", "--no-progress",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = __import__("json").loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 6
+    assert (out / "checkpoint.pt").exists() and (out / "training.png").exists()
+    assert proc.stdout.count("results in") == 1  # only rank 0 reports
