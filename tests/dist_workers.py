@@ -33,15 +33,16 @@ def data(step: int):
                                                                           generator=g)
 
 
-def train(model: nn.Module, pre, opt, rank: int, world: int) -> None:
+def train(model: nn.Module, pre, opt, rank: int, world: int, mc: bool = False) -> None:
     """STEPS steps; this rank takes its contiguous share of every batch."""
     share = BATCH // world
     for step in range(STEPS):
         x, y = data(step)
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        pre.step()
+        logits = model(x)
+        nn.functional.cross_entropy(logits, y).backward(retain_graph=mc)
+        pre.step(outputs=logits if mc else None)
         opt.step()
 
 
@@ -49,29 +50,68 @@ KFAC = {"damping": 0.05, "factor_decay": 0.5, "inv_update_steps": 2, "kl_clip": 
         "lr": 0.2}
 
 
-def single(method: str, solver: str = "cholesky"):
+def options(method: str, solver: str, fisher: str, storage: str) -> dict:
+    kw = {**KFAC, "method": method, "fisher_type": fisher, "factor_storage": storage}
+    if storage == "rows":  # the resistor-array mode keeps only the current batch
+        kw["factor_decay"] = 0.0
+    if solver == "thermodynamic":
+        kw["solver"] = ThermodynamicSolver(target_error=1e-3)
+        kw["seed"] = 3
+    else:
+        kw["solver"] = solver
+    return kw
+
+
+def single(method: str, solver: str = "cholesky", fisher: str = "empirical",
+           storage: str = "matrix"):
     """The reference: one process, the whole batch."""
     torch.manual_seed(0)
     model = TokenNet().double()
-    pre = KFACPreconditioner(model, method=method, solver=solver, **KFAC)
+    pre = KFACPreconditioner(model, **options(method, solver, fisher, storage))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    train(model, pre, opt, 0, 1)
+    train(model, pre, opt, 0, 1, mc=fisher == "mc")
     return model, pre
 
 
-def equivalence(out: str, strategy: str, method: str, solver: str = "cholesky") -> None:
+def equivalence(out: str, strategy: str, method: str, solver: str = "cholesky",
+                fisher: str = "empirical", storage: str = "matrix") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     inner = TokenNet().double()
     model = nn.parallel.DistributedDataParallel(inner)
-    pre = DistributedKFACPreconditioner(model, strategy=strategy, method=method,
-                                        solver=solver, **KFAC)
+    pre = DistributedKFACPreconditioner(model, strategy=strategy,
+                                        **options(method, solver, fisher, storage))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    train(model, pre, opt, rank, world)
+    train(model, pre, opt, rank, world, mc=fisher == "mc")
     torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
                 "factors": pre.factors(), "owners": pre.assignment.owners,
                 "collectives": pre.collectives, "kl": pre.stats["kl_clip_scale"]},
                f"{out}.{rank}")
+
+
+def failing(out: str, how: str) -> None:
+    """Rank 1 fails inside its third K-FAC step (an exception, or the process killed);
+    rank 0 must come out with an error instead of waiting forever."""
+    import os
+    import signal
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(TokenNet().double())
+    pre = DistributedKFACPreconditioner(model, strategy="mem-opt", **options(
+        "solve", "cholesky", "empirical", "matrix"))
+    if rank == 1:
+        original = pre._prepare_due
+
+        def broken():
+            if pre.steps == 2:
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError("injected failure")
+            return original()
+        pre._prepare_due = broken
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train(model, pre, opt, rank, world)
 
 
 def thermodynamic(out: str, strategy: str, method: str) -> None:

@@ -93,32 +93,93 @@ def _load(out: Path, world: int) -> list[dict]:
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
+CASES = [("comm-opt", "solve", "empirical", "matrix"),
+         ("comm-opt", "inverse", "empirical", "matrix"),
+         ("mem-opt", "solve", "empirical", "matrix"), ("mem-opt", "inverse", "empirical", "matrix"),
+         ("comm-opt", "solve", "mc", "matrix"), ("mem-opt", "solve", "empirical", "rows"),
+         ("comm-opt", "solve", "empirical", "rows")]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(("strategy", "method"), [("comm-opt", "solve"), ("comm-opt", "inverse"),
-                                                  ("mem-opt", "solve"), ("mem-opt", "inverse")])
-def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path, strategy, method):
+@pytest.mark.parametrize(("strategy", "method", "fisher", "storage"), CASES)
+def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path, strategy, method, fisher,
+                                                        storage):
+    """Digital solvers; MC labels drawn by global example index; the resistor-array
+    mode's rows all-gathered (scaled per rank) to whoever prepares the factor."""
     import tests.dist_workers as w
 
     out = tmp_path / "run"
-    run_workers("tests.dist_workers:equivalence", 2, [str(out), strategy, method],
+    run_workers("tests.dist_workers:equivalence", 2,
+                [str(out), strategy, method, "cholesky", fisher, storage],
                 timeout=180, extra_path=ROOT)
     ranks = _load(out, 2)
-    model, pre = w.single(method)
+    model, pre = w.single(method, "cholesky", fisher, storage)
     reference = dict(model.named_parameters())
     for result in ranks:
         for name, value in result["params"].items():
             torch.testing.assert_close(value, reference[name].detach(), rtol=1e-10,
                                        atol=1e-12)
-        for name, (a, g) in result["factors"].items():
-            a_ref, g_ref = pre.factors()[name]
-            torch.testing.assert_close(a, a_ref, rtol=1e-10, atol=1e-13)
-            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
+        if storage == "matrix":
+            for name, (a, g) in result["factors"].items():
+                a_ref, g_ref = pre.factors()[name]
+                torch.testing.assert_close(a, a_ref, rtol=1e-10, atol=1e-13)
+                torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
         assert result["kl"] == pytest.approx(pre.stats["kl_clip_scale"], rel=1e-9)
     # the work is split: both ranks own something, and they agree on who owns what
     assert ranks[0]["owners"] == ranks[1]["owners"]
     assert set(ranks[0]["owners"].values()) == {0, 1}
-    # factors go in one bucket per factor-update step (plus the prepare broadcasts)
     assert ranks[0]["collectives"] == ranks[1]["collectives"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["comm-opt", "mem-opt"])
+def test_thermodynamic_two_ranks_match_one_process(tmp_path, strategy):
+    """The noise is seeded by (seed, step, layer, factor) and coloured basis-free, so
+    two ranks draw what one process draws: float64 parameters agree to 1e-6."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, 1), (two, 2)):
+        run_workers("tests.dist_workers:equivalence", nproc,
+                    [str(out), strategy, "solve", "thermodynamic"], timeout=180,
+                    extra_path=ROOT)
+    reference = _load(one, 1)[0]["params"]
+    for result in _load(two, 2):
+        for name, value in result["params"].items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-6, atol=1e-6)
+    # and the noise matters: a single-process preconditioner with its own generator
+    # (sequential draws) ends elsewhere
+    import tests.dist_workers as w
+
+    model, _ = w.single("solve", "thermodynamic")
+    moved = max(float((p.detach() - reference[n]).abs().max())
+                for n, p in model.named_parameters())
+    assert moved > 1e-6
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_stops_the_others(tmp_path, how, monkeypatch):
+    import time
+
+    monkeypatch.setenv("THERMOKFAC_DIST_TIMEOUT", "30")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as info:
+        run_workers("tests.dist_workers:failing", 2, [str(tmp_path / "x"), how],
+                    timeout=120, extra_path=ROOT)
+    assert time.perf_counter() - start < 100
+    message = str(info.value)
+    assert "rank 1 exited" in message and "rank 0 exited 1" in message
+    assert "distributed K-FAC step 2 failed on rank 0 of 2" in message
+
+
+def test_assignment_matches_a_literal_table():
+    """784-512-512-10 MLP (bias columns), comm-opt over 2 ranks, cost n³."""
+    layers = [("fc1", 785, 512), ("fc2", 513, 512), ("fc3", 513, 10)]
+    a = Assignment.greedy(work_items(layers, "comm-opt", cubic_cost), 2)
+    assert a.owners == {("fc1", "a"): 0, ("fc2", "a"): 1, ("fc3", "a"): 1,
+                        ("fc1", "g"): 1, ("fc2", "g"): 1, ("fc3", "g"): 0}
+    assert a.loads == (785**3 + 10**3, 2 * 513**3 + 2 * 512**3)
+    m = Assignment.greedy(work_items(layers, "mem-opt", cubic_cost), 2)
+    assert m.owners == {("fc1", "layer"): 0, ("fc2", "layer"): 1, ("fc3", "layer"): 1}
 
 
 @pytest.mark.distributed
@@ -186,3 +247,22 @@ def test_torchrun_train_on_two_processes(tmp_path):
     assert results["world_size"] == 2 and results["steps"] == 6
     assert (out / "checkpoint.pt").exists() and (out / "training.png").exists()
     assert proc.stdout.count("results in") == 1  # only rank 0 reports
+
+
+@pytest.mark.distributed
+def test_profile_nproc_writes_both_process_counts(tmp_path):
+    from thermokfac.cli import main
+
+    out = tmp_path / "prof"
+    assert main(["profile", "--nproc", "2", "--widths", "8", "--depth", "2", "--mlp-batch",
+                 "8", "--repeats", "1", "--vocab", "50", "--n-embd", "16", "--context", "8",
+                 "--n-layer", "1", "--gpt-batch", "4", "--no-progress", "--out",
+                 str(out)]) == 0
+    rows = __import__("json").loads((out / "profile_nproc.json").read_text())["rows"]
+    assert [(r["model"], r["nproc"]) for r in rows] == [
+        ("mlp-8", 1), ("mlp-8", 2), ("gpt-16-v50", 1), ("gpt-16-v50", 2)]
+    for r in rows:
+        parts = r["gradient"] + r["curvature"] + r["inversion"] + r["update"]
+        assert r["inversion"] > 0 and parts <= r["step"] * 1.05
+        assert r["inversion_share"] == pytest.approx(r["inversion"] / r["step"])
+    assert (out / "profile_nproc.png").stat().st_size > 10_000

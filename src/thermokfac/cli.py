@@ -98,12 +98,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
         result = profile_nproc(args.out, nprocs=sorted({1, args.nproc}), widths=args.widths,
                                depth=args.depth, batch=args.mlp_batch, repeats=args.repeats,
                                total_threads=args.threads, strategy=args.strategy,
-                               progress=not args.no_progress)
+                               gpt={"vocab": args.vocab, "context": args.context,
+                                    "n_layer": args.n_layer, "n_embd": args.n_embd},
+                               gpt_batch=args.gpt_batch, progress=not args.no_progress)
         figures = plots.plot_profile_nproc(args.out)
-        print("| width | processes | gradient s | curvature s | inversion s | update s | "
+        print("| model | processes | gradient s | curvature s | inversion s | update s | "
               "step s | inversion share |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in result["rows"]:
-            print(f"| {r['width']} | {r['nproc']} | {r['gradient']:.4f} | "
+            print(f"| {r['model']} | {r['nproc']} | {r['gradient']:.4f} | "
                   f"{r['curvature']:.4f} | {r['inversion']:.4f} | {r['update']:.4f} | "
                   f"{r['step']:.4f} | {100 * r['inversion_share']:.1f}% |")
         print(f"plot: {figures[0]}")
@@ -280,23 +282,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
+        code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    _leave_distributed()
-    return 0
+        code = 2
+    except RuntimeError as err:  # under torchrun: a failed peer or collective
+        if not _distributed():
+            raise
+        print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
+        code = 1
+    if _distributed():
+        _leave_distributed(code)
+    return code
 
 
-def _leave_distributed() -> None:
-    """Under torchrun: wait for every rank, then exit without tearing the process group
-    down (freeing DDP's reducer beside gloo's worker thread can deadlock at exit)."""
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _leave_distributed(code: int) -> None:
+    """Under torchrun: wait for every rank (after success), then exit without tearing the
+    process group down (freeing DDP's reducer beside gloo's worker thread can deadlock at
+    exit); a failed rank leaves at once, and its peers' collectives fail with an error."""
+    import torch.distributed as dist
+
+    if code == 0:
         dist.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def num_loss_terms(outputs: Tensor, loss_type: LossType) -> int:
 
 def backward_vectors(outputs: Tensor, fisher_type: FisherType, loss_type: LossType,
                      reduction: LossReduction, generator: torch.Generator | None,
-                     mc_samples: int = 1) -> Iterator[tuple[Tensor, float]]:
+                     mc_samples: int = 1, window: tuple[int, int] | None = None
+                     ) -> Iterator[tuple[Tensor, float]]:
     """Yield ``(v, w)``: a vector shaped like ``outputs`` to back-propagate and its weight.
 
     Args:
@@ -46,6 +47,10 @@ def backward_vectors(outputs: Tensor, fisher_type: FisherType, loss_type: LossTy
         reduction: ``mean`` divides the weight by :func:`num_loss_terms`.
         generator: Random source of the ``mc`` labels.
         mc_samples: Number of sampled labels per prediction (``mc``).
+        window: ``(offset, total)``: these outputs are rows ``offset…`` of a global batch
+            of ``total`` rows split over processes. The ``mc`` draws are made for the
+            whole global batch and sliced, so each label depends on its global index
+            only (a split run samples what one process on the whole batch samples).
     """
     f = outputs.detach()
     scale = 1.0 / num_loss_terms(outputs, loss_type) if reduction is LossReduction.MEAN else 1.0
@@ -53,7 +58,7 @@ def backward_vectors(outputs: Tensor, fisher_type: FisherType, loss_type: LossTy
         yield from ((v, scale) for v in _hessian_sqrt_columns(f, loss_type))
     elif fisher_type is FisherType.MC:
         for _ in range(mc_samples):
-            yield _sampled_gradient(f, loss_type, generator), scale / mc_samples
+            yield _sampled_gradient(f, loss_type, generator, window), scale / mc_samples
     else:
         raise ValueError(f"fisher_type={fisher_type.value!r} uses the user's own backward")
 
@@ -73,17 +78,24 @@ def _hessian_sqrt_columns(f: Tensor, loss_type: LossType) -> Iterator[Tensor]:
             yield column
 
 
-def _sampled_gradient(f: Tensor, loss_type: LossType, generator: torch.Generator | None
-                      ) -> Tensor:
+def _sampled_gradient(f: Tensor, loss_type: LossType, generator: torch.Generator | None,
+                      window: tuple[int, int] | None = None) -> Tensor:
+    """∇ of the loss at a label sampled from the model: by inverse transform of uniform
+    draws, one per row of the (global) batch, so a row's label depends on its index."""
+    rows = f.numel() // f.shape[-1]
+    offset, total = window if window is not None else (0, rows)
     if loss_type is LossType.CROSS_ENTROPY:
         p = _probabilities(f)
         flat = p.reshape(-1, p.shape[-1])
-        labels = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        u = torch.rand(total, generator=generator, dtype=flat.dtype, device=f.device)
+        u = u[offset:offset + rows, None] * flat.sum(-1, keepdim=True)
+        labels = (flat.cumsum(-1) <= u).sum(-1).clamp_max(flat.shape[-1] - 1)
         v = flat.clone()
         v[torch.arange(flat.shape[0], device=f.device), labels] -= 1.0
         return v.reshape(f.shape).to(f.dtype)
-    noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
-    return -2.0 * (0.5**0.5) * noise
+    noise = torch.randn((total, f.shape[-1]), generator=generator, dtype=f.dtype,
+                        device=f.device)[offset:offset + rows]
+    return -2.0 * (0.5**0.5) * noise.reshape(f.shape)
 
 
 def _probabilities(logits: Tensor) -> Tensor:

@@ -107,13 +107,13 @@ def plot_profile_nproc(folder: Path) -> list[Path]:
     folder = Path(folder)
     result = json.loads((folder / "profile_nproc.json").read_text())
     rows, nprocs = result["rows"], result["config"]["nprocs"]
-    widths = result["config"]["widths"]
+    widths = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(8, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bar = 0.8 / len(nprocs)
     for j, n in enumerate(nprocs):
         for i, w in enumerate(widths):
-            r = next(r for r in rows if r["width"] == w and r["nproc"] == n)
+            r = next(r for r in rows if r["model"] == w and r["nproc"] == n)
             bottom, x = 0.0, i + (j - (len(nprocs) - 1) / 2) * bar
             for k, part in enumerate(("gradient", "curvature", "inversion", "update")):
                 ax.bar(x, r[part], bar * 0.9, bottom=bottom, color=colors[k],
@@ -123,8 +123,9 @@ def plot_profile_nproc(folder: Path) -> list[Path]:
                     va="bottom", fontsize=7)
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
     cfg = result["config"]
-    ax.set(xlabel="width", ylabel="seconds per step",
-           title=f"MLP depth {cfg['depth']}, batch {cfg['batch']}: 1 vs more processes "
+    ax.set(xlabel="model (mlp-WIDTH: depth " + str(cfg["depth"]) + ")",
+           ylabel="seconds per step",
+           title=f"MLP batch {cfg['batch']}: 1 vs more processes "
                  f"({cfg['strategy']}, {cfg['total_threads']} threads in all; label: "
                  "inversion share)")
     ax.title.set_fontsize(8)
@@ -246,6 +247,10 @@ def plot_sweep(folder: Path) -> list[Path]:
     axes[0].set_xticks(range(len(labels)), labels, fontsize=8)
     axes[0].set(ylabel=f"seconds to {metric.replace('_', ' ')} {target:g}")
     axes[1].axhline(target, color="grey", lw=0.8, ls=":")
+    if metric.endswith("accuracy"):  # zoom on the approach to the target
+        axes[1].set_ylim(max(0.0, target - 0.15), min(1.0, target + 0.05))
+    else:
+        axes[1].set_ylim(0.5 * target, 2.5 * target)
     axes[1].set(xlabel="training clock (s; dashed/hatched: estimated)",
                 ylabel=metric.replace("_", " "))
     axes[1].legend(fontsize=8)

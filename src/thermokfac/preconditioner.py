@@ -162,7 +162,7 @@ class KFACPreconditioner:
 
     @property
     def unsupported_layers(self) -> dict[str, str]:
-        """Modules with parameters that are left to the base optimizer, with the reason."""
+        """Modules with parameters left to the base optimizer, with the reason."""
         return dict(self.discovery.unsupported)
 
     def step(self, outputs: Tensor | None = None, *, lr: float | None = None,
@@ -206,14 +206,16 @@ class KFACPreconditioner:
             ValueError: With ``fisher_type="empirical"`` (it uses the user's backward).
             RuntimeError: If the graph of ``outputs`` was already freed.
         """
-        cfg = self.config
-        if cfg.fisher_type is FisherType.EMPIRICAL:
+        if self.config.fisher_type is FisherType.EMPIRICAL:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
         self._curvature_done = True
-        self._capture.backward_through(outputs, backward_vectors(
-            outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction, self.generator,
-            cfg.mc_samples))
+        self._capture.backward_through(outputs, self._backward_vectors(outputs))
+
+    def _backward_vectors(self, outputs: Tensor):
+        cfg = self.config
+        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
+                                self.generator, cfg.mc_samples)
 
     @contextmanager
     def grouped_rows(self, membership: Tensor, num_groups: int | None = None
@@ -254,12 +256,9 @@ class KFACPreconditioner:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes the preconditioner holds between steps: ``factors`` (moving averages),
         ``prepared`` (factorisations or inverses) and their ``total``."""
-        out = {"factors": 0, "prepared": 0}
-        for state in self._states.values():
-            for key, value in state.memory_bytes().items():
-                out[key] += value
-        out["total"] = out["factors"] + out["prepared"]
-        return out
+        parts = [s.memory_bytes() for s in self._states.values()]
+        out = {k: sum(p[k] for p in parts) for k in ("factors", "prepared")}
+        return {**out, "total": out["factors"] + out["prepared"]}
 
     @property
     def pending_curvature_s(self) -> float:

@@ -11,11 +11,11 @@ can deadlock at interpreter exit when DDP was used.
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -40,7 +40,7 @@ def run_workers(target: str, nproc: int, args: list[str] | None = None, *,
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "store")
         procs = [subprocess.Popen(
-            [sys.executable, "-m", "thermokfac.distributed.launch", target, str(rank),
+            [sys.executable, "-m", "thermokfac.distributed.worker", target, str(rank),
              str(nproc), store, backend, str(threads), *(args or [])],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for rank in range(nproc)]
@@ -60,20 +60,11 @@ def run_workers(target: str, nproc: int, args: list[str] | None = None, *,
         return outputs
 
 
-def _main(argv: list[str]) -> None:
-    target, rank, world, store, backend, threads, *args = argv
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(int(threads))
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=int(rank),
-                            world_size=int(world))
-    module, function = target.split(":")
-    getattr(importlib.import_module(module), function)(*args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
+def collective_timeout() -> timedelta:
+    """How long a collective waits for its peers before failing: ``THERMOKFAC_DIST_TIMEOUT``
+    seconds (default 300), so that a failed rank cannot hang the others for long."""
+    seconds = float(os.environ.get("THERMOKFAC_DIST_TIMEOUT", "300"))
+    if not seconds > 0:
+        raise ValueError(f"THERMOKFAC_DIST_TIMEOUT={seconds!r} must be a positive number "
+                         "of seconds")
+    return timedelta(seconds=seconds)

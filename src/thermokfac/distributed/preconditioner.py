@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..enums import FactorStorage, Method, parse_enum
+from ..fisher import backward_vectors
 from ..hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
 from ..kl_clip import effective_learning_rate, kl_clip_scale
 from ..layer_state import (
@@ -49,6 +50,7 @@ from ..preconditioner import KFACPreconditioner
 from ..solvers import Prepared, SolverError, TimeBreakdown
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects
+from .rows import gather_rows
 
 _PARTS = {"a": 0, "g": 1, "u": 2}
 
@@ -81,9 +83,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError(f"bucket_mb={bucket_mb!r} must be positive")
         self.strategy = parse_enum(Strategy, strategy, "strategy")
         super().__init__(model, **kwargs)
-        if self.config.factor_storage is FactorStorage.ROWS:
-            raise ValueError("factor_storage='rows' (resistor-array mode) is not supported "
-                             "by DistributedKFACPreconditioner; use 'matrix'")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -99,6 +98,21 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                                             self.world_size)
         self._index = {name: i for i, name in enumerate(self._records)}
         self._prepared_once: set[str] = set()
+        self._window: tuple[int, int] | None = None
+
+    def step(self, outputs: Tensor | None = None, **kwargs: Any) -> None:
+        """:meth:`KFACPreconditioner.step` on every rank; a collective that fails (a
+        peer raised, died, or exceeded the process group's timeout) becomes a
+        ``RuntimeError`` naming the step and this rank."""
+        try:
+            super().step(outputs, **kwargs)
+        except RuntimeError as err:
+            if "distributed" in str(err).lower() and "K-FAC" in str(err):
+                raise
+            raise RuntimeError(f"distributed K-FAC step {self.steps} failed on rank "
+                               f"{self.rank} of {self.world_size}: a collective did not "
+                               f"complete (a peer rank failed, exited or timed out): "
+                               f"{err}") from err
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -141,6 +155,29 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             self.stats[stat] += stats.get(key, 0.0)
 
     # ---------------------------------------------------------------- factors
+    def _update_factors(self, num_examples: int | None) -> None:
+        super()._update_factors(num_examples)
+        if self.config.factor_storage is FactorStorage.ROWS:
+            self.collectives += gather_rows(self._states, self._records, self.world_size,
+                                            self.group, self.device, self.config.factor_dtype)
+
+    def curvature_backward(self, outputs: Tensor) -> None:
+        """As :meth:`KFACPreconditioner.curvature_backward`; ``mc`` labels are drawn for
+        the global batch (ranks' rows in rank order) and sliced, so each depends only
+        on its global example index."""
+        rows = torch.tensor([outputs.numel() // outputs.shape[-1]], device=self.device)
+        counts = [torch.zeros_like(rows) for _ in range(self.world_size)]
+        dist.all_gather(counts, rows, group=self.group)
+        sizes = [int(c) for c in counts]
+        self._window = (sum(sizes[: self.rank]), sum(sizes))
+        self.collectives += 1
+        super().curvature_backward(outputs)
+
+    def _backward_vectors(self, outputs: Tensor):
+        cfg = self.config
+        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
+                                self.generator, cfg.mc_samples, window=self._window)
+
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         local = super()._fresh_factors(multiplier)
         dtype = self.config.factor_dtype
@@ -204,9 +241,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 "g"), damping, cfg.damping_split)))
             state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
             state.failed = False
-            if state.a.ndim == 1:
+            diagonal = self._records[name].helper.diagonal_a
+            if diagonal:
                 state.a_inv = 1.0 / (state.a + lam["a"])
-            for which in ("a", "g") if state.a.ndim == 2 else ("g",):
+            for which in ("g",) if diagonal else ("a", "g"):
                 if self.assignment.owner(name, which) != self.rank:
                     continue
                 gen = self._generator(name, which)
@@ -233,6 +271,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     if cfg.method is Method.SOLVE and not failed else {},
                     "inv": None if inv is None else (tuple(inv.shape), inv.dtype)}
         self._share_prepared(todo, mine, share_objects(meta, self.group))
+        for name in todo:  # resistor-array rows are only needed by a prepare
+            self._states[name].a_rows = self._states[name].g_rows = None
         return jobs
 
     def _share_prepared(self, todo: list[str], mine: dict, meta: dict[str, Any]) -> None:
@@ -282,14 +322,13 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     # ----------------------------------------------------------- precondition
     def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
-        if self.strategy is Strategy.COMM_OPT:
-            return super()._precondition_all(lr)
         cfg, jobs = self.config, []
         names = list(self._records)
+        comm_opt = self.strategy is Strategy.COMM_OPT
         flags = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
         mine: dict[str, Tensor] = {}
         for i, name in enumerate(names):
-            if self.assignment.owner(name) != self.rank:
+            if not comm_opt and self.assignment.owner(name) != self.rank:
                 continue
             outcome = precondition_layer(self._records[name].helper, self._states[name],
                                          self.solver, cfg.method, self._generator(name, "u"))
@@ -301,17 +340,18 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             mine[name] = u.contiguous()  # a broadcast sends memory order
             jobs += layer_jobs
             flags[i], flags[-1] = 1.0, flags[-1] + dot
-        dist.all_reduce(flags, group=self.group)
-        pairs, buffers = [], {}
-        for i, name in enumerate(names):
-            if flags[i] > 0:
-                weight = self._records[name].helper.module.weight
-                h = self._records[name].helper
-                buffers[name] = mine.get(name, torch.empty(
-                    h.d_out, h.a_dim, dtype=weight.dtype, device=self.device))
-                pairs.append((buffers[name], self._src(self.assignment.owner(name))))
-        broadcast_from_owners(pairs, self.group)
-        self.collectives += 1 + len(pairs)
+        buffers = mine
+        if not comm_opt:  # owners broadcast U; ⟨U, DΘ⟩ is summed over the owners
+            dist.all_reduce(flags, group=self.group)
+            pairs, buffers = [], {}
+            for i, name in enumerate(names):
+                if flags[i] > 0:
+                    h = self._records[name].helper
+                    buffers[name] = mine.get(name, torch.empty(
+                        h.d_out, h.a_dim, dtype=h.module.weight.dtype, device=self.device))
+                    pairs.append((buffers[name], self._src(self.assignment.owner(name))))
+            broadcast_from_owners(pairs, self.group)
+            self.collectives += 1 + len(pairs)
         if lr is None and cfg.lr is not None:
             lr = resolve("lr", cfg.lr, self.steps, POSITIVE)
         eta = effective_learning_rate(lr, self.optimizer, cfg.momentum)

@@ -8,12 +8,14 @@ A sweep is described by a JSON spec (committed under ``configs/``)::
               {"name": "thermo", "lrs": [0.1], "set": {...}, "clock": "thermo-m2"}]}
 
 Every arm runs every learning rate × seed until the validation metric meets ``target``
-(``stop_at``) or the step budget ends. Time to target is the training clock at the first
-evaluation that meets it (evaluation itself excluded). An arm's learning rate is the one
-with the smallest median time over the seeds (a seed that misses counts as never), so
-every arm gets the same tuning budget. An arm with ``"clock": "thermo-m2"`` (or
-``"thermo-m1"``) is timed on the estimated clock of :mod:`.compare` (measured step − the
-work the device takes over + the hardware model's time for it) besides the measured one.
+(``stop_at``) or the step budget ends; runs go seed by seed, every arm and rate within
+a seed, so that a shared machine's speed changes fall on all arms alike. Time to target
+is the training clock at the first evaluation that meets it (evaluation itself
+excluded). An arm's learning rate is the one with the smallest median time over the
+seeds (a seed that misses counts as never), so every arm gets the same tuning budget.
+An arm with ``"clock": "thermo-m2"`` (or ``"thermo-m1"``) is timed on the estimated
+clock of :mod:`.compare` (measured step − the work the device takes over + the hardware
+model's time for it) besides the measured one.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ def time_to_target(run: Run, clock: list[float] | None = None) -> dict[str, floa
     for m in run.metrics:
         if m["step"] and run.reached(m):
             step = int(m["step"])
-            n_train = len(run.task.train[0]) if run.task.kind == "image" else len(run.task.train)
-            return {"step": step, "epochs": step * run.cfg.batch_size / n_train,
+            task, per_step = run.task, run.cfg.batch_size
+            n_train = len(task.train[0]) if task.kind == "image" else len(task.train)
+            if task.kind == "text":  # the corpus is counted in characters
+                per_step *= task.meta["context"]
+            return {"step": step, "epochs": step * per_step / n_train,
                     "seconds": m["train_s"],
                     "estimated_s": clock[step - 1] if clock is not None else None}
     return {"step": None, "epochs": None, "seconds": None, "estimated_s": None}
@@ -74,7 +79,12 @@ def _median(values: list[float | None]) -> float | None:
 
 def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> tuple[dict[str, Any], Any]:
     run = Run(cfg, out, task=task)
-    run.train(progress=False, checkpoint=False)
+    diverged = False
+    try:
+        run.train(progress=False, checkpoint=False)
+    except FloatingPointError:  # a rate that diverges never reaches the target
+        diverged = True
+        run.write()
     clock = _clock(run.steps, ACCOUNTING[clock_name]) if clock_name != "measured" else None
     curve = [{"step": m["step"], "seconds": m["train_s"],
               "estimated_s": (clock[int(m["step"]) - 1] if m["step"] else 0.0)
@@ -83,6 +93,7 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> tuple[dict[str, 
     step_s = statistics.median(s["wall_s"] for s in run.steps[1:] or run.steps)
     return {"lr": cfg.lr, "seed": cfg.seed, **time_to_target(run, clock),
             "final": run.metrics[-1], "steps_run": run.step, "median_step_s": step_s,
+            "diverged": diverged,
             "curve": curve}, run.task
 
 
@@ -92,8 +103,9 @@ def sweep(spec: dict[str, Any], out: Path, progress: bool = True) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(spec, indent=2))
     base = TrainConfig(**{**spec["base"], "stop_at": spec["target"]})
-    jobs = [(arm, lr, seed) for arm in spec["arms"] for lr in arm["lrs"]
-            for seed in spec["seeds"]]
+    # seed-major order: the machine's slow and fast spells fall on every arm alike
+    jobs = [(arm, lr, seed) for seed in spec["seeds"] for arm in spec["arms"]
+            for lr in arm["lrs"]]
     tasks: dict[tuple, Any] = {}  # one data split per (data, seed), shared by every arm
     runs: dict[str, list[dict[str, Any]]] = {arm["name"]: [] for arm in spec["arms"]}
     for arm, lr, seed in tqdm(jobs, desc="sweep runs", disable=not progress):
@@ -141,7 +153,8 @@ def _summarise(arm: dict[str, Any], results: list[dict[str, Any]],
             if clock != "measured" else None,
             "median_step_ms": 1e3 * statistics.median(r["median_step_s"] for r in chosen),
             "by_lr": {f"{lr:g}": {"median_s": _median([r["seconds"] for r in rs]),
-                                  "reached": sum(r["step"] is not None for r in rs)}
+                                  "reached": sum(r["step"] is not None for r in rs),
+                                  "diverged": sum(r["diverged"] for r in rs)}
                       for lr, rs in by_lr.items()},
             "batch_size": replace(base, **arm.get("set", {})).batch_size}
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
+from ..distributed.launch import collective_timeout
 from ..solvers import HardwareModel, ThermodynamicSolver
 from .tasks import Task, build_model, load_task
 
@@ -115,7 +116,8 @@ def init_distributed() -> tuple[int, int]:
     torch.distributed first — NCCL when CUDA is available, else gloo."""
     if dist.is_available() and not dist.is_initialized() and \
             int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=collective_timeout())
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -28,6 +28,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         if tie:
             self.lm_head.weight = self.wte.weight
+        self.apply(_init)  # small embeddings: the tied head starts near uniform logits
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
@@ -35,3 +36,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {t} exceeds the context {self.context}")
         pos = torch.arange(t, device=idx.device)
         return self.lm_head(self.ln_f(self.blocks(self.wte(idx) + self.wpe(pos))))
+
+
+def _init(module: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
