@@ -188,16 +188,16 @@ def test_sweep_tunes_lr_and_times_target(tmp_path):
 
 def test_sweep_counts_a_diverging_rate_as_never(tmp_path):
     spec = {"target": 0.8, "seeds": [0],
-            "base": {"data": "digits", "width": 32, "batch_size": 64, "steps": 30,
-                     "eval_every": 10},
-            "arms": [{"name": "sgd", "lrs": [1e4, 0.1], "set": {"optimizer": "sgd"}}]}
+            "base": {"data": "digits", "width": 32, "batch_size": 64, "steps": 60,
+                     "eval_every": 5},
+            "arms": [{"name": "adam", "lrs": [1e30, 1e-2], "set": {"optimizer": "adam"}}]}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     out = tmp_path / "sweep"
     assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
     arm = json.loads((out / "sweep.json").read_text())["arms"][0]
-    assert arm["by_lr"]["10000"] == {"median_s": None, "reached": 0, "diverged": 1}
-    assert arm["best_lr"] == 0.1
+    assert arm["by_lr"]["1e+30"] == {"median_s": None, "reached": 0, "diverged": 1}
+    assert arm["best_lr"] == 0.01 and arm["reached"] == 1
 
 
 def test_sweep_rejects_a_bad_spec(tmp_path):
