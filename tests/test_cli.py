@@ -68,6 +68,9 @@ def test_compare_writes_curves_and_plot(tmp_path):
     (["train", "--data", "cifar10"], "cifar10 needs --data-dir"),
     (["train", "--model", "gpt", "--data", "digits"], "model 'gpt' does not fit digits"),
     (["plot", "/nonexistent/folder"], "is not a run folder"),
+    (["train", "--data", "digits", "--device", "tpu9"], "device='tpu9' is not valid"),
+    (["train", "--data", "digits", "--batch-size", "33", "--steps", "1", "--device", "cpu",
+      "--dist-strategy", "fastest"], "invalid choice: 'fastest'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "-m", "thermokfac.cli", *argv],

@@ -129,7 +129,11 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not valid; use 'auto', 'cpu', 'cuda' or "
+                         "'cuda:N'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={name!r} is not available: this torch has no CUDA device")
