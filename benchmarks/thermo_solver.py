@@ -40,16 +40,7 @@ import step_time  # the reference MLP and machine facts
 from thermokfac import KFACPreconditioner
 from thermokfac.solvers import ThermodynamicSolver
 from thermokfac.solvers.thermo import backends
-
-
-def _median_time(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from thermokfac.timing import median_seconds
 
 
 def _problem(n: int):
@@ -73,7 +64,7 @@ def _thermox_setting(a, b, x_star, burnin: int):
         errs = [np.linalg.norm(np.asarray(fn(jax.random.PRNGKey(k)).block_until_ready())
                                - x_star) / np.linalg.norm(x_star) for k in range(3)]
         if np.mean(errs) <= 1e-2 or samples >= 2**22:
-            seconds = _median_time(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
+            seconds = median_seconds(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
             return samples, float(np.mean(errs)), seconds
         samples *= 2
 
@@ -88,7 +79,7 @@ def _ours(backend: str, at, bt, ref, burnin: int, samples: int):
 
     def run():
         return solver.solve(solver.prepare(at, 0.0), bt, generator=gen).x
-    seconds = _median_time(run)
+    seconds = median_seconds(run)
     return seconds, float(np.mean([float((run() - ref).norm() / ref.norm()) for _ in range(3)]))
 
 
@@ -139,7 +130,7 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
         b = torch.randn(n, rhs)
         sched = backends.Schedule(backends.Readout.SAMPLES, steps * 0.1, 0.0, 1, 0.1)
         gen = torch.Generator().manual_seed(0)
-        em = _median_time(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
+        em = median_seconds(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
             m, b, None, s, 0.1, 1.0, g))
 
         start = torch.randn(n, rhs)
@@ -148,7 +139,7 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
             for _ in range(steps):
                 x = torch.addmm(x, m, x, alpha=-0.1)
             return x
-        mm = _median_time(bare)
+        mm = median_seconds(bare)
         out[str(n)] = {"em_step_us": 1e6 * em / steps, "matmul_us": 1e6 * mm / steps,
                        "em_speed_vs_matmul": mm / em}
         print(f"euler n={n}: {out[str(n)]}", file=sys.stderr)

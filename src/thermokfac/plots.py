@@ -24,6 +24,14 @@ def read_csv(path: Path) -> list[dict[str, float]]:
                 for row in csv.DictReader(fh)]
 
 
+def _save(fig, path: Path, dpi: int, rect: tuple[float, ...] | None = None) -> list[Path]:
+    """Lay out, write and close ``fig``; the written paths."""
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return [path]
+
+
 def plot_train(run: Path) -> list[Path]:
     """Training loss per step and validation metrics per evaluation of one run."""
     run = Path(run)
@@ -38,11 +46,7 @@ def plot_train(run: Path) -> list[Path]:
     axes[2].plot([r["train_s"] for r in metrics], [r[metric] for r in metrics], marker="o")
     axes[2].set(xlabel="training time (s)", ylabel=metric.replace("_", " "))
     fig.suptitle(run.name)
-    fig.tight_layout()
-    path = run / "training.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, run / "training.png", 120)
 
 
 def plot_compare(folder: Path) -> list[Path]:
@@ -65,11 +69,7 @@ def plot_compare(folder: Path) -> list[Path]:
     fig.suptitle(summary["title"], fontsize=10)
     caption = "\n".join(textwrap.wrap(summary["caption"], 150))
     fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.14, 1, 0.95))
-    path = folder / "compare.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "compare.png", 130, rect=(0, 0.14, 1, 0.95))
 
 
 def plot_profile(folder: Path) -> list[Path]:
@@ -95,11 +95,7 @@ def plot_profile(folder: Path) -> list[Path]:
     fig.suptitle(f"K-FAC update time (factors and inverses every step, {cfg['solver']}, "
                  f"Method 1; mean of {cfg['repeats']} steps, {cfg['threads']} threads)",
                  fontsize=10)
-    fig.tight_layout()
-    path = folder / "profile.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "profile.png", 120)
 
 
 def plot_profile_nproc(folder: Path) -> list[Path]:
@@ -130,11 +126,7 @@ def plot_profile_nproc(folder: Path) -> list[Path]:
                  "inversion share)")
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "profile_nproc.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "profile_nproc.png", 130)
 
 
 def plot_scaling(folder: Path) -> list[Path]:
@@ -163,11 +155,7 @@ def plot_scaling(folder: Path) -> list[Path]:
     for ax in axes:  # label the measured sizes only (no overlapping minor labels)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    fig.tight_layout()
-    path = folder / "scaling.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "scaling.png", 120)
 
 
 def plot_quantize(folder: Path) -> list[Path]:
@@ -194,11 +182,7 @@ def plot_quantize(folder: Path) -> list[Path]:
         ax.set(title=f"{mode} quantization", xlabel="step", ylabel=metric.replace("_", " "))
         ax.legend(fontsize=7)
     fig.suptitle(result["title"], fontsize=10)
-    fig.tight_layout()
-    path = folder / "quantize.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "quantize.png", 120)
 
 
 def plot_plan(folder: Path) -> list[Path]:
@@ -216,11 +200,7 @@ def plot_plan(folder: Path) -> list[Path]:
            yscale="log", title=f"{result['model']} on {result['data']}: "
                                f"{result['spus_needed']} SPUs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "plan.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "plan.png", 120)
 
 
 def plot_sweep(folder: Path) -> list[Path]:
@@ -258,11 +238,7 @@ def plot_sweep(folder: Path) -> list[Path]:
     fig.suptitle(f"{base['model']} on {base['data']}: time to {metric} {target:g} "
                  f"(median of {len(summary['seeds'])} seeds, each arm at its best lr)",
                  fontsize=10)
-    fig.tight_layout()
-    path = folder / "sweep.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return [path]
+    return _save(fig, folder / "sweep.png", 130)
 
 
 DRAWERS = {"sweep.json": plot_sweep, "profile_nproc.json": plot_profile_nproc,

@@ -88,3 +88,14 @@ class TimingLog:
             yield
         finally:
             setattr(timings, part, getattr(timings, part) + self.clock() - start)
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

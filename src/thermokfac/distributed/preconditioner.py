@@ -107,12 +107,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         try:
             super().step(outputs, **kwargs)
         except RuntimeError as err:
-            if "distributed" in str(err).lower() and "K-FAC" in str(err):
-                raise
             raise RuntimeError(f"distributed K-FAC step {self.steps} failed on rank "
-                               f"{self.rank} of {self.world_size}: a collective did not "
-                               f"complete (a peer rank failed, exited or timed out): "
-                               f"{err}") from err
+                               f"{self.rank} of {self.world_size} (where a collective failed: "
+                               f"a peer rank raised, exited or timed out): {err}") from err
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -337,7 +334,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     self.stats[outcome] += 1
                 continue
             u, dot, layer_jobs = outcome
-            mine[name] = u.contiguous()  # a broadcast sends memory order
+            mine[name] = u if comm_opt else u.contiguous()  # a broadcast sends memory order
             jobs += layer_jobs
             flags[i], flags[-1] = 1.0, flags[-1] + dot
         buffers = mine

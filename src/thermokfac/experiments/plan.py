@@ -12,8 +12,6 @@ measured costs per dimension, the device side is the model of App. E.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 
 from .. import KFACPreconditioner
 from ..solvers import CholeskySolver, HardwareModel
+from ..timing import median_seconds
 from .tasks import build_model, load_task
 from .train import TrainConfig
 
@@ -34,17 +33,9 @@ def _measure(n: int, k: int, repeats: int = 3) -> tuple[float, float]:
     b = torch.randn(n, k, generator=gen)
     solver = CholeskySolver()
 
-    def median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     prepared = solver.prepare(m, 1e-3)
-    return median(lambda: solver.prepare(m, 1e-3)), median(lambda: solver.solve(prepared, b))
+    return (median_seconds(lambda: solver.prepare(m, 1e-3), repeats),
+            median_seconds(lambda: solver.solve(prepared, b), repeats))
 
 
 def plan(cfg: TrainConfig, out: Path, bits: list[int], rcs_us: list[float],

@@ -72,9 +72,8 @@ def _worker(config_json: str, out: str) -> None:
             totals[part] += value
     if rank == 0:
         means = {k: v / cfg["repeats"] for k, v in totals.items()}
-        owners = pre.assignment.loads
         Path(out).write_text(json.dumps({**means, "imbalance": pre.assignment.imbalance,
-                                         "loads": list(owners)}))
+                                         "loads": list(pre.assignment.loads)}))
 
 
 def profile_nproc(out: Path, *, nprocs: list[int], widths: list[int], depth: int, batch: int,

@@ -13,8 +13,6 @@ mode, at batch ``batch`` — measured from the tensors held.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..solvers import CGSolver, CholeskySolver, HardwareModel, ThermodynamicSolver
+from ..timing import median_seconds
 
 
 def _spd(n: int, seed: int = 0) -> torch.Tensor:
@@ -32,16 +31,6 @@ def _spd(n: int, seed: int = 0) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     evals = torch.logspace(-2, 0, n, dtype=torch.float64)
     return ((q * evals) @ q.mT).float()
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _held_bytes(n: int, batch: int, storage: str) -> int:
@@ -80,12 +69,12 @@ def scaling(out: Path, ns: list[int], repeats: int, batch: int) -> dict[str, Any
             settle_model=name)).total_s for name in ("rc", "rc_over_alpha_min", "target_error")}
         rows.append({
             "n": n,
-            "cholesky_inverse_s": _median_s(lambda m=m: chol.inverse(chol.prepare(m, 0.0)),
+            "cholesky_inverse_s": median_seconds(lambda m=m: chol.inverse(chol.prepare(m, 0.0)),
                                             repeats),
-            "cholesky_solve_s": _median_s(lambda m=m, b=b: chol.solve(chol.prepare(m, 0.0), b),
+            "cholesky_solve_s": median_seconds(lambda m=m, b=b: chol.solve(chol.prepare(m, 0.0), b),
                                           repeats),
-            "cholesky_apply_s": _median_s(lambda p=prepared, b=b: chol.solve(p, b), repeats),
-            "cg_solve_s": _median_s(lambda m=m, b=b: cg.solve(cg.prepare(m, 0.0), b),
+            "cholesky_apply_s": median_seconds(lambda p=prepared, b=b: chol.solve(p, b), repeats),
+            "cg_solve_s": median_seconds(lambda m=m, b=b: cg.solve(cg.prepare(m, 0.0), b),
                                     max(1, repeats // 3)),
             "model_s": model,
             "held_bytes_matrix": _held_bytes(n, batch, "matrix"),
