@@ -5,13 +5,14 @@
    simulate dx = −(Ax − b)dt + √2 dW (β = 1) and return the mean of N samples dt = 1
    apart after a burn-in: thermox's N is doubled until its relative error is ≤ 1e-2
    (mean of 3 keys); the closed-form backend draws the same output law (one ``eigh``,
-   then O(n²)), the trajectory backend steps the same N samples. Times are medians of 3
-   after a warm-up (thermox: jit compile excluded).
+   then O(n²)), the trajectory backend steps the same N samples. Times are medians of
+   3–25 calls (as many as fit in about 2 s) after a warm-up (thermox: jit compile
+   excluded).
 2. ``euler``: Euler–Maruyama steps (n × n times n × 64, plus noise) against the bare
    matrix products they need.
 3. ``kfac``: a K-FAC step (Method 2, factors every step, prepare every 10) on the
-   reference MLP of ``step_time.py`` with the Cholesky solver vs the closed-form
-   thermodynamic solver, round-robin medians.
+   reference MLP of ``step_time.py`` with the digital Cholesky and eigh solvers vs the
+   closed-form thermodynamic solver, round-robin medians.
 4. ``memory``: held bytes and peak RSS of factor-forming vs resistor-array (rows) mode.
 
 Run by hand, in an environment with thermox for part 1 (see the README):
@@ -43,6 +44,14 @@ from thermokfac.solvers.thermo import backends
 from thermokfac.timing import median_seconds
 
 
+def _timed(fn) -> float:
+    """Median seconds of ``fn`` over as many calls as fit in about 2 s (3 to 25)."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return median_seconds(fn, repeats=max(3, min(25, math.ceil(2.0 / max(once, 1e-6)))))
+
+
 def _problem(n: int):
     rng = np.random.default_rng(n)
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -64,7 +73,7 @@ def _thermox_setting(a, b, x_star, burnin: int):
         errs = [np.linalg.norm(np.asarray(fn(jax.random.PRNGKey(k)).block_until_ready())
                                - x_star) / np.linalg.norm(x_star) for k in range(3)]
         if np.mean(errs) <= 1e-2 or samples >= 2**22:
-            seconds = median_seconds(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
+            seconds = _timed(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
             return samples, float(np.mean(errs)), seconds
         samples *= 2
 
@@ -79,7 +88,7 @@ def _ours(backend: str, at, bt, ref, burnin: int, samples: int):
 
     def run():
         return solver.solve(solver.prepare(at, 0.0), bt, generator=gen).x
-    seconds = median_seconds(run)
+    seconds = _timed(run)
     return seconds, float(np.mean([float((run() - ref).norm() / ref.norm()) for _ in range(3)]))
 
 
@@ -130,7 +139,7 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
         b = torch.randn(n, rhs)
         sched = backends.Schedule(backends.Readout.SAMPLES, steps * 0.1, 0.0, 1, 0.1)
         gen = torch.Generator().manual_seed(0)
-        em = median_seconds(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
+        em = _timed(lambda m=matrix, b=b, s=sched, g=gen: backends.euler_maruyama(
             m, b, None, s, 0.1, 1.0, g))
 
         start = torch.randn(n, rhs)
@@ -139,9 +148,13 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
             for _ in range(steps):
                 x = torch.addmm(x, m, x, alpha=-0.1)
             return x
-        mm = median_seconds(bare)
+        mm = _timed(bare)
+        # The noise alone: n·k fresh normals per step, however the step is written.
+        draw = _timed(lambda g=gen, n=n: [torch.randn(n, rhs, generator=g)
+                                          for _ in range(steps)])
         out[str(n)] = {"em_step_us": 1e6 * em / steps, "matmul_us": 1e6 * mm / steps,
-                       "em_speed_vs_matmul": mm / em}
+                       "normals_us": 1e6 * draw / steps, "em_speed_vs_matmul": mm / em,
+                       "ceiling": mm / (mm + draw)}
         print(f"euler n={n}: {out[str(n)]}", file=sys.stderr)
     return out
 
@@ -160,6 +173,7 @@ def kfac_part(rounds: int) -> dict:
         return step, pre
 
     configs = {"digital (cholesky)": build("cholesky"),
+               "digital (eigh)": build("eigh"),
                "thermodynamic (closed-form)": build(ThermodynamicSolver())}
     for step, _ in configs.values():
         for _ in range(10):
@@ -177,10 +191,37 @@ def kfac_part(rounds: int) -> dict:
                      "breakdown_ms": {k.removeprefix("mean_").removesuffix("_s"): 1e3 * v
                                       for k, v in pre.timing_summary().items()
                                       if k.startswith("mean_")}}
-    names = list(configs)
-    out["ratio"] = out[names[1]]["median_ms"] / out[names[0]]["median_ms"]
+    out["floor"] = _kfac_floor(out["digital (cholesky)"]["median_ms"])
+    thermo = out["thermodynamic (closed-form)"]["median_ms"]
+    out["ratio"] = thermo / out["digital (cholesky)"]["median_ms"]
+    out["ratio_vs_eigh"] = thermo / out["digital (eigh)"]["median_ms"]
     print(f"kfac: {out}", file=sys.stderr)
     return out
+
+
+def _kfac_floor(digital_ms: float, inv_steps: int = 10) -> dict:
+    """What an exact closed-form step must add to a digital Cholesky step on the
+    reference MLP, from its primitives alone: per layer and step, two draws of d_out ×
+    d_in normals and the two products that colour them (S_G Ξ₁, Ξ₂ S_A); per prepare,
+    ``eigh`` of both factors instead of a Cholesky factorisation."""
+    model = step_time.reference_mlp()
+    gen = torch.Generator().manual_seed(0)
+    parts = {"normals_ms": 0.0, "colouring_ms": 0.0, "eigh_ms": 0.0}
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        d_out, d_in = layer.out_features, layer.in_features + 1
+        xi = torch.randn(d_out, d_in)
+        parts["normals_ms"] += 2e3 * _timed(lambda xi=xi: xi.normal_(generator=gen))
+        s_g, s_a = torch.randn(d_out, d_out), torch.randn(d_in, d_in)
+        parts["colouring_ms"] += 1e3 * (_timed(lambda s=s_g, xi=xi: s @ xi)
+                                        + _timed(lambda s=s_a, xi=xi: xi @ s))
+        for n in (d_out, d_in):
+            m = torch.randn(n, n + 8)
+            m = m @ m.mT / n + 1e-3 * torch.eye(n)
+            extra = _timed(lambda m=m: torch.linalg.eigh(m)) - _timed(
+                lambda m=m: torch.linalg.cholesky(m))
+            parts["eigh_ms"] += 1e3 * extra / inv_steps
+    floor = digital_ms + sum(parts.values())
+    return {**parts, "floor_ms": floor, "floor_ratio": floor / digital_ms}
 
 
 def _memory_child(storage: str, width: int, batch: int) -> None:

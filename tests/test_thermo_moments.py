@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -201,3 +202,43 @@ def test_low_rank_spectrum_equals_dense():
     got = low.apply([(lambda lam: 1 / lam, x)])
     assert torch.allclose(got, torch.linalg.solve(dense, x), atol=1e-12)
     assert low.alpha_min == pytest.approx(0.1)
+
+
+def test_moments_take_numpy_arrays_and_agree_with_torch():
+    """Every moment formula gives the same float64 values on a NumPy array."""
+    lam_np = LAMBDAS.numpy()
+    calls = [
+        lambda lam: moments.stationary_variance(lam, 2.0),
+        lambda lam: moments.transition(lam, 0.3, 2.0)[0],
+        lambda lam: moments.transition(lam, 0.3, 2.0)[1],
+        lambda lam: moments.window_mean_factor(lam, 1.5, 4.0),
+        lambda lam: moments.window_variance(lam, 1.5, 4.0, 2.0),
+        lambda lam: moments.window_variance(lam, 0.0, 1e-4, 2.0),  # the small-u series
+        lambda lam: moments.samples_mean_factor(lam, 1.5, 0.7, 9),
+        lambda lam: moments.samples_variance(lam, 1.5, 0.7, 9, 2.0),
+    ]
+    for call in calls:
+        ref, got = call(LAMBDAS), call(lam_np)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("signs", ["positive", "mixed"])
+def test_dense_matrix_function_matches_float64(signs):
+    """f(M) = V f(Λ) Vᵀ in float32 — by a symmetric rank-n update for n ≥ GRAM_MIN and
+    non-negative f — against the same product in float64."""
+    from thermokfac.solvers.thermo import spectral
+
+    n = spectral.GRAM_MIN + 44
+    spec64 = Spectrum.of_matrix(_spd(n, 7))
+    spec32 = Spectrum(spec64.evecs.float(), spec64.evals)
+    weights = 1.0 / spec64.evals
+    if signs == "mixed":
+        weights = weights * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0).double()
+    ref = (spec64.evecs * weights) @ spec64.evecs.mT
+    got = spec32.matrix(weights, torch.float32)
+    assert got.dtype == torch.float32
+    if signs == "positive":  # the rank update fills one triangle and mirrors it
+        assert torch.equal(got, got.mT)
+    err = float((got.double() - ref).norm() / ref.norm())
+    assert err < 50 * torch.finfo(torch.float32).eps

@@ -8,43 +8,55 @@ x* = M⁻¹b is an independent scalar OU process started at z₀ at t = 0:
     Cov(w(s), w(t)) = e^{−λ|t−s|} Var w(min(s, t)).
 
 Everything below is in float64 with ``expm1`` forms that stay accurate for small λt.
+Each function takes a torch tensor or a NumPy array of eigenvalues and returns the same
+kind (NumPy is the faster of the two on the short vectors of a small device matrix).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TypeVar
+
+import numpy as np
 import torch
-from torch import Tensor
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
 
-def _one_minus_exp(x: Tensor) -> Tensor:
+def _xp(x: Array) -> ModuleType:
+    return np if isinstance(x, np.ndarray) else torch
+
+
+def _one_minus_exp(x: Array) -> Array:
     """1 − e^{−x}, accurate for small x."""
-    return -torch.expm1(-x)
+    return -_xp(x).expm1(-x)
 
 
-def stationary_variance(lam: Tensor, beta: float) -> Tensor:
+def stationary_variance(lam: Array, beta: float) -> Array:
     """Var z at equilibrium: 1/(βλ) (Eq. 23: x ~ N(M⁻¹b, β⁻¹M⁻¹))."""
     return 1.0 / (beta * lam)
 
 
-def transition(lam: Tensor, dt: float, beta: float) -> tuple[Tensor, Tensor]:
+def transition(lam: Array, dt: float, beta: float) -> tuple[Array, Array]:
     """Exact AR(1) step over dt: z' = ρ z + √v ξ with ρ = e^{−λdt}, v = (1 − ρ²)/(βλ)."""
-    rho = torch.exp(-lam * dt)
+    rho = _xp(lam).exp(-lam * dt)
     return rho, _one_minus_exp(2 * lam * dt) / (beta * lam)
 
 
-def window_mean_factor(lam: Tensor, t0: float, window: float) -> Tensor:
+def window_mean_factor(lam: Array, t0: float, window: float) -> Array:
     """E[z̄]/z₀ for the time average over [t₀, t₀+T]: e^{−λt₀}(1 − e^{−λT})/(λT)."""
-    return torch.exp(-lam * t0) * _one_minus_exp(lam * window) / (lam * window)
+    return _xp(lam).exp(-lam * t0) * _one_minus_exp(lam * window) / (lam * window)
 
 
-def _h(u: Tensor) -> Tensor:
+def _h(u: Array) -> Array:
     """u − 2(1 − e^{−u}) + (1 − e^{−2u})/2, with its series u³/3 − u⁴/4 for small u."""
-    direct = u + 2 * torch.expm1(-u) - torch.expm1(-2 * u) / 2
+    xp = _xp(u)
+    direct = u + 2 * xp.expm1(-u) - xp.expm1(-2 * u) / 2
     series = u**3 / 3 - u**4 / 4 + 7 * u**5 / 60
-    return torch.where(u < 1e-3, series, direct)
+    return xp.where(u < 1e-3, series, direct)
 
 
-def window_variance(lam: Tensor, t0: float, window: float, beta: float) -> Tensor:
+def window_variance(lam: Array, t0: float, window: float, beta: float) -> Array:
     """Var z̄ of the time average over [t₀, t₀+T], starting from a fixed z₀ at t = 0.
 
     (2/β)/T² · [ (1 − e^{−λT})² (1 − e^{−2λt₀}) / (2λ³) + h(λT)/λ³ ], which tends to
@@ -55,14 +67,15 @@ def window_variance(lam: Tensor, t0: float, window: float, beta: float) -> Tenso
     return (2.0 / beta) / window**2 * (burn + _h(u) / lam**3)
 
 
-def samples_mean_factor(lam: Tensor, t0: float, spacing: float, count: int) -> Tensor:
+def samples_mean_factor(lam: Array, t0: float, spacing: float, count: int) -> Array:
     """E[z̄]/z₀ for the mean of N samples at t₀, t₀+Δ, …: e^{−λt₀}(1 − ρ^N)/(N(1 − ρ))."""
-    rho = torch.exp(-lam * spacing)
+    xp = _xp(lam)
+    rho = xp.exp(-lam * spacing)
     ratio = _one_minus_exp(lam * spacing * count) / (count * _one_minus_exp(lam * spacing))
-    return torch.exp(-lam * t0) * torch.where(rho < 1, ratio, torch.ones_like(rho))
+    return xp.exp(-lam * t0) * xp.where(rho < 1, ratio, xp.ones_like(rho))
 
 
-def samples_variance(lam: Tensor, t0: float, spacing: float, count: int, beta: float) -> Tensor:
+def samples_variance(lam: Array, t0: float, spacing: float, count: int, beta: float) -> Array:
     """Var z̄ for the mean of N samples Δ apart after a burn-in t₀ (z₀ fixed at t = 0).
 
     With ρ = e^{−λΔ} and s = 1/(βλ): Var = s (S₁ − e^{−2λt₀} S₂) / N², where
@@ -70,11 +83,12 @@ def samples_variance(lam: Tensor, t0: float, spacing: float, count: int, beta: f
     S₂ = Σ_{j,k} ρ^{|j−k|} ρ^{2 min(j,k)} = (1+ρ)(1−ρ^{2N})/((1−ρ)(1−ρ²)) − 2ρᴺ(1−ρᴺ)/(1−ρ)².
     For large N and t₀ it tends to coth(λΔ/2)/(βλN).
     """
-    rho = torch.exp(-lam * spacing)
+    xp = _xp(lam)
+    rho = xp.exp(-lam * spacing)
     one_m = _one_minus_exp(lam * spacing)
-    rho_n = torch.exp(-lam * spacing * count)
+    rho_n = xp.exp(-lam * spacing * count)
     s1 = count * (1 + rho) / one_m - 2 * rho * (1 - rho_n) / one_m**2
     s2 = ((1 + rho) * _one_minus_exp(2 * lam * spacing * count) / (one_m * _one_minus_exp(
         2 * lam * spacing)) - 2 * rho_n * (1 - rho_n) / one_m**2)
-    var = stationary_variance(lam, beta) * (s1 - torch.exp(-2 * lam * t0) * s2) / count**2
-    return var.clamp_min(0.0)
+    var = stationary_variance(lam, beta) * (s1 - xp.exp(-2 * lam * t0) * s2) / count**2
+    return xp.where(var > 0, var, 0.0)

@@ -25,6 +25,7 @@ import math
 from dataclasses import fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -194,7 +195,8 @@ class ThermodynamicSolver(LinearSolver):
         values = {"scale": scale, "alpha_min": alpha, "t0": t0, "window": window,
                   "spacing": spacing, "samples": float(cfg.num_samples),
                   "damping_shift": shift * scale, "true_alpha_min": true_min}
-        tensors.update({k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        scalars = torch.tensor(list(values.values()), dtype=torch.float64).unbind(0)
+        tensors.update(zip(values, scalars))  # 0-d tensors, made at once
         return tensors
 
     def _densify(self, tensors: dict[str, Tensor], spectra: list[Spectrum]) -> None:
@@ -206,8 +208,11 @@ class ThermodynamicSolver(LinearSolver):
         mean_factor, variance = backends.closed_form_weights(sched, self.config.beta_value)
         for i, spec in enumerate(spectra):
             dtype = spec.evecs.dtype
-            tensors[f"solve_{i}"] = spec.matrix(lambda lam: (1 - mean_factor(lam)) / lam, dtype)
-            tensors[f"noise_{i}"] = spec.matrix(lambda lam: variance(lam).sqrt(), dtype)
+            lam = spec.evals.cpu().numpy()  # the moment formulas are faster in NumPy here
+            with np.errstate(all="ignore"):
+                solve_w, noise_w = (1 - mean_factor(lam)) / lam, np.sqrt(variance(lam))
+            tensors[f"solve_{i}"] = spec.matrix(_weights(solve_w, spec.evals), dtype)
+            tensors[f"noise_{i}"] = spec.matrix(_weights(noise_w, spec.evals), dtype)
             if not keep_vectors:
                 del tensors[f"evecs_{i}"]
 
@@ -260,7 +265,11 @@ class ThermodynamicSolver(LinearSolver):
         cfg = self.config
         if "blocks" in prepared.tensors:
             return solve_blocks(self, self._inner, prepared, b, generator)
-        full_scale = max(float(b.max()), -float(b.min()))  # the DAC's full scale
+        rows = not b.is_contiguous() and b.mT.is_contiguous()
+        # A transposed view (the rows of Q in Method 2): work on its contiguous layout;
+        # a reduction over the strided view would copy it first.
+        lo, hi = torch.aminmax(b.mT if rows else b)
+        full_scale = max(float(hi), -float(lo))  # the DAC's full scale
         if full_scale == 0.0:
             return torch.zeros_like(b), 0.0, {}
         sched = self._schedule(prepared)
@@ -269,15 +278,14 @@ class ThermodynamicSolver(LinearSolver):
         if self._plain_closed_form(prepared):
             # x = x̃·fs/s with x̃ = F b̃ + S ξ and b̃ = b/fs: (F b)/s + (fs/s) S ξ, fused.
             t, scale = prepared.tensors, float(prepared.tensors["scale"])
-            rows = not b.is_contiguous() and b.mT.is_contiguous()
-            rhs = b.mT if rows else b  # a transposed view: work on its contiguous rows
+            rhs = b.mT if rows else b
             noise = torch.randn(rhs.shape, generator=generator, dtype=b.dtype, device=b.device)
             if rows:  # (F b)ᵀ = bᵀF and (S ξ)ᵀ = ξᵀS for symmetric F, S
-                x = torch.addmm(rhs @ t["solve_0"], noise, t["noise_0"], beta=1 / scale,
-                                alpha=full_scale / scale).mT
+                x = (rhs @ t["solve_0"]).addmm_(noise, t["noise_0"], beta=1 / scale,
+                                                alpha=full_scale / scale).mT
             else:
-                x = torch.addmm(t["solve_0"] @ rhs, t["noise_0"], noise, beta=1 / scale,
-                                alpha=full_scale / scale)
+                x = (t["solve_0"] @ rhs).addmm_(t["noise_0"], noise, beta=1 / scale,
+                                                alpha=full_scale / scale)
             return x, timing.total_s, {"clipped": 0.0, **stats}
         rhs = b / full_scale
         if cfg.input_bits is not None:
@@ -379,6 +387,10 @@ class _Adc:
         out, clipped = quantize_output(x, self.bits, self.full_scale)
         self.clipped += clipped
         return out
+
+
+def _weights(values: np.ndarray, like: Tensor) -> Tensor:
+    return torch.from_numpy(values).to(like.device)
 
 
 def _time_stats(timing: TimeBreakdown) -> dict[str, float]:

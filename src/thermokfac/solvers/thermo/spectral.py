@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..._kernels import add_gram_, symmetrize_lower
+
 Fn = Callable[[Tensor], Tensor]
+GRAM_MIN = 256
 
 
 @dataclass
@@ -96,8 +99,19 @@ class Spectrum:
                     out += weight * (x - self.evecs.to(dtype) @ block)
         return out
 
-    def matrix(self, f: Fn, dtype: torch.dtype) -> Tensor:
-        """f(M) as a dense ``[n, n]`` matrix (full form only)."""
-        weights = f(self.evals).to(dtype)
+    def matrix(self, f: Fn | Tensor, dtype: torch.dtype) -> Tensor:
+        """f(M) as a dense ``[n, n]`` matrix (full form only).
+
+        ``f`` is a function of the eigenvalues or their weights f(λ) themselves. With
+        non-negative weights and n ≥ ``GRAM_MIN``, f(M) = (V f^{1/2})(V f^{1/2})ᵀ is one
+        symmetric rank-n update (half the products of V diag(f) Vᵀ; below that size the
+        plain product has less overhead).
+        """
+        weights = (f if isinstance(f, Tensor) else f(self.evals)).to(dtype)
+        if self.n >= GRAM_MIN and bool((weights >= 0).all()):
+            rows = self.evecs.mT.to(dtype) * weights.sqrt()[:, None]
+            out = torch.zeros(self.n, self.n, dtype=dtype, device=rows.device)
+            add_gram_(out, rows)
+            return symmetrize_lower(out)
         v = self.evecs.to(dtype)
         return (v * weights) @ v.mT
