@@ -17,7 +17,8 @@
 
 Run by hand, in an environment with thermox for part 1 (see the README):
     python benchmarks/thermo_solver.py [--quick] [--parts solver euler kfac memory]
-Writes ``benchmarks/results/thermo_solver.json`` and prints Markdown tables.
+Writes ``benchmarks/results/thermo_solver.json`` (the parts run replace theirs; the
+others are kept) and prints the results.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def kfac_part(rounds: int) -> dict:
     for step, _ in configs.values():
         for _ in range(10):
             step()
+    floor = _FloorParts(step_time.reference_mlp())
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(rounds):
         for name, (step, _) in configs.items():
@@ -185,43 +187,65 @@ def kfac_part(rounds: int) -> dict:
             for _ in range(10):
                 step()
             times[name].append((time.perf_counter() - start) / 10)
+        floor.measure()  # in the same rounds, so machine drift hits it alike
     out = {}
     for name, (_, pre) in configs.items():
         out[name] = {"median_ms": 1e3 * statistics.median(times[name]),
                      "breakdown_ms": {k.removeprefix("mean_").removesuffix("_s"): 1e3 * v
                                       for k, v in pre.timing_summary().items()
                                       if k.startswith("mean_")}}
-    out["floor"] = _kfac_floor(out["digital (cholesky)"]["median_ms"])
+    digital = out["digital (cholesky)"]["median_ms"]
+    parts = floor.medians_ms()
+    floor_ms = digital + sum(parts.values())
+    out["floor"] = {**parts, "floor_ms": floor_ms, "floor_ratio": floor_ms / digital}
     thermo = out["thermodynamic (closed-form)"]["median_ms"]
-    out["ratio"] = thermo / out["digital (cholesky)"]["median_ms"]
+    out["ratio"] = thermo / digital
     out["ratio_vs_eigh"] = thermo / out["digital (eigh)"]["median_ms"]
     print(f"kfac: {out}", file=sys.stderr)
     return out
 
 
-def _kfac_floor(digital_ms: float, inv_steps: int = 10) -> dict:
-    """What an exact closed-form step must add to a digital Cholesky step on the
-    reference MLP, from its primitives alone: per layer and step, two draws of d_out ×
-    d_in normals and the two products that colour them (S_G Ξ₁, Ξ₂ S_A); per prepare,
+class _FloorParts:
+    """What an exact closed-form step must add to a digital Cholesky step, from its
+    primitives alone: per layer and step, two draws of d_out × d_in normals and the two
+    products that colour them (S_G Ξ₁, Ξ₂ S_A); per prepare (every ``inv_steps``),
     ``eigh`` of both factors instead of a Cholesky factorisation."""
-    model = step_time.reference_mlp()
-    gen = torch.Generator().manual_seed(0)
-    parts = {"normals_ms": 0.0, "colouring_ms": 0.0, "eigh_ms": 0.0}
-    for layer in (m for m in model if isinstance(m, nn.Linear)):
-        d_out, d_in = layer.out_features, layer.in_features + 1
-        xi = torch.randn(d_out, d_in)
-        parts["normals_ms"] += 2e3 * _timed(lambda xi=xi: xi.normal_(generator=gen))
-        s_g, s_a = torch.randn(d_out, d_out), torch.randn(d_in, d_in)
-        parts["colouring_ms"] += 1e3 * (_timed(lambda s=s_g, xi=xi: s @ xi)
-                                        + _timed(lambda s=s_a, xi=xi: xi @ s))
-        for n in (d_out, d_in):
-            m = torch.randn(n, n + 8)
-            m = m @ m.mT / n + 1e-3 * torch.eye(n)
-            extra = _timed(lambda m=m: torch.linalg.eigh(m)) - _timed(
-                lambda m=m: torch.linalg.cholesky(m))
-            parts["eigh_ms"] += 1e3 * extra / inv_steps
-    floor = digital_ms + sum(parts.values())
-    return {**parts, "floor_ms": floor, "floor_ratio": floor / digital_ms}
+
+    def __init__(self, model: nn.Module, inv_steps: int = 10) -> None:
+        self.inv_steps = inv_steps
+        self.gen = torch.Generator().manual_seed(0)
+        self.layers = []
+        for layer in (m for m in model if isinstance(m, nn.Linear)):
+            d_out, d_in = layer.out_features, layer.in_features + 1
+            factors = []
+            for n in (d_out, d_in):
+                m = torch.randn(n, n + 8, generator=self.gen)
+                factors.append(m @ m.mT / n + 1e-3 * torch.eye(n))
+            self.layers.append((torch.randn(d_out, d_in), torch.randn(d_out, d_out),
+                                torch.randn(d_in, d_in), factors))
+        self.samples: dict[str, list[float]] = {"normals_ms": [], "colouring_ms": [],
+                                                "eigh_ms": []}
+
+    def measure(self) -> None:
+        def clock(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - start)
+
+        totals = dict.fromkeys(self.samples, 0.0)
+        for xi, s_g, s_a, factors in self.layers:
+            totals["normals_ms"] += 2 * clock(lambda xi=xi: xi.normal_(generator=self.gen))
+            totals["colouring_ms"] += (clock(lambda s=s_g, xi=xi: s @ xi)
+                                       + clock(lambda s=s_a, xi=xi: xi @ s))
+            for m in factors:
+                extra = clock(lambda m=m: torch.linalg.eigh(m)) - clock(
+                    lambda m=m: torch.linalg.cholesky(m))
+                totals["eigh_ms"] += extra / self.inv_steps
+        for key, value in totals.items():
+            self.samples[key].append(value)
+
+    def medians_ms(self) -> dict[str, float]:
+        return {key: statistics.median(values) for key, values in self.samples.items()}
 
 
 def _memory_child(storage: str, width: int, batch: int) -> None:
@@ -266,7 +290,8 @@ def main() -> None:
         _memory_child(storage, int(width), int(batch))
         return
     sizes = [64, 256] if args.quick else [64, 256, 1024]
-    results: dict = {"machine": step_time.machine()}
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["machine"] = step_time.machine()
     if "solver" in args.parts:
         results["solver"] = solver_part(sizes)
     if "euler" in args.parts:

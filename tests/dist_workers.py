@@ -33,12 +33,15 @@ def data(step: int):
                                                                           generator=g)
 
 
-def train(model: nn.Module, pre, opt, rank: int, world: int, mc: bool = False) -> None:
+def train(model: nn.Module, pre, opt, rank: int, world: int, mc: bool = False,
+          device: torch.device | None = None) -> None:
     """STEPS steps; this rank takes its contiguous share of every batch."""
     share = BATCH // world
     for step in range(STEPS):
         x, y = data(step)
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        if device is not None:
+            x, y = x.to(device), y.to(device)
         opt.zero_grad()
         logits = model(x)
         nn.functional.cross_entropy(logits, y).backward(retain_graph=mc)
@@ -86,6 +89,23 @@ def equivalence(out: str, strategy: str, method: str, solver: str = "cholesky",
     torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
                 "factors": pre.factors(), "owners": pre.assignment.owners,
                 "collectives": pre.collectives, "kl": pre.stats["kl_clip_scale"]},
+               f"{out}.{rank}")
+
+
+def cuda_equivalence(out: str, strategy: str, method: str, solver: str = "cholesky") -> None:
+    """The same training on this rank's GPU (NCCL where the launcher chose it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    torch.manual_seed(0)
+    inner = TokenNet().double().to(device)
+    model = nn.parallel.DistributedDataParallel(inner, device_ids=[rank])
+    pre = DistributedKFACPreconditioner(model, strategy=strategy,
+                                        **options(method, solver, "empirical", "matrix"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    train(model, pre, opt, rank, world, device=device)
+    torch.save({"params": {k: v.detach().cpu() for k, v in inner.named_parameters()},
+                "backend": dist.get_backend(), "collectives": pre.collectives},
                f"{out}.{rank}")
 
 

@@ -26,7 +26,7 @@ from .experiments.quantize import quantize_sweep
 from .experiments.scaling import scaling
 from .experiments.sweep import load_spec, sweep
 from .experiments.sweep import table as sweep_table
-from .experiments.train import OPTIMIZERS, Run, TrainConfig
+from .experiments.train import OPTIMIZERS, Run, TrainConfig, resolve_device
 from .solvers.quantize import check_bits
 
 _SKIP = {"seed", "threads"}
@@ -115,7 +115,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     result = profile(args.out, widths=args.widths, depth=args.depth, mlp_batch=args.mlp_batch,
                      embds=args.embds, vocabs=args.vocabs, gpt_batch=args.gpt_batch,
                      context=args.context, n_layer=args.n_layer, vocab=args.vocab,
-                     n_embd=args.n_embd, repeats=args.repeats)
+                     n_embd=args.n_embd, repeats=args.repeats,
+                     device=resolve_device(args.device))
     figures = plots.plot_profile(args.out)
     for key in ("mlp_width", "gpt_embd", "gpt_vocab"):
         for row in result[key]:
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "divided among them")
     prof.add_argument("--strategy", choices=("comm-opt", "mem-opt"), default="comm-opt",
                       help="work distribution with --nproc")
+    prof.add_argument("--device", default="cpu",
+                      help="where the sweeps run: cpu (default), cuda, cuda:N or auto")
     prof.set_defaults(func=cmd_profile)
 
     scal = sub.add_parser("scaling", help="measured and modelled cost vs n (Tables 1-2)")

@@ -93,7 +93,8 @@ def plot_profile(folder: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     cfg = result["config"]
     fig.suptitle(f"K-FAC update time (factors and inverses every step, {cfg['solver']}, "
-                 f"Method 1; mean of {cfg['repeats']} steps, {cfg['threads']} threads)",
+                 f"Method 1; mean of {cfg['repeats']} steps, "
+                 f"{cfg.get('device', str(cfg['threads']) + ' threads')})",
                  fontsize=10)
     return _save(fig, folder / "profile.png", 120)
 

@@ -10,6 +10,9 @@ tensors of the workload's shapes: the costs do not depend on the values.
 Sweeps: (a) an MLP of fixed depth (50) vs width; (b) a GPT vs embedding width
 (vocabulary 10⁴, context 64, batch 64, 3 layers, as the paper's App. C); (c) a GPT vs
 vocabulary size (the untied V×V output-head factor dominates).
+
+On a GPU (``device="cuda"``) every part is timed between ``torch.cuda.synchronize()``
+calls, so the kernels' asynchronous launches do not hide their time.
 """
 
 from __future__ import annotations
@@ -30,18 +33,27 @@ from ..models import GPT, MLP
 PARTS = ("gradient", "curvature", "inversion", "update")
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def profile_step(model: nn.Module, batch: Callable[[], tuple], loss_fn: Callable,
                  repeats: int, method: str = "inverse", solver: str = "cholesky",
                  **kfac: Any) -> dict[str, float]:
-    """Mean seconds of each part of a K-FAC step (factors and inverses every step)."""
+    """Mean seconds of each part of a K-FAC step (factors and inverses every step), on
+    the device of ``model``'s parameters (``batch`` returns tensors there)."""
+    device = next(model.parameters()).device
     pre = KFACPreconditioner(model, solver=solver, method=method, factor_update_steps=1,
                              inv_update_steps=1, kl_clip=None, **kfac)
     totals = dict.fromkeys(PARTS, 0.0)
     for i in range(repeats + 1):
         x, y = batch()
         model.zero_grad(set_to_none=False)
+        _sync(device)
         start = time.perf_counter()
         loss_fn(model(x), y).backward()
+        _sync(device)
         grad = time.perf_counter() - start - pre.pending_curvature_s
         pre.step()
         if i == 0:
@@ -57,44 +69,52 @@ def _classification(logits, y):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def mlp_sweep(widths: list[int], depth: int, batch: int, repeats: int, input_dim: int = 3072
-              ) -> list[dict[str, Any]]:
+def mlp_sweep(widths: list[int], depth: int, batch: int, repeats: int, input_dim: int = 3072,
+              device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     rows = []
     for width in tqdm(widths, desc="MLP width", leave=False):
         torch.manual_seed(0)
-        model = MLP(input_dim, width, depth, 10)
+        model = MLP(input_dim, width, depth, 10).to(device)
         gen = torch.Generator().manual_seed(1)
 
         def data(width=width, gen=gen):
-            return (torch.randn(batch, input_dim, generator=gen),
-                    torch.randint(0, 10, (batch,), generator=gen))
+            return (torch.randn(batch, input_dim, generator=gen).to(device),
+                    torch.randint(0, 10, (batch,), generator=gen).to(device))
         rows.append({"width": width, **profile_step(model, data, _classification, repeats)})
     return rows
 
 
-def gpt_sweep(key: str, values: list[int], base: dict[str, int], batch: int, repeats: int
-              ) -> list[dict[str, Any]]:
+def gpt_sweep(key: str, values: list[int], base: dict[str, int], batch: int, repeats: int,
+              device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     rows = []
     for value in tqdm(values, desc=f"GPT {key}", leave=False):
         cfg = {**base, key: value}
         torch.manual_seed(0)
         model = GPT(cfg["vocab"], cfg["context"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                    n_head=cfg["n_head"], tie=False)
+                    n_head=cfg["n_head"], tie=False).to(device)
         gen = torch.Generator().manual_seed(1)
 
         def data(cfg=cfg, gen=gen):
             x = torch.randint(0, cfg["vocab"], (batch, cfg["context"]), generator=gen)
-            return x, torch.randint(0, cfg["vocab"], (batch, cfg["context"]), generator=gen)
+            y = torch.randint(0, cfg["vocab"], (batch, cfg["context"]), generator=gen)
+            return x.to(device), y.to(device)
         rows.append({key: value, **profile_step(
             model, data, _classification, repeats, kfac_approx="expand",
             num_per_example_loss_terms=cfg["context"])})
     return rows
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"cpu, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 def profile(out: Path, *, widths: list[int], depth: int, mlp_batch: int, embds: list[int],
             vocabs: list[int], gpt_batch: int, context: int, n_layer: int, vocab: int,
-            n_embd: int, repeats: int) -> dict[str, Any]:
-    """Run the three sweeps and write ``profile.json``."""
+            n_embd: int, repeats: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Run the three sweeps on ``device`` and write ``profile.json``."""
+    device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = {"vocab": vocab, "context": context, "n_layer": n_layer, "n_embd": n_embd,
@@ -103,10 +123,14 @@ def profile(out: Path, *, widths: list[int], depth: int, mlp_batch: int, embds: 
         "config": {"widths": widths, "depth": depth, "mlp_batch": mlp_batch, "embds": embds,
                    "vocabs": vocabs, "gpt_batch": gpt_batch, "gpt": base, "repeats": repeats,
                    "threads": torch.get_num_threads(), "method": "inverse",
-                   "solver": "cholesky"},
-        "mlp_width": mlp_sweep(widths, depth, mlp_batch, repeats),
-        "gpt_embd": gpt_sweep("n_embd", embds, base, gpt_batch, repeats),
-        "gpt_vocab": gpt_sweep("vocab", vocabs, base, gpt_batch, repeats),
+                   "solver": "cholesky", "device": _device_name(device)},
     }
-    (out / "profile.json").write_text(json.dumps(result, indent=2))
+    sweeps = {"mlp_width": lambda: mlp_sweep(widths, depth, mlp_batch, repeats, device=device),
+              "gpt_embd": lambda: gpt_sweep("n_embd", embds, base, gpt_batch, repeats,
+                                            device=device),
+              "gpt_vocab": lambda: gpt_sweep("vocab", vocabs, base, gpt_batch, repeats,
+                                             device=device)}
+    for key, run in sweeps.items():  # written after each sweep: a cut-off run keeps them
+        result[key] = run()
+        (out / "profile.json").write_text(json.dumps(result, indent=2))
     return result

@@ -88,7 +88,9 @@ class Prepared:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.tensors.values())).device
+        """Where the state's matrices live (small bookkeeping tensors may be on the CPU)."""
+        matrices = [t for t in self.tensors.values() if t.is_floating_point() and t.ndim >= 2]
+        return (matrices or list(self.tensors.values()))[0].device
 
     def state_dict(self) -> dict[str, Any]:
         return {"solver": self.solver, "n": self.n, "damping": self.damping,

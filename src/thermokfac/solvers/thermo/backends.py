@@ -262,10 +262,10 @@ def wishart_covariance(spec: Spectrum, samples: int, beta: float, extra_variance
     S^{1/2} (W/N) S^{1/2} with S^{1/2} = (β⁻¹M⁻¹ + cI)^{1/2} a matrix function. ``c`` is
     the ADC's quantization variance (Sheppard: LSB²/12).
     """
-    n = spec.n
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    n, device = spec.n, spec.evecs.device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     chi2 = np.random.default_rng(seed).chisquare(samples - np.arange(n))
-    lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril_(-1)
+    lower = torch.randn(n, n, generator=generator, dtype=torch.float64, device=device).tril_(-1)
     lower.diagonal().copy_(torch.from_numpy(np.sqrt(chi2)))
     wishart = (lower @ lower.mT / samples).to(dtype)
     root = spec.matrix(lambda lam: (1.0 / (beta * lam) + extra_variance).sqrt(), dtype)
@@ -273,9 +273,9 @@ def wishart_covariance(spec: Spectrum, samples: int, beta: float, extra_variance
 
 
 def sample_covariance(mean_fn: Callable[[SampleHook], tuple[Tensor, Tensor]], n: int,
-                      dtype: torch.dtype) -> Tensor:
+                      dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
     """Σ xxᵀ/N of the samples a path backend produces (b = 0: the mean is known, zero)."""
-    acc = torch.zeros(n, n, dtype=dtype)
+    acc = torch.zeros(n, n, dtype=dtype, device=device)
     count = 0
 
     def hook(x: Tensor) -> Tensor:

@@ -46,7 +46,8 @@ def covariance_inverse(solver: ThermodynamicSolver, prepared: Prepared,
         if cfg.backend is Backend.CLOSED_FORM:
             extra = 0.0
             if cfg.output_bits is not None:
-                probe = torch.randn(n, 1, generator=generator, dtype=torch.float64)
+                probe = torch.randn(n, 1, generator=generator, dtype=torch.float64,
+                                    device=prepared.device)
                 calib = spec.apply([(lambda lam: (beta * lam).rsqrt(), probe.to(dtype))])
                 lsb = cfg.adc_headroom * float(calib.abs().max()) / levels(cfg.output_bits)
                 extra = lsb**2 / 12
@@ -68,7 +69,7 @@ def _path_covariance(solver: ThermodynamicSolver, prepared: Prepared, index: int
 
     cfg = solver.config
     n, dtype = prepared.n, prepared.dtype
-    zero = torch.zeros(n, 1, dtype=dtype)
+    zero = torch.zeros(n, 1, dtype=dtype, device=prepared.device)
     path = backends.Schedule(sched.readout, sched.t0, sched.window, samples, sched.spacing)
     adc = _Adc(cfg, zero, float(prepared.tensors["alpha_min"]))
 
@@ -80,7 +81,7 @@ def _path_covariance(solver: ThermodynamicSolver, prepared: Prepared, index: int
         return backends.euler_maruyama(prepared.tensors[f"realised_{index}"], zero, None, path,
                                        cfg.em_dt_rc, cfg.beta_value, generator, read)
 
-    cov = backends.sample_covariance(run, n, dtype)
+    cov = backends.sample_covariance(run, n, dtype, prepared.device)
     if cfg.backend is Backend.EULER_MARUYAMA:  # undo the scheme's variance inflation
         programmed = spec.matrix(lambda lam: lam, dtype)
         cov = cov - (cfg.em_dt_rc / 2) * cov @ programmed

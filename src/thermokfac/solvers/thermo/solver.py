@@ -168,7 +168,8 @@ class ThermodynamicSolver(LinearSolver):
             return programmed.clone()
         gen = torch.Generator().manual_seed(self.config.mismatch_seed)
         noise = torch.randn(programmed.shape, generator=gen, dtype=torch.float64)
-        return programmed * (1 + sigma * noise).to(programmed.dtype)
+        return programmed * (1 + sigma * noise).to(device=programmed.device,
+                                                  dtype=programmed.dtype)
 
     def _store(self, spectra: list[Spectrum], scale: float, damping_bound: float,
                shift: float) -> dict[str, Tensor]:

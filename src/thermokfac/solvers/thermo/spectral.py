@@ -20,10 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..._kernels import add_gram_, symmetrize_lower
-
 Fn = Callable[[Tensor], Tensor]
-GRAM_MIN = 256
 
 
 @dataclass
@@ -100,18 +97,8 @@ class Spectrum:
         return out
 
     def matrix(self, f: Fn | Tensor, dtype: torch.dtype) -> Tensor:
-        """f(M) as a dense ``[n, n]`` matrix (full form only).
-
-        ``f`` is a function of the eigenvalues or their weights f(λ) themselves. With
-        non-negative weights and n ≥ ``GRAM_MIN``, f(M) = (V f^{1/2})(V f^{1/2})ᵀ is one
-        symmetric rank-n update (half the products of V diag(f) Vᵀ; below that size the
-        plain product has less overhead).
-        """
+        """f(M) as a dense ``[n, n]`` matrix (full form only); ``f`` is a function of the
+        eigenvalues or the weights f(λ) themselves."""
         weights = (f if isinstance(f, Tensor) else f(self.evals)).to(dtype)
-        if self.n >= GRAM_MIN and bool((weights >= 0).all()):
-            rows = self.evecs.mT.to(dtype) * weights.sqrt()[:, None]
-            out = torch.zeros(self.n, self.n, dtype=dtype, device=rows.device)
-            add_gram_(out, rows)
-            return symmetrize_lower(out)
         v = self.evecs.to(dtype)
         return (v * weights) @ v.mT
