@@ -160,9 +160,10 @@ def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
     return out
 
 
-def kfac_part(rounds: int) -> dict:
+def kfac_part(rounds: int, device: str = "cpu") -> dict:
     def build(solver):
-        model, (x, y) = step_time.reference_mlp(), step_time.batch()
+        model = step_time.reference_mlp().to(device)
+        x, y = (t.to(device) for t in step_time.batch())
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
         pre = KFACPreconditioner(model, solver=solver, method="solve", optimizer=opt)
 
@@ -171,6 +172,8 @@ def kfac_part(rounds: int) -> dict:
             nn.functional.cross_entropy(model(x), y).backward()
             pre.step()
             opt.step()
+            if device != "cpu":
+                torch.cuda.synchronize()
         return step, pre
 
     configs = {"digital (cholesky)": build("cholesky"),
@@ -179,7 +182,7 @@ def kfac_part(rounds: int) -> dict:
     for step, _ in configs.values():
         for _ in range(10):
             step()
-    floor = _FloorParts(step_time.reference_mlp())
+    floor = _FloorParts(step_time.reference_mlp(), device=device)
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(rounds):
         for name, (step, _) in configs.items():
@@ -211,18 +214,20 @@ class _FloorParts:
     products that colour them (S_G Ξ₁, Ξ₂ S_A); per prepare (every ``inv_steps``),
     ``eigh`` of both factors instead of a Cholesky factorisation."""
 
-    def __init__(self, model: nn.Module, inv_steps: int = 10) -> None:
+    def __init__(self, model: nn.Module, inv_steps: int = 10, device: str = "cpu") -> None:
         self.inv_steps = inv_steps
-        self.gen = torch.Generator().manual_seed(0)
+        self.device = torch.device(device)
+        self.gen = torch.Generator(device=self.device).manual_seed(0)
         self.layers = []
         for layer in (m for m in model if isinstance(m, nn.Linear)):
             d_out, d_in = layer.out_features, layer.in_features + 1
             factors = []
             for n in (d_out, d_in):
-                m = torch.randn(n, n + 8, generator=self.gen)
-                factors.append(m @ m.mT / n + 1e-3 * torch.eye(n))
-            self.layers.append((torch.randn(d_out, d_in), torch.randn(d_out, d_out),
-                                torch.randn(d_in, d_in), factors))
+                m = torch.randn(n, n + 8, generator=self.gen, device=self.device)
+                factors.append(m @ m.mT / n + 1e-3 * torch.eye(n, device=self.device))
+            xi, s_g, s_a = (torch.randn(*shape, device=self.device)
+                            for shape in ((d_out, d_in), (d_out, d_out), (d_in, d_in)))
+            self.layers.append((xi, s_g, s_a, factors))
         self.samples: dict[str, list[float]] = {"normals_ms": [], "colouring_ms": [],
                                                 "eigh_ms": []}
 
@@ -230,6 +235,8 @@ class _FloorParts:
         def clock(fn) -> float:
             start = time.perf_counter()
             fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             return 1e3 * (time.perf_counter() - start)
 
         totals = dict.fromkeys(self.samples, 0.0)
@@ -280,6 +287,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["solver", "euler", "kfac", "memory"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="where the kfac part runs (cpu or cuda); its results are "
+                             "stored under kfac_<device> when not cpu")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "thermo_solver.json")
@@ -297,7 +307,10 @@ def main() -> None:
     if "euler" in args.parts:
         results["euler"] = euler_part(sizes)
     if "kfac" in args.parts:
-        results["kfac"] = kfac_part(3 if args.quick else 20)
+        key = "kfac" if args.device == "cpu" else f"kfac_{args.device}"
+        results[key] = kfac_part(3 if args.quick else 20, args.device)
+        if args.device != "cpu":
+            results[key]["device"] = torch.cuda.get_device_name()
     if "memory" in args.parts:
         results["memory"] = memory_part()
     args.out.parent.mkdir(parents=True, exist_ok=True)

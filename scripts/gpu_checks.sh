@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+[ -n "${SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
   tests/test_gpu.py tests/test_thermo_devices.py 2>&1 | tee "$out/pytest.txt"
 timeout 360 python3 -c "from thermokfac.cli import main; main()" profile --device cuda \
   --repeats 10 --widths 64 128 256 512 1024 2048 4096 --depth 50 --mlp-batch 512 \

@@ -54,3 +54,11 @@ def test_nccl_rank_matches_one_process(tmp_path, strategy, method):
         assert result["collectives"] > 0
         for name, value in result["params"].items():
             torch.testing.assert_close(value, reference[name].detach(), rtol=1e-9, atol=1e-11)
+
+
+def test_plain_cuda_device_gets_an_index():
+    """``--device cuda`` names the current GPU by index (what set_device needs)."""
+    from thermokfac.experiments.train import resolve_device
+
+    device = resolve_device("cuda")
+    assert device.type == "cuda" and device.index == torch.cuda.current_device()

@@ -137,6 +137,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={name!r} is not available: this torch has no CUDA device")
+        if device.index is None:  # plain "cuda": the current GPU, named by its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
