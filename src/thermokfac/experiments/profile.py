@@ -18,7 +18,6 @@ calls, so the kernels' asynchronous launches do not hide their time.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,28 +32,21 @@ from ..models import GPT, MLP
 PARTS = ("gradient", "curvature", "inversion", "update")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_step(model: nn.Module, batch: Callable[[], tuple], loss_fn: Callable,
                  repeats: int, method: str = "inverse", solver: str = "cholesky",
                  **kfac: Any) -> dict[str, float]:
     """Mean seconds of each part of a K-FAC step (factors and inverses every step), on
-    the device of ``model``'s parameters (``batch`` returns tensors there)."""
-    device = next(model.parameters()).device
+    the device of ``model``'s parameters (``batch`` returns tensors there); the
+    gradient is timed with the preconditioner's own clock (synchronised on a GPU)."""
     pre = KFACPreconditioner(model, solver=solver, method=method, factor_update_steps=1,
                              inv_update_steps=1, kl_clip=None, **kfac)
     totals = dict.fromkeys(PARTS, 0.0)
     for i in range(repeats + 1):
         x, y = batch()
         model.zero_grad(set_to_none=False)
-        _sync(device)
-        start = time.perf_counter()
+        start = pre.timing.clock()
         loss_fn(model(x), y).backward()
-        _sync(device)
-        grad = time.perf_counter() - start - pre.pending_curvature_s
+        grad = pre.timing.clock() - start - pre.pending_curvature_s
         pre.step()
         if i == 0:
             continue  # warm-up: allocator, kernels' self-checks
