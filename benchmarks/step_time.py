@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--skip-asdl", action="store_true")
     parser.add_argument("--skip-curvlinops", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--configs", default="",
+                        help="comma-separated configurations to run (sgd and adam always run)")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "step_time.json")
@@ -238,14 +241,23 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     holders: dict = {}
     configs = configurations(args.skip_asdl, args.skip_curvlinops, holders)
+    if args.configs:
+        keep = {"sgd", "adam", *(c.strip() for c in args.configs.split(","))}
+        unknown = sorted(keep - set(configs))
+        if unknown:
+            parser.error(f"--configs: unknown {unknown}; choose from {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k in keep}
+    load_before = os.getloadavg()
     times = measure(configs, rounds, args.block)
+    load_after = os.getloadavg()
     adam = statistics.median(times["adam"])
     results = {}
     for name, values in times.items():
         median = statistics.median(values)
-        q = statistics.quantiles(values, n=4) if len(values) > 1 else [median, median, median]
-        entry = {"median_ms": 1e3 * median, "iqr_ms": 1e3 * (q[2] - q[0]),
-                 "ratio_to_adam": median / adam, "rounds": len(values)}
+        ratios = [v / a for v, a in zip(values, times["adam"])]  # same round
+        entry = {"median_ms": 1e3 * median, "iqr_ms": 1e3 * _iqr(values),
+                 "ratio_to_adam": median / adam, "round_ratio_median": statistics.median(ratios),
+                 "round_ratio_iqr": _iqr(ratios), "rounds": len(values)}
         if holders.get(name):
             pre = holders[name][0]
             entry["breakdown_ms"] = {k.removeprefix("mean_").removesuffix("_s"): 1e3 * v
@@ -262,10 +274,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"workload": f"MLP {INPUT}->{WIDTH}x{DEPTH}->{CLASSES}, batch {BATCH}, fp32",
                "block": args.block, "machine": machine(), "targets": TARGETS,
+               "load_average_1_5_15": {"before": load_before, "after": load_after},
+               # The run itself loads both cores, so the 1-minute load after it is ~1-2:
+               # a quiet machine is one whose load was below 0.5 before the run.
+               "quiet": load_before[0] < 0.5,
                "results": results}
     args.out.write_text(json.dumps(payload, indent=2))
     print(table(payload))
     print(f"\nwrote {args.out}")
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
 
 
 def table(payload: dict) -> str:

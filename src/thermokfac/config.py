@@ -27,10 +27,10 @@ from .hyperparams import (
     check_schedule,
     check_value,
 )
+from .kl_clip import MOMENTUM
 from .solvers import LinearSolver, get_solver
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
-MOMENTUM = Range(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,14 @@ class KFACConfig:
     factor_dtype: torch.dtype
     momentum: float | None
     factor_storage: FactorStorage
+    class_dim: int | None = None
 
     @classmethod
     def build(cls, *, solver, method, damping, factor_decay, factor_update_steps,
               inv_update_steps, fisher_type, kfac_approx, loss_reduction, skip_layers,
               damping_split, kl_clip, lr, loss_type, num_per_example_loss_terms, mc_samples,
-              factor_dtype, momentum, factor_storage, model: nn.Module) -> KFACConfig:
+              factor_dtype, momentum, factor_storage, model: nn.Module,
+              class_dim: int | None = None) -> KFACConfig:
         """Validate every argument (``ValueError`` naming the value and valid range)."""
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
@@ -72,6 +74,10 @@ class KFACConfig:
             check_value("kl_clip", kl_clip, POSITIVE)
         if lr is not None:
             check_schedule("lr", lr, POSITIVE)
+        if class_dim is not None and (isinstance(class_dim, bool)
+                                      or not isinstance(class_dim, int)):
+            raise ValueError(f"class_dim={class_dim!r} must be an integer dimension (e.g. 1 "
+                             "for [N, C, T] outputs, -1 for [N, T, C]) or None")
         storage = parse_enum(FactorStorage, factor_storage, "factor_storage")
         if storage is FactorStorage.ROWS:
             if callable(factor_decay) or factor_decay != 0:
@@ -103,6 +109,7 @@ class KFACConfig:
             momentum=None if momentum is None else float(check_value("momentum", momentum,
                                                                       MOMENTUM)),
             factor_storage=storage,
+            class_dim=class_dim,
         )
 
 

@@ -6,8 +6,19 @@ Rules, applied in ``model.named_modules()`` order:
    e.g. ``"Embedding"``) is skipped.
 2. A module whose kind has no registered helper, or whose configuration the helper does
    not support (e.g. grouped convolutions), is *unsupported*: its parameters are left to
-   the base optimizer. Unsupported modules that own parameters are listed once.
-3. A module whose weight is frozen (``requires_grad=False``) is skipped.
+   the base optimizer. Unsupported modules that own parameters are listed once. So are
+   modules K-FAC cannot precondition correctly although their kind is registered:
+
+   * a weight or bias that is not the module's own leaf parameter (parametrizations
+     such as ``weight_norm`` / ``spectral_norm``: the gradient lands on the
+     parametrization's parameters, not on the computed weight);
+   * a subclass with its own ``forward`` (e.g. a LoRA-style adapter), unless a helper
+     is registered for the subclass itself;
+   * the projections inside ``nn.MultiheadAttention``, which applies their weights with
+     ``F.linear`` so that their module hooks never run.
+3. Frozen parameters are followed as ``requires_grad`` changes, at every step: a layer
+   preconditions exactly its trainable parameters (weight-only A when the bias is
+   frozen, the bias alone with A = 1 when the weight is frozen, nothing when both are).
 4. **Tied parameters**: a parameter shared by several modules (nanoGPT ties the token
    embedding to the output head) is preconditioned once, by the *first* module that
    holds it in this order; later modules holding an already-claimed parameter are
@@ -22,7 +33,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import LAYER_HELPERS, LayerHelper, helper_for
+from .layers import LAYER_HELPERS, LayerHelper, helper_for, subclass_problem
+
+#: Modules that apply their children's weights functionally (their hooks never run).
+FUNCTIONAL_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
 @dataclass
@@ -33,7 +47,7 @@ class Discovery:
         layers: ``(name, helper)`` for each preconditioned module.
         unsupported: ``name -> reason`` for modules with parameters K-FAC leaves alone.
         tied: ``name -> owner`` for modules whose parameters another layer preconditions.
-        skipped: Names skipped by ``skip_layers`` or because they are frozen.
+        skipped: Names skipped by ``skip_layers``.
     """
 
     layers: list[tuple[str, LayerHelper]] = field(default_factory=list)
@@ -43,10 +57,39 @@ class Discovery:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers and
+    ``torch.compile``'s ``OptimizedModule`` (in any nesting)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps, under ``torch.compile``) a DDP module."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+
+
+def leaf_problem(module: nn.Module, helper: type[LayerHelper]) -> str | None:
+    """Why the module's weight/bias are not its own leaf parameters (None if they are)."""
+    own = dict(module.named_parameters(recurse=False))
+    for name in ("weight", "bias"):
+        value = getattr(module, name, None)
+        if value is None or (name == "bias" and helper.diagonal_a):
+            continue
+        if own.get(name) is not value:
+            return (f"a computed {name} (parametrized, e.g. weight_norm/spectral_norm: its "
+                    "gradient lands on the parametrization's parameters)")
+    return None
 
 
 def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
@@ -59,6 +102,10 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
     found = Discovery()
     owners: dict[int, str] = {}
     matched: set[str] = set()
+    functional = {f"{name}.{child}" if name else child: type(parent).__name__
+                  for name, parent in model.named_modules()
+                  if isinstance(parent, FUNCTIONAL_PARENTS)
+                  for child, _ in parent.named_children()}
     for name, module in model.named_modules():
         kind = type(module).__name__
         hit = {name, kind} & set(skip_layers)
@@ -73,15 +120,16 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
             if own:
                 found.unsupported[name] = f"no helper for {kind}"
             continue
-        reason = helper_cls.unsupported_reason(module)
+        reason = (helper_cls.unsupported_reason(module) or subclass_problem(module)
+                  or leaf_problem(module, helper_cls))
+        if reason is None and name in functional:
+            reason = (f"its weights applied functionally by the parent {functional[name]} "
+                      "(its module hooks never run)")
         if reason is not None:
             found.unsupported[name] = f"{kind} with {reason}"
             continue
         helper = helper_cls(module)
         params = helper.parameters
-        if not params[0].requires_grad:
-            found.skipped.append(name)
-            continue
         claimed = [owners[id(p)] for p in params if id(p) in owners]
         if claimed:
             found.tied[name] = claimed[0]

@@ -69,6 +69,7 @@ class LossType(str, Enum):
 
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
+    BCE = "bce"  # sigmoid likelihood per output, as ``nn.BCEWithLogitsLoss``
 
 
 class FactorStorage(str, Enum):

@@ -94,8 +94,19 @@ def gradient_rows(g: Tensor, approx: KFACApprox, groups: Groups | None = None) -
     return g.sum(dim=1)
 
 
-def accumulate_a(sums: FactorSums, rows: Tensor, has_bias: bool, dtype: torch.dtype) -> None:
-    """Add Σ āāᵀ for ``rows`` ``[k, d]``; with a bias ā = [a, 1] (Eq. 4)."""
+def accumulate_a(sums: FactorSums, rows: Tensor | None, has_bias: bool, dtype: torch.dtype,
+                 count: int = 0, device: torch.device | None = None) -> None:
+    """Add Σ āāᵀ for ``rows`` ``[k, d]``; with a bias ā = [a, 1] (Eq. 4).
+
+    ``rows=None`` (a frozen weight, trainable bias) adds only the bias entry, ā = [1],
+    for ``count`` rows (on ``device``): A is then the 1×1 matrix [1].
+    """
+    if rows is None:
+        if sums.a is None:
+            sums.a = torch.zeros(1, 1, dtype=dtype, device=device)
+        sums.a += count
+        sums.a_rows += count
+        return
     rows = rows.detach().to(dtype).contiguous()
     k, d = rows.shape
     if sums.a is None:  # zero-filled: the strict upper triangle stays finite
@@ -123,10 +134,16 @@ def accumulate_g(sums: FactorSums, rows: Tensor, dtype: torch.dtype) -> None:
 
 
 def append_rows(parts: list[Tensor], rows: Tensor, has_bias: bool, dtype: torch.dtype) -> int:
-    """Keep ``rows`` (with a column of ones for the bias) for the resistor-array mode."""
-    rows = rows.detach().to(dtype)
+    """Keep ``rows`` (with a column of ones for the bias) for the resistor-array mode.
+
+    The kept rows are always a copy: the layer input they come from may be modified in
+    place later in the forward pass.
+    """
     if has_bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        rows = torch.cat([rows.detach().to(dtype), rows.new_ones(rows.shape[0], 1, dtype=dtype)],
+                         dim=1)
+    else:
+        rows = rows.detach().to(dtype, copy=True)
     parts.append(rows.contiguous())
     return rows.shape[0]
 

@@ -14,11 +14,21 @@ import math
 
 import torch
 
+from .hyperparams import Range, check_value
+
+MOMENTUM = Range(0.0, 1.0)
+
 
 def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer | None,
                             momentum: float | None) -> float | None:
     """η = lr/(1 − μ): ``lr`` if given, else the optimizer's first group's; μ from
-    ``momentum`` if given, else the group's SGD ``momentum`` (0 for Adam-like groups)."""
+    ``momentum`` if given, else the group's SGD ``momentum`` (0 for Adam-like groups).
+
+    Raises:
+        ValueError: If the momentum is outside [0, 1) (torch accepts SGD ``momentum=1``,
+            whose steady-state step lr/(1 − μ) is unbounded: pass ``momentum=`` to the
+            preconditioner, or ``kl_clip=None``).
+    """
     group = optimizer.param_groups[0] if optimizer is not None else {}
     if lr is None and "lr" in group:
         lr = float(group["lr"])
@@ -26,6 +36,12 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
         return None
     if momentum is None:
         momentum = float(group.get("momentum", 0.0)) if "betas" not in group else 0.0
+        if not MOMENTUM.contains(momentum):
+            raise ValueError(
+                f"the optimizer's momentum={momentum!r} is out of range for the KL clip, "
+                f"whose effective learning rate lr/(1 - momentum) needs momentum in "
+                f"{MOMENTUM.describe()}: pass momentum= to the preconditioner or kl_clip=None")
+    check_value("momentum", momentum, MOMENTUM)
     return float(lr) / (1.0 - momentum)
 
 

@@ -33,6 +33,8 @@ class LayerState:
             is a vector for diagonal A (both methods).
         damping: (λ_A, λ_G) used by the last prepare, after any fallback increase.
         failed: The last prepare failed: the layer's gradient passes through unchanged.
+        layout: (weight, bias) preconditioned by these factors (``requires_grad`` when
+            they were captured); None before the first capture.
     """
 
     a: Tensor | None = None
@@ -48,6 +50,7 @@ class LayerState:
     g_rows: Tensor | None = None
     a_row_scale: float = 1.0
     g_row_scale: float = 1.0
+    layout: tuple[bool, bool] | None = None
 
     @property
     def has_factors(self) -> bool:
@@ -121,13 +124,15 @@ class LayerState:
             "a_inv": self.a_inv, "g_inv": self.g_inv,
             "damping": tuple(self.damping), "failed": self.failed, "stats": dict(self.stats),
             "a_rows": self.a_rows, "g_rows": self.g_rows, "a_row_scale": self.a_row_scale,
-            "g_row_scale": self.g_row_scale,
+            "g_row_scale": self.g_row_scale, "layout": self.layout,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LayerState:
         out = cls(**{**state, "a_prep": None, "g_prep": None})
         out.damping = tuple(state["damping"])
+        if out.layout is not None:
+            out.layout = tuple(out.layout)
         if state["a_prep"] is not None:
             out.a_prep = Prepared.from_state_dict(state["a_prep"])
         if state["g_prep"] is not None:
@@ -259,7 +264,7 @@ def precondition_layer(helper, state: LayerState, solver: LinearSolver, method: 
         ``"nonfinite_grad_skips"``, ``"solver_errors"``, ``"nonfinite_update_skips"``;
         or ``""`` when the layer has no gradient.
     """
-    if helper.module.weight.grad is None:
+    if not helper.has_grad():
         return ""
     if not state.ready:
         return "passthrough_layers"

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
-from .discovery import Discovery, announce, discover, unwrap
+from .discovery import Discovery, announce, discover, is_ddp, unwrap
 from .enums import FactorStorage, FisherType, LossReduction
 from .factors import lower_is_finite
-from .fisher import backward_vectors
+from .fisher import backward_vectors, check_class_dim, num_loss_terms
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .kl_clip import effective_learning_rate, kl_clip_scale
 from .layer_state import LayerState, precondition_layer, prepare_layer
@@ -36,11 +36,15 @@ logger = logging.getLogger("thermokfac")
 
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
-             "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale")
+             "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
+             "transformed_passes", "trainable_changes", "ill_conditioned_solves")
 
 
 class KFACPreconditioner:
     """Kronecker-factored preconditioner that rewrites ``.grad`` in place.
+
+    See the README's "Supported setups" for what is preconditioned, what is left out
+    and how each is reported.
 
     Args:
         model: The network (a ``DistributedDataParallel`` wrapper is unwrapped; layer
@@ -72,8 +76,11 @@ class KFACPreconditioner:
             step for ``kl_clip``.
         momentum: Momentum μ for ``kl_clip``'s effective rate; default: the optimizer's
             SGD momentum if an optimizer is given, else 0.
-        loss_type: ``"cross_entropy"`` or ``"mse"`` — the likelihood used by ``mc`` and
-            ``type2``.
+        loss_type: ``"cross_entropy"``, ``"mse"`` or ``"bce"`` (sigmoid likelihood per
+            output, as ``BCEWithLogitsLoss``) — the likelihood used by ``mc`` and ``type2``.
+        class_dim: Where the classes (outputs of one prediction) lie in the outputs given
+            to ``mc``/``type2``; required when they have more than 2 dimensions (1 for
+            ``[N, C, T]``, the layout ``nn.CrossEntropyLoss`` takes; -1 for ``[N, T, C]``).
         num_per_example_loss_terms: Loss terms per example for the empirical Fisher
             (e.g. the sequence length R when a language-model loss averages over N·R
             tokens: then G = (1/(N·R)) Σ_{n,r} g gᵀ; for ``MSELoss(reduction='mean')``,
@@ -93,6 +100,9 @@ class KFACPreconditioner:
     Raises:
         ValueError: On any invalid argument (naming it and its valid values/range), or
             if the model has no supported layer.
+        RuntimeError: If the model is ``DistributedDataParallel``-wrapped and the world
+            size is above 1: each rank would use its own factors and the replicas would
+            drift apart; use :class:`~thermokfac.distributed.DistributedKFACPreconditioner`.
 
     Example:
         >>> import torch
@@ -108,6 +118,8 @@ class KFACPreconditioner:
         ((5, 5), (8, 8))
     """
 
+    _averages_factors = False  # the distributed subclass averages factors over ranks
+
     def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
                  method: str = "solve", damping: Schedule = 1e-3,
                  factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
@@ -119,7 +131,12 @@ class KFACPreconditioner:
                  loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
-                 factor_storage: str = "matrix") -> None:
+                 factor_storage: str = "matrix", class_dim: int | None = None) -> None:
+        if is_ddp(model) and not self._averages_factors and _world_size() > 1:
+            raise RuntimeError(
+                f"the model is DistributedDataParallel-wrapped on {_world_size()} ranks: "
+                "KFACPreconditioner would use each rank's own factors and the replicas "
+                "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
         self.model = unwrap(model)
         self.config = KFACConfig.build(
             solver=solver, method=method, damping=damping, factor_decay=factor_decay,
@@ -128,7 +145,7 @@ class KFACPreconditioner:
             skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
             mc_samples=mc_samples, factor_dtype=factor_dtype, momentum=momentum,
-            factor_storage=factor_storage, model=self.model)
+            factor_storage=factor_storage, model=self.model, class_dim=class_dim)
         self.solver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
@@ -147,8 +164,17 @@ class KFACPreconditioner:
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
         self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
+        if not any(r.helper.trainable for r in records):
+            warnings.warn("every preconditioned layer is frozen (requires_grad=False): K-FAC "
+                          "does nothing until one is trainable", stacklevel=2)
         self.steps = 0
         self._warned_nonfinite = self._curvature_done = False
+        self._warned: set[str] = set()
+        self._loss_terms = 0
+        self._window: tuple[int, int] | None = None
+        self._fresh: set[str] = set()  # layers whose parameters a backward reached
+        self._grad_hooks: dict[int, Any] = {}
+        self._watch_gradients()
         if kl_clip is not None and lr is None and optimizer is None:
             warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
                           "optimizer=, or kl_clip=None to silence this)", stacklevel=2)
@@ -178,11 +204,21 @@ class KFACPreconditioner:
                 when :meth:`curvature_backward` was not called for this step; their graph
                 must still exist (``loss.backward(retain_graph=True)``).
             lr: Learning rate for ``kl_clip`` this step (overrides ``lr``/``optimizer``).
-            num_examples: Examples in this step, for ``loss_reduction="mean"`` (default:
-                counted from the leading dimension of the model's first input).
+            num_examples: Examples in this step, for ``loss_reduction="mean"`` with the
+                empirical Fisher (default: counted from the root module's calls, see
+                :mod:`thermokfac.capture`; required when that count is ambiguous).
+
+        Raises:
+            RuntimeError: If no backward pass reached a preconditioned parameter since
+                the previous step (``step()`` before ``backward()``, or twice after one
+                backward), or if gradients arrived but no module hook ran at all (a
+                ``torch.compile`` backend or tracer that bypasses module hooks).
+            ValueError: If the number of examples is needed and cannot be counted
+                unambiguously, or ``num_examples`` is not a positive integer.
         """
         if outputs is not None:
             self.curvature_backward(outputs)
+        self._check_fresh_gradients()
         timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
         with self.timing.measure(timings, "curvature_s"):
             if self._capture.enabled:
@@ -209,13 +245,19 @@ class KFACPreconditioner:
         if self.config.fisher_type is FisherType.EMPIRICAL:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
+        class_dim = check_class_dim(outputs, self.config.class_dim)
         self._curvature_done = True
-        self._capture.backward_through(outputs, self._backward_vectors(outputs))
+        if not self._capture.enabled:
+            return
+        # Vectors of the *summed* loss; a mean divides by all terms of the step at step().
+        self._loss_terms += num_loss_terms(outputs, self.config.loss_type, class_dim)
+        self._capture.backward_through(outputs, self._backward_vectors(outputs, class_dim))
 
-    def _backward_vectors(self, outputs: Tensor):
+    def _backward_vectors(self, outputs: Tensor, class_dim: int):
         cfg = self.config
-        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
-                                self.generator, cfg.mc_samples)
+        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
+                                self.generator, cfg.mc_samples, window=self._window,
+                                class_dim=class_dim)
 
     @contextmanager
     def grouped_rows(self, membership: Tensor, num_groups: int | None = None
@@ -285,6 +327,9 @@ class KFACPreconditioner:
     def remove(self) -> None:
         """Detach every hook; the preconditioner stops capturing."""
         self._capture.remove()
+        for handle in self._grad_hooks.values():
+            handle.remove()
+        self._grad_hooks.clear()
 
     # ----------------------------------------------------------------- private
     def _loss_scale(self) -> float:
@@ -293,21 +338,85 @@ class KFACPreconditioner:
     def _begin_step(self) -> None:
         self._capture.reset()
         self._curvature_done = False
+        self._loss_terms = 0
+        self._fresh.clear()
+        self._watch_gradients()
         name = "factor_update_steps"
         if self.config.factor_storage is FactorStorage.ROWS:
             name = "inv_update_steps"  # rows are only needed where a prepare uses them
         every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
 
+    def _watch_gradients(self) -> None:
+        """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
+        trainable parameter; hooks are added as parameters become trainable)."""
+        for name, record in self._records.items():
+            for param in record.helper.parameters:
+                if param.requires_grad and id(param) not in self._grad_hooks:
+                    self._grad_hooks[id(param)] = param.register_post_accumulate_grad_hook(
+                        lambda _, name=name: self._fresh.add(name))
+
+    def _check_fresh_gradients(self) -> None:
+        if self._fresh or not any(r.helper.trainable for r in self._records.values()):
+            return
+        raise RuntimeError(
+            f"step() at step {self.steps} found no gradient from a backward pass since the "
+            "previous step: call loss.backward() before pre.step(), and pre.step() once per "
+            "backward (calling it twice would precondition the gradient twice)")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " (warned once)", stacklevel=4)
+
     def _g_multiplier(self, num_examples: int | None) -> float:
         cfg = self.config
-        if cfg.fisher_type is not FisherType.EMPIRICAL or cfg.loss_reduction is LossReduction.SUM:
+        if cfg.loss_reduction is LossReduction.SUM:
             return 1.0
-        examples = self._capture.examples if num_examples is None else num_examples
-        return float(examples * cfg.num_per_example_loss_terms)
+        if cfg.fisher_type is not FisherType.EMPIRICAL:
+            return 1.0 / self._loss_terms if self._loss_terms else 1.0
+        return float(self._num_examples(num_examples) * cfg.num_per_example_loss_terms)
+
+    def _num_examples(self, num_examples: int | None) -> int:
+        """N of this step: given, or counted by the root module's forward pre-hook."""
+        if num_examples is not None:
+            if isinstance(num_examples, bool) or not isinstance(num_examples, int) \
+                    or num_examples < 1:
+                raise ValueError(f"num_examples={num_examples!r} must be a positive integer")
+            return num_examples
+        capture = self._capture
+        problem = capture.example_problem
+        if problem is None and capture.root_calls == 0:
+            problem = ("the model itself was not called in this step (its submodules were "
+                       "called directly, e.g. model.head(model.body(x)))")
+        if problem is not None:
+            raise ValueError(
+                f"cannot count the examples of step {self.steps} for loss_reduction='mean': "
+                f"{problem}; pass pre.step(num_examples=N) with N the examples the loss "
+                "averaged over")
+        return capture.examples
+
+    def _note_capture_problems(self) -> None:
+        """Loud, never silent: transformed passes, hooks that did not run."""
+        capture = self._capture
+        if capture.transformed_passes:
+            self.stats["transformed_passes"] += capture.transformed_passes
+            capture.transformed_passes = 0
+            self._warn_once("transformed", (
+                "forward passes under a torch.func transform (vmap/grad/jvp...) are not "
+                "captured by K-FAC and not counted as examples; counted in "
+                "stats['transformed_passes']"))
+        if self._fresh and not capture.hooks_ran():
+            raise RuntimeError(
+                f"K-FAC captured nothing at step {self.steps} although the backward reached "
+                f"{len(self._fresh)} preconditioned layers: the module hooks did not run (a "
+                "torch.compile backend, tracer or exported program that bypasses "
+                "nn.Module hooks). Run the model eagerly or with torch.compile's default "
+                "backends")
 
     def _update_factors(self, num_examples: int | None) -> None:
         cfg = self.config
+        self._note_capture_problems()
         if cfg.fisher_type is not FisherType.EMPIRICAL and not self._curvature_done and any(
                 r.outputs for r in self._records.values()):
             raise RuntimeError(
@@ -315,11 +424,13 @@ class KFACPreconditioner:
                 "pre.step(outputs=logits) after loss.backward(retain_graph=True), or "
                 "pre.curvature_backward(logits) for each micro-batch")
         decay = resolve("factor_decay", cfg.factor_decay, self.steps, DECAY)
-        multiplier = self._g_multiplier(num_examples)
+        captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
+        multiplier = self._g_multiplier(num_examples) if captured else 1.0
+        self._follow_layouts()
         if cfg.factor_storage is FactorStorage.ROWS:
             for name, record in self._records.items():
                 if record.sums.a_rows == 0 or record.sums.g_rows == 0:
-                    self.stats["missing_factor_skips"] += 1
+                    self._missing(name)
                 elif not self._states[name].take_rows(record.sums, multiplier):
                     self._nonfinite_factors(name)
             return
@@ -329,13 +440,39 @@ class KFACPreconditioner:
                 continue
             self._states[name].update_ema(a_new, g_new, decay)
 
+    def _follow_layouts(self) -> None:
+        """A layer whose trainable parameters changed starts its factors afresh."""
+        for name, record in self._records.items():
+            state = self._states[name]
+            if record.layout is None or state.layout in (None, record.layout):
+                if record.layout is not None:
+                    state.layout = record.layout
+                continue
+            logger.info("layer %r: trainable parameters changed (weight, bias) %s -> %s; its "
+                        "factors start afresh", name, state.layout, record.layout)
+            self.stats["trainable_changes"] += 1
+            self._states[name] = LayerState(layout=record.layout)
+
+    def _missing(self, name: str) -> None:
+        """A layer the backward reached but whose factors were not captured: counted and
+        warned once (it keeps its previous factors, or passes its gradient through)."""
+        record = self._records[name]
+        if name not in self._fresh or (record.sums.a_rows and record.sums.g_rows):
+            return
+        self.stats["missing_factor_skips"] += 1
+        self._warn_once("missing", (
+            f"layer {name!r} received a gradient at step {self.steps} but its factors were "
+            "not captured (its forward ran outside the model's forward hooks, under "
+            "no_grad/eval, or its output was not used through autograd); its factor update "
+            "is skipped, counted in stats['missing_factor_skips']"))
+
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
         fresh = {}
         for name, record in self._records.items():
             sums = record.sums
             if sums.a_rows == 0 or sums.g_rows == 0:
-                self.stats["missing_factor_skips"] += 1
+                self._missing(name)
                 continue
             fresh[name] = (sums.a.div_(sums.a_rows),
                            sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
@@ -380,7 +517,12 @@ class KFACPreconditioner:
         updates: list[tuple[LayerRecord, Tensor, float]] = []
         jobs: list[TimeBreakdown] = []
         for name, record in self._records.items():
-            outcome = precondition_layer(record.helper, self._states[name], self.solver,
+            state = self._states[name]
+            if state.layout is not None and state.layout != record.helper.layout \
+                    and record.helper.has_grad():
+                self.stats["passthrough_layers"] += 1  # factors of other parameters
+                continue
+            outcome = precondition_layer(record.helper, state, self.solver,
                                          cfg.method, self.generator)
             if isinstance(outcome, str):
                 if outcome:
@@ -397,3 +539,8 @@ class KFACPreconditioner:
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
         return jobs
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

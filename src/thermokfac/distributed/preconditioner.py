@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..enums import FactorStorage, Method, parse_enum
-from ..fisher import backward_vectors
+from ..fisher import check_class_dim
 from ..hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
 from ..kl_clip import effective_learning_rate, kl_clip_scale
 from ..layer_state import (
@@ -73,6 +73,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         ValueError: On a bad ``strategy`` or ``bucket_mb``, or with ``factor_storage="rows"``.
     """
 
+    _averages_factors = True
+
     def __init__(self, model: nn.Module, *, strategy: Strategy | str = "comm-opt",
                  group: Any = None, bucket_mb: float = 32.0, **kwargs: Any) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -98,7 +100,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                                             self.world_size)
         self._index = {name: i for i, name in enumerate(self._records)}
         self._prepared_once: set[str] = set()
-        self._window: tuple[int, int] | None = None
 
     def step(self, outputs: Tensor | None = None, **kwargs: Any) -> None:
         """:meth:`KFACPreconditioner.step` on every rank; a collective that fails (a
@@ -162,18 +163,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         """As :meth:`KFACPreconditioner.curvature_backward`; ``mc`` labels are drawn for
         the global batch (ranks' rows in rank order) and sliced, so each depends only
         on its global example index."""
-        rows = torch.tensor([outputs.numel() // outputs.shape[-1]], device=self.device)
+        class_dim = check_class_dim(outputs, self.config.class_dim)
+        rows = torch.tensor([outputs.numel() // max(outputs.shape[class_dim], 1)],
+                            device=self.device)
         counts = [torch.zeros_like(rows) for _ in range(self.world_size)]
         dist.all_gather(counts, rows, group=self.group)
         sizes = [int(c) for c in counts]
         self._window = (sum(sizes[: self.rank]), sum(sizes))
         self.collectives += 1
         super().curvature_backward(outputs)
-
-    def _backward_vectors(self, outputs: Tensor):
-        cfg = self.config
-        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, cfg.loss_reduction,
-                                self.generator, cfg.mc_samples, window=self._window)
 
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         local = super()._fresh_factors(multiplier)

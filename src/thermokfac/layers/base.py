@@ -12,6 +12,7 @@ With this one format, K-FAC-expand and K-FAC-reduce (Eqs. 18–21) are one branc
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -40,14 +41,35 @@ class LayerHelper(ABC):
         return None
 
     @property
+    def weight_trainable(self) -> bool:
+        """Whether the weight is preconditioned now (``requires_grad``, read at every use)."""
+        return bool(self.module.weight.requires_grad)
+
+    @property
     def has_bias(self) -> bool:
-        return getattr(self.module, "bias", None) is not None
+        """Whether the bias column is in A and DΘ: the layer has a bias that trains now.
+
+        A frozen bias is left out of A (its column of ones would otherwise enter the
+        weight's curvature), and so is its row of DΘ.
+        """
+        bias = getattr(self.module, "bias", None)
+        return bias is not None and bool(bias.requires_grad)
+
+    @property
+    def layout(self) -> tuple[bool, bool]:
+        """(weight preconditioned, bias preconditioned), as ``requires_grad`` says now."""
+        return self.weight_trainable, self.has_bias
+
+    @property
+    def trainable(self) -> bool:
+        """Whether anything of this layer is preconditioned now."""
+        return self.weight_trainable or self.has_bias
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """The parameters this helper preconditions: weight, then bias if present."""
+        """Every parameter this helper may precondition: weight, then bias if present."""
         params = [self.module.weight]
-        if self.has_bias:
+        if getattr(self.module, "bias", None) is not None:
             params.append(self.module.bias)
         return params
 
@@ -63,8 +85,9 @@ class LayerHelper(ABC):
 
     @property
     def a_dim(self) -> int:
-        """Dimension of A: ``d_in + 1`` with a bias, else ``d_in``."""
-        return self.d_in + int(self.has_bias)
+        """Dimension of A for the trainable parameters: ``d_in`` for the weight (0 when
+        it is frozen) plus 1 for a trainable bias."""
+        return self.d_in * int(self.weight_trainable) + int(self.has_bias)
 
     @abstractmethod
     def shared_inputs(self, x: Tensor) -> Tensor:
@@ -82,31 +105,67 @@ class LayerHelper(ABC):
     def weight_grad_from_matrix(self, matrix: Tensor) -> Tensor:
         """``[d_out, d_in]`` ↦ a tensor shaped like ``weight``."""
 
+    def _grads(self) -> tuple[Tensor | None, Tensor | None]:
+        """(``weight.grad`` if the weight trains, ``bias.grad`` if the bias trains)."""
+        weight = self.module.weight.grad if self.weight_trainable else None
+        bias = self.module.bias.grad if self.has_bias else None
+        return weight, bias
+
+    def has_grad(self) -> bool:
+        """Whether a trainable parameter of this layer holds a gradient."""
+        weight, bias = self._grads()
+        return weight is not None or bias is not None
+
     def grad_matrix(self) -> Tensor | None:
-        """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` as a new contiguous tensor (None without a
-        gradient)."""
-        weight = self.module.weight
-        if weight.grad is None:
+        """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` of the trainable parameters, as a new
+        contiguous tensor (None without a gradient). A missing gradient of one trainable
+        part (unused in this backward) counts as zero."""
+        weight, bias = self._grads()
+        if weight is None and bias is None:
             return None
-        mat = self.weight_grad_matrix(weight.grad)
         if not self.has_bias:
-            return mat.clone(memory_format=torch.contiguous_format)
-        bias_grad = self.module.bias.grad
-        out = mat.new_empty(self.d_out, self.a_dim)
-        out[:, : self.d_in] = mat
-        out[:, self.d_in] = bias_grad if bias_grad is not None else 0.0
+            return self.weight_grad_matrix(weight).clone(memory_format=torch.contiguous_format)
+        ref = weight if weight is not None else bias
+        out = ref.new_zeros(self.d_out, self.a_dim)
+        d = self.a_dim - 1
+        if weight is not None:
+            out[:, :d] = self.weight_grad_matrix(weight)
+        if bias is not None:
+            out[:, d] = bias
         return out
 
     def inner_with_grad(self, u: Tensor) -> float:
-        """⟨U, DΘ⟩ against the gradient still held in ``.grad`` (before it is replaced)."""
-        total = (u[:, : self.d_in] * self.weight_grad_matrix(self.module.weight.grad)).sum()
-        if self.has_bias and self.module.bias.grad is not None:
-            total = total + (u[:, self.d_in] * self.module.bias.grad).sum()
-        return float(total)
+        """⟨U, DΘ⟩ against the gradient still held in ``.grad`` (before it is replaced).
+
+        Summed in the gradient's dtype, and again in float64 when that overflows (a huge
+        but finite gradient must still reach the KL clip, not count as non-finite).
+        """
+        total = self._inner(u, None)
+        if not math.isfinite(total):
+            total = self._inner(u, torch.float64)
+        return total
+
+    def _inner(self, u: Tensor, dtype: torch.dtype | None) -> float:
+        weight, bias = self._grads()
+        d = self.d_in if self.weight_trainable else 0
+        total = 0.0
+        if weight is not None:
+            grad = self.weight_grad_matrix(weight)
+            part = u[:, :d]
+            if dtype is not None:
+                grad, part = grad.to(dtype), part.to(dtype)
+            total += float((part * grad).sum())
+        if bias is not None:
+            part = u[:, d]
+            total += float((part.to(dtype) * bias.to(dtype)).sum() if dtype is not None
+                           else (part * bias).sum())
+        return total
 
     def set_grad_matrix(self, u: Tensor) -> None:
         """Write the preconditioned matrix U ``[d_out, a_dim]`` back into ``.grad``."""
-        weight = self.module.weight
-        weight.grad.copy_(self.weight_grad_from_matrix(u[:, : self.d_in]))
-        if self.has_bias and self.module.bias.grad is not None:
-            self.module.bias.grad.copy_(u[:, self.d_in])
+        weight, bias = self._grads()
+        d = self.d_in if self.weight_trainable else 0
+        if weight is not None:
+            weight.copy_(self.weight_grad_from_matrix(u[:, :d]))
+        if bias is not None:
+            bias.copy_(u[:, d])
