@@ -171,3 +171,19 @@ def train_run(out: str, steps: str, strategy: str, solver: str, resume: str) -> 
     run.train(progress=False)
     torch.save({k: v.clone() for k, v in run.net.state_dict().items()},
                f"{out}/params.{dist.get_rank()}")
+
+
+def plain_on_ddp(out: str) -> None:
+    """A plain KFACPreconditioner on a DDP model with 2 ranks must refuse to start."""
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(TokenNet().double())
+    try:
+        KFACPreconditioner(model, kl_clip=None)
+    except RuntimeError as err:
+        message = str(err)
+    else:
+        message = "no error"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"rank{dist.get_rank()}.txt").write_text(message)

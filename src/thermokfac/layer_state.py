@@ -235,22 +235,28 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
         SolverError: If a solve failed; the caller passes the gradient through.
     """
     if method is Method.INVERSE:
-        work = state.g_inv.dtype
-        q = state.g_inv @ d_theta.to(work)
+        work = torch.promote_types(state.g_inv.dtype, state.a_inv.dtype)
+        q = state.g_inv.to(work) @ d_theta.to(work)
         a_inv = state.a_inv.to(work)
         u = q * a_inv if a_inv.ndim == 1 else q @ a_inv
         return u.to(d_theta.dtype), []
+    # A factor prepared in float64 (ill-conditioned in float32) keeps both banks and the
+    # intermediate Q in float64: rounding Q to float32 would undo it.
+    work = state.g_prep.dtype if state.a_prep is None else torch.promote_types(
+        state.g_prep.dtype, state.a_prep.dtype)
+    out_dtype = d_theta.dtype
+    d_theta = d_theta.to(work)
     # The caller checked DΘ and checks U (through ⟨U, DΘ⟩), so the solves skip it.
     res_g = solver.solve(state.g_prep, d_theta, generator=generator, overwrite_b=True,
                          check_finite=False)
     jobs = [job(res_g.modeled_time_s, res_g.stats)]
     q = res_g.x
     if state.a_prep is None:  # diagonal A
-        return (q * state.a_inv.to(q.dtype)).to(d_theta.dtype), jobs
+        return (q * state.a_inv.to(q.dtype)).to(out_dtype), jobs
     res_a = solver.solve(state.a_prep, q.mT, generator=generator, overwrite_b=True,
                          check_finite=False)
     jobs.append(job(res_a.modeled_time_s, res_a.stats))
-    return res_a.x.mT.to(d_theta.dtype), jobs
+    return res_a.x.mT.to(out_dtype), jobs
 
 
 def precondition_layer(helper, state: LayerState, solver: LinearSolver, method: Method,
@@ -288,5 +294,5 @@ def _nbytes(t: Tensor | None) -> int:
 
 
 def count_stats(into: dict[str, float], stats: dict[str, float]) -> None:
-    for key in ("float64_retries", "damping_increases", "failed"):
+    for key in ("float64_retries", "damping_increases", "failed", "ill_conditioned"):
         into[key] = into.get(key, 0.0) + stats.get(key, 0.0)

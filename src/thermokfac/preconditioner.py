@@ -34,6 +34,11 @@ from .timing import StepTimings, TimingLog
 
 logger = logging.getLogger("thermokfac")
 
+#: (key in a layer's prepare statistics, key in ``KFACPreconditioner.stats``)
+PREPARE_STATS = (("float64_retries", "float64_retries"),
+                 ("damping_increases", "damping_increases"), ("failed", "prepare_failures"),
+                 ("solver_errors", "solver_errors"), ("ill_conditioned", "ill_conditioned_solves"))
+
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
@@ -175,6 +180,8 @@ class KFACPreconditioner:
         self._fresh: set[str] = set()  # layers whose parameters a backward reached
         self._grad_hooks: dict[int, Any] = {}
         self._watch_gradients()
+        if kl_clip is not None and optimizer is not None:
+            effective_learning_rate(None, optimizer, self.config.momentum)  # momentum < 1
         if kl_clip is not None and lr is None and optimizer is None:
             warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
                           "optimizer=, or kl_clip=None to silence this)", stacklevel=2)
@@ -506,11 +513,18 @@ class KFACPreconditioner:
             before = dict(state.stats)
             jobs += prepare_layer(state, self.solver, cfg.method, damping, cfg.damping_split,
                                   self.generator)
-            for key, stat in (("float64_retries", "float64_retries"),
-                              ("damping_increases", "damping_increases"),
-                              ("failed", "prepare_failures"), ("solver_errors", "solver_errors")):
+            for key, stat in PREPARE_STATS:
                 self.stats[stat] += state.stats.get(key, 0.0) - before.get(key, 0.0)
+        self._warn_ill_conditioned()
         return jobs
+
+    def _warn_ill_conditioned(self) -> None:
+        if self.stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
+            self._warn_once("ill_conditioned", (
+                "a float32 factorisation was ill-conditioned (its solves could be far off a "
+                "float64 solve): it was prepared and solved in float64 from the stored "
+                "factor instead, counted in stats['ill_conditioned_solves']; "
+                "factor_dtype=torch.float64 (or more damping) is the remedy"))
 
     def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
         cfg = self.config

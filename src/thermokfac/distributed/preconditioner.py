@@ -46,7 +46,7 @@ from ..layer_state import (
     prepare_layer,
     split_damping,
 )
-from ..preconditioner import KFACPreconditioner
+from ..preconditioner import PREPARE_STATS, KFACPreconditioner
 from ..solvers import Prepared, SolverError, TimeBreakdown
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects
@@ -147,10 +147,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         return torch.Generator(device=self.device).manual_seed(seed % (2**63 - 1))
 
     def _add_stats(self, stats: dict[str, float]) -> None:
-        for key, stat in (("float64_retries", "float64_retries"), ("failed", "prepare_failures"),
-                          ("damping_increases", "damping_increases"),
-                          ("solver_errors", "solver_errors")):
+        for key, stat in PREPARE_STATS:
             self.stats[stat] += stats.get(key, 0.0)
+        self._warn_ill_conditioned()
 
     # ---------------------------------------------------------------- factors
     def _update_factors(self, num_examples: int | None) -> None:

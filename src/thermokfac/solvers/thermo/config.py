@@ -128,8 +128,14 @@ class ThermoConfig:
         _positive(self, "capacitance_f", "voltage_scale_v", "temperature_k", "adc_headroom",
                   "em_dt_rc")
         _positive(self, "beta", "t0_rc", "window_rc", "sample_spacing_rc", optional=True)
-        if not (isinstance(self.target_error, (int, float)) and 0 < self.target_error < 1):
-            raise ValueError(f"target_error={self.target_error!r} must lie in (0, 1)")
+        if self.beta is not None and self.beta > MAX_BETA:
+            raise ValueError(f"beta={self.beta!r} is out of range; valid: (0, {MAX_BETA:g}] "
+                             "(the averaging window T ∝ 1/β would underflow float64; the "
+                             "physical β = C·V²/(k_B·T) is about 2.4e11 at 1 nF, 1 V, 300 K)")
+        if not (isinstance(self.target_error, (int, float)) and not isinstance(
+                self.target_error, bool) and MIN_TARGET_ERROR <= self.target_error < 1):
+            raise ValueError(f"target_error={self.target_error!r} is out of range; valid: "
+                             f"[{MIN_TARGET_ERROR:g}, 1) (T ∝ 1/ε² must stay representable)")
         for name in ("num_samples", "mitigation_samples", "covariance_samples", "block_sweeps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -169,6 +175,12 @@ class ThermoConfig:
         out["hardware"]["settle_model"] = self.hardware.settle_model.value
         out["beta_value"] = self.beta_value
         return out
+
+
+#: Largest β accepted: T = 4n/(β ε² α²) and its square must stay normal float64 numbers.
+MAX_BETA = 1e60
+#: Smallest target error accepted (T ∝ 1/ε²).
+MIN_TARGET_ERROR = 1e-12
 
 
 def _positive(cfg: ThermoConfig, *names: str, optional: bool = False) -> None:

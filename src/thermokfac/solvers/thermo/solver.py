@@ -193,6 +193,12 @@ class ThermodynamicSolver(LinearSolver):
         spacing = cfg.sample_spacing_rc or window / cfg.num_samples
         if cfg.readout is Readout.SAMPLES and cfg.window_rc is None:
             window = spacing * cfg.num_samples
+        for what, value in (("burn-in t0", t0), ("window T", window), ("spacing", spacing)):
+            if not (math.isfinite(value) and value > 0.0 and math.isfinite(1.0 / value**2)):
+                raise ValueError(
+                    f"the {what} of this solve, {value!r} RC, is not representable "
+                    f"(beta={beta:g}, target_error={eps:g}, alpha_min={alpha:g}): choose "
+                    "beta, target_error, t0_rc or window_rc so that it is a normal number")
         values = {"scale": scale, "alpha_min": alpha, "t0": t0, "window": window,
                   "spacing": spacing, "samples": float(cfg.num_samples),
                   "damping_shift": shift * scale, "true_alpha_min": true_min}
