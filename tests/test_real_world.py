@@ -537,7 +537,7 @@ def test_per_example_vmap_pass_is_ignored_and_counted():
 def test_step_before_backward_raises():
     model = tiny()
     pre = KFACPreconditioner(model, kl_clip=None)
-    with pytest.raises(RuntimeError, match="before pre.step"):
+    with pytest.raises(RuntimeError, match=r"before pre\.step"):
         pre.step()
 
 
