@@ -14,7 +14,7 @@ from torch import nn
 from thermokfac import KFACPreconditioner, data
 from thermokfac.enums import KFACApprox
 from thermokfac.experiments.tasks import build_model, load_task
-from thermokfac.factors import activation_rows, gradient_rows
+from thermokfac.kfac.factors import activation_rows, gradient_rows
 
 
 def test_idx_reader_round_trip(tmp_path):

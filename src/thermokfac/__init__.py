@@ -1,7 +1,7 @@
 """thermokfac: K-FAC with pluggable digital and simulated thermodynamic linear solvers."""
 
 from .enums import DampingSplit, FisherType, KFACApprox, LossReduction, LossType, Method
-from .preconditioner import KFACPreconditioner
+from .kfac import KFACPreconditioner
 from .solvers import LinearSolver, Prepared, SolverError, SolveResult, get_solver
 from .timing import StepTimings
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..enums import FactorStorage, Method, parse_enum
-from ..fisher import check_class_dim
-from ..hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
-from ..kl_clip import effective_learning_rate, kl_clip_scale
-from ..layer_state import (
+from ..kfac.fisher import check_class_dim
+from ..kfac.hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
+from ..kfac.kl_clip import effective_learning_rate, kl_clip_scale
+from ..kfac.layer_state import (
     count_stats,
     job,
     precondition_layer,
@@ -46,7 +46,7 @@ from ..layer_state import (
     prepare_layer,
     split_damping,
 )
-from ..preconditioner import PREPARE_STATS, KFACPreconditioner
+from ..kfac.preconditioner import PREPARE_STATS, KFACPreconditioner
 from ..solvers import Prepared, SolverError, TimeBreakdown
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects

@@ -19,18 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..enums import FactorStorage, FisherType, LossReduction
+from ..solvers import LinearSolver, TimeBreakdown
+from ..timing import StepTimings, TimingLog
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
 from .discovery import Discovery, announce, discover, is_ddp, unwrap
-from .enums import FactorStorage, FisherType, LossReduction
 from .factors import lower_is_finite
 from .fisher import backward_vectors, check_class_dim, num_loss_terms
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .kl_clip import effective_learning_rate, kl_clip_scale
 from .layer_state import LayerState, precondition_layer, prepare_layer
-from .solvers import LinearSolver, TimeBreakdown
-from .state import load_preconditioner_state, preconditioner_state
-from .timing import StepTimings, TimingLog
+from .state import Snapshot, pack, unpack
 
 logger = logging.getLogger("thermokfac")
 
@@ -324,11 +324,12 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict[str, Any]:
         """Factors, prepared states, counters, statistics and the generator state."""
-        return preconditioner_state(self)
+        return pack(self._snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched layers."""
-        load_preconditioner_state(self, state)
+        restored = unpack(self._snapshot(), state)
+        self._states, self.steps, self.stats = restored.layers, restored.steps, restored.stats
         self._begin_step()
 
     def remove(self) -> None:
@@ -339,6 +340,13 @@ class KFACPreconditioner:
         self._grad_hooks.clear()
 
     # ----------------------------------------------------------------- private
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(
+            steps=self.steps, layers=self._states,
+            shapes={name: (r.helper.a_dim, r.helper.d_out) for name, r in self._records.items()},
+            stats=self.stats, generator=self.generator, solver=self.solver.name,
+            method=self.config.method.value)
+
     def _loss_scale(self) -> float:
         return 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
 

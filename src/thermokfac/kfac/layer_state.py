@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._kernels import symmetrize_lower
-from .enums import DampingSplit, Method
+from .._kernels import symmetrize_lower
+from ..enums import DampingSplit, Method
+from ..solvers import LinearSolver, Prepared, SolverError, TimeBreakdown, all_finite
 from .factors import FactorSums, lower_is_finite
-from .solvers import LinearSolver, Prepared, SolverError, TimeBreakdown, all_finite
 
 
 @dataclass

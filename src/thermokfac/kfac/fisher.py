@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .enums import FisherType, LossReduction, LossType
+from ..enums import FisherType, LossReduction, LossType
 
 
 def num_loss_terms(outputs: Tensor, loss_type: LossType, class_dim: int = -1) -> int:

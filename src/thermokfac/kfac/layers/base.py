@@ -7,7 +7,7 @@ activations and its output gradient into ``[batch, R, d_out]``, and reads/writes
 parameter gradient as the matrix DΘ = [∇W | ∇b] of shape ``[d_out, d_in (+1)]`` (Eq. 4:
 the bias is the last column, matched by a column of ones appended to the activations).
 With this one format, K-FAC-expand and K-FAC-reduce (Eqs. 18–21) are one branch in
-:mod:`thermokfac.factors`, shared by every layer kind.
+:mod:`thermokfac.kfac.factors`, shared by every layer kind.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from .enums import KFACApprox
+from ..enums import KFACApprox
 from .factors import (
     FactorSums,
     accumulate_a,

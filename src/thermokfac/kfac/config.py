@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .enums import (
+from ..enums import (
     DampingSplit,
     FactorStorage,
     FisherType,
@@ -17,6 +17,7 @@ from .enums import (
     Method,
     parse_enum,
 )
+from ..solvers import LinearSolver, get_solver
 from .hyperparams import (
     DECAY,
     INTERVAL,
@@ -28,7 +29,6 @@ from .hyperparams import (
     check_value,
 )
 from .kl_clip import MOMENTUM
-from .solvers import LinearSolver, get_solver
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
 

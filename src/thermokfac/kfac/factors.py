@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._kernels import add_gram_
-from .enums import KFACApprox
+from .._kernels import add_gram_
+from ..enums import KFACApprox
 
 
 @dataclass

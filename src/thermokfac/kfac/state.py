@@ -1,0 +1,93 @@
+"""``state_dict`` / ``load_state_dict`` of the preconditioner.
+
+The state holds what is needed to continue bit-exactly: the moving-average factors,
+what the solver prepared (or the inverses), the step counter, the statistics and the
+random generator. Loading checks that the layers and factor shapes match the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .layer_state import LayerState
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Snapshot:
+    """What a preconditioner saves and restores (the arguments of :func:`pack`).
+
+    Attributes:
+        steps: Steps taken.
+        layers: Per-layer state, in model order.
+        shapes: ``name -> (A dimension, G dimension)`` of the model's layers now.
+        stats: The preconditioner's counters.
+        generator: Its random generator.
+        solver: The solver's registry name.
+        method: ``"inverse"`` or ``"solve"``.
+    """
+
+    steps: int
+    layers: dict[str, LayerState]
+    shapes: dict[str, tuple[int, int]]
+    stats: dict[str, float]
+    generator: torch.Generator
+    solver: str
+    method: str
+
+
+def pack(snap: Snapshot) -> dict[str, Any]:
+    """The state dict of a preconditioner (plain tensors, numbers and strings)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "steps": snap.steps,
+        "layers": {name: state.state_dict() for name, state in snap.layers.items()},
+        "shapes": dict(snap.shapes),
+        "stats": dict(snap.stats),
+        "generator": snap.generator.get_state(),
+        "solver": snap.solver,
+        "method": snap.method,
+    }
+
+
+def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
+    """Check ``state`` against the live preconditioner ``snap`` and return the restored
+    snapshot (``snap.generator`` is set to the saved state).
+
+    Raises:
+        ValueError: If ``state`` is not a preconditioner state, comes from a model with
+            other layers or factor shapes, or from another solver or method.
+    """
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ValueError("not a thermokfac preconditioner state (format_version "
+                         f"{state.get('format_version') if isinstance(state, dict) else None!r}"
+                         f", expected {FORMAT_VERSION})")
+    expected = {name: tuple(shape) for name, shape in snap.shapes.items()}
+    saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(saved) if expected[n] != saved[n])
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            details.append(f"not in this model: {unexpected}")
+        if wrong:
+            details.append("factor shapes differ: " + ", ".join(
+                f"{n} (model {expected[n]}, checkpoint {saved[n]})" for n in wrong))
+        raise ValueError("checkpoint is from a different model: " + "; ".join(details))
+    if state["solver"] != snap.solver or state["method"] != snap.method:
+        raise ValueError(f"checkpoint was written with solver={state['solver']!r}, method="
+                         f"{state['method']!r}; this preconditioner uses solver="
+                         f"{snap.solver!r}, method={snap.method!r}")
+    snap.generator.set_state(state["generator"])
+    return Snapshot(
+        steps=int(state["steps"]),
+        layers={name: LayerState.from_state_dict(s) for name, s in state["layers"].items()},
+        shapes=expected, stats=dict(state["stats"]), generator=snap.generator,
+        solver=snap.solver, method=snap.method)
