@@ -17,16 +17,11 @@ of the residuals (counted in each block solve's load).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from ..._kernels import symmetrize_lower
-from ..base import Prepared
-
-if TYPE_CHECKING:
-    from .solver import ThermodynamicSolver
+from ..base import LinearSolver, Prepared
 
 
 def block_ranges(n: int, max_dim: int) -> list[tuple[int, int]]:
@@ -45,14 +40,14 @@ def block_ranges(n: int, max_dim: int) -> list[tuple[int, int]]:
     return out
 
 
-def prepare_blocks(solver: ThermodynamicSolver, inner: ThermodynamicSolver, m: Tensor,
-                   damping: float, generator: torch.Generator | None
-                   ) -> dict[str, Tensor] | None:
-    """Program each diagonal block on its own SPU; keep M + λI for the coupling."""
+def prepare_blocks(max_dim: int, inner: LinearSolver, m: Tensor, damping: float,
+                   generator: torch.Generator | None) -> dict[str, Tensor] | None:
+    """Program each diagonal block (at most ``max_dim``, an SPU's size) with ``inner``;
+    keep M + λI for the coupling."""
     full = symmetrize_lower(m)
     full.diagonal().add_(damping)
     tensors: dict[str, Tensor] = {"coupling": full}
-    ranges = block_ranges(m.shape[0], solver.hardware.max_dim)
+    ranges = block_ranges(m.shape[0], max_dim)
     for i, (lo, hi) in enumerate(ranges):
         block = inner.prepare(full[lo:hi, lo:hi].contiguous(), 0.0, generator=generator)
         if block.failed:
@@ -66,23 +61,23 @@ def prepare_blocks(solver: ThermodynamicSolver, inner: ThermodynamicSolver, m: T
     return tensors
 
 
-def _block(prepared: Prepared, i: int, inner: ThermodynamicSolver) -> tuple[Prepared, int, int]:
+def _block(prepared: Prepared, i: int, inner: LinearSolver) -> tuple[Prepared, int, int]:
     prefix = f"block{i}/"
     tensors = {k[len(prefix):]: v for k, v in prepared.tensors.items() if k.startswith(prefix)}
     lo, hi = (int(v) for v in tensors.pop("range"))
     return Prepared(inner.name, hi - lo, 0.0, tensors), lo, hi
 
 
-def solve_blocks(solver: ThermodynamicSolver, inner: ThermodynamicSolver, prepared: Prepared,
-                 b: Tensor, generator: torch.Generator | None
+def solve_blocks(inner: LinearSolver, prepared: Prepared, b: Tensor,
+                 generator: torch.Generator | None, tol: float, max_sweeps: int
                  ) -> tuple[Tensor, float, dict[str, float]]:
-    """Block Gauss–Seidel with SPU block solves; returns (x, modelled s, stats)."""
+    """Block Gauss–Seidel with SPU block solves, at most ``max_sweeps`` sweeps, until the
+    relative change is below ``tol``; returns (x, modelled s, stats)."""
     coupling = prepared.tensors["coupling"].to(b.dtype)
     blocks = [_block(prepared, i, inner) for i in range(int(prepared.tensors["blocks"]))]
     x = torch.zeros_like(b)
     seconds, transfer, sweeps, change = 0.0, 0.0, 0, float("inf")
-    tol = solver.config.target_error
-    while sweeps < solver.config.block_sweeps and change > tol:
+    while sweeps < max_sweeps and change > tol:
         previous = x.clone()
         for block, lo, hi in blocks:
             residual = b[lo:hi] - coupling[lo:hi] @ x + coupling[lo:hi, lo:hi] @ x[lo:hi]

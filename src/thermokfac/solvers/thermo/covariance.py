@@ -18,31 +18,31 @@ one settle time apart (RC under the paper's model).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ..hardware import TimeBreakdown
+from ..base import Prepared
+from ..hardware import HardwareModel, TimeBreakdown
 from ..quantize import levels
 from . import backends
-from .config import Backend
-
-if TYPE_CHECKING:
-    from ..base import Prepared
-    from .solver import ThermodynamicSolver
+from .adc import Adc
+from .config import Backend, ThermoConfig
+from .spectral import Spectrum
 
 
-def covariance_inverse(solver: ThermodynamicSolver, prepared: Prepared,
+def covariance_inverse(cfg: ThermoConfig, hardware: HardwareModel, prepared: Prepared,
+                       spectra: Sequence[Spectrum | None], sched: backends.Schedule,
                        generator: torch.Generator | None
                        ) -> tuple[Tensor, float, dict[str, float]]:
-    cfg = solver.config
+    """(M + λI)⁻¹ ≈ β·Cov(x) from the equilibrium samples of each programmed matrix
+    (``spectra``), averaged; returns (inverse, modelled s, timing stats)."""
     beta = cfg.beta_value
     n, dtype = prepared.n, prepared.dtype
     samples = cfg.covariance_samples
-    sched = solver._schedule(prepared)
     estimates = []
-    for i, spec in enumerate(solver._spectra(prepared)):
+    for i, spec in enumerate(spectra):
         if cfg.backend is Backend.CLOSED_FORM:
             extra = 0.0
             if cfg.output_bits is not None:
@@ -53,25 +53,22 @@ def covariance_inverse(solver: ThermodynamicSolver, prepared: Prepared,
                 extra = lsb**2 / 12
             cov = backends.wishart_covariance(spec, samples, beta, extra, generator, dtype)
         else:
-            cov = _path_covariance(solver, prepared, i, spec, sched, samples, generator)
+            cov = _path_covariance(cfg, prepared, i, spec, sched, samples, generator)
         estimates.append(beta * cov)
     inverse = torch.stack(estimates).mean(0) / float(prepared.tensors["scale"])
     inverse = (inverse + inverse.mT) / 2
-    timing = _covariance_time(solver, prepared, samples)
+    timing = _covariance_time(cfg, hardware, prepared, samples)
     return inverse, timing.total_s, {"modeled_transfer_s": timing.transfer_s,
                                      "modeled_compute_s": timing.compute_s}
 
 
-def _path_covariance(solver: ThermodynamicSolver, prepared: Prepared, index: int, spec,
+def _path_covariance(cfg: ThermoConfig, prepared: Prepared, index: int, spec,
                      sched: backends.Schedule, samples: int,
                      generator: torch.Generator | None) -> Tensor:
-    from .solver import _Adc
-
-    cfg = solver.config
     n, dtype = prepared.n, prepared.dtype
     zero = torch.zeros(n, 1, dtype=dtype, device=prepared.device)
     path = backends.Schedule(sched.readout, sched.t0, sched.window, samples, sched.spacing)
-    adc = _Adc(cfg, zero, float(prepared.tensors["alpha_min"]))
+    adc = Adc(cfg, zero, float(prepared.tensors["alpha_min"]))
 
     def run(hook):
         def read(x):
@@ -88,9 +85,8 @@ def _path_covariance(solver: ThermodynamicSolver, prepared: Prepared, index: int
     return cov
 
 
-def _covariance_time(solver: ThermodynamicSolver, prepared: Prepared, samples: int
+def _covariance_time(cfg: ThermoConfig, hw: HardwareModel, prepared: Prepared, samples: int
                      ) -> TimeBreakdown:
-    hw = solver.hardware
     alpha = float(prepared.tensors["alpha_min"])
     t0 = float(prepared.tensors["t0"])
     spacing = float(prepared.tensors["spacing"])
@@ -99,4 +95,4 @@ def _covariance_time(solver: ThermodynamicSolver, prepared: Prepared, samples: i
     n = prepared.n
     one = TimeBreakdown(settle_s=settle, integrate_s=samples * between,
                         readout_s=hw.transfer_s(samples * n, hw.output_bits))
-    return one.scaled(solver.config.mitigation_samples)
+    return one.scaled(cfg.mitigation_samples)

@@ -36,13 +36,14 @@ from ..quantize import (
     is_positive_definite,
     quantize_conservative,
     quantize_nearest,
-    quantize_output,
     quantize_stochastic,
 )
 from . import backends
+from .adc import Adc
 from .backends import Schedule
 from .blocks import prepare_blocks, solve_blocks
 from .config import AdcRange, AlphaSource, Backend, InverseMode, Quantizer, Readout, ThermoConfig
+from .covariance import covariance_inverse
 from .spectral import Spectrum
 
 
@@ -87,7 +88,7 @@ class ThermodynamicSolver(LinearSolver):
     def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
                  ) -> dict[str, Tensor] | None:
         if self._inner is not None and m.shape[0] > self.hardware.max_dim:
-            return prepare_blocks(self, self._inner, m, damping, generator)
+            return prepare_blocks(self.hardware.max_dim, self._inner, m, damping, generator)
         damped = symmetrize_lower(m)
         damped.diagonal().add_(damping)
         scale = float(damped.abs().sum(dim=1).max())
@@ -271,7 +272,8 @@ class ThermodynamicSolver(LinearSolver):
                overwrite_b: bool = False):
         cfg = self.config
         if "blocks" in prepared.tensors:
-            return solve_blocks(self, self._inner, prepared, b, generator)
+            return solve_blocks(self._inner, prepared, b, generator, cfg.target_error,
+                                cfg.block_sweeps)
         rows = not b.is_contiguous() and b.mT.is_contiguous()
         # A transposed view (the rows of Q in Method 2): work on its contiguous layout;
         # a reduction over the strided view would copy it first.
@@ -323,7 +325,7 @@ class ThermodynamicSolver(LinearSolver):
               ) -> tuple[Tensor, Tensor | None, int]:
         cfg = self.config
         beta = cfg.beta_value
-        adc = _Adc(cfg, rhs, float(prepared.tensors["alpha_min"]))
+        adc = Adc(cfg, rhs, float(prepared.tensors["alpha_min"]))
         if cfg.backend is Backend.CLOSED_FORM:
             def read() -> Tensor:
                 if f"solve_{index}" in prepared.tensors:
@@ -363,37 +365,9 @@ class ThermodynamicSolver(LinearSolver):
         if "blocks" in prepared.tensors:
             raise ValueError("the covariance inverse needs the whole factor on one SPU: use "
                              "inverse_mode='solves' with hardware.max_dim")
-        from .covariance import covariance_inverse
 
-        return covariance_inverse(self, prepared, generator)
-
-
-class _Adc:
-    """Output quantization with a full scale set from what the hardware knows."""
-
-    def __init__(self, cfg: ThermoConfig, rhs: Tensor, alpha_min: float) -> None:
-        self.bits = cfg.output_bits
-        self.headroom = cfg.adc_headroom
-        self.clipped = 0
-        self.full_scale: Tensor | None = None
-        if self.bits is not None and cfg.adc_range is AdcRange.BOUND:
-            self.full_scale = rhs.norm(dim=0) / alpha_min
-
-    @property
-    def active(self) -> bool:
-        return self.bits is not None
-
-    def calibrate(self, reading: Tensor) -> None:
-        self.full_scale = self.headroom * reading.abs().amax(dim=0)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.bits is None:
-            return x
-        if self.full_scale is None:  # path backends: the first sample sets the range
-            self.calibrate(x)
-        out, clipped = quantize_output(x, self.bits, self.full_scale)
-        self.clipped += clipped
-        return out
+        return covariance_inverse(self.config, self.hardware, prepared,
+                                  self._spectra(prepared), self._schedule(prepared), generator)
 
 
 def _weights(values: np.ndarray, like: Tensor) -> Tensor:
