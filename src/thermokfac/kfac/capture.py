@@ -50,6 +50,30 @@ from .factors import (
 from .layers import LayerHelper
 
 
+@dataclass(eq=False)
+class LayerCall:
+    """One captured forward call of a layer, waiting for its output gradient.
+
+    A of the call is added when its output gradient first arrives, so a call whose
+    output is never back-propagated (a detached branch, an unused head) adds nothing.
+
+    Attributes:
+        x: The detached layer input (kept by autograd anyway for the weight gradient).
+        groups: Row groups active at the call (``grouped_rows``).
+        edge: Gradient edge of the output (``mc``/``type2``).
+        a_done: Whether A already holds this call's rows.
+        hits: Output gradients received (empirical: more than one is reported).
+        reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
+    """
+
+    x: Tensor
+    groups: tuple[Tensor, int] | None
+    edge: GradientEdge | None = None
+    a_done: bool = False
+    hits: int = 0
+    reached_by: int = -1
+
+
 @dataclass
 class LayerRecord:
     """One preconditioned layer: its helper and this step's captured sums.
@@ -57,15 +81,17 @@ class LayerRecord:
     Attributes:
         layout: (weight, bias) preconditioned when this step's factors were captured
             (``helper.layout`` at the first call of the step).
-        outputs: Gradient edges of this step's outputs (``mc``/``type2``), with the
-            row groups active at the call.
+        outputs: This step's calls with their gradient edges (``mc``/``type2``).
+        pending: Calls whose forward started and whose output hook has not run yet
+            (``None`` for a call that is not captured).
     """
 
     name: str
     helper: LayerHelper
     sums: FactorSums = field(default_factory=FactorSums)
-    outputs: list[tuple[GradientEdge, tuple[Tensor, int] | None]] = field(default_factory=list)
+    outputs: list[LayerCall] = field(default_factory=list)
     layout: tuple[bool, bool] | None = None
+    pending: list[LayerCall | None] = field(default_factory=list)
 
 
 class CurvatureCapture:
@@ -99,12 +125,22 @@ class CurvatureCapture:
         self.example_problem: str | None = None
         self.transformed_passes = 0
         self.hook_calls = 0
+        self.repeated_gradients = 0
+        self.unbatched_calls: dict[str, str] = {}
+        self.group_mismatches: dict[str, str] = {}
+        self.paused = False
         self.elapsed_s = 0.0
         self.sync_cuda = False
         self._inv_scale = 1.0
         self._scale_read = False
+        self._call_examples: int | None = None  # N of the root call in progress
+        self._gradients = 0  # output gradients received this step
+        self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
+        self._root_at = -1  # self.param_gradients at the previous root call
+        self._curvature_calls = 0
         self._handles: list[RemovableHandle] = [
-            root.register_forward_pre_hook(_eager(self._count), with_kwargs=True)]
+            root.register_forward_pre_hook(_eager(self._count), with_kwargs=True),
+            root.register_forward_hook(_eager(self._root_done))]
         for record in records:
             module = record.helper.module
             self._handles.append(module.register_forward_pre_hook(
@@ -113,16 +149,22 @@ class CurvatureCapture:
 
     # ----------------------------------------------------------------- control
     def active(self, module: nn.Module) -> bool:
-        return self.enabled and module.training and torch.is_grad_enabled()
+        return self.enabled and not self.paused and module.training and torch.is_grad_enabled()
 
     def reset(self) -> None:
         """Forget this step's sums (after ``step()`` consumed them)."""
         for record in self.records:
             record.sums.reset()
             record.outputs.clear()
+            record.pending.clear()
             record.layout = None
-        self.examples = self.root_calls = self.hook_calls = 0
+        self.examples = self.root_calls = self.hook_calls = self.repeated_gradients = 0
         self.example_problem = None
+        self.unbatched_calls.clear()
+        self.group_mismatches.clear()
+        self._call_examples = None
+        self._gradients, self._root_at, self._curvature_calls = 0, -1, 0
+        self.param_gradients = 0
         self.elapsed_s = 0.0
         self._scale_read = False
 
@@ -145,18 +187,32 @@ class CurvatureCapture:
         if _transformed((args, kwargs)):
             self.transformed_passes += 1
             return
+        if self.root_calls and self._root_at == self.param_gradients and \
+                self.example_problem is None and self.groups is None:
+            self.example_problem = (
+                f"the model was called {self.root_calls + 1} times before a backward into "
+                "its parameters (a siamese or contrastive loss may average over fewer "
+                "examples than the calls hold, while micro-batches are back-propagated one "
+                "by one; run auxiliary passes — adversarial examples, a detached target "
+                "branch — inside `with pre.paused():`)")
+        self._root_at = self.param_gradients
         self.root_calls += 1
         self._read_scale()
+        self._call_examples = None
         if self.groups is not None:
             self.examples += self.groups[1]
             return
         dims = set(leading_dims((args, kwargs)))
         if len(dims) == 1:
-            self.examples += dims.pop()
+            self._call_examples = dims.pop()
+            self.examples += self._call_examples
         elif self.example_problem is None:
             self.example_problem = (
                 f"the model's tensor inputs have different leading dimensions {sorted(dims)}"
                 if dims else "the model's inputs hold no tensor with a batch dimension")
+
+    def _root_done(self, module: nn.Module, args: tuple, output) -> None:
+        self._call_examples = None
 
     def _read_scale(self) -> None:
         scale = float(self.grad_scale())
@@ -166,10 +222,12 @@ class CurvatureCapture:
     def _input_hook(self, record: LayerRecord):
         def hook(module: nn.Module, args: tuple) -> None:
             self.hook_calls += 1
-            if not self.active(module):
+            if not self.active(module) or not record.helper.trainable:
                 return
             helper = record.helper
-            if not helper.trainable or _transformed(args[0]):
+            x = args[0]
+            if _transformed(x) or not isinstance(x, Tensor) or not self._batched(record, x):
+                record.pending.append(None)
                 return
             if record.layout is None:
                 record.layout = helper.layout
@@ -177,53 +235,96 @@ class CurvatureCapture:
                 raise RuntimeError(
                     f"requires_grad of layer {record.name!r} changed between two forward "
                     "passes of one step; change it between steps")
-            start = self._clock()
-            x = args[0]
-            if helper.diagonal_a:
-                counts, tokens = helper.token_counts(x, self.factor_dtype)
-                accumulate_a_diagonal(record.sums, counts, tokens)
-            else:
-                rows = activation_rows(helper.shared_inputs(x.detach()), self.approx,
-                                       self.groups)
-                if not helper.weight_trainable:  # bias only: ā = [1]
-                    rows = rows[:, :0]
-                if self.keep_rows:
-                    record.sums.a_rows += append_rows(record.sums.a_parts, rows, helper.has_bias,
-                                                      self.factor_dtype)
-                elif helper.weight_trainable:
-                    accumulate_a(record.sums, rows, helper.has_bias, self.factor_dtype)
-                else:
-                    accumulate_a(record.sums, None, True, self.factor_dtype,
-                                 count=rows.shape[0], device=rows.device)
-            self.elapsed_s += self._clock() - start
+            record.pending.append(LayerCall(x.detach(), self.groups))
         return hook
+
+    def _batched(self, record: LayerRecord, x: Tensor) -> bool:
+        """Whether the input carries the root call's batch: its leading dimension is a
+        multiple of the call's examples N (N·T for flattened tokens). A layer applied to
+        a batch-less input (a position embedding of ``arange(T)`` broadcast over the
+        batch afterwards, an unbatched example) only ever sees batch-summed gradients:
+        its call is not captured, and reported."""
+        n = self._call_examples
+        if n is None or n <= 1 or self.groups is not None:
+            return True
+        lead = x.shape[0] if x.ndim > 0 else 1
+        unbatched = (x.ndim == 1 and not record.helper.diagonal_a) or lead % n != 0
+        if unbatched:
+            self.unbatched_calls.setdefault(record.name, (
+                f"input of shape {tuple(x.shape)} while the model's call has {n} examples"))
+        return not unbatched
 
     def _output_hook(self, record: LayerRecord):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self.active(module) or not record.helper.trainable \
-                    or not isinstance(output, Tensor) or not output.requires_grad \
+            if not self.active(module) or not record.helper.trainable:
+                return
+            call = record.pending.pop() if record.pending else None
+            if call is None or not isinstance(output, Tensor) or not output.requires_grad \
                     or _transformed(output):
                 return
             if self.keep_outputs:
-                record.outputs.append((get_gradient_edge(output), self.groups))
+                call.edge = get_gradient_edge(output)
+                record.outputs.append(call)
                 return
             if not self._scale_read:
                 self._read_scale()
-            inv_scale, groups = self._inv_scale, self.groups
+            inv_scale = self._inv_scale
 
             def grad_hook(grad: Tensor) -> None:
-                self.add_gradient(record, grad, inv_scale, groups)
+                self._gradients += 1
+                if call.hits:
+                    call.hits += 1
+                    self.repeated_gradients += 1
+                    return
+                call.hits = 1
+                self.add_gradient(record, grad, inv_scale, call.groups, call)
             output.register_hook(grad_hook)
         return hook
 
+    def _add_activations(self, record: LayerRecord, call: LayerCall) -> None:
+        """A of one call: Σ āāᵀ of its rows (or only the bias entry when the weight is
+        frozen, or the token counts of an embedding)."""
+        helper, x = record.helper, call.x
+        if helper.diagonal_a:
+            counts, tokens = helper.token_counts(x, self.factor_dtype)
+            accumulate_a_diagonal(record.sums, counts, tokens)
+            return
+        shared = helper.shared_inputs(x)
+        self._check_groups(record, shared, call.groups)
+        rows = activation_rows(shared, self.approx, call.groups)
+        if not helper.weight_trainable:  # bias only: ā = [1]
+            rows = rows[:, :0]
+        if self.keep_rows:
+            record.sums.a_rows += append_rows(record.sums.a_parts, rows, helper.has_bias,
+                                              self.factor_dtype)
+        elif helper.weight_trainable:
+            accumulate_a(record.sums, rows, helper.has_bias, self.factor_dtype)
+        else:
+            accumulate_a(record.sums, None, True, self.factor_dtype, count=rows.shape[0],
+                         device=rows.device)
+
+    def _check_groups(self, record: LayerRecord, shared: Tensor,
+                      groups: tuple[Tensor, int] | None) -> None:
+        if groups is None or self.approx is not KFACApprox.REDUCE:
+            return
+        rows, members = shared.shape[0] * shared.shape[1], groups[0].shape[0]
+        if shared.shape[1] != 1 or rows != members:
+            self.group_mismatches.setdefault(record.name, (
+                f"{rows} rows while the membership has {members} entries"))
+
     def add_gradient(self, record: LayerRecord, grad: Tensor, row_scale: float = 1.0,
-                     groups: tuple[Tensor, int] | None = None) -> None:
-        """Accumulate the rows of G from a gradient w.r.t. one call's output.
+                     groups: tuple[Tensor, int] | None = None,
+                     call: LayerCall | None = None) -> None:
+        """Accumulate the rows of G from a gradient w.r.t. one call's output (and the
+        call's A, the first time its gradient arrives).
 
         ``row_scale`` multiplies the gradient (so G by its square): 1/S undoes a loss
         scale S, √w weights a sampled or Hessian-root backward.
         """
         start = self._clock()
+        if call is not None and not call.a_done:
+            call.a_done = True
+            self._add_activations(record, call)
         helper = record.helper
         approx = KFACApprox.EXPAND if helper.diagonal_a else self.approx
         rows = gradient_rows(helper.shared_grad_outputs(grad.detach()), approx, groups)
@@ -236,23 +337,43 @@ class CurvatureCapture:
             accumulate_g(record.sums, rows, self.factor_dtype)
         self.elapsed_s += self._clock() - start
 
-    def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]]
-                         ) -> None:
+    def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]],
+                         shared_ok: bool = False) -> None:
         """Back-propagate each ``(v, w)`` from ``outputs`` to the kept layer outputs and
         accumulate w·Σ ggᵀ into G (the ``mc``/``type2`` Fisher types); ``.grad`` is not
-        touched and the graph is kept for the user's own backward."""
-        pairs = [(r, edge, groups) for r in self.records for edge, groups in r.outputs]
+        touched and the graph is kept for the user's own backward.
+
+        Calls of earlier forwards stay available (micro-batches back-propagated after
+        all their forwards). A call reached by two ``curvature_backward`` calls (two
+        heads or two losses on one forward) raises: the mean-loss normalisation by all
+        loss terms of the step would be wrong for it; with ``shared_ok`` (summed losses)
+        their curvatures add up, which is right.
+
+        Raises:
+            ValueError: If a layer call was already reached by an earlier call and not
+                ``shared_ok``.
+        """
+        pairs = [(r, call) for r in self.records for call in r.outputs]
         if not pairs:
             return
+        index = self._curvature_calls
+        self._curvature_calls += 1
         for v, weight in vectors:
             start = self._clock()
-            grads = _grad_or_explain(outputs, [e for _, e, _ in pairs], v)
+            grads = _grad_or_explain(outputs, [call.edge for _, call in pairs], v)
             self.elapsed_s += self._clock() - start  # add_gradient times its own part
-            for (record, _, groups), grad in zip(pairs, grads):
-                if grad is not None:
-                    self.add_gradient(record, grad, math.sqrt(weight), groups)
-        for record, _, _ in pairs:
-            record.outputs.clear()
+            for (record, call), grad in zip(pairs, grads):
+                if grad is None:
+                    continue
+                if call.reached_by not in (-1, index) and not shared_ok:
+                    raise ValueError(
+                        f"curvature_backward reached layer {record.name!r} through outputs "
+                        "of a forward pass it already covered (two heads or two losses on "
+                        "one forward) with loss_reduction='mean', whose division by all loss terms "
+                        "of the step assumes disjoint examples: pass each forward's outputs "
+                        "in one call, or use loss_reduction='sum' (the curvatures then add)")
+                call.reached_by = index
+                self.add_gradient(record, grad, math.sqrt(weight), call.groups, call)
 
     def _clock(self) -> float:
         if self.sync_cuda:

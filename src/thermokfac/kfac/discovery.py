@@ -3,7 +3,8 @@
 Rules, applied in ``model.named_modules()`` order:
 
 1. A module named in ``skip_layers`` (by its name, e.g. ``"net.0"``, or its class name,
-   e.g. ``"Embedding"``) is skipped.
+   e.g. ``"Embedding"``) is skipped, with every module inside it (a container's name
+   skips its whole subtree).
 2. A module whose kind has no registered helper, or whose configuration the helper does
    not support (e.g. grouped convolutions), is *unsupported*: its parameters are left to
    the base optimizer. Unsupported modules that own parameters are listed once. So are
@@ -102,6 +103,7 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
     found = Discovery()
     owners: dict[int, str] = {}
     matched: set[str] = set()
+    skipped_trees: list[str] = []  # a skipped container skips everything inside it
     functional = {f"{name}.{child}" if name else child: type(parent).__name__
                   for name, parent in model.named_modules()
                   if isinstance(parent, FUNCTIONAL_PARENTS)
@@ -111,8 +113,11 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
         hit = {name, kind} & set(skip_layers)
         own = list(module.parameters(recurse=False))
         helper_cls = helper_for(module)
-        if hit:
+        inside = any(name.startswith(tree + ".") or tree == "" for tree in skipped_trees)
+        if hit or inside:
             matched |= hit
+            if hit:
+                skipped_trees.append(name)
             if helper_cls is not None or own:
                 found.skipped.append(name)
             continue
@@ -133,6 +138,12 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
         claimed = [owners[id(p)] for p in params if id(p) in owners]
         if claimed:
             found.tied[name] = claimed[0]
+            untied = [n for n, p in module.named_parameters(recurse=False)
+                      if id(p) not in owners]
+            if untied:
+                found.unsupported[name] = (
+                    f"{kind} whose {', '.join(untied)} is its own while its other "
+                    f"parameters are tied to {claimed[0]!r} (preconditioned there)")
             continue
         for p in params:
             owners[id(p)] = name

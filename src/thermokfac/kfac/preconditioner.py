@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from ..solvers import LinearSolver, TimeBreakdown
 from ..timing import StepTimings, TimingLog
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
-from .discovery import Discovery, announce, discover, is_ddp, unwrap
+from .discovery import Discovery, announce, discover, is_ddp, leaf_problem, unwrap
 from .factors import lower_is_finite
 from .fisher import backward_vectors, check_class_dim, num_loss_terms
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
@@ -42,7 +42,8 @@ PREPARE_STATS = (("float64_retries", "float64_retries"),
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
-             "transformed_passes", "trainable_changes", "ill_conditioned_solves")
+             "transformed_passes", "trainable_changes", "ill_conditioned_solves",
+             "repeated_gradients", "unbatched_layer_calls", "group_mismatches")
 
 
 class KFACPreconditioner:
@@ -143,6 +144,9 @@ class KFACPreconditioner:
                 "KFACPreconditioner would use each rank's own factors and the replicas "
                 "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
         self.model = unwrap(model)
+        if _compiled(model, self.model):
+            # Graphs traced before the hooks existed would run without them.
+            torch.compiler.reset()
         self.config = KFACConfig.build(
             solver=solver, method=method, damping=damping, factor_decay=factor_decay,
             factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
@@ -175,6 +179,10 @@ class KFACPreconditioner:
         self.steps = 0
         self._warned_nonfinite = self._curvature_done = False
         self._warned: set[str] = set()
+        self._removed = False
+        self._wrote_updates = self._optimizer_stepped = False
+        self._optimizer_hook = None if optimizer is None else \
+            optimizer.register_step_post_hook(self._note_optimizer_step)
         self._loss_terms = 0
         self._window: tuple[int, int] | None = None
         self._fresh: set[str] = set()  # layers whose parameters a backward reached
@@ -258,13 +266,23 @@ class KFACPreconditioner:
             return
         # Vectors of the *summed* loss; a mean divides by all terms of the step at step().
         self._loss_terms += num_loss_terms(outputs, self.config.loss_type, class_dim)
-        self._capture.backward_through(outputs, self._backward_vectors(outputs, class_dim))
+        self._capture.backward_through(
+            outputs, self._backward_vectors(outputs, class_dim),
+            shared_ok=self.config.loss_reduction is LossReduction.SUM)
 
     def _backward_vectors(self, outputs: Tensor, class_dim: int):
         cfg = self.config
         return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
                                 self.generator, cfg.mc_samples, window=self._window,
                                 class_dim=class_dim)
+
+    def paused(self) -> AbstractContextManager[None]:
+        """Forward passes inside this block are not captured (nor counted as examples):
+        auxiliary passes between two steps that are not part of the step's loss, e.g.
+        crafting adversarial examples, a GAN generator step through the discriminator,
+        or evaluation in train mode. Their backwards, made outside the block, add
+        nothing either."""
+        return _paused(self._capture)
 
     @contextmanager
     def grouped_rows(self, membership: Tensor, num_groups: int | None = None
@@ -333,8 +351,12 @@ class KFACPreconditioner:
         self._begin_step()
 
     def remove(self) -> None:
-        """Detach every hook; the preconditioner stops capturing."""
+        """Detach every hook; the preconditioner stops capturing (a later ``step()``
+        raises)."""
+        self._removed = True
         self._capture.remove()
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
         for handle in self._grad_hooks.values():
             handle.remove()
         self._grad_hooks.clear()
@@ -345,7 +367,8 @@ class KFACPreconditioner:
             steps=self.steps, layers=self._states,
             shapes={name: (r.helper.a_dim, r.helper.d_out) for name, r in self._records.items()},
             stats=self.stats, generator=self.generator, solver=self.solver.name,
-            method=self.config.method.value)
+            method=self.config.method.value,
+            layouts={name: r.helper.possible_shapes() for name, r in self._records.items()})
 
     def _loss_scale(self) -> float:
         return 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
@@ -367,17 +390,43 @@ class KFACPreconditioner:
         trainable parameter; hooks are added as parameters become trainable)."""
         for name, record in self._records.items():
             for param in record.helper.parameters:
-                if param.requires_grad and id(param) not in self._grad_hooks:
+                if param.requires_grad and param.is_leaf and id(param) not in self._grad_hooks:
                     self._grad_hooks[id(param)] = param.register_post_accumulate_grad_hook(
-                        lambda _, name=name: self._fresh.add(name))
+                        lambda _, name=name: self._note_gradient(name))
+
+    def _note_optimizer_step(self, *args: Any) -> None:
+        self._optimizer_stepped = True
+
+    def _note_gradient(self, name: str) -> None:
+        self._fresh.add(name)
+        self._capture.param_gradients += 1
 
     def _check_fresh_gradients(self) -> None:
+        """Refuse a step that cannot be right: after ``remove()``, with a layer whose
+        weight stopped being a leaf parameter, or with no backward since the last step."""
+        if self._removed:
+            raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
+                               "one to precondition again")
+        for name, record in self._records.items():
+            problem = leaf_problem(record.helper.module, type(record.helper))
+            if problem is not None:
+                raise RuntimeError(
+                    f"layer {name!r} now has {problem}; it changed after the preconditioner "
+                    "was built (pruning or a parametrization): build the preconditioner "
+                    "after such changes")
+        if self._wrote_updates and not self._optimizer_stepped and self.optimizer is not None:
+            raise RuntimeError(
+                f"step() at step {self.steps}: the optimizer did not step since the previous "
+                "pre.step(), so .grad still holds the preconditioned gradient the backward "
+                "added to. Under gradient accumulation call pre.step() once, after the last "
+                "micro-batch's backward, then optimizer.step() and zero_grad()")
         if self._fresh or not any(r.helper.trainable for r in self._records.values()):
             return
         raise RuntimeError(
             f"step() at step {self.steps} found no gradient from a backward pass since the "
             "previous step: call loss.backward() before pre.step(), and pre.step() once per "
-            "backward (calling it twice would precondition the gradient twice)")
+            "optimizer step, after all backwards of that step (a second step() would "
+            "precondition the gradient twice)")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -425,9 +474,30 @@ class KFACPreconditioner:
             raise RuntimeError(
                 f"K-FAC captured nothing at step {self.steps} although the backward reached "
                 f"{len(self._fresh)} preconditioned layers: the module hooks did not run (a "
-                "torch.compile backend, tracer or exported program that bypasses "
-                "nn.Module hooks). Run the model eagerly or with torch.compile's default "
-                "backends")
+                "tracer or exported program that bypasses nn.Module hooks, or a model "
+                "compiled and run before the preconditioner was built: call "
+                "torch.compiler.reset() after building it)")
+        if capture.repeated_gradients:
+            self.stats["repeated_gradients"] += capture.repeated_gradients
+            self._warn_once("repeated", (
+                "a layer's output was back-propagated more than once in one step (e.g. "
+                "torch.autograd.grad before loss.backward, or two backwards through one "
+                "forward): only the first gradient enters G, which is right only when they "
+                "are the same loss's; counted in stats['repeated_gradients']"))
+        for key, found, text in (
+                ("unbatched_layer_calls", capture.unbatched_calls,
+                 "received an input whose leading dimension is not the model call's batch "
+                 "(a batch-less input broadcast afterwards, e.g. a position embedding of "
+                 "arange(T): only batch-summed gradients reach it — expand it to the batch "
+                 "with pos.expand(N, T); or a sequence-first model: use batch-first inputs); "
+                 "those calls are not captured"),
+                ("group_mismatches", capture.group_mismatches,
+                 "inside grouped_rows saw rows that do not match the membership; they were "
+                 "treated one row per example")):
+            if found:
+                self.stats[key] += len(found)
+                listing = "; ".join(f"{n}: {why}" for n, why in found.items())
+                self._warn_once(key, f"layers {text}: {listing}; counted in stats[{key!r}]")
 
     def _update_factors(self, num_examples: int | None) -> None:
         cfg = self.config
@@ -459,6 +529,9 @@ class KFACPreconditioner:
         """A layer whose trainable parameters changed starts its factors afresh."""
         for name, record in self._records.items():
             state = self._states[name]
+            if record.layout is not None and state.layout is None and state.a is not None \
+                    and state.a.ndim == 2 and state.a.shape[0] != record.helper.a_dim:
+                state.layout = (not record.layout[0], record.layout[1])  # any other layout
             if record.layout is None or state.layout in (None, record.layout):
                 if record.layout is not None:
                     state.layout = record.layout
@@ -527,6 +600,13 @@ class KFACPreconditioner:
         return jobs
 
     def _warn_ill_conditioned(self) -> None:
+        if self.stats["damping_increases"] or self.stats["prepare_failures"]:
+            self._warn_once("fallback", (
+                "a damped factor could not be factorised as given (singular or too "
+                "ill-conditioned even in float64): its damping was raised ×10 until it could "
+                "(counted in stats['damping_increases']) or its gradient passes through "
+                "(stats['prepare_failures']); the damping in effect is in "
+                "pre.layer_state(name).damping — use more damping"))
         if self.stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
             self._warn_once("ill_conditioned", (
                 "a float32 factorisation was ill-conditioned (its solves could be far off a "
@@ -536,6 +616,7 @@ class KFACPreconditioner:
 
     def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
         cfg = self.config
+        skips = self.stats["nonfinite_grad_skips"]
         updates: list[tuple[LayerRecord, Tensor, float]] = []
         jobs: list[TimeBreakdown] = []
         for name, record in self._records.items():
@@ -560,9 +641,30 @@ class KFACPreconditioner:
         self.stats["kl_clip_scale"] = nu
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
+        # A GradScaler skips optimizer.step() after non-finite gradients: no check then.
+        self._wrote_updates = bool(updates) and self.stats["nonfinite_grad_skips"] == skips
+        self._optimizer_stepped = False
         return jobs
 
 
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextmanager
+def _paused(capture: CurvatureCapture) -> Iterator[None]:
+    previous = capture.paused
+    capture.paused = True
+    try:
+        yield
+    finally:
+        capture.paused = previous
+
+
+def _compiled(wrapper: nn.Module, model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps ``wrapper`` or ``nn.Module.compile`` was called on
+    any module of ``model``."""
+    if wrapper is not model:
+        return True  # an OptimizedModule or DDP around it: cheap to retrace
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())

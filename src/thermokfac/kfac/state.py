@@ -7,7 +7,7 @@ random generator. Loading checks that the layers and factor shapes match the mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,10 @@ class Snapshot:
         steps: Steps taken.
         layers: Per-layer state, in model order.
         shapes: ``name -> (A dimension, G dimension)`` of the model's layers now.
+        layouts: ``name -> {(weight, bias) trainable: shape}``: the shape a layer's
+            factors have under each trainable-parameter layout (a checkpoint saved with
+            a frozen bias loads into the unfrozen model; the layer's factors restart at
+            its next factor update).
         stats: The preconditioner's counters.
         generator: Its random generator.
         solver: The solver's registry name.
@@ -38,6 +42,7 @@ class Snapshot:
     generator: torch.Generator
     solver: str
     method: str
+    layouts: dict[str, dict[tuple[bool, bool], tuple[int, int]]] = field(default_factory=dict)
 
 
 def pack(snap: Snapshot) -> dict[str, Any]:
@@ -70,6 +75,10 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
     saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
+    for name in set(expected) & set(saved):  # the shape of the layout it was saved with
+        layout = state["layers"][name].get("layout")
+        if layout is not None and tuple(layout) in snap.layouts.get(name, {}):
+            expected[name] = snap.layouts[name][tuple(layout)]
     wrong = sorted(n for n in set(expected) & set(saved) if expected[n] != saved[n])
     if missing or unexpected or wrong:
         details = []
@@ -90,4 +99,4 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
         steps=int(state["steps"]),
         layers={name: LayerState.from_state_dict(s) for name, s in state["layers"].items()},
         shapes=expected, stats=dict(state["stats"]), generator=snap.generator,
-        solver=snap.solver, method=snap.method)
+        solver=snap.solver, method=snap.method, layouts=snap.layouts)

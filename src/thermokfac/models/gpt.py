@@ -34,7 +34,9 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.context:
             raise ValueError(f"sequence length {t} exceeds the context {self.context}")
-        pos = torch.arange(t, device=idx.device)
+        # Positions expanded to the batch (not broadcast later): the position embedding
+        # then sees per-example output gradients, as K-FAC's G needs.
+        pos = torch.arange(t, device=idx.device).expand(idx.shape[0], t)
         return self.lm_head(self.ln_f(self.blocks(self.wte(idx) + self.wpe(pos))))
 
 

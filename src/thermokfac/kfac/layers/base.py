@@ -60,6 +60,12 @@ class LayerHelper(ABC):
         """(weight preconditioned, bias preconditioned), as ``requires_grad`` says now."""
         return self.weight_trainable, self.has_bias
 
+    def possible_shapes(self) -> dict[tuple[bool, bool], tuple[int, int]]:
+        """``{(weight, bias) trainable: (A dimension, G dimension)}`` for every layout."""
+        bias = getattr(self.module, "bias", None) is not None and not self.diagonal_a
+        layouts = [(True, False)] + ([(True, True), (False, True)] if bias else [])
+        return {(w, b): (self.d_in * int(w) + int(b), self.d_out) for w, b in layouts}
+
     @property
     def trainable(self) -> bool:
         """Whether anything of this layer is preconditioned now."""

@@ -25,6 +25,9 @@ class EmbeddingHelper(LayerHelper):
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         if module.sparse:
             return "sparse=True (sparse gradients are not supported)"
+        if module.scale_grad_by_freq:
+            return ("scale_grad_by_freq=True (its gradient is not the loss gradient, so the "
+                    "factors would not be its curvature)")
         return None
 
     @property
