@@ -9,6 +9,7 @@ must raise, or warn once and count — never pass silently.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import types
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import prune
 
 from thermokfac import KFACPreconditioner
 
@@ -567,3 +569,220 @@ def test_gradient_accumulation_is_one_step():
         assert rel_err(pre.factors()[name][0], a) < 1e-12
         # G: each micro-batch's rows carry 1/2 of the mean-loss gradient of its half
         assert rel_err(pre.factors()[name][1], g) < 1e-12
+
+
+# ---------------------------------------------- passes that are not the step's loss
+def test_autograd_grad_before_backward_is_reported_and_not_doubled():
+    """torch.autograd.grad(loss, params) before loss.backward() (gradient-norm logging)
+    back-propagates each layer output twice: only one gradient enters G."""
+    model = tiny()
+    ref_model = tiny()
+    ref = KFACPreconditioner(ref_model, kl_clip=None)
+    x, y = data()
+    nn.functional.cross_entropy(ref_model(x), y).backward()
+    ref.step()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    loss = nn.functional.cross_entropy(model(x), y)
+    torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    loss.backward()
+    with pytest.warns(UserWarning, match="back-propagated more than once"):
+        pre.step()
+    assert pre.stats["repeated_gradients"] == 2
+    for name, (a, g) in ref.factors().items():
+        assert rel_err(pre.factors()[name][0], a) < 1e-12
+        assert rel_err(pre.factors()[name][1], g) < 1e-12
+
+
+def test_detached_branch_adds_no_rows_and_the_count_is_asked_for():
+    """A forward whose output is detached (a BYOL-style target) never receives a
+    gradient: it adds nothing to A or G. Two model calls before one backward make the
+    example count ambiguous."""
+    model = tiny()
+    ref_model = tiny()
+    ref = KFACPreconditioner(ref_model, kl_clip=None)
+    x, y = data()
+    nn.functional.cross_entropy(ref_model(x), y).backward()
+    ref.step()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    target = model(x + 1).detach()
+    (nn.functional.cross_entropy(model(x), y) + 0 * target.sum()).backward()
+    with pytest.raises(ValueError, match=r"called 2 times before a backward.*paused"):
+        pre.step()
+    pre.step(num_examples=8)
+    for name, (a, g) in ref.factors().items():
+        assert rel_err(pre.factors()[name][0], a) < 1e-12
+        assert rel_err(pre.factors()[name][1], g) < 1e-12
+
+
+def test_paused_passes_are_not_captured():
+    """FGSM-style adversarial training: the pass that crafts the example runs inside
+    pre.paused(); the step's factors are those of the adversarial pass alone."""
+    x, y = data()
+    results = []
+    for use_pause in (True, False):
+        model = tiny()
+        pre = KFACPreconditioner(model, kl_clip=None)
+        x_adv = x.clone().requires_grad_(True)
+        with pre.paused() if use_pause else contextlib.nullcontext():
+            probe = nn.functional.cross_entropy(model(x_adv), y)
+            (direction,) = torch.autograd.grad(probe, x_adv)
+        x_adv = (x + 0.1 * direction.sign()).detach()
+        nn.functional.cross_entropy(model(x_adv), y).backward()
+        if use_pause:
+            pre.step()
+            results.append((pre.factors(), x_adv))
+        else:  # without the pause the extra pass makes the count ambiguous: loud
+            with pytest.raises(ValueError, match="paused"):
+                pre.step()
+    factors, x_adv = results[0]
+    ref_model = tiny()
+    ref = KFACPreconditioner(ref_model, kl_clip=None)
+    nn.functional.cross_entropy(ref_model(x_adv), y).backward()
+    ref.step()
+    for name, (a, g) in ref.factors().items():
+        assert rel_err(factors[name][0], a) < 1e-12
+        assert rel_err(factors[name][1], g) < 1e-12
+
+
+def test_siamese_calls_before_one_backward_ask_for_the_count():
+    model = tiny()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    x, y = data()
+    anchor, positive = model(x), model(x + 0.1)
+    (nn.functional.cross_entropy(anchor, y) + (anchor - positive).pow(2).mean()).backward()
+    with pytest.raises(ValueError, match="called 2 times before a backward"):
+        pre.step()
+
+
+def test_unbatched_layer_input_is_reported_not_captured():
+    """A position embedding of arange(T) broadcast over the batch only receives
+    batch-summed gradients: its calls are not captured, and that is reported."""
+
+    class PosModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok = nn.Embedding(7, 4)
+            self.pos = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, idx):  # idx: [N, T] with T = 5 and N = 4
+            return self.head(self.tok(idx) + self.pos(torch.arange(5))).mean(1)
+
+    model = PosModel().double()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    idx = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(0))
+    nn.functional.cross_entropy(model(idx), torch.tensor([0, 1, 2, 0])).backward()
+    with pytest.warns(UserWarning, match="not the model call's batch"):
+        pre.step()
+    assert pre.stats["unbatched_layer_calls"] == 1
+    assert "pos" not in pre.factors() and {"tok", "head"} <= set(pre.factors())
+
+
+def test_skip_layers_naming_a_container_skips_its_subtree():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5)))
+    model.add_module("head", nn.Linear(5, 3))
+    pre = KFACPreconditioner(model.double(), kl_clip=None, skip_layers=["encoder"])
+    assert pre.layer_names == ["head"]
+    assert {"encoder.0", "encoder.2"} <= set(pre.discovery.skipped)
+
+
+def test_step_per_micro_batch_under_accumulation_raises():
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = KFACPreconditioner(model, optimizer=opt)
+    x, y = data()
+    nn.functional.cross_entropy(model(x[:4]), y[:4]).backward()
+    pre.step()
+    nn.functional.cross_entropy(model(x[4:]), y[4:]).backward()
+    with pytest.raises(RuntimeError, match="optimizer did not step"):
+        pre.step()
+    opt.step()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()  # the usual loop is accepted again
+
+
+def test_step_after_remove_raises():
+    model = tiny()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    pre.remove()
+    x, y = data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="removed"):
+        pre.step()
+
+
+def test_pruning_after_construction_raises_before_touching_gradients():
+    model = tiny()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    x, y = data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = model[0].bias.grad.clone()
+    with pytest.raises(RuntimeError, match="changed after the preconditioner was built"):
+        pre.step()
+    assert torch.equal(model[0].bias.grad, raw)
+
+
+def test_model_compiled_and_run_before_building_is_captured():
+    torch._dynamo.reset()
+    eager = tiny()
+    ref = train(eager, KFACPreconditioner(eager, kl_clip=None), eager)
+    model = tiny()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, _ = data()
+    with torch.no_grad():
+        compiled(x)
+    compiled(x).sum().backward()  # a compiled graph without hooks exists now
+    model.zero_grad()
+    assert_same(train(model, KFACPreconditioner(compiled, kl_clip=None), compiled), ref)
+
+
+def test_checkpoint_saved_with_a_frozen_bias_loads_into_the_unfrozen_model():
+    model = tiny()
+    model[0].bias.requires_grad_(False)
+    pre = KFACPreconditioner(model, kl_clip=None)
+    x, y = data()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    assert pre.factors()["0"][0].shape == (4, 4)
+    other = tiny()
+    other_pre = KFACPreconditioner(other, kl_clip=None)
+    other_pre.load_state_dict(pre.state_dict())
+    nn.functional.cross_entropy(other(x), y).backward()
+    other_pre.step()
+    assert other_pre.stats["trainable_changes"] == 1
+    assert other_pre.factors()["0"][0].shape == (5, 5)
+
+
+def test_tied_module_with_its_own_bias_and_scaled_embedding_are_listed():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.emb = nn.Embedding(5, 4, scale_grad_by_freq=True)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    pre = KFACPreconditioner(Tied(), kl_clip=None)
+    assert pre.layer_names == ["a"]
+    assert "bias" in pre.unsupported_layers["b"]
+    assert "scale_grad_by_freq" in pre.unsupported_layers["emb"]
+
+
+def test_grouped_rows_that_do_not_match_the_membership_are_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+    x = torch.randn(7, 4, dtype=torch.float64)
+    with pre.grouped_rows(torch.tensor([0, 0, 1, 1, 1, 2])):  # 6 entries for 7 rows
+        model(x).sum().backward()
+    with pytest.warns(UserWarning, match="do not match the membership"):
+        pre.step(num_examples=3)
+    assert pre.stats["group_mismatches"] == 2

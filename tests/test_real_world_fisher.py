@@ -250,3 +250,75 @@ def test_sgd_momentum_one_is_refused_by_the_kl_clip():
     nn.functional.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
     pre.step()
     assert math.isfinite(pre.stats["kl_clip_scale"])
+
+
+def test_type2_micro_batches_forwarded_first_then_back_propagated():
+    """All micro-batch forwards first, then one curvature_backward per output: every
+    call is still covered (nothing is dropped after the first backward)."""
+    ref = _split_factors((12,), "type2", "cross_entropy")
+    model, x, _ = model_and_data()
+    pre = KFACPreconditioner(model, fisher_type="type2", kl_clip=None)
+    outs = [model(x[:5]), model(x[5:])]
+    for out in outs:
+        pre.curvature_backward(out)
+    for out, size in zip(outs, (5, 7)):
+        (out.square().sum() * size / 12).backward()
+    pre.step(num_examples=12)
+    for name, (a, g) in ref.items():
+        assert rel_err(pre.factors()[name][0], a) < 1e-12
+        assert rel_err(pre.factors()[name][1], g) < 1e-12
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.h1, self.h2 = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        z = torch.tanh(self.body(x))
+        return self.h1(z), self.h2(z)
+
+
+def test_two_heads_of_one_forward_sum_their_curvatures():
+    """loss = CE(head 1) + CE(head 2), summed: the body's type-2 G is the sum over both
+    heads of Σ_c (Jᵀs_c)(Jᵀs_c)ᵀ, computed here directly with autograd."""
+    model = TwoHeads().double()
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pre = KFACPreconditioner(model, fisher_type="type2", loss_reduction="sum", kl_clip=None)
+    o1, o2 = model(x)
+    pre.curvature_backward(o1)
+    pre.curvature_backward(o2)
+    (o1.sum() + o2.sum()).backward()
+    pre.step()
+    s = model.body(x).detach().requires_grad_(True)
+    expected = torch.zeros(5, 5, dtype=torch.float64)
+    for head in (model.h1, model.h2):
+        out = head(torch.tanh(s))
+        p = out.softmax(-1).detach()
+        for c in range(3):
+            v = -p * p[:, c:c + 1].sqrt()
+            v[:, c] += p[:, c].sqrt()
+            (g,) = torch.autograd.grad(out, s, v, retain_graph=True)
+            expected += g.T @ g
+    assert rel_err(pre.factors()["body"][1], expected) < 1e-12
+    mean_model = TwoHeads().double()
+    mean_pre = KFACPreconditioner(mean_model, fisher_type="type2", kl_clip=None)
+    o1, o2 = mean_model(x)
+    mean_pre.curvature_backward(o1)
+    with pytest.raises(ValueError, match="already covered"):
+        mean_pre.curvature_backward(o2)
+
+
+def test_singular_factor_raises_damping_loudly():
+    """damping=0 with fewer examples than inputs: even float64 cannot factorise the
+    factor to a meaningful accuracy; the damping is raised, counted and warned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10)).double()
+    pre = KFACPreconditioner(model, damping=0.0, kl_clip=None)
+    nn.functional.cross_entropy(model(torch.randn(3, 20, dtype=torch.float64)),
+                                torch.tensor([0, 1, 2])).backward()
+    with pytest.warns(UserWarning, match="use more damping"):
+        pre.step()
+    assert pre.stats["damping_increases"] > 0
+    assert all(pre.layer_state(n).damping[0] > 0 for n in pre.layer_names)

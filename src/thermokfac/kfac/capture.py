@@ -308,7 +308,8 @@ class CurvatureCapture:
         if groups is None or self.approx is not KFACApprox.REDUCE:
             return
         rows, members = shared.shape[0] * shared.shape[1], groups[0].shape[0]
-        if shared.shape[1] != 1 or rows != members:
+        # One row per member (per atom), or already one per group (after pooling).
+        if shared.shape[1] != 1 or rows not in (members, groups[1]):
             self.group_mismatches.setdefault(record.name, (
                 f"{rows} rows while the membership has {members} entries"))
 

@@ -197,20 +197,13 @@ class LinearSolver(ABC):
         n = m.shape[0]
         stats = {"float64_retries": 0.0, "damping_increases": 0.0, "failed": 0.0,
                  "ill_conditioned": 0.0}
-        state = self._call_prepare(m, float(damping), generator)
-        if state is not None and m.dtype != torch.float64:
-            estimate = self._condition_estimate(state)
-            if estimate * torch.finfo(m.dtype).eps > ILL_CONDITIONED:
-                # Its solves could be off by ~estimate·eps or more: redo it in float64.
-                stats["ill_conditioned"] = 1.0
-                stats["condition_estimate"] = estimate
-                state = None
+        state = self._usable(m, float(damping), generator, stats)
         if state is not None:
             return self._finish(state, n, float(damping), stats)
         m64 = m.double()
         if m.dtype != torch.float64:
             stats["float64_retries"] = 1.0
-            state = self._call_prepare(m64, float(damping), generator)
+            state = self._usable(m64, float(damping), generator, stats)
             if state is not None:
                 return self._finish(state, n, float(damping), stats)
         current = float(damping)
@@ -219,7 +212,7 @@ class LinearSolver(ABC):
         for _ in range(self.max_damping_increases):
             current *= 10.0
             stats["damping_increases"] += 1.0
-            state = self._call_prepare(m64, current, generator)
+            state = self._usable(m64, current, generator, stats)
             if state is not None:
                 return self._finish(state, n, current, stats)
         stats["failed"] = 1.0
@@ -310,10 +303,28 @@ class LinearSolver(ABC):
         """Extra statistics for a successful prepare (solver-specific)."""
         return {}
 
+    def _usable(self, m: Tensor, damping: float, generator: torch.Generator | None,
+                stats: dict[str, float]) -> dict[str, Tensor] | None:
+        """Prepare M + λI in ``m``'s dtype; None if that failed or is too ill-conditioned
+        for the dtype (condition estimate × eps > ``ILL_CONDITIONED``: its solves could
+        be off by more than ~0.1%, which a residual test would not reveal). A float32
+        rejection is counted in ``stats['ill_conditioned']``."""
+        state = self._call_prepare(m, damping, generator)
+        if state is None:
+            return None
+        estimate = self._condition_estimate(state)
+        if estimate * torch.finfo(m.dtype).eps <= ILL_CONDITIONED:
+            return state
+        if m.dtype != torch.float64:
+            stats["ill_conditioned"] = 1.0
+        stats["condition_estimate"] = estimate
+        return None
+
     def _condition_estimate(self, state: dict[str, Tensor]) -> float:
         """A cheap lower estimate of cond(M + λI) from a successful prepare (1 when the
         solver has none). Above ``ILL_CONDITIONED/eps`` a float32 prepare is redone in
-        float64 (counted in ``stats['ill_conditioned']``)."""
+        float64 (counted in ``stats['ill_conditioned']``), and a float64 one with more
+        damping (the failure policy)."""
         return 1.0
 
     def _finish(self, state: dict[str, Tensor], n: int, damping: float,
