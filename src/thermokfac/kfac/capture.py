@@ -1,15 +1,17 @@
 """Hooks that capture Kronecker-factor contributions during forward and backward.
 
-Inputs are read by a forward pre-hook (A is accumulated right away); output gradients by
-a tensor hook that a forward hook installs on the layer's output (G is accumulated when
-autograd reaches it — unlike a module backward hook, this also works when an in-place
-activation follows the layer: the hook belongs to the node that produced the output, so
-it sees the gradient of the layer's own output). Nothing is captured in ``eval()`` mode,
-under ``torch.no_grad()``, or on steps that do not update the factors. For the ``mc``
-and ``type2`` Fisher types the forward hook keeps the output's *gradient edge* (the
-autograd node that produced it) instead of the tensor, so the preconditioner can
-back-propagate its own vectors to it (:mod:`thermokfac.fisher`) even when an in-place op
-later overwrites the tensor.
+A forward pre-hook keeps each layer call's input (autograd keeps it anyway for the
+weight gradient); a forward hook then installs a tensor hook on the call's output. When
+the output gradient arrives, the call's rows enter A and its gradient rows enter G —
+so a call whose output is never back-propagated (a detached branch, an unused head)
+adds nothing, and a call back-propagated twice (``torch.autograd.grad`` before
+``backward``) enters once and is reported. The tensor hook belongs to the node that
+produced the output, so it sees the gradient of the layer's own output even when an
+in-place op (``ReLU(inplace=True)``) overwrites the tensor later. For the ``mc`` and
+``type2`` Fisher types the forward hook keeps the output's *gradient edge* instead, and
+the preconditioner back-propagates its own vectors to it (:mod:`.fisher`). Nothing is
+captured in ``eval()`` mode, under ``torch.no_grad()``, inside ``paused()``, or on steps
+that do not update the factors.
 
 Every hook runs eagerly under ``torch.compile`` (``torch.compiler.disable``: a graph
 break at each hook), so compiled models are captured exactly as eager ones. Passes under
@@ -18,10 +20,13 @@ not counted as examples; they are counted in :attr:`CurvatureCapture.transformed
 
 **Examples of a step** (``loss_reduction="mean"`` scales G by them): each call of the
 root module adds the leading dimension of its tensor arguments (searched through tuples,
-lists, mappings and dataclasses; 0-d tensors are ignored). When those leading dimensions
-disagree, when there is no such tensor, or when the root module was not called while
-layers were, the count is *ambiguous* (:attr:`CurvatureCapture.example_problem`) and the
-preconditioner asks for ``step(num_examples=N)``.
+lists, mappings and dataclasses; 0-d tensors are ignored). The count is *ambiguous*
+(:attr:`CurvatureCapture.example_problem`), and the preconditioner asks for
+``step(num_examples=N)``, when those leading dimensions disagree, when there is no such
+tensor, when the root module was not called while layers were, or when it was called
+again before a backward into the parameters (siamese models, auxiliary passes). A layer
+input whose leading dimension is not a multiple of the call's N (a batch-less input
+broadcast later) is not captured and is reported.
 """
 
 from __future__ import annotations
