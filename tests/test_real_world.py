@@ -55,6 +55,28 @@ def train(model, pre, forward, steps: int = 3, fisher: str = "empirical"):
     return pre.factors(), grads
 
 
+def eager_reference():
+    """Factors and gradients of three plain eager steps of ``tiny()``."""
+    eager = tiny()
+    return train(eager, KFACPreconditioner(eager, kl_clip=None), eager)
+
+
+def eager_factors(x, y) -> dict:
+    """Factors of one plain step of ``tiny()`` on (x, y): the reference."""
+    model = tiny()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    return pre.factors()
+
+
+def assert_factors_equal(got: dict, ref: dict, tol: float = 1e-12) -> None:
+    assert set(got) == set(ref)
+    for name, (a, g) in ref.items():
+        assert rel_err(got[name][0], a) < tol, name
+        assert rel_err(got[name][1], g) < tol, name
+
+
 def trainable_grad_matrix(module: nn.Module) -> torch.Tensor:
     """DΘ of the trainable parameters: [∇W | ∇b], without the bias when it is frozen."""
     if module.bias is not None and module.bias.requires_grad:
@@ -93,8 +115,7 @@ def test_compiled_model_equals_eager(backend, built_on, fisher):
 def test_other_compile_entry_points_equal_eager():
     """``nn.Module.compile()`` in place, and a compiled function that calls the model."""
     torch._dynamo.reset()
-    eager = tiny()
-    ref = train(eager, KFACPreconditioner(eager, kl_clip=None), eager)
+    ref = eager_reference()
     model = tiny()
     model.compile(backend="aot_eager")
     assert_same(train(model, KFACPreconditioner(model, kl_clip=None), model), ref)
@@ -109,8 +130,7 @@ def test_other_compile_entry_points_equal_eager():
 @pytest.mark.slow
 def test_inductor_equals_eager():
     torch._dynamo.reset()
-    eager = tiny()
-    ref = train(eager, KFACPreconditioner(eager, kl_clip=None), eager)
+    ref = eager_reference()
     model = tiny()
     compiled = torch.compile(model, backend="inductor")
     assert_same(train(model, KFACPreconditioner(compiled, kl_clip=None), compiled), ref,
@@ -576,11 +596,7 @@ def test_autograd_grad_before_backward_is_reported_and_not_doubled():
     """torch.autograd.grad(loss, params) before loss.backward() (gradient-norm logging)
     back-propagates each layer output twice: only one gradient enters G."""
     model = tiny()
-    ref_model = tiny()
-    ref = KFACPreconditioner(ref_model, kl_clip=None)
     x, y = data()
-    nn.functional.cross_entropy(ref_model(x), y).backward()
-    ref.step()
     pre = KFACPreconditioner(model, kl_clip=None)
     loss = nn.functional.cross_entropy(model(x), y)
     torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
@@ -588,9 +604,7 @@ def test_autograd_grad_before_backward_is_reported_and_not_doubled():
     with pytest.warns(UserWarning, match="back-propagated more than once"):
         pre.step()
     assert pre.stats["repeated_gradients"] == 2
-    for name, (a, g) in ref.factors().items():
-        assert rel_err(pre.factors()[name][0], a) < 1e-12
-        assert rel_err(pre.factors()[name][1], g) < 1e-12
+    assert_factors_equal(pre.factors(), eager_factors(x, y))
 
 
 def test_detached_branch_adds_no_rows_and_the_count_is_asked_for():
@@ -598,20 +612,14 @@ def test_detached_branch_adds_no_rows_and_the_count_is_asked_for():
     gradient: it adds nothing to A or G. Two model calls before one backward make the
     example count ambiguous."""
     model = tiny()
-    ref_model = tiny()
-    ref = KFACPreconditioner(ref_model, kl_clip=None)
     x, y = data()
-    nn.functional.cross_entropy(ref_model(x), y).backward()
-    ref.step()
     pre = KFACPreconditioner(model, kl_clip=None)
     target = model(x + 1).detach()
     (nn.functional.cross_entropy(model(x), y) + 0 * target.sum()).backward()
     with pytest.raises(ValueError, match=r"called 2 times before a backward.*paused"):
         pre.step()
     pre.step(num_examples=8)
-    for name, (a, g) in ref.factors().items():
-        assert rel_err(pre.factors()[name][0], a) < 1e-12
-        assert rel_err(pre.factors()[name][1], g) < 1e-12
+    assert_factors_equal(pre.factors(), eager_factors(x, y))
 
 
 def test_paused_passes_are_not_captured():
@@ -635,13 +643,7 @@ def test_paused_passes_are_not_captured():
             with pytest.raises(ValueError, match="paused"):
                 pre.step()
     factors, x_adv = results[0]
-    ref_model = tiny()
-    ref = KFACPreconditioner(ref_model, kl_clip=None)
-    nn.functional.cross_entropy(ref_model(x_adv), y).backward()
-    ref.step()
-    for name, (a, g) in ref.factors().items():
-        assert rel_err(factors[name][0], a) < 1e-12
-        assert rel_err(factors[name][1], g) < 1e-12
+    assert_factors_equal(factors, eager_factors(x_adv, y))
 
 
 def test_siamese_calls_before_one_backward_ask_for_the_count():
@@ -729,8 +731,7 @@ def test_pruning_after_construction_raises_before_touching_gradients():
 
 def test_model_compiled_and_run_before_building_is_captured():
     torch._dynamo.reset()
-    eager = tiny()
-    ref = train(eager, KFACPreconditioner(eager, kl_clip=None), eager)
+    ref = eager_reference()
     model = tiny()
     compiled = torch.compile(model, backend="aot_eager")
     x, _ = data()
