@@ -59,24 +59,42 @@ from .layers import LayerHelper
 class LayerCall:
     """One captured forward call of a layer, waiting for its output gradient.
 
-    A of the call is added when its output gradient first arrives, so a call whose
-    output is never back-propagated (a detached branch, an unused head) adds nothing.
+    The call's A contribution is formed at the forward (before any later in-place op
+    can change the input) into its own sums, and joins the step's A when the call's
+    output gradient first arrives: a call whose output is never back-propagated (a
+    detached branch, an unused head, a recomputation) adds nothing.
 
     Attributes:
-        x: The detached layer input (kept by autograd anyway for the weight gradient).
         groups: Row groups active at the call (``grouped_rows``).
+        sums: This call's A sums (``a``, ``a_rows``, ``a_parts``) until committed.
         edge: Gradient edge of the output (``mc``/``type2``).
-        a_done: Whether A already holds this call's rows.
         hits: Output gradients received (empirical: more than one is reported).
         reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
     """
 
-    x: Tensor
     groups: tuple[Tensor, int] | None
+    sums: FactorSums | None = field(default_factory=FactorSums)
     edge: GradientEdge | None = None
-    a_done: bool = False
     hits: int = 0
     reached_by: int = -1
+
+
+@dataclass(eq=False)
+class RootCall:
+    """One call of the root module: its examples count once its output gets a gradient.
+
+    Attributes:
+        examples: Leading dimension of its tensor arguments (or groups), if unambiguous.
+        problem: Why its examples cannot be counted, if they cannot.
+        backward_at: Parameter gradients seen before this call (two counted calls with
+            the same value were made before one backward: a siamese pattern).
+        counted: Whether a gradient reached its outputs.
+    """
+
+    examples: int
+    problem: str | None
+    backward_at: int
+    counted: bool = False
 
 
 @dataclass
@@ -125,9 +143,7 @@ class CurvatureCapture:
         self.keep_rows = keep_rows
         self.groups: tuple[Tensor, int] | None = None
         self.enabled = False
-        self.examples = 0
         self.root_calls = 0
-        self.example_problem: str | None = None
         self.transformed_passes = 0
         self.hook_calls = 0
         self.repeated_gradients = 0
@@ -139,6 +155,8 @@ class CurvatureCapture:
         self._inv_scale = 1.0
         self._scale_read = False
         self._call_examples: int | None = None  # N of the root call in progress
+        self._root_pending: list[RootCall | None] = []
+        self.root_list: list[RootCall] = []
         self._gradients = 0  # output gradients received this step
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
         self._root_at = -1  # self.param_gradients at the previous root call
@@ -163,9 +181,10 @@ class CurvatureCapture:
             record.outputs.clear()
             record.pending.clear()
             record.layout = None
-        self.examples = self.root_calls = self.hook_calls = self.repeated_gradients = 0
-        self.example_problem = None
+        self.root_calls = self.hook_calls = self.repeated_gradients = 0
         self.unbatched_calls.clear()
+        self._root_pending.clear()
+        self.root_list.clear()
         self.group_mismatches.clear()
         self._call_examples = None
         self._gradients, self._root_at, self._curvature_calls = 0, -1, 0
@@ -187,37 +206,67 @@ class CurvatureCapture:
 
     # ------------------------------------------------------------------- hooks
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.active(module):
+        self._call_examples = None
+        if not self.active(module) or not any(r.helper.trainable for r in self.records):
+            self._root_pending.append(None)
             return
         if _transformed((args, kwargs)):
             self.transformed_passes += 1
+            self._root_pending.append(None)
             return
-        if self.root_calls and self._root_at == self.param_gradients and \
-                self.example_problem is None and self.groups is None:
-            self.example_problem = (
-                f"the model was called {self.root_calls + 1} times before a backward into "
-                "its parameters (a siamese or contrastive loss may average over fewer "
-                "examples than the calls hold, while micro-batches are back-propagated one "
-                "by one; run auxiliary passes — adversarial examples, a detached target "
-                "branch — inside `with pre.paused():`)")
-        self._root_at = self.param_gradients
         self.root_calls += 1
         self._read_scale()
-        self._call_examples = None
+        examples, problem = 0, None
         if self.groups is not None:
-            self.examples += self.groups[1]
-            return
-        dims = set(leading_dims((args, kwargs)))
-        if len(dims) == 1:
-            self._call_examples = dims.pop()
-            self.examples += self._call_examples
-        elif self.example_problem is None:
-            self.example_problem = (
-                f"the model's tensor inputs have different leading dimensions {sorted(dims)}"
-                if dims else "the model's inputs hold no tensor with a batch dimension")
+            examples = self.groups[1]
+        else:
+            dims = set(leading_dims((args, kwargs)))
+            if len(dims) == 1:
+                examples = self._call_examples = dims.pop()
+            else:
+                problem = (f"the model's tensor inputs have different leading dimensions "
+                           f"{sorted(dims)}" if dims else
+                           "the model's inputs hold no tensor with a batch dimension")
+        self._root_pending.append(RootCall(examples, problem, self.param_gradients))
 
     def _root_done(self, module: nn.Module, args: tuple, output) -> None:
+        """Count the call's examples when a gradient reaches its outputs (at once when
+        no output can carry one)."""
         self._call_examples = None
+        call = self._root_pending.pop() if self._root_pending else None
+        if call is None:
+            return
+        self.root_list.append(call)
+        carriers = [t for t in _tensors(output) if t.requires_grad]
+        if not carriers:
+            call.counted = True
+            return
+
+        def counted(grad: Tensor) -> None:
+            if not self.paused:
+                call.counted = True
+        for tensor in carriers:
+            tensor.register_hook(counted)
+
+    def example_count(self) -> tuple[int, str | None]:
+        """(N, None) from the root calls whose outputs got a gradient this step, or
+        (0, why N is ambiguous)."""
+        counted = [c for c in self.root_list if c.counted]
+        for call in counted:
+            if call.problem is not None:
+                return 0, call.problem
+        at = [c.backward_at for c in counted]
+        if len(set(at)) < len(at):
+            return 0, (
+                f"the model was called {len(at)} times and several calls were made before "
+                "one backward into its parameters (a siamese or contrastive loss may average "
+                "over fewer examples than the calls hold, while micro-batches are "
+                "back-propagated one by one; run auxiliary passes — crafting adversarial "
+                "examples — inside `with pre.paused():`)")
+        if not counted:
+            return 0, ("no call of the model itself received a gradient in this step (its "
+                       "submodules were called directly, e.g. model.head(model.body(x)))")
+        return sum(c.examples for c in counted), None
 
     def _read_scale(self) -> None:
         scale = float(self.grad_scale())
@@ -240,7 +289,11 @@ class CurvatureCapture:
                 raise RuntimeError(
                     f"requires_grad of layer {record.name!r} changed between two forward "
                     "passes of one step; change it between steps")
-            record.pending.append(LayerCall(x.detach(), self.groups))
+            start = self._clock()
+            call = LayerCall(self.groups)
+            self._add_activations(record, x.detach(), call)
+            record.pending.append(call)
+            self.elapsed_s += self._clock() - start
         return hook
 
     def _batched(self, record: LayerRecord, x: Tensor) -> bool:
@@ -253,7 +306,12 @@ class CurvatureCapture:
         if n is None or n <= 1 or self.groups is not None:
             return True
         lead = x.shape[0] if x.ndim > 0 else 1
-        unbatched = (x.ndim == 1 and not record.helper.diagonal_a) or lead % n != 0
+        # A Linear may see any number of rows (tokens, a masked subset, MoE routing);
+        # 1-D inputs, unbatched images and embedding indices that are not a whole
+        # number of the batch are what a batch-less input looks like.
+        unbatched = (x.ndim <= 1 and not record.helper.diagonal_a) \
+            or record.helper.unbatched_input(x) \
+            or (record.helper.diagonal_a and lead % n != 0)
         if unbatched:
             self.unbatched_calls.setdefault(record.name, (
                 f"input of shape {tuple(x.shape)} while the model's call has {n} examples"))
@@ -276,6 +334,8 @@ class CurvatureCapture:
             inv_scale = self._inv_scale
 
             def grad_hook(grad: Tensor) -> None:
+                if self.paused:  # a backward inside paused(): not the step's loss
+                    return
                 self._gradients += 1
                 if call.hits:
                     call.hits += 1
@@ -286,13 +346,13 @@ class CurvatureCapture:
             output.register_hook(grad_hook)
         return hook
 
-    def _add_activations(self, record: LayerRecord, call: LayerCall) -> None:
-        """A of one call: Σ āāᵀ of its rows (or only the bias entry when the weight is
-        frozen, or the token counts of an embedding)."""
-        helper, x = record.helper, call.x
+    def _add_activations(self, record: LayerRecord, x: Tensor, call: LayerCall) -> None:
+        """A of one call into ``call.sums``: Σ āāᵀ of its rows (only the row count when
+        the weight is frozen, the token counts of an embedding)."""
+        helper, sums = record.helper, call.sums
         if helper.diagonal_a:
             counts, tokens = helper.token_counts(x, self.factor_dtype)
-            accumulate_a_diagonal(record.sums, counts, tokens)
+            accumulate_a_diagonal(sums, counts, tokens)
             return
         shared = helper.shared_inputs(x)
         self._check_groups(record, shared, call.groups)
@@ -300,13 +360,27 @@ class CurvatureCapture:
         if not helper.weight_trainable:  # bias only: ā = [1]
             rows = rows[:, :0]
         if self.keep_rows:
-            record.sums.a_rows += append_rows(record.sums.a_parts, rows, helper.has_bias,
-                                              self.factor_dtype)
+            sums.a_rows += append_rows(sums.a_parts, rows, helper.has_bias, self.factor_dtype)
         elif helper.weight_trainable:
-            accumulate_a(record.sums, rows, helper.has_bias, self.factor_dtype)
+            accumulate_a(sums, rows, helper.has_bias, self.factor_dtype)
         else:
-            accumulate_a(record.sums, None, True, self.factor_dtype, count=rows.shape[0],
+            accumulate_a(sums, None, True, self.factor_dtype, count=rows.shape[0],
                          device=rows.device)
+
+    @staticmethod
+    def _commit(record: LayerRecord, call: LayerCall) -> None:
+        """The call's A joins the step's A (its output gradient has arrived)."""
+        into, own = record.sums, call.sums
+        if own is None:
+            return
+        if own.a is not None:
+            if into.a is None:
+                into.a = own.a
+            else:
+                into.a.add_(own.a)
+        into.a_rows += own.a_rows
+        into.a_parts.extend(own.a_parts)
+        call.sums = None
 
     def _check_groups(self, record: LayerRecord, shared: Tensor,
                       groups: tuple[Tensor, int] | None) -> None:
@@ -328,9 +402,8 @@ class CurvatureCapture:
         scale S, √w weights a sampled or Hessian-root backward.
         """
         start = self._clock()
-        if call is not None and not call.a_done:
-            call.a_done = True
-            self._add_activations(record, call)
+        if call is not None:
+            self._commit(record, call)
         helper = record.helper
         approx = KFACApprox.EXPAND if helper.diagonal_a else self.approx
         rows = gradient_rows(helper.shared_grad_outputs(grad.detach()), approx, groups)

@@ -448,17 +448,13 @@ class KFACPreconditioner:
                     or num_examples < 1:
                 raise ValueError(f"num_examples={num_examples!r} must be a positive integer")
             return num_examples
-        capture = self._capture
-        problem = capture.example_problem
-        if problem is None and capture.root_calls == 0:
-            problem = ("the model itself was not called in this step (its submodules were "
-                       "called directly, e.g. model.head(model.body(x)))")
+        examples, problem = self._capture.example_count()
         if problem is not None:
             raise ValueError(
                 f"cannot count the examples of step {self.steps} for loss_reduction='mean': "
                 f"{problem}; pass pre.step(num_examples=N) with N the examples the loss "
                 "averaged over")
-        return capture.examples
+        return examples
 
     def _note_capture_problems(self) -> None:
         """Loud, never silent: transformed passes, hooks that did not run."""

@@ -95,6 +95,11 @@ class LayerHelper(ABC):
         it is frozen) plus 1 for a trainable bias."""
         return self.d_in * int(self.weight_trainable) + int(self.has_bias)
 
+    def unbatched_input(self, x: Tensor) -> bool:
+        """Whether ``x`` is one example without a batch dimension (e.g. a ``[C, H, W]``
+        image for a convolution)."""
+        return False
+
     @abstractmethod
     def shared_inputs(self, x: Tensor) -> Tensor:
         """Layer input ↦ activations ``[batch, shared, d_in]``."""

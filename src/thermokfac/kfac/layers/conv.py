@@ -48,6 +48,9 @@ class Conv2dHelper(LayerHelper):
             return F.pad(x, (left, right, top, bottom)), (0, 0)
         return x, tuple(m.padding)
 
+    def unbatched_input(self, x: Tensor) -> bool:
+        return x.ndim == 3
+
     def shared_inputs(self, x: Tensor) -> Tensor:
         m = self.module
         if x.ndim == 3:
