@@ -322,3 +322,13 @@ def test_singular_factor_raises_damping_loudly():
         pre.step()
     assert pre.stats["damping_increases"] > 0
     assert all(pre.layer_state(n).damping[0] > 0 for n in pre.layer_names)
+
+
+def test_the_same_outputs_given_twice_raise():
+    model, x, _ = model_and_data()
+    pre = KFACPreconditioner(model, fisher_type="type2", loss_reduction="sum", kl_clip=None)
+    out = model(x)
+    pre.curvature_backward(out)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(ValueError, match="already given to curvature_backward"):
+        pre.step(outputs=out)

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from .._kernels import symmetrize_lower
 from ..enums import DampingSplit, Method
-from ..solvers import LinearSolver, Prepared, SolverError, TimeBreakdown, all_finite
+from ..solvers import (
+    LinearSolver,
+    Prepared,
+    SolverError,
+    SolveResult,
+    TimeBreakdown,
+    all_finite,
+)
 from .factors import FactorSums, lower_is_finite
 
 
@@ -197,10 +204,10 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     if method is Method.INVERSE:
         try:
             if state.a_prep is not None:
-                result = solver.inverse(state.a_prep, generator=generator)
+                result = _converged(solver.inverse(state.a_prep, generator=generator))
                 state.a_inv = result.x
                 jobs.append(job(result.modeled_time_s, result.stats))
-            result = solver.inverse(state.g_prep, generator=generator)
+            result = _converged(solver.inverse(state.g_prep, generator=generator))
             state.g_inv = result.x
             jobs.append(job(result.modeled_time_s, result.stats))
         except SolverError:
@@ -247,16 +254,24 @@ def precondition(state: LayerState, d_theta: Tensor, solver: LinearSolver, metho
     out_dtype = d_theta.dtype
     d_theta = d_theta.to(work)
     # The caller checked DΘ and checks U (through ⟨U, DΘ⟩), so the solves skip it.
-    res_g = solver.solve(state.g_prep, d_theta, generator=generator, overwrite_b=True,
-                         check_finite=False)
+    res_g = _converged(solver.solve(state.g_prep, d_theta, generator=generator,
+                                    overwrite_b=True, check_finite=False))
     jobs = [job(res_g.modeled_time_s, res_g.stats)]
     q = res_g.x
     if state.a_prep is None:  # diagonal A
         return (q * state.a_inv.to(q.dtype)).to(out_dtype), jobs
-    res_a = solver.solve(state.a_prep, q.mT, generator=generator, overwrite_b=True,
-                         check_finite=False)
+    res_a = _converged(solver.solve(state.a_prep, q.mT, generator=generator, overwrite_b=True,
+                                    check_finite=False))
     jobs.append(job(res_a.modeled_time_s, res_a.stats))
     return res_a.x.mT.to(out_dtype), jobs
+
+
+def _converged(result: SolveResult) -> SolveResult:
+    """An iterative solve that reports it did not converge is a solver failure."""
+    if result.stats.get("converged", 1.0) == 0.0:
+        raise SolverError(f"the solve did not converge (relative residual "
+                          f"{result.stats.get('rel_residual', float('nan')):.3g})")
+    return result
 
 
 def precondition_layer(helper, state: LayerState, solver: LinearSolver, method: Method,

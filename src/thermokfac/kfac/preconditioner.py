@@ -180,9 +180,12 @@ class KFACPreconditioner:
         self._warned_nonfinite = self._curvature_done = False
         self._warned: set[str] = set()
         self._removed = False
-        self._wrote_updates = self._optimizer_stepped = False
-        self._optimizer_hook = None if optimizer is None else \
-            optimizer.register_step_post_hook(self._note_optimizer_step)
+        # .grad tensors this preconditioner wrote U into, with their version counters
+        # then: a backward that adds onto U (no zero_grad/optimizer step in between) bumps
+        # the counter by exactly one; zero_grad(set_to_none=False) adds another bump, and
+        # the default zero_grad() replaces the tensor.
+        self._written: dict[int, tuple[Tensor, int]] = {}
+        self._added_onto_update: str | None = None
         self._loss_terms = 0
         self._window: tuple[int, int] | None = None
         self._fresh: set[str] = set()  # layers whose parameters a backward reached
@@ -261,6 +264,11 @@ class KFACPreconditioner:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
         class_dim = check_class_dim(outputs, self.config.class_dim)
+        if any(o is outputs for o in self._curvature_outputs):
+            raise ValueError(
+                "these outputs were already given to curvature_backward in this step (by "
+                "curvature_backward or step(outputs=...)): pass each output once")
+        self._curvature_outputs.append(outputs)
         self._curvature_done = True
         if not self._capture.enabled:
             return
@@ -355,8 +363,7 @@ class KFACPreconditioner:
         raises)."""
         self._removed = True
         self._capture.remove()
-        if self._optimizer_hook is not None:
-            self._optimizer_hook.remove()
+
         for handle in self._grad_hooks.values():
             handle.remove()
         self._grad_hooks.clear()
@@ -376,6 +383,7 @@ class KFACPreconditioner:
     def _begin_step(self) -> None:
         self._capture.reset()
         self._curvature_done = False
+        self._curvature_outputs: list[Tensor] = []
         self._loss_terms = 0
         self._fresh.clear()
         self._watch_gradients()
@@ -385,19 +393,24 @@ class KFACPreconditioner:
         every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
 
-    def _watch_gradients(self) -> None:
+    def _watch_gradients(self) -> bool:
         """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
-        trainable parameter; hooks are added as parameters become trainable)."""
+        trainable parameter; hooks are added as parameters become trainable or are
+        replaced). Returns whether a newly watched parameter already holds a gradient."""
+        unseen = False
         for name, record in self._records.items():
             for param in record.helper.parameters:
                 if param.requires_grad and param.is_leaf and id(param) not in self._grad_hooks:
                     self._grad_hooks[id(param)] = param.register_post_accumulate_grad_hook(
-                        lambda _, name=name: self._note_gradient(name))
+                        lambda param, name=name: self._note_gradient(name, param))
+                    unseen = unseen or param.grad is not None
+        return unseen
 
-    def _note_optimizer_step(self, *args: Any) -> None:
-        self._optimizer_stepped = True
-
-    def _note_gradient(self, name: str) -> None:
+    def _note_gradient(self, name: str, param: Tensor) -> None:
+        written = self._written.get(id(param))
+        if written is not None and param.grad is written[0] \
+                and param.grad._version == written[1] + 1:
+            self._added_onto_update = name
         self._fresh.add(name)
         self._capture.param_gradients += 1
 
@@ -407,20 +420,28 @@ class KFACPreconditioner:
         if self._removed:
             raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
                                "one to precondition again")
+        owners: dict[int, str] = {}
         for name, record in self._records.items():
             problem = leaf_problem(record.helper.module, type(record.helper))
+            for param in record.helper.parameters:
+                if owners.setdefault(id(param), name) != name:
+                    problem = f"a parameter shared with layer {owners[id(param)]!r} (tied)"
             if problem is not None:
                 raise RuntimeError(
                     f"layer {name!r} now has {problem}; it changed after the preconditioner "
-                    "was built (pruning or a parametrization): build the preconditioner "
-                    "after such changes")
-        if self._wrote_updates and not self._optimizer_stepped and self.optimizer is not None:
+                    "was built (pruning, a parametrization, tying weights): build the "
+                    "preconditioner after such changes")
+        if self._added_onto_update is not None:
+            name, self._added_onto_update = self._added_onto_update, None
             raise RuntimeError(
-                f"step() at step {self.steps}: the optimizer did not step since the previous "
-                "pre.step(), so .grad still holds the preconditioned gradient the backward "
-                "added to. Under gradient accumulation call pre.step() once, after the last "
-                "micro-batch's backward, then optimizer.step() and zero_grad()")
+                f"step() at step {self.steps}: the backward added to the preconditioned "
+                f"gradient that the previous step left in layer {name!r}'s .grad (no "
+                "zero_grad() since). Under gradient accumulation call pre.step() once, "
+                "after the last micro-batch's backward, then optimizer.step() and "
+                "zero_grad()")
         if self._fresh or not any(r.helper.trainable for r in self._records.values()):
+            return
+        if self._watch_gradients():  # parameters replaced (load_state_dict(assign=True))
             return
         raise RuntimeError(
             f"step() at step {self.steps} found no gradient from a backward pass since the "
@@ -612,7 +633,6 @@ class KFACPreconditioner:
 
     def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
         cfg = self.config
-        skips = self.stats["nonfinite_grad_skips"]
         updates: list[tuple[LayerRecord, Tensor, float]] = []
         jobs: list[TimeBreakdown] = []
         for name, record in self._records.items():
@@ -626,6 +646,11 @@ class KFACPreconditioner:
             if isinstance(outcome, str):
                 if outcome:
                     self.stats[outcome] += 1
+                if outcome == "solver_errors":
+                    self._warn_once("solver_errors", (
+                        f"the solver failed on layer {name!r} (non-finite or unconverged "
+                        "solve): its gradient passes through unchanged, counted in "
+                        "stats['solver_errors']"))
                 continue
             u, u_dot_d, layer_jobs = outcome
             jobs += layer_jobs
@@ -637,9 +662,8 @@ class KFACPreconditioner:
         self.stats["kl_clip_scale"] = nu
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-        # A GradScaler skips optimizer.step() after non-finite gradients: no check then.
-        self._wrote_updates = bool(updates) and self.stats["nonfinite_grad_skips"] == skips
-        self._optimizer_stepped = False
+        self._written = {id(p): (p.grad, p.grad._version) for record, _, _ in updates
+                         for p in record.helper.parameters if p.grad is not None}
         return jobs
 
 
@@ -663,4 +687,5 @@ def _compiled(wrapper: nn.Module, model: nn.Module) -> bool:
     any module of ``model``."""
     if wrapper is not model:
         return True  # an OptimizedModule or DDP around it: cheap to retrace
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(getattr(m, "_compiled_call_impl", None) is not None
+               or isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())

@@ -76,9 +76,12 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     for name in set(expected) & set(saved):  # the shape of the layout it was saved with
-        layout = state["layers"][name].get("layout")
+        layer = state["layers"][name]
+        layout = layer.get("layout")
         if layout is not None and tuple(layout) in snap.layouts.get(name, {}):
             expected[name] = snap.layouts[name][tuple(layout)]
+        elif layer.get("a") is None and layer.get("a_rows") is None:
+            expected[name] = saved[name]  # never captured (frozen): nothing to match
     wrong = sorted(n for n in set(expected) & set(saved) if expected[n] != saved[n])
     if missing or unexpected or wrong:
         details = []
