@@ -24,9 +24,10 @@ from ..solvers import LinearSolver, TimeBreakdown
 from ..timing import StepTimings, TimingLog
 from .capture import CurvatureCapture, LayerRecord
 from .config import KFACConfig
-from .discovery import Discovery, announce, discover, is_ddp, leaf_problem, unwrap
+from .discovery import Discovery, announce, discover, is_ddp, unwrap
 from .factors import lower_is_finite
 from .fisher import backward_vectors, check_class_dim, num_loss_terms
+from .guards import StepGuard
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .kl_clip import effective_learning_rate, kl_clip_scale
 from .layer_state import LayerState, precondition_layer, prepare_layer
@@ -178,19 +179,9 @@ class KFACPreconditioner:
                           "does nothing until one is trainable", stacklevel=2)
         self.steps = 0
         self._warned_nonfinite = self._curvature_done = False
-        self._warned: set[str] = set()
-        self._removed = False
-        # .grad tensors this preconditioner wrote U into, with their version counters
-        # then: a backward that adds onto U (no zero_grad/optimizer step in between) bumps
-        # the counter by exactly one; zero_grad(set_to_none=False) adds another bump, and
-        # the default zero_grad() replaces the tensor.
-        self._written: dict[int, tuple[Tensor, int]] = {}
-        self._added_onto_update: str | None = None
         self._loss_terms = 0
         self._window: tuple[int, int] | None = None
-        self._fresh: set[str] = set()  # layers whose parameters a backward reached
-        self._grad_hooks: dict[int, Any] = {}
-        self._watch_gradients()
+        self._guard = StepGuard(self._records, self._capture, lambda: self.stats)
         if kl_clip is not None and optimizer is not None:
             effective_learning_rate(None, optimizer, self.config.momentum)  # momentum < 1
         if kl_clip is not None and lr is None and optimizer is None:
@@ -236,7 +227,7 @@ class KFACPreconditioner:
         """
         if outputs is not None:
             self.curvature_backward(outputs)
-        self._check_fresh_gradients()
+        self._guard.before_step(self.steps)
         timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
         with self.timing.measure(timings, "curvature_s"):
             if self._capture.enabled:
@@ -361,12 +352,9 @@ class KFACPreconditioner:
     def remove(self) -> None:
         """Detach every hook; the preconditioner stops capturing (a later ``step()``
         raises)."""
-        self._removed = True
+        self._guard.remove()
         self._capture.remove()
 
-        for handle in self._grad_hooks.values():
-            handle.remove()
-        self._grad_hooks.clear()
 
     # ----------------------------------------------------------------- private
     def _snapshot(self) -> Snapshot:
@@ -385,74 +373,12 @@ class KFACPreconditioner:
         self._curvature_done = False
         self._curvature_outputs: list[Tensor] = []
         self._loss_terms = 0
-        self._fresh.clear()
-        self._watch_gradients()
+        self._guard.new_step()
         name = "factor_update_steps"
         if self.config.factor_storage is FactorStorage.ROWS:
             name = "inv_update_steps"  # rows are only needed where a prepare uses them
         every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
-
-    def _watch_gradients(self) -> bool:
-        """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
-        trainable parameter; hooks are added as parameters become trainable or are
-        replaced). Returns whether a newly watched parameter already holds a gradient."""
-        unseen = False
-        for name, record in self._records.items():
-            for param in record.helper.parameters:
-                if param.requires_grad and param.is_leaf and id(param) not in self._grad_hooks:
-                    self._grad_hooks[id(param)] = param.register_post_accumulate_grad_hook(
-                        lambda param, name=name: self._note_gradient(name, param))
-                    unseen = unseen or param.grad is not None
-        return unseen
-
-    def _note_gradient(self, name: str, param: Tensor) -> None:
-        written = self._written.get(id(param))
-        if written is not None and param.grad is written[0] \
-                and param.grad._version == written[1] + 1:
-            self._added_onto_update = name
-        self._fresh.add(name)
-        self._capture.param_gradients += 1
-
-    def _check_fresh_gradients(self) -> None:
-        """Refuse a step that cannot be right: after ``remove()``, with a layer whose
-        weight stopped being a leaf parameter, or with no backward since the last step."""
-        if self._removed:
-            raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
-                               "one to precondition again")
-        owners: dict[int, str] = {}
-        for name, record in self._records.items():
-            problem = leaf_problem(record.helper.module, type(record.helper))
-            for param in record.helper.parameters:
-                if owners.setdefault(id(param), name) != name:
-                    problem = f"a parameter shared with layer {owners[id(param)]!r} (tied)"
-            if problem is not None:
-                raise RuntimeError(
-                    f"layer {name!r} now has {problem}; it changed after the preconditioner "
-                    "was built (pruning, a parametrization, tying weights): build the "
-                    "preconditioner after such changes")
-        if self._added_onto_update is not None:
-            name, self._added_onto_update = self._added_onto_update, None
-            raise RuntimeError(
-                f"step() at step {self.steps}: the backward added to the preconditioned "
-                f"gradient that the previous step left in layer {name!r}'s .grad (no "
-                "zero_grad() since). Under gradient accumulation call pre.step() once, "
-                "after the last micro-batch's backward, then optimizer.step() and "
-                "zero_grad()")
-        if self._fresh or not any(r.helper.trainable for r in self._records.values()):
-            return
-        if self._watch_gradients():  # parameters replaced (load_state_dict(assign=True))
-            return
-        raise RuntimeError(
-            f"step() at step {self.steps} found no gradient from a backward pass since the "
-            "previous step: call loss.backward() before pre.step(), and pre.step() once per "
-            "optimizer step, after all backwards of that step (a second step() would "
-            "precondition the gradient twice)")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message + " (warned once)", stacklevel=4)
 
     def _g_multiplier(self, num_examples: int | None) -> float:
         cfg = self.config
@@ -477,48 +403,9 @@ class KFACPreconditioner:
                 "averaged over")
         return examples
 
-    def _note_capture_problems(self) -> None:
-        """Loud, never silent: transformed passes, hooks that did not run."""
-        capture = self._capture
-        if capture.transformed_passes:
-            self.stats["transformed_passes"] += capture.transformed_passes
-            capture.transformed_passes = 0
-            self._warn_once("transformed", (
-                "forward passes under a torch.func transform (vmap/grad/jvp...) are not "
-                "captured by K-FAC and not counted as examples; counted in "
-                "stats['transformed_passes']"))
-        if self._fresh and not capture.hooks_ran():
-            raise RuntimeError(
-                f"K-FAC captured nothing at step {self.steps} although the backward reached "
-                f"{len(self._fresh)} preconditioned layers: the module hooks did not run (a "
-                "tracer or exported program that bypasses nn.Module hooks, or a model "
-                "compiled and run before the preconditioner was built: call "
-                "torch.compiler.reset() after building it)")
-        if capture.repeated_gradients:
-            self.stats["repeated_gradients"] += capture.repeated_gradients
-            self._warn_once("repeated", (
-                "a layer's output was back-propagated more than once in one step (e.g. "
-                "torch.autograd.grad before loss.backward, or two backwards through one "
-                "forward): only the first gradient enters G, which is right only when they "
-                "are the same loss's; counted in stats['repeated_gradients']"))
-        for key, found, text in (
-                ("unbatched_layer_calls", capture.unbatched_calls,
-                 "received an input whose leading dimension is not the model call's batch "
-                 "(a batch-less input broadcast afterwards, e.g. a position embedding of "
-                 "arange(T): only batch-summed gradients reach it — expand it to the batch "
-                 "with pos.expand(N, T); or a sequence-first model: use batch-first inputs); "
-                 "those calls are not captured"),
-                ("group_mismatches", capture.group_mismatches,
-                 "inside grouped_rows saw rows that do not match the membership; they were "
-                 "treated one row per example")):
-            if found:
-                self.stats[key] += len(found)
-                listing = "; ".join(f"{n}: {why}" for n, why in found.items())
-                self._warn_once(key, f"layers {text}: {listing}; counted in stats[{key!r}]")
-
     def _update_factors(self, num_examples: int | None) -> None:
         cfg = self.config
-        self._note_capture_problems()
+        self._guard.after_capture(self.steps)
         if cfg.fisher_type is not FisherType.EMPIRICAL and not self._curvature_done and any(
                 r.outputs for r in self._records.values()):
             raise RuntimeError(
@@ -532,7 +419,7 @@ class KFACPreconditioner:
         if cfg.factor_storage is FactorStorage.ROWS:
             for name, record in self._records.items():
                 if record.sums.a_rows == 0 or record.sums.g_rows == 0:
-                    self._missing(name)
+                    self._guard.missing(name, self.steps)
                 elif not self._states[name].take_rows(record.sums, multiplier):
                     self._nonfinite_factors(name)
             return
@@ -558,26 +445,13 @@ class KFACPreconditioner:
             self.stats["trainable_changes"] += 1
             self._states[name] = LayerState(layout=record.layout)
 
-    def _missing(self, name: str) -> None:
-        """A layer the backward reached but whose factors were not captured: counted and
-        warned once (it keeps its previous factors, or passes its gradient through)."""
-        record = self._records[name]
-        if name not in self._fresh or (record.sums.a_rows and record.sums.g_rows):
-            return
-        self.stats["missing_factor_skips"] += 1
-        self._warn_once("missing", (
-            f"layer {name!r} received a gradient at step {self.steps} but its factors were "
-            "not captured (its forward ran outside the model's forward hooks, under "
-            "no_grad/eval, or its output was not used through autograd); its factor update "
-            "is skipped, counted in stats['missing_factor_skips']"))
-
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
         fresh = {}
         for name, record in self._records.items():
             sums = record.sums
             if sums.a_rows == 0 or sums.g_rows == 0:
-                self._missing(name)
+                self._guard.missing(name, self.steps)
                 continue
             fresh[name] = (sums.a.div_(sums.a_rows),
                            sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
@@ -618,14 +492,14 @@ class KFACPreconditioner:
 
     def _warn_ill_conditioned(self) -> None:
         if self.stats["damping_increases"] or self.stats["prepare_failures"]:
-            self._warn_once("fallback", (
+            self._guard.warn_once("fallback", (
                 "a damped factor could not be factorised as given (singular or too "
                 "ill-conditioned even in float64): its damping was raised ×10 until it could "
                 "(counted in stats['damping_increases']) or its gradient passes through "
                 "(stats['prepare_failures']); the damping in effect is in "
                 "pre.layer_state(name).damping — use more damping"))
         if self.stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
-            self._warn_once("ill_conditioned", (
+            self._guard.warn_once("ill_conditioned", (
                 "a float32 factorisation was ill-conditioned (its solves could be far off a "
                 "float64 solve): it was prepared and solved in float64 from the stored "
                 "factor instead, counted in stats['ill_conditioned_solves']; "
@@ -647,7 +521,7 @@ class KFACPreconditioner:
                 if outcome:
                     self.stats[outcome] += 1
                 if outcome == "solver_errors":
-                    self._warn_once("solver_errors", (
+                    self._guard.warn_once("solver_errors", (
                         f"the solver failed on layer {name!r} (non-finite or unconverged "
                         "solve): its gradient passes through unchanged, counted in "
                         "stats['solver_errors']"))
@@ -662,8 +536,7 @@ class KFACPreconditioner:
         self.stats["kl_clip_scale"] = nu
         for record, u, _ in updates:
             record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-        self._written = {id(p): (p.grad, p.grad._version) for record, _, _ in updates
-                         for p in record.helper.parameters if p.grad is not None}
+        self._guard.remember_updates(record for record, _, _ in updates)
         return jobs
 
 

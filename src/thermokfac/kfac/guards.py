@@ -1,0 +1,183 @@
+"""The checks that make a K-FAC step right or loud (never silently wrong).
+
+:class:`StepGuard` watches which layers a backward reaches (post-accumulate-grad hooks),
+refuses steps that cannot be right (no backward since the last step, a backward added
+onto the preconditioned gradient, layers changed after the preconditioner was built),
+and turns what the capture noticed into one-time warnings and counts in the
+preconditioner's ``stats``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor
+
+from .capture import CurvatureCapture, LayerRecord
+from .discovery import leaf_problem
+
+
+class StepGuard:
+    """Guards of one preconditioner.
+
+    Args:
+        records: The preconditioned layers by name.
+        capture: Their hooks.
+        stats: Returns the preconditioner's ``stats`` dict (it is replaced on load).
+    """
+
+    def __init__(self, records: dict[str, LayerRecord], capture: CurvatureCapture,
+                 stats: Callable[[], dict[str, float]]) -> None:
+        self.records = records
+        self.capture = capture
+        self._stats = stats
+        self.fresh: set[str] = set()  # layers whose parameters a backward reached
+        self.removed = False
+        self._warned: set[str] = set()
+        self._hooks: dict[int, Any] = {}
+        # .grad tensors U was written into, with their version counters then: a backward
+        # that adds onto U (no zero_grad in between) bumps the counter by exactly one;
+        # zero_grad(set_to_none=False) adds a bump, and the default zero_grad() replaces
+        # the tensor.
+        self._written: dict[int, tuple[Tensor, int]] = {}
+        self._added_onto_update: str | None = None
+        self.watch()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self._stats()
+
+    def new_step(self) -> None:
+        self.fresh.clear()
+        self.watch()
+
+    def remember_updates(self, layers: Iterable[LayerRecord]) -> None:
+        """Note the ``.grad`` tensors the step just wrote U into."""
+        self._written = {id(p): (p.grad, p.grad._version) for record in layers
+                         for p in record.helper.parameters if p.grad is not None}
+
+    def remove(self) -> None:
+        self.removed = True
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+
+    def watch(self) -> bool:
+        """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
+        trainable parameter; hooks are added as parameters become trainable or are
+        replaced). Returns whether a newly watched parameter already holds a gradient."""
+        unseen = False
+        for name, record in self.records.items():
+            for param in record.helper.parameters:
+                if param.requires_grad and param.is_leaf and id(param) not in self._hooks:
+                    self._hooks[id(param)] = param.register_post_accumulate_grad_hook(
+                        lambda param, name=name: self._note_gradient(name, param))
+                    unseen = unseen or param.grad is not None
+        return unseen
+
+    def _note_gradient(self, name: str, param: Tensor) -> None:
+        written = self._written.get(id(param))
+        if written is not None and param.grad is written[0] \
+                and param.grad._version == written[1] + 1:
+            self._added_onto_update = name
+        self.fresh.add(name)
+        self.capture.param_gradients += 1
+
+    def before_step(self, step: int) -> None:
+        """Refuse a step that cannot be right: after ``remove()``, with a layer changed
+        after building (pruned, parametrized, tied), a backward added onto the
+        preconditioned gradient, or no backward since the last step.
+
+        Raises:
+            RuntimeError: Naming the problem and what to do.
+        """
+        if self.removed:
+            raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
+                               "one to precondition again")
+        owners: dict[int, str] = {}
+        for name, record in self.records.items():
+            problem = leaf_problem(record.helper.module, type(record.helper))
+            for param in record.helper.parameters:
+                if owners.setdefault(id(param), name) != name:
+                    problem = f"a parameter shared with layer {owners[id(param)]!r} (tied)"
+            if problem is not None:
+                raise RuntimeError(
+                    f"layer {name!r} now has {problem}; it changed after the preconditioner "
+                    "was built (pruning, a parametrization, tying weights): build the "
+                    "preconditioner after such changes")
+        if self._added_onto_update is not None:
+            name, self._added_onto_update = self._added_onto_update, None
+            raise RuntimeError(
+                f"step() at step {step}: the backward added to the preconditioned "
+                f"gradient that the previous step left in layer {name!r}'s .grad (no "
+                "zero_grad() since). Under gradient accumulation call pre.step() once, "
+                "after the last micro-batch's backward, then optimizer.step() and "
+                "zero_grad()")
+        if self.fresh or not any(r.helper.trainable for r in self.records.values()):
+            return
+        if self.watch():  # parameters replaced (load_state_dict(assign=True))
+            return
+        raise RuntimeError(
+            f"step() at step {step} found no gradient from a backward pass since the "
+            "previous step: call loss.backward() before pre.step(), and pre.step() once per "
+            "optimizer step, after all backwards of that step (a second step() would "
+            "precondition the gradient twice)")
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " (warned once)", stacklevel=5)
+
+    def after_capture(self, step: int) -> None:
+        """Loud, never silent: transformed passes, hooks that did not run."""
+        capture = self.capture
+        if capture.transformed_passes:
+            self.stats["transformed_passes"] += capture.transformed_passes
+            capture.transformed_passes = 0
+            self.warn_once("transformed", (
+                "forward passes under a torch.func transform (vmap/grad/jvp...) are not "
+                "captured by K-FAC and not counted as examples; counted in "
+                "stats['transformed_passes']"))
+        if self.fresh and not capture.hooks_ran():
+            raise RuntimeError(
+                f"K-FAC captured nothing at step {step} although the backward reached "
+                f"{len(self.fresh)} preconditioned layers: the module hooks did not run (a "
+                "tracer or exported program that bypasses nn.Module hooks, or a model "
+                "compiled and run before the preconditioner was built: call "
+                "torch.compiler.reset() after building it)")
+        if capture.repeated_gradients:
+            self.stats["repeated_gradients"] += capture.repeated_gradients
+            self.warn_once("repeated", (
+                "a layer's output was back-propagated more than once in one step (e.g. "
+                "torch.autograd.grad before loss.backward, or two backwards through one "
+                "forward): only the first gradient enters G, which is right only when they "
+                "are the same loss's; counted in stats['repeated_gradients']"))
+        for key, found, text in (
+                ("unbatched_layer_calls", capture.unbatched_calls,
+                 "received an input whose leading dimension is not the model call's batch "
+                 "(a batch-less input broadcast afterwards, e.g. a position embedding of "
+                 "arange(T): only batch-summed gradients reach it — expand it to the batch "
+                 "with pos.expand(N, T); or a sequence-first model: use batch-first inputs); "
+                 "those calls are not captured"),
+                ("group_mismatches", capture.group_mismatches,
+                 "inside grouped_rows saw rows that do not match the membership; they were "
+                 "treated one row per example")):
+            if found:
+                self.stats[key] += len(found)
+                listing = "; ".join(f"{n}: {why}" for n, why in found.items())
+                self.warn_once(key, f"layers {text}: {listing}; counted in stats[{key!r}]")
+
+    def missing(self, name: str, step: int) -> None:
+        """A layer the backward reached but whose factors were not captured: counted and
+        warned once (it keeps its previous factors, or passes its gradient through)."""
+        record = self.records[name]
+        if name not in self.fresh or (record.sums.a_rows and record.sums.g_rows):
+            return
+        self.stats["missing_factor_skips"] += 1
+        self.warn_once("missing", (
+            f"layer {name!r} received a gradient at step {step} but its factors were "
+            "not captured (its forward ran outside the model's forward hooks, under "
+            "no_grad/eval, or its output was not used through autograd); its factor update "
+            "is skipped, counted in stats['missing_factor_skips']"))
