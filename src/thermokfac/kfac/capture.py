@@ -18,23 +18,17 @@ break at each hook), so compiled models are captured exactly as eager ones. Pass
 a ``torch.func`` transform (e.g. a per-example ``vmap(grad(...))``) are not captured and
 not counted as examples; they are counted in :attr:`CurvatureCapture.transformed_passes`.
 
-**Examples of a step** (``loss_reduction="mean"`` scales G by them): each call of the
-root module adds the leading dimension of its tensor arguments (searched through tuples,
-lists, mappings and dataclasses; 0-d tensors are ignored). The count is *ambiguous*
-(:attr:`CurvatureCapture.example_problem`), and the preconditioner asks for
-``step(num_examples=N)``, when those leading dimensions disagree, when there is no such
-tensor, when the root module was not called while layers were, or when it was called
-again before a backward into the parameters (siamese models, auxiliary passes). A layer
-input whose leading dimension is not a multiple of the call's N (a batch-less input
-broadcast later) is not captured and is reported.
+**Examples of a step** are counted by the root module's hooks (:mod:`.examples`). A
+layer input whose shape shows no batch (embedding indices that are not a whole number
+of the call's N, a 1-D input to a Linear, an unbatched image) is not captured and is
+reported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +37,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from ..enums import KFACApprox
+from .examples import ExampleCounter, tensors_in
 from .factors import (
     FactorSums,
     accumulate_a,
@@ -77,24 +72,6 @@ class LayerCall:
     edge: GradientEdge | None = None
     hits: int = 0
     reached_by: int = -1
-
-
-@dataclass(eq=False)
-class RootCall:
-    """One call of the root module: its examples count once its output gets a gradient.
-
-    Attributes:
-        examples: Leading dimension of its tensor arguments (or groups), if unambiguous.
-        problem: Why its examples cannot be counted, if they cannot.
-        backward_at: Parameter gradients seen before this call (two counted calls with
-            the same value were made before one backward: a siamese pattern).
-        counted: Whether a gradient reached its outputs.
-    """
-
-    examples: int
-    problem: str | None
-    backward_at: int
-    counted: bool = False
 
 
 @dataclass
@@ -154,12 +131,9 @@ class CurvatureCapture:
         self.sync_cuda = False
         self._inv_scale = 1.0
         self._scale_read = False
-        self._call_examples: int | None = None  # N of the root call in progress
-        self._root_pending: list[RootCall | None] = []
-        self.root_list: list[RootCall] = []
+        self.counter = ExampleCounter()
         self._gradients = 0  # output gradients received this step
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
-        self._root_at = -1  # self.param_gradients at the previous root call
         self._curvature_calls = 0
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(_eager(self._count), with_kwargs=True),
@@ -183,11 +157,9 @@ class CurvatureCapture:
             record.layout = None
         self.root_calls = self.hook_calls = self.repeated_gradients = 0
         self.unbatched_calls.clear()
-        self._root_pending.clear()
-        self.root_list.clear()
+        self.counter.reset()
         self.group_mismatches.clear()
-        self._call_examples = None
-        self._gradients, self._root_at, self._curvature_calls = 0, -1, 0
+        self._gradients, self._curvature_calls = 0, 0
         self.param_gradients = 0
         self.elapsed_s = 0.0
         self._scale_read = False
@@ -206,67 +178,23 @@ class CurvatureCapture:
 
     # ------------------------------------------------------------------- hooks
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._call_examples = None
         if not self.active(module) or not any(r.helper.trainable for r in self.records):
-            self._root_pending.append(None)
+            self.counter.skip()
             return
         if _transformed((args, kwargs)):
             self.transformed_passes += 1
-            self._root_pending.append(None)
+            self.counter.skip()
             return
         self.root_calls += 1
         self._read_scale()
-        examples, problem = 0, None
-        if self.groups is not None:
-            examples = self.groups[1]
-        else:
-            dims = set(leading_dims((args, kwargs)))
-            if len(dims) == 1:
-                examples = self._call_examples = dims.pop()
-            else:
-                problem = (f"the model's tensor inputs have different leading dimensions "
-                           f"{sorted(dims)}" if dims else
-                           "the model's inputs hold no tensor with a batch dimension")
-        self._root_pending.append(RootCall(examples, problem, self.param_gradients))
+        self.counter.start(args, kwargs, self.groups, self.param_gradients)
 
     def _root_done(self, module: nn.Module, args: tuple, output) -> None:
-        """Count the call's examples when a gradient reaches its outputs (at once when
-        no output can carry one)."""
-        self._call_examples = None
-        call = self._root_pending.pop() if self._root_pending else None
-        if call is None:
-            return
-        self.root_list.append(call)
-        carriers = [t for t in _tensors(output) if t.requires_grad]
-        if not carriers:
-            call.counted = True
-            return
-
-        def counted(grad: Tensor) -> None:
-            if not self.paused:
-                call.counted = True
-        for tensor in carriers:
-            tensor.register_hook(counted)
+        self.counter.finish(output, lambda: self.paused)
 
     def example_count(self) -> tuple[int, str | None]:
-        """(N, None) from the root calls whose outputs got a gradient this step, or
-        (0, why N is ambiguous)."""
-        counted = [c for c in self.root_list if c.counted]
-        for call in counted:
-            if call.problem is not None:
-                return 0, call.problem
-        at = [c.backward_at for c in counted]
-        if len(set(at)) < len(at):
-            return 0, (
-                f"the model was called {len(at)} times and several calls were made before "
-                "one backward into its parameters (a siamese or contrastive loss may average "
-                "over fewer examples than the calls hold, while micro-batches are "
-                "back-propagated one by one; run auxiliary passes — crafting adversarial "
-                "examples — inside `with pre.paused():`)")
-        if not counted:
-            return 0, ("no call of the model itself received a gradient in this step (its "
-                       "submodules were called directly, e.g. model.head(model.body(x)))")
-        return sum(c.examples for c in counted), None
+        """(N, None) for this step, or (0, why N is ambiguous): see :mod:`.examples`."""
+        return self.counter.count()
 
     def _read_scale(self) -> None:
         scale = float(self.grad_scale())
@@ -302,7 +230,7 @@ class CurvatureCapture:
         a batch-less input (a position embedding of ``arange(T)`` broadcast over the
         batch afterwards, an unbatched example) only ever sees batch-summed gradients:
         its call is not captured, and reported."""
-        n = self._call_examples
+        n = self.counter.current
         if n is None or n <= 1 or self.groups is not None:
             return True
         lead = x.shape[0] if x.ndim > 0 else 1
@@ -479,7 +407,7 @@ def _transformed(obj) -> bool:
     (nothing is captured then)."""
     if _interpreter() is not None:
         return True
-    return any(bool(_is_wrapped(t)) for t in _tensors(obj))
+    return any(bool(_is_wrapped(t)) for t in tensors_in(obj))
 
 
 def _grad_or_explain(outputs: Tensor, inputs: list[GradientEdge], v: Tensor) -> tuple:
@@ -493,29 +421,3 @@ def _grad_or_explain(outputs: Tensor, inputs: list[GradientEdge], v: Tensor) -> 
                 "True) before pre.step(outputs=...), or call pre.curvature_backward(outputs) "
                 "before loss.backward()") from err
         raise
-
-
-def _tensors(obj, depth: int = 0) -> Iterable[Tensor]:
-    """Every tensor in ``obj``: through tuples, lists, mappings and dataclasses."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif depth > 8:
-        return
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item, depth + 1)
-    elif isinstance(obj, Mapping):
-        for item in obj.values():
-            yield from _tensors(item, depth + 1)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name, None), depth + 1)
-
-
-def leading_dims(obj) -> list[int]:
-    """Leading dimensions of the tensors of ``obj`` with at least one dimension.
-
-    >>> leading_dims(({"x": torch.zeros(4, 3)}, torch.tensor(1.0), [torch.zeros(4)]))
-    [4, 4]
-    """
-    return [t.shape[0] for t in _tensors(obj) if t.ndim > 0]
