@@ -187,3 +187,17 @@ def plain_on_ddp(out: str) -> None:
         message = "no error"
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{dist.get_rank()}.txt").write_text(message)
+    # built on the bare model, wrapped afterwards: warned at the first step
+    import warnings
+
+    bare = TokenNet().double()
+    pre = KFACPreconditioner(bare, kl_clip=None)
+    wrapped = nn.parallel.DistributedDataParallel(bare)
+    x, y = data(0)
+    nn.functional.cross_entropy(wrapped(x), y).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre.step()
+    text = " ".join(str(w.message) for w in caught)
+    (Path(out) / f"late{dist.get_rank()}.txt").write_text(
+        f"{pre.stats['multi_rank_warnings']}|{text}")

@@ -933,3 +933,23 @@ def test_parameters_replaced_by_load_state_dict_assign_are_followed():
         model.load_state_dict(tiny(seed=1).state_dict(), assign=True)
     with pytest.raises(RuntimeError, match="no gradient"):
         pre.step()
+
+
+def test_a_refused_step_does_not_mix_into_the_next_backward():
+    """A step refused for its example count, the batch skipped, a new backward: the
+    refused curvature is discarded (warned, counted), never mixed in."""
+    model = tiny()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    x, y = data()
+    (nn.functional.cross_entropy(model(x), y) + model(x + 1).pow(2).mean()).backward()
+    with pytest.raises(ValueError, match="num_examples"):
+        pre.step()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="discarded"):
+        pre.step()
+    assert pre.stats["discarded_curvature"] == 1 and pre.factors() == {}
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    assert_factors_equal(pre.factors(), eager_factors(x, y))

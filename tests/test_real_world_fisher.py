@@ -180,6 +180,8 @@ def test_plain_preconditioner_on_ddp_with_two_ranks_raises(tmp_path):
     for rank in (0, 1):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "DistributedKFACPreconditioner" in message, message
+        count, text = (tmp_path / f"late{rank}.txt").read_text().split("|", 1)
+        assert float(count) == 1 and "DistributedKFACPreconditioner" in text, text
 
 
 # ----------------------------------------------------------------- numerics

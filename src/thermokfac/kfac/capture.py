@@ -377,8 +377,8 @@ class CurvatureCapture:
                         f"curvature_backward reached layer {record.name!r} through outputs "
                         "of a forward pass it already covered (two heads or two losses on "
                         "one forward) with loss_reduction='mean', whose division by all loss terms "
-                        "of the step assumes disjoint examples: pass each forward's outputs "
-                        "in one call, or use loss_reduction='sum' (the curvatures then add)")
+                        "of the step assumes disjoint examples: use loss_reduction='sum' "
+                        "(the curvatures then add; scale each loss's terms yourself)")
                 call.reached_by = index
                 self.add_gradient(record, grad, math.sqrt(weight), call.groups, call)
 

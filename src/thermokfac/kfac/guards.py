@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .capture import CurvatureCapture, LayerRecord
@@ -26,10 +27,13 @@ class StepGuard:
         records: The preconditioned layers by name.
         capture: Their hooks.
         stats: Returns the preconditioner's ``stats`` dict (it is replaced on load).
+        averages_factors: The preconditioner averages factors over ranks (distributed).
     """
 
     def __init__(self, records: dict[str, LayerRecord], capture: CurvatureCapture,
-                 stats: Callable[[], dict[str, float]]) -> None:
+                 stats: Callable[[], dict[str, float]], averages_factors: bool = False
+                 ) -> None:
+        self.averages_factors = averages_factors
         self.records = records
         self.capture = capture
         self._stats = stats
@@ -43,6 +47,8 @@ class StepGuard:
         # the tensor.
         self._written: dict[int, tuple[Tensor, int]] = {}
         self._added_onto_update: str | None = None
+        self._refused_at: int | None = None  # param_gradients when a step was refused
+        self._checked_ranks = False
         self.watch()
 
     @property
@@ -51,7 +57,29 @@ class StepGuard:
 
     def new_step(self) -> None:
         self.fresh.clear()
+        self._refused_at = None
         self.watch()
+
+    def refusing(self, update: Callable[[], None]) -> None:
+        """Run the factor update; if it refuses the step (``ValueError``), remember when,
+        so that a later backward does not mix into this step's curvature."""
+        try:
+            update()
+        except ValueError:
+            self._refused_at = self.capture.param_gradients
+            raise
+
+    def refused_then_new_backward(self) -> bool:
+        """After a refused step, whether another backward came before this ``step()``:
+        then the captured curvature mixes two backwards and is discarded (warned)."""
+        if self._refused_at is None or self.capture.param_gradients == self._refused_at:
+            return False
+        self.stats["discarded_curvature"] += 1
+        self.warn_once("discarded", (
+            "a step() was refused and another backward followed before the next step(): "
+            "the curvature captured since then mixes both backwards and is discarded (no "
+            "factor update this step), counted in stats['discarded_curvature']"))
+        return True
 
     def remember_updates(self, layers: Iterable[LayerRecord]) -> None:
         """Note the ``.grad`` tensors the step just wrote U into."""
@@ -96,6 +124,15 @@ class StepGuard:
         if self.removed:
             raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
                                "one to precondition again")
+        if not self._checked_ranks:
+            self._checked_ranks = True
+            if self.averages_factors is False and _world_size() > 1:
+                self.stats["multi_rank_warnings"] += 1
+                self.warn_once("ranks", (
+                    f"torch.distributed runs {_world_size()} ranks but this "
+                    "KFACPreconditioner uses only this rank's factors: if the model is "
+                    "DistributedDataParallel-wrapped the replicas drift apart; use "
+                    "thermokfac.distributed.DistributedKFACPreconditioner"))
         owners: dict[int, str] = {}
         for name, record in self.records.items():
             problem = leaf_problem(record.helper.module, type(record.helper))
@@ -181,3 +218,8 @@ class StepGuard:
             "not captured (its forward ran outside the model's forward hooks, under "
             "no_grad/eval, or its output was not used through autograd); its factor update "
             "is skipped, counted in stats['missing_factor_skips']"))
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

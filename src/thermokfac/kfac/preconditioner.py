@@ -44,7 +44,8 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
-             "repeated_gradients", "unbatched_layer_calls", "group_mismatches")
+             "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
+             "discarded_curvature", "multi_rank_warnings")
 
 
 class KFACPreconditioner:
@@ -181,7 +182,8 @@ class KFACPreconditioner:
         self._warned_nonfinite = self._curvature_done = False
         self._loss_terms = 0
         self._window: tuple[int, int] | None = None
-        self._guard = StepGuard(self._records, self._capture, lambda: self.stats)
+        self._guard = StepGuard(self._records, self._capture, lambda: self.stats,
+                                averages_factors=self._averages_factors)
         if kl_clip is not None and optimizer is not None:
             effective_learning_rate(None, optimizer, self.config.momentum)  # momentum < 1
         if kl_clip is not None and lr is None and optimizer is None:
@@ -223,15 +225,19 @@ class KFACPreconditioner:
                 backward), or if gradients arrived but no module hook ran at all (a
                 ``torch.compile`` backend or tracer that bypasses module hooks).
             ValueError: If the number of examples is needed and cannot be counted
-                unambiguously, or ``num_examples`` is not a positive integer.
+                unambiguously, or ``num_examples`` is not a positive integer. The
+                step's curvature is kept for a retry on the same backward; if another
+                backward comes first, it is discarded (warned, counted in
+                ``stats["discarded_curvature"]``) rather than mixed in.
         """
         if outputs is not None:
             self.curvature_backward(outputs)
         self._guard.before_step(self.steps)
+        update = self._capture.enabled and not self._guard.refused_then_new_backward()
         timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
         with self.timing.measure(timings, "curvature_s"):
-            if self._capture.enabled:
-                self._update_factors(num_examples)
+            if update:
+                self._guard.refusing(lambda: self._update_factors(num_examples))
         with self.timing.measure(timings, "inversion_s"):
             jobs = self._prepare_due()
         with self.timing.measure(timings, "update_s"):
