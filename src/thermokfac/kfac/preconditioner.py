@@ -282,11 +282,24 @@ class KFACPreconditioner:
                                 class_dim=class_dim)
 
     def paused(self) -> AbstractContextManager[None]:
-        """Forward passes inside this block are not captured (nor counted as examples):
-        auxiliary passes between two steps that are not part of the step's loss, e.g.
-        crafting adversarial examples, a GAN generator step through the discriminator,
-        or evaluation in train mode. Their backwards, made outside the block, add
-        nothing either."""
+        """Passes inside this block are not part of the step: forwards in it are not
+        captured nor counted as examples (their later backwards add nothing either),
+        and gradients that backwards in it send through earlier forwards are ignored.
+        For auxiliary passes between two steps: crafting adversarial examples, a
+        saliency map, a GAN generator step through the discriminator, evaluation in
+        train mode.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+            >>> pre = KFACPreconditioner(model, kl_clip=None)
+            >>> x = torch.randn(8, 3, requires_grad=True)
+            >>> with pre.paused():  # the pass that crafts the example
+            ...     (g,) = torch.autograd.grad(model(x).sum(), x)
+            >>> model(x + 0.1 * g.sign()).pow(2).mean().backward()
+            >>> pre.step()
+        """
         return _paused(self._capture)
 
     @contextmanager
