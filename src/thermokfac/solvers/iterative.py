@@ -58,11 +58,19 @@ class CGSolver(LinearSolver):
         x0 = prepared.tensors.get("x0")
         x = x0.clone() if self.warm_start and x0 is not None and x0.shape == b.shape \
             else torch.zeros_like(b)
-        x, iters, rel = _block_cg(a, b, x, self.tol, self.max_iter or max(10, a.shape[0]))
+        max_iter = self.max_iter or max(10, a.shape[0])
+        x, iters, rel = _block_cg(a, b, x, self.tol, max_iter)
+        retried = 0.0
+        if rel > self.tol and a.dtype != torch.float64:
+            # float32 round-off can stall CG above its tolerance: continue in float64
+            # from where it stopped (the preconditioner treats a solve that still did not
+            # converge as a failure).
+            x64, more, rel = _block_cg(a.double(), b.double(), x.double(), self.tol, max_iter)
+            x, iters, retried = x64.to(b.dtype), iters + more, 1.0
         if self.warm_start:
             prepared.tensors["x0"] = x.clone()
         stats = {"iterations": float(iters), "rel_residual": rel,
-                 "converged": float(rel <= self.tol)}
+                 "converged": float(rel <= self.tol), "float64_retries": retried}
         return x, 0.0, stats
 
 
