@@ -63,3 +63,15 @@ def dense_kfac_direction(a: torch.Tensor, g: torch.Tensor, d: torch.Tensor, lam_
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).detach().norm() / ref.detach().norm())
+
+
+def kfac_step(pre, out: torch.Tensor, y: torch.Tensor, fisher: str = "empirical") -> None:
+    """Cross-entropy backward of ``out`` and one preconditioner step (the outputs go to
+    ``step`` for the ``mc``/``type2`` Fisher types)."""
+    loss = nn.functional.cross_entropy(out, y)
+    if fisher == "empirical":
+        loss.backward()
+        pre.step()
+    else:
+        loss.backward(retain_graph=True)
+        pre.step(outputs=out)

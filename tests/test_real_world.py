@@ -23,7 +23,7 @@ from torch.nn.utils import prune
 
 from thermokfac import KFACPreconditioner
 
-from .cases import dense_kfac_direction, grad_matrix, rel_err
+from .cases import dense_kfac_direction, grad_matrix, kfac_step, rel_err
 
 LAMBDA = 1e-3
 
@@ -44,14 +44,7 @@ def train(model, pre, forward, steps: int = 3, fisher: str = "empirical"):
     x, y = data()
     for _ in range(steps):
         model.zero_grad()
-        out = forward(x)
-        loss = nn.functional.cross_entropy(out, y)
-        if fisher == "empirical":
-            loss.backward()
-            pre.step()
-        else:
-            loss.backward(retain_graph=True)
-            pre.step(outputs=out)
+        kfac_step(pre, forward(x), y, fisher)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return pre.factors(), grads
 

@@ -6,11 +6,10 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 from thermokfac import KFACPreconditioner
 
-from .cases import mlp
+from .cases import kfac_step, mlp
 
 BATCHES = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)),
             torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(100 + i)))
@@ -28,14 +27,7 @@ def _fresh(config):
 def _train(model, opt, pre, batches, fisher):
     for x, y in batches:
         opt.zero_grad()
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        if fisher == "empirical":
-            loss.backward()
-            pre.step()
-        else:
-            loss.backward(retain_graph=True)
-            pre.step(outputs=out)
+        kfac_step(pre, model(x), y, fisher)
         opt.step()
 
 
