@@ -46,7 +46,8 @@ from ..kfac.layer_state import (
     prepare_layer,
     split_damping,
 )
-from ..kfac.preconditioner import PREPARE_STATS, KFACPreconditioner
+from ..kfac.preconditioner import KFACPreconditioner
+from ..kfac.solving import PREPARE_STATS
 from ..solvers import Prepared, SolverError, TimeBreakdown
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects

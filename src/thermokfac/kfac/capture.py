@@ -28,70 +28,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from ..enums import KFACApprox
-from .examples import ExampleCounter, tensors_in
+from ..enums import FisherType, KFACApprox, LossReduction
+from .config import KFACConfig
+from .examples import ExampleCounter
 from .factors import (
-    FactorSums,
     accumulate_a,
     accumulate_a_diagonal,
     accumulate_g,
     activation_rows,
     append_rows,
     gradient_rows,
+    group_mismatch,
 )
-from .layers import LayerHelper
-
-
-@dataclass(eq=False)
-class LayerCall:
-    """One captured forward call of a layer, waiting for its output gradient.
-
-    The call's A contribution is formed at the forward (before any later in-place op
-    can change the input) into its own sums, and joins the step's A when the call's
-    output gradient first arrives: a call whose output is never back-propagated (a
-    detached branch, an unused head, a recomputation) adds nothing.
-
-    Attributes:
-        groups: Row groups active at the call (``grouped_rows``).
-        sums: This call's A sums (``a``, ``a_rows``, ``a_parts``) until committed.
-        edge: Gradient edge of the output (``mc``/``type2``).
-        hits: Output gradients received (empirical: more than one is reported).
-        reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
-    """
-
-    groups: tuple[Tensor, int] | None
-    sums: FactorSums | None = field(default_factory=FactorSums)
-    edge: GradientEdge | None = None
-    hits: int = 0
-    reached_by: int = -1
-
-
-@dataclass
-class LayerRecord:
-    """One preconditioned layer: its helper and this step's captured sums.
-
-    Attributes:
-        layout: (weight, bias) preconditioned when this step's factors were captured
-            (``helper.layout`` at the first call of the step).
-        outputs: This step's calls with their gradient edges (``mc``/``type2``).
-        pending: Calls whose forward started and whose output hook has not run yet
-            (``None`` for a call that is not captured).
-    """
-
-    name: str
-    helper: LayerHelper
-    sums: FactorSums = field(default_factory=FactorSums)
-    outputs: list[LayerCall] = field(default_factory=list)
-    layout: tuple[bool, bool] | None = None
-    pending: list[LayerCall | None] = field(default_factory=list)
+from .fisher import backward_vectors, check_class_dim, num_loss_terms
+from .records import LayerCall, LayerRecord
+from .tracing import eager, grad_or_explain, transformed
 
 
 class CurvatureCapture:
@@ -132,17 +91,19 @@ class CurvatureCapture:
         self._inv_scale = 1.0
         self._scale_read = False
         self.counter = ExampleCounter()
-        self._gradients = 0  # output gradients received this step
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
         self._curvature_calls = 0
+        self.curvature_outputs: list[Tensor] = []  # given to curvature() this step
+        self.loss_terms = 0  # their loss terms, for a mean-reduced loss
+        self.curvature_done = False
         self._handles: list[RemovableHandle] = [
-            root.register_forward_pre_hook(_eager(self._count), with_kwargs=True),
-            root.register_forward_hook(_eager(self._root_done))]
+            root.register_forward_pre_hook(eager(self._count), with_kwargs=True),
+            root.register_forward_hook(eager(self._root_done))]
         for record in records:
             module = record.helper.module
             self._handles.append(module.register_forward_pre_hook(
-                _eager(self._input_hook(record))))
-            self._handles.append(module.register_forward_hook(_eager(self._output_hook(record))))
+                eager(self._input_hook(record))))
+            self._handles.append(module.register_forward_hook(eager(self._output_hook(record))))
 
     # ----------------------------------------------------------------- control
     def active(self, module: nn.Module) -> bool:
@@ -159,10 +120,44 @@ class CurvatureCapture:
         self.unbatched_calls.clear()
         self.counter.reset()
         self.group_mismatches.clear()
-        self._gradients, self._curvature_calls = 0, 0
+        self._curvature_calls = 0
+        self.curvature_outputs = []
+        self.loss_terms = 0
+        self.curvature_done = False
         self.param_gradients = 0
         self.elapsed_s = 0.0
         self._scale_read = False
+
+    @contextmanager
+    def pausing(self) -> Iterator[None]:
+        """Nothing inside the block is captured (forwards, and gradients of backwards)."""
+        previous = self.paused
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = previous
+
+    @contextmanager
+    def grouping(self, membership: Tensor, num_groups: int | None = None) -> Iterator[None]:
+        """Rows of 2-D layer inputs inside the block belong to groups (see
+        :meth:`~thermokfac.KFACPreconditioner.grouped_rows`)."""
+        count = int(membership.max()) + 1 if num_groups is None else int(num_groups)
+        previous = self.groups
+        self.groups = (membership, count)
+        try:
+            yield
+        finally:
+            self.groups = previous
+
+    def require_curvature(self, fisher_type: FisherType) -> None:
+        """Raise if ``mc``/``type2`` kept layer outputs but no outputs were given."""
+        if fisher_type is not FisherType.EMPIRICAL and not self.curvature_done and any(
+                r.outputs for r in self.records):
+            raise RuntimeError(
+                f"fisher_type={fisher_type.value!r} needs the model outputs: call "
+                "pre.step(outputs=logits) after loss.backward(retain_graph=True), or "
+                "pre.curvature_backward(logits) for each micro-batch")
 
     def hooks_ran(self) -> bool:
         """Whether a layer's forward hook ran this step (active or not: eval mode and
@@ -181,7 +176,7 @@ class CurvatureCapture:
         if not self.active(module) or not any(r.helper.trainable for r in self.records):
             self.counter.skip()
             return
-        if _transformed((args, kwargs)):
+        if transformed((args, kwargs)):
             self.transformed_passes += 1
             self.counter.skip()
             return
@@ -208,7 +203,7 @@ class CurvatureCapture:
                 return
             helper = record.helper
             x = args[0]
-            if _transformed(x) or not isinstance(x, Tensor) or not self._batched(record, x):
+            if transformed(x) or not isinstance(x, Tensor) or not self._batched(record, x):
                 record.pending.append(None)
                 return
             if record.layout is None:
@@ -225,25 +220,12 @@ class CurvatureCapture:
         return hook
 
     def _batched(self, record: LayerRecord, x: Tensor) -> bool:
-        """Whether the input carries the root call's batch: its leading dimension is a
-        multiple of the call's examples N (N·T for flattened tokens). A layer applied to
-        a batch-less input (a position embedding of ``arange(T)`` broadcast over the
-        batch afterwards, an unbatched example) only ever sees batch-summed gradients:
-        its call is not captured, and reported."""
-        n = self.counter.current
-        if n is None or n <= 1 or self.groups is not None:
-            return True
-        lead = x.shape[0] if x.ndim > 0 else 1
-        # A Linear may see any number of rows (tokens, a masked subset, MoE routing);
-        # 1-D inputs, unbatched images and embedding indices that are not a whole
-        # number of the batch are what a batch-less input looks like.
-        unbatched = (x.ndim <= 1 and not record.helper.diagonal_a) \
-            or record.helper.unbatched_input(x) \
-            or (record.helper.diagonal_a and lead % n != 0)
-        if unbatched:
-            self.unbatched_calls.setdefault(record.name, (
-                f"input of shape {tuple(x.shape)} while the model's call has {n} examples"))
-        return not unbatched
+        """Whether the input carries the root call's batch (else reported, not captured:
+        see :meth:`~.examples.ExampleCounter.batchless`)."""
+        why = self.counter.batchless(record.helper, x, grouped=self.groups is not None)
+        if why is not None:
+            self.unbatched_calls.setdefault(record.name, why)
+        return why is None
 
     def _output_hook(self, record: LayerRecord):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -251,7 +233,7 @@ class CurvatureCapture:
                 return
             call = record.pending.pop() if record.pending else None
             if call is None or not isinstance(output, Tensor) or not output.requires_grad \
-                    or _transformed(output):
+                    or transformed(output):
                 return
             if self.keep_outputs:
                 call.edge = get_gradient_edge(output)
@@ -264,7 +246,6 @@ class CurvatureCapture:
             def grad_hook(grad: Tensor) -> None:
                 if self.paused:  # a backward inside paused(): not the step's loss
                     return
-                self._gradients += 1
                 if call.hits:
                     call.hits += 1
                     self.repeated_gradients += 1
@@ -283,7 +264,10 @@ class CurvatureCapture:
             accumulate_a_diagonal(sums, counts, tokens)
             return
         shared = helper.shared_inputs(x)
-        self._check_groups(record, shared, call.groups)
+        if self.approx is KFACApprox.REDUCE:
+            mismatch = group_mismatch(shared, call.groups)
+            if mismatch is not None:
+                self.group_mismatches.setdefault(record.name, mismatch)
         rows = activation_rows(shared, self.approx, call.groups)
         if not helper.weight_trainable:  # bias only: ā = [1]
             rows = rows[:, :0]
@@ -310,16 +294,6 @@ class CurvatureCapture:
         into.a_parts.extend(own.a_parts)
         call.sums = None
 
-    def _check_groups(self, record: LayerRecord, shared: Tensor,
-                      groups: tuple[Tensor, int] | None) -> None:
-        if groups is None or self.approx is not KFACApprox.REDUCE:
-            return
-        rows, members = shared.shape[0] * shared.shape[1], groups[0].shape[0]
-        # One row per member (per atom), or already one per group (after pooling).
-        if shared.shape[1] != 1 or rows not in (members, groups[1]):
-            self.group_mismatches.setdefault(record.name, (
-                f"{rows} rows while the membership has {members} entries"))
-
     def add_gradient(self, record: LayerRecord, grad: Tensor, row_scale: float = 1.0,
                      groups: tuple[Tensor, int] | None = None,
                      call: LayerCall | None = None) -> None:
@@ -344,6 +318,30 @@ class CurvatureCapture:
             accumulate_g(record.sums, rows, self.factor_dtype)
         self.elapsed_s += self._clock() - start
 
+    def curvature(self, outputs: Tensor, cfg: KFACConfig, generator: torch.Generator | None,
+                  window: tuple[int, int] | None = None) -> None:
+        """The ``mc``/``type2`` backward of one output: the vectors of the *summed* loss
+        (a mean divides G by all loss terms of the step, :attr:`loss_terms`).
+
+        Raises:
+            ValueError: If ``outputs`` need a ``class_dim`` or came before in this step.
+        """
+        class_dim = check_class_dim(outputs, cfg.class_dim)
+        if any(o is outputs for o in self.curvature_outputs):
+            raise ValueError(
+                "these outputs were already given to curvature_backward in this step (by "
+                "curvature_backward or step(outputs=...)): pass each output once")
+        self.curvature_outputs.append(outputs)
+        self.curvature_done = True
+        if not self.enabled:
+            return
+        self.loss_terms += num_loss_terms(outputs, cfg.loss_type, class_dim)
+        vectors = backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
+                                   generator, cfg.mc_samples, window=window,
+                                   class_dim=class_dim)
+        self.backward_through(outputs, vectors,
+                              shared_ok=cfg.loss_reduction is LossReduction.SUM)
+
     def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]],
                          shared_ok: bool = False) -> None:
         """Back-propagate each ``(v, w)`` from ``outputs`` to the kept layer outputs and
@@ -367,7 +365,7 @@ class CurvatureCapture:
         self._curvature_calls += 1
         for v, weight in vectors:
             start = self._clock()
-            grads = _grad_or_explain(outputs, [call.edge for _, call in pairs], v)
+            grads = grad_or_explain(outputs, [call.edge for _, call in pairs], v)
             self.elapsed_s += self._clock() - start  # add_gradient times its own part
             for (record, call), grad in zip(pairs, grads):
                 if grad is None:
@@ -386,38 +384,3 @@ class CurvatureCapture:
         if self.sync_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
-
-
-def _eager(hook):
-    return torch.compiler.disable(hook)
-
-
-_functorch = getattr(torch._C, "_functorch", None)
-_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
-_interpreter = getattr(_functorch, "peek_interpreter_stack", lambda: None)
-
-
-def _eager(hook):
-    """Run ``hook`` eagerly under ``torch.compile`` (a graph break), as in eager mode."""
-    return torch.compiler.disable(hook)
-
-
-def _transformed(obj) -> bool:
-    """Whether a ``torch.func`` transform is tracing, or ``obj`` holds a tensor of one
-    (nothing is captured then)."""
-    if _interpreter() is not None:
-        return True
-    return any(bool(_is_wrapped(t)) for t in tensors_in(obj))
-
-
-def _grad_or_explain(outputs: Tensor, inputs: list[GradientEdge], v: Tensor) -> tuple:
-    try:
-        return torch.autograd.grad(outputs, inputs, grad_outputs=v, retain_graph=True,
-                                   allow_unused=True)
-    except RuntimeError as err:
-        if "second time" in str(err) or "freed" in str(err):
-            raise RuntimeError(
-                "the graph of `outputs` was already freed: call loss.backward(retain_graph="
-                "True) before pre.step(outputs=...), or call pre.curvature_backward(outputs) "
-                "before loss.backward()") from err
-        raise

@@ -80,6 +80,15 @@ def is_ddp(model: nn.Module) -> bool:
         model = inner
 
 
+def was_compiled(wrapper: nn.Module, model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps ``wrapper`` (or DDP does: cheap to retrace), or
+    a module of ``model`` was compiled (``nn.Module.compile`` or a compiled child)."""
+    if wrapper is not model:
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None
+               or isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
+
+
 def leaf_problem(module: nn.Module, helper: type[LayerHelper]) -> str | None:
     """Why the module's weight/bias are not its own leaf parameters (None if they are)."""
     own = dict(module.named_parameters(recurse=False))

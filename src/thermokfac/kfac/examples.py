@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .layers import LayerHelper
+
 
 @dataclass(eq=False)
 class RootCall:
@@ -91,6 +93,23 @@ class ExampleCounter:
                 call.counted = True
         for tensor in carriers:
             tensor.register_hook(counted)
+
+    def batchless(self, helper: LayerHelper, x: Tensor, grouped: bool) -> str | None:
+        """Why a layer input does not carry the current root call's batch (None if it
+        does, or if that cannot be told). A layer applied to a batch-less input (a
+        position embedding of ``arange(T)`` broadcast over the batch afterwards, an
+        unbatched example) only ever sees batch-summed gradients. A Linear may see any
+        number of rows (tokens, a masked subset, MoE routing); 1-D inputs, unbatched
+        images and embedding indices that are not a whole number of the batch are what
+        a batch-less input looks like."""
+        n = self.current
+        if n is None or n <= 1 or grouped:
+            return None
+        lead = x.shape[0] if x.ndim > 0 else 1
+        if (x.ndim <= 1 and not helper.diagonal_a) or helper.unbatched_input(x) \
+                or (helper.diagonal_a and lead % n != 0):
+            return f"input of shape {tuple(x.shape)} while the model's call has {n} examples"
+        return None
 
     def count(self) -> tuple[int, str | None]:
         """(N, None) from the calls whose outputs got a gradient, or (0, why N is

@@ -70,6 +70,18 @@ def _group_sum(rows: Tensor, groups: Groups) -> Tensor:
     return out.index_add_(0, membership, rows.reshape(-1, rows.shape[-1]))
 
 
+def group_mismatch(shared: Tensor, groups: Groups | None) -> str | None:
+    """Why the rows of ``shared`` ``[batch, shared, d]`` cannot be grouped by ``groups``
+    (None if they can): one row per member (per atom), or already one per group (after
+    pooling), is what ``grouped_rows`` expects."""
+    if groups is None:
+        return None
+    rows, members = shared.shape[0] * shared.shape[1], groups[0].shape[0]
+    if shared.shape[1] != 1 or rows not in (members, groups[1]):
+        return f"{rows} rows while the membership has {members} entries"
+    return None
+
+
 def activation_rows(x: Tensor, approx: KFACApprox, groups: Groups | None = None) -> Tensor:
     """``[batch, shared, d]`` ↦ rows of A (expand: every position; reduce: the mean).
 

@@ -14,10 +14,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .capture import CurvatureCapture, LayerRecord
-from .discovery import leaf_problem
+from .capture import CurvatureCapture
+from .config import KFACConfig
+from .discovery import is_ddp, leaf_problem, was_compiled
+from .kl_clip import effective_learning_rate
+from .records import LayerRecord
 
 
 class StepGuard:
@@ -126,10 +129,10 @@ class StepGuard:
                                "one to precondition again")
         if not self._checked_ranks:
             self._checked_ranks = True
-            if self.averages_factors is False and _world_size() > 1:
+            if self.averages_factors is False and world_size() > 1:
                 self.stats["multi_rank_warnings"] += 1
                 self.warn_once("ranks", (
-                    f"torch.distributed runs {_world_size()} ranks but this "
+                    f"torch.distributed runs {world_size()} ranks but this "
                     "KFACPreconditioner uses only this rank's factors: if the model is "
                     "DistributedDataParallel-wrapped the replicas drift apart; use "
                     "thermokfac.distributed.DistributedKFACPreconditioner"))
@@ -161,6 +164,13 @@ class StepGuard:
             "previous step: call loss.backward() before pre.step(), and pre.step() once per "
             "optimizer step, after all backwards of that step (a second step() would "
             "precondition the gradient twice)")
+
+    def nonfinite(self, name: str, step: int) -> None:
+        """Non-finite factors of one layer: its update is skipped, counted, warned once."""
+        self.stats["nonfinite_factor_skips"] += 1
+        self.warn_once("nonfinite", (
+            f"non-finite activations or gradients in layer {name!r} at step {step}: its "
+            "factor update is skipped (counted in stats['nonfinite_factor_skips'])"))
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -220,6 +230,38 @@ class StepGuard:
             "is skipped, counted in stats['missing_factor_skips']"))
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Ranks of the default process group (1 without torch.distributed)."""
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) -> None:
+    """Refuse a DDP model on several ranks for a preconditioner that keeps each rank's
+    own factors, and reset compile caches traced before the hooks existed.
+
+    Raises:
+        RuntimeError: DDP-wrapped, more than one rank, and not ``averages_factors``.
+    """
+    if is_ddp(wrapper) and not averages_factors and world_size() > 1:
+        raise RuntimeError(
+            f"the model is DistributedDataParallel-wrapped on {world_size()} ranks: "
+            "KFACPreconditioner would use each rank's own factors and the replicas "
+            "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
+    if was_compiled(wrapper, model):
+        # Graphs traced before the hooks existed would run without them.
+        torch.compiler.reset()
+
+
+def check_setup(records: list[LayerRecord], cfg: KFACConfig,
+                optimizer: torch.optim.Optimizer | None) -> None:
+    """Construction-time warnings and checks: every layer frozen, a KL clip without a
+    learning rate, an optimizer momentum the KL clip cannot use (``ValueError``)."""
+    if not any(r.helper.trainable for r in records):
+        warnings.warn("every preconditioned layer is frozen (requires_grad=False): K-FAC "
+                      "does nothing until one is trainable", stacklevel=3)
+    if cfg.kl_clip is not None and optimizer is not None:
+        effective_learning_rate(None, optimizer, cfg.momentum)  # momentum < 1
+    if cfg.kl_clip is not None and cfg.lr is None and optimizer is None:
+        warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
+                      "optimizer=, or kl_clip=None to silence this)", stacklevel=3)

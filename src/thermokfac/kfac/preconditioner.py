@@ -11,34 +11,31 @@ gradient (the paper's Table 3 combinations).
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..enums import FactorStorage, FisherType, LossReduction
+from ..enums import FactorStorage, FisherType
 from ..solvers import LinearSolver, TimeBreakdown
 from ..timing import StepTimings, TimingLog
-from .capture import CurvatureCapture, LayerRecord
+from .capture import CurvatureCapture
 from .config import KFACConfig
-from .discovery import Discovery, announce, discover, is_ddp, unwrap
+from .discovery import Discovery, announce, discover, unwrap
+from .factor_update import follow_layouts, fresh_factors, g_multiplier
 from .factors import lower_is_finite
-from .fisher import backward_vectors, check_class_dim, num_loss_terms
-from .guards import StepGuard
-from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
-from .kl_clip import effective_learning_rate, kl_clip_scale
-from .layer_state import LayerState, precondition_layer, prepare_layer
+from .guards import StepGuard, check_model, check_setup
+from .hyperparams import DECAY, INTERVAL, Schedule, resolve
+from .layer_state import LayerState
+from .records import LayerRecord
+from .solving import modeled_time, precondition_all, prepare_due, warn_fallbacks
 from .state import Snapshot, pack, unpack
 
 logger = logging.getLogger("thermokfac")
 
-#: (key in a layer's prepare statistics, key in ``KFACPreconditioner.stats``)
-PREPARE_STATS = (("float64_retries", "float64_retries"),
-                 ("damping_increases", "damping_increases"), ("failed", "prepare_failures"),
-                 ("solver_errors", "solver_errors"), ("ill_conditioned", "ill_conditioned_solves"))
+
 
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
@@ -140,15 +137,8 @@ class KFACPreconditioner:
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
                  factor_storage: str = "matrix", class_dim: int | None = None) -> None:
-        if is_ddp(model) and not self._averages_factors and _world_size() > 1:
-            raise RuntimeError(
-                f"the model is DistributedDataParallel-wrapped on {_world_size()} ranks: "
-                "KFACPreconditioner would use each rank's own factors and the replicas "
-                "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
         self.model = unwrap(model)
-        if _compiled(model, self.model):
-            # Graphs traced before the hooks existed would run without them.
-            torch.compiler.reset()
+        check_model(model, self.model, self._averages_factors)
         self.config = KFACConfig.build(
             solver=solver, method=method, damping=damping, factor_decay=factor_decay,
             factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
@@ -175,20 +165,11 @@ class KFACPreconditioner:
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
         self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
-        if not any(r.helper.trainable for r in records):
-            warnings.warn("every preconditioned layer is frozen (requires_grad=False): K-FAC "
-                          "does nothing until one is trainable", stacklevel=2)
         self.steps = 0
-        self._warned_nonfinite = self._curvature_done = False
-        self._loss_terms = 0
         self._window: tuple[int, int] | None = None
         self._guard = StepGuard(self._records, self._capture, lambda: self.stats,
                                 averages_factors=self._averages_factors)
-        if kl_clip is not None and optimizer is not None:
-            effective_learning_rate(None, optimizer, self.config.momentum)  # momentum < 1
-        if kl_clip is not None and lr is None and optimizer is None:
-            warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
-                          "optimizer=, or kl_clip=None to silence this)", stacklevel=2)
+        check_setup(records, self.config, optimizer)
         self._begin_step()
 
     # ------------------------------------------------------------------ public
@@ -255,31 +236,14 @@ class KFACPreconditioner:
 
         Raises:
             ValueError: With ``fisher_type="empirical"`` (it uses the user's backward).
+            ValueError: If the same ``outputs`` come twice in a step, or they need a
+                ``class_dim``.
             RuntimeError: If the graph of ``outputs`` was already freed.
         """
         if self.config.fisher_type is FisherType.EMPIRICAL:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
-        class_dim = check_class_dim(outputs, self.config.class_dim)
-        if any(o is outputs for o in self._curvature_outputs):
-            raise ValueError(
-                "these outputs were already given to curvature_backward in this step (by "
-                "curvature_backward or step(outputs=...)): pass each output once")
-        self._curvature_outputs.append(outputs)
-        self._curvature_done = True
-        if not self._capture.enabled:
-            return
-        # Vectors of the *summed* loss; a mean divides by all terms of the step at step().
-        self._loss_terms += num_loss_terms(outputs, self.config.loss_type, class_dim)
-        self._capture.backward_through(
-            outputs, self._backward_vectors(outputs, class_dim),
-            shared_ok=self.config.loss_reduction is LossReduction.SUM)
-
-    def _backward_vectors(self, outputs: Tensor, class_dim: int):
-        cfg = self.config
-        return backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
-                                self.generator, cfg.mc_samples, window=self._window,
-                                class_dim=class_dim)
+        self._capture.curvature(outputs, self.config, self.generator, self._window)
 
     def paused(self) -> AbstractContextManager[None]:
         """Passes inside this block are not part of the step: forwards in it are not
@@ -300,11 +264,10 @@ class KFACPreconditioner:
             >>> model(x + 0.1 * g.sign()).pow(2).mean().backward()
             >>> pre.step()
         """
-        return _paused(self._capture)
+        return self._capture.pausing()
 
-    @contextmanager
     def grouped_rows(self, membership: Tensor, num_groups: int | None = None
-                     ) -> Iterator[None]:
+                     ) -> AbstractContextManager[None]:
         """Forward passes inside this block have ragged examples: the rows of 2-D layer
         inputs belong to groups (e.g. the atoms of each molecule in a graph batch).
 
@@ -316,13 +279,7 @@ class KFACPreconditioner:
             membership: ``[rows]`` group index of each row (graph membership).
             num_groups: Number of groups (default: ``membership.max() + 1``).
         """
-        count = int(membership.max()) + 1 if num_groups is None else int(num_groups)
-        previous = self._capture.groups
-        self._capture.groups = (membership, count)
-        try:
-            yield
-        finally:
-            self._capture.groups = previous
+        return self._capture.grouping(membership, num_groups)
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Moving-average factors ``{name: (A, G)}`` (symmetric copies).
@@ -389,9 +346,6 @@ class KFACPreconditioner:
 
     def _begin_step(self) -> None:
         self._capture.reset()
-        self._curvature_done = False
-        self._curvature_outputs: list[Tensor] = []
-        self._loss_terms = 0
         self._guard.new_step()
         name = "factor_update_steps"
         if self.config.factor_storage is FactorStorage.ROWS:
@@ -399,185 +353,46 @@ class KFACPreconditioner:
         every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
 
-    def _g_multiplier(self, num_examples: int | None) -> float:
-        cfg = self.config
-        if cfg.loss_reduction is LossReduction.SUM:
-            return 1.0
-        if cfg.fisher_type is not FisherType.EMPIRICAL:
-            return 1.0 / self._loss_terms if self._loss_terms else 1.0
-        return float(self._num_examples(num_examples) * cfg.num_per_example_loss_terms)
-
-    def _num_examples(self, num_examples: int | None) -> int:
-        """N of this step: given, or counted by the root module's forward pre-hook."""
-        if num_examples is not None:
-            if isinstance(num_examples, bool) or not isinstance(num_examples, int) \
-                    or num_examples < 1:
-                raise ValueError(f"num_examples={num_examples!r} must be a positive integer")
-            return num_examples
-        examples, problem = self._capture.example_count()
-        if problem is not None:
-            raise ValueError(
-                f"cannot count the examples of step {self.steps} for loss_reduction='mean': "
-                f"{problem}; pass pre.step(num_examples=N) with N the examples the loss "
-                "averaged over")
-        return examples
-
     def _update_factors(self, num_examples: int | None) -> None:
         cfg = self.config
         self._guard.after_capture(self.steps)
-        if cfg.fisher_type is not FisherType.EMPIRICAL and not self._curvature_done and any(
-                r.outputs for r in self._records.values()):
-            raise RuntimeError(
-                f"fisher_type={cfg.fisher_type.value!r} needs the model outputs: call "
-                "pre.step(outputs=logits) after loss.backward(retain_graph=True), or "
-                "pre.curvature_backward(logits) for each micro-batch")
+        self._capture.require_curvature(cfg.fisher_type)
         decay = resolve("factor_decay", cfg.factor_decay, self.steps, DECAY)
         captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
-        multiplier = self._g_multiplier(num_examples) if captured else 1.0
-        self._follow_layouts()
+        multiplier = g_multiplier(cfg, self._capture.loss_terms, num_examples,
+                                  self._capture.example_count, self.steps) if captured else 1.0
+        follow_layouts(self._records, self._states, self.stats)
         if cfg.factor_storage is FactorStorage.ROWS:
             for name, record in self._records.items():
                 if record.sums.a_rows == 0 or record.sums.g_rows == 0:
                     self._guard.missing(name, self.steps)
                 elif not self._states[name].take_rows(record.sums, multiplier):
-                    self._nonfinite_factors(name)
+                    self._guard.nonfinite(name, self.steps)
             return
         for name, (a_new, g_new) in self._fresh_factors(multiplier).items():
             if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
-                self._nonfinite_factors(name)
+                self._guard.nonfinite(name, self.steps)
                 continue
             self._states[name].update_ema(a_new, g_new, decay)
 
-    def _follow_layouts(self) -> None:
-        """A layer whose trainable parameters changed starts its factors afresh."""
-        for name, record in self._records.items():
-            state = self._states[name]
-            if record.layout is not None and state.layout is None and state.a is not None \
-                    and state.a.ndim == 2 and state.a.shape[0] != record.helper.a_dim:
-                state.layout = (not record.layout[0], record.layout[1])  # any other layout
-            if record.layout is None or state.layout in (None, record.layout):
-                if record.layout is not None:
-                    state.layout = record.layout
-                continue
-            logger.info("layer %r: trainable parameters changed (weight, bias) %s -> %s; its "
-                        "factors start afresh", name, state.layout, record.layout)
-            self.stats["trainable_changes"] += 1
-            self._states[name] = LayerState(layout=record.layout)
-
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
-        fresh = {}
-        for name, record in self._records.items():
-            sums = record.sums
-            if sums.a_rows == 0 or sums.g_rows == 0:
-                self._guard.missing(name, self.steps)
-                continue
-            fresh[name] = (sums.a.div_(sums.a_rows),
-                           sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
-        return fresh
-
-    def _nonfinite_factors(self, name: str) -> None:
-        self.stats["nonfinite_factor_skips"] += 1
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"non-finite activations or gradients in layer {name!r} at step "
-                          f"{self.steps}: its factor update is skipped (counted in "
-                          "stats['nonfinite_factor_skips']; warned once)", stacklevel=3)
+        return fresh_factors(self._records, multiplier,
+                             lambda name: self._guard.missing(name, self.steps))
 
     def _modeled_time(self, jobs: list[TimeBreakdown]) -> float:
-        """Device time of this step's jobs: over the solver's SPUs when it has a hardware
-        model (the busiest SPU), else their sum."""
-        hardware = getattr(self.solver, "hardware", None)
-        if hardware is not None:
-            return hardware.step_time(jobs)
-        return sum(j.total_s for j in jobs)
+        return modeled_time(self.solver, jobs)
 
     def _prepare_due(self) -> list[TimeBreakdown]:
-        cfg = self.config
-        every = int(resolve("inv_update_steps", cfg.inv_update_steps, self.steps, INTERVAL))
-        due = self.steps % every == 0
-        damping = resolve("damping", cfg.damping, self.steps, NON_NEGATIVE)
-        jobs: list[TimeBreakdown] = []
-        for state in self._states.values():
-            if not state.has_factors or not (due or (not state.ready and not state.failed)):
-                continue
-            before = dict(state.stats)
-            jobs += prepare_layer(state, self.solver, cfg.method, damping, cfg.damping_split,
-                                  self.generator)
-            for key, stat in PREPARE_STATS:
-                self.stats[stat] += state.stats.get(key, 0.0) - before.get(key, 0.0)
-        self._warn_ill_conditioned()
-        return jobs
+        return prepare_due(self._states, self.solver, self.config, self.steps,
+                           self.generator, self.stats, self._guard.warn_once)
 
     def _warn_ill_conditioned(self) -> None:
-        if self.stats["damping_increases"] or self.stats["prepare_failures"]:
-            self._guard.warn_once("fallback", (
-                "a damped factor could not be factorised as given (singular or too "
-                "ill-conditioned even in float64): its damping was raised ×10 until it could "
-                "(counted in stats['damping_increases']) or its gradient passes through "
-                "(stats['prepare_failures']); the damping in effect is in "
-                "pre.layer_state(name).damping — use more damping"))
-        if self.stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
-            self._guard.warn_once("ill_conditioned", (
-                "a float32 factorisation was ill-conditioned (its solves could be far off a "
-                "float64 solve): it was prepared and solved in float64 from the stored "
-                "factor instead, counted in stats['ill_conditioned_solves']; "
-                "factor_dtype=torch.float64 (or more damping) is the remedy"))
+        warn_fallbacks(self.stats, self.config.factor_dtype, self._guard.warn_once)
 
     def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
-        cfg = self.config
-        updates: list[tuple[LayerRecord, Tensor, float]] = []
-        jobs: list[TimeBreakdown] = []
-        for name, record in self._records.items():
-            state = self._states[name]
-            if state.layout is not None and state.layout != record.helper.layout \
-                    and record.helper.has_grad():
-                self.stats["passthrough_layers"] += 1  # factors of other parameters
-                continue
-            outcome = precondition_layer(record.helper, state, self.solver,
-                                         cfg.method, self.generator)
-            if isinstance(outcome, str):
-                if outcome:
-                    self.stats[outcome] += 1
-                if outcome == "solver_errors":
-                    self._guard.warn_once("solver_errors", (
-                        f"the solver failed on layer {name!r} (non-finite or unconverged "
-                        "solve): its gradient passes through unchanged, counted in "
-                        "stats['solver_errors']"))
-                continue
-            u, u_dot_d, layer_jobs = outcome
-            jobs += layer_jobs
-            updates.append((record, u, u_dot_d))
-        if lr is None and cfg.lr is not None:
-            lr = resolve("lr", cfg.lr, self.steps, POSITIVE)
-        eta = effective_learning_rate(lr, self.optimizer, cfg.momentum)
-        nu = kl_clip_scale(cfg.kl_clip, sum(v for _, _, v in updates), eta)
-        self.stats["kl_clip_scale"] = nu
-        for record, u, _ in updates:
-            record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-        self._guard.remember_updates(record for record, _, _ in updates)
+        jobs, written = precondition_all(
+            self._records, self._states, self.solver, self.config, self.steps,
+            self.generator, self.stats, lr, self.optimizer, self._guard.warn_once)
+        self._guard.remember_updates(written)
         return jobs
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@contextmanager
-def _paused(capture: CurvatureCapture) -> Iterator[None]:
-    previous = capture.paused
-    capture.paused = True
-    try:
-        yield
-    finally:
-        capture.paused = previous
-
-
-def _compiled(wrapper: nn.Module, model: nn.Module) -> bool:
-    """Whether ``torch.compile`` wraps ``wrapper`` or ``nn.Module.compile`` was called on
-    any module of ``model``."""
-    if wrapper is not model:
-        return True  # an OptimizedModule or DDP around it: cheap to retrace
-    return any(getattr(m, "_compiled_call_impl", None) is not None
-               or isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())

@@ -1,0 +1,55 @@
+"""What the capture keeps for one step: each preconditioned layer and its calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from .factors import FactorSums
+from .layers import LayerHelper
+
+
+@dataclass(eq=False)
+class LayerCall:
+    """One captured forward call of a layer, waiting for its output gradient.
+
+    The call's A contribution is formed at the forward (before any later in-place op
+    can change the input) into its own sums, and joins the step's A when the call's
+    output gradient first arrives: a call whose output is never back-propagated (a
+    detached branch, an unused head, a recomputation) adds nothing.
+
+    Attributes:
+        groups: Row groups active at the call (``grouped_rows``).
+        sums: This call's A sums (``a``, ``a_rows``, ``a_parts``) until committed.
+        edge: Gradient edge of the output (``mc``/``type2``).
+        hits: Output gradients received (empirical: more than one is reported).
+        reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
+    """
+
+    groups: tuple[Tensor, int] | None
+    sums: FactorSums | None = field(default_factory=FactorSums)
+    edge: GradientEdge | None = None
+    hits: int = 0
+    reached_by: int = -1
+
+
+@dataclass
+class LayerRecord:
+    """One preconditioned layer: its helper and this step's captured sums.
+
+    Attributes:
+        layout: (weight, bias) preconditioned when this step's factors were captured
+            (``helper.layout`` at the first call of the step).
+        outputs: This step's calls with their gradient edges (``mc``/``type2``).
+        pending: Calls whose forward started and whose output hook has not run yet
+            (``None`` for a call that is not captured).
+    """
+
+    name: str
+    helper: LayerHelper
+    sums: FactorSums = field(default_factory=FactorSums)
+    outputs: list[LayerCall] = field(default_factory=list)
+    layout: tuple[bool, bool] | None = None
+    pending: list[LayerCall | None] = field(default_factory=list)
