@@ -157,20 +157,15 @@ class LayerHelper(ABC):
         return total
 
     def _inner(self, u: Tensor, dtype: torch.dtype | None) -> float:
+        """⟨U, DΘ⟩ in ``dtype`` (that of U and DΘ when None), read back once."""
         weight, bias = self._grads()
         d = self.d_in if self.weight_trainable else 0
-        total = 0.0
-        if weight is not None:
-            grad = self.weight_grad_matrix(weight)
-            part = u[:, :d]
-            if dtype is not None:
-                grad, part = grad.to(dtype), part.to(dtype)
-            total += float((part * grad).sum())
+        parts = [(u[:, :d], self.weight_grad_matrix(weight))] if weight is not None else []
         if bias is not None:
-            part = u[:, d]
-            total += float((part.to(dtype) * bias.to(dtype)).sum() if dtype is not None
-                           else (part * bias).sum())
-        return total
+            parts.append((u[:, d], bias))
+        total = sum((a.to(dtype) * b.to(dtype)).sum() if dtype is not None else (a * b).sum()
+                    for a, b in parts)
+        return float(total)
 
     def set_grad_matrix(self, u: Tensor) -> None:
         """Write the preconditioned matrix U ``[d_out, a_dim]`` back into ``.grad``."""
