@@ -311,25 +311,6 @@ def test_subclass_keeping_the_forward_is_preconditioned():
                 train(ref_model, KFACPreconditioner(ref_model, kl_clip=None), ref_model))
 
 
-def test_attention_projections_are_not_listed():
-    """nn.MultiheadAttention applies its projections with F.linear: their hooks never
-    run, so they must not be listed as preconditioned."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(self.attn(x, x, x)[0].mean(1))
-
-    model = Block().double()
-    pre = KFACPreconditioner(model, kl_clip=None)
-    assert pre.layer_names == ["head"]
-    assert "attn.out_proj" in pre.unsupported_layers and "attn" in pre.unsupported_layers
-
-
 # ------------------------------------------------------------ in-place ops
 class Scale2(nn.Module):
     def __init__(self, inplace: bool = True):

@@ -343,7 +343,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 if flags[i] > 0:
                     h = self._records[name].helper
                     buffers[name] = mine.get(name, torch.empty(
-                        h.d_out, h.a_dim, dtype=h.module.weight.dtype, device=self.device))
+                        h.d_out, h.a_dim, dtype=h.weight_param.dtype, device=self.device))
                     pairs.append((buffers[name], self._src(self.assignment.owner(name))))
             broadcast_from_owners(pairs, self.group)
             self.collectives += 1 + len(pairs)

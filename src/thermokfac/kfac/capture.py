@@ -71,6 +71,7 @@ class CurvatureCapture:
     def __init__(self, root: nn.Module, records: list[LayerRecord], approx: KFACApprox,
                  factor_dtype: torch.dtype, keep_outputs: bool,
                  grad_scale: Callable[[], float], keep_rows: bool = False) -> None:
+        self.root = root
         self.records = records
         self.approx = approx
         self.factor_dtype = factor_dtype
@@ -100,14 +101,15 @@ class CurvatureCapture:
             root.register_forward_pre_hook(eager(self._count), with_kwargs=True),
             root.register_forward_hook(eager(self._root_done))]
         for record in records:
-            module = record.helper.module
-            self._handles.append(module.register_forward_pre_hook(
-                eager(self._input_hook(record))))
-            self._handles.append(module.register_forward_hook(eager(self._output_hook(record))))
+            self._handles.extend(record.helper.attach(eager(self._input_hook(record)),
+                                                      eager(self._output_hook(record))))
 
     # ----------------------------------------------------------------- control
-    def active(self, module: nn.Module) -> bool:
-        return self.enabled and not self.paused and module.training and torch.is_grad_enabled()
+    def active(self, module: nn.Module, owner: nn.Module | None = None) -> bool:
+        """Whether a pass of ``module`` is captured now. A copy of the model
+        (``copy.deepcopy`` copies module hooks) is not: ``module`` is not ``owner``."""
+        return (self.enabled and not self.paused and module.training
+                and torch.is_grad_enabled() and (owner is None or module is owner))
 
     def reset(self) -> None:
         """Forget this step's sums (after ``step()`` consumed them)."""
@@ -173,6 +175,8 @@ class CurvatureCapture:
 
     # ------------------------------------------------------------------- hooks
     def _count(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is not self.root:
+            return  # a copy of the model
         if not self.active(module) or not any(r.helper.trainable for r in self.records):
             self.counter.skip()
             return
@@ -185,6 +189,8 @@ class CurvatureCapture:
         self.counter.start(args, kwargs, self.groups, self.param_gradients)
 
     def _root_done(self, module: nn.Module, args: tuple, output) -> None:
+        if module is not self.root:
+            return
         self.counter.finish(output, lambda: self.paused)
 
     def example_count(self) -> tuple[int, str | None]:
@@ -198,6 +204,8 @@ class CurvatureCapture:
 
     def _input_hook(self, record: LayerRecord):
         def hook(module: nn.Module, args: tuple) -> None:
+            if module is not record.helper.module:
+                return  # a copy of the model
             self.hook_calls += 1
             if not self.active(module) or not record.helper.trainable:
                 return
@@ -229,7 +237,8 @@ class CurvatureCapture:
 
     def _output_hook(self, record: LayerRecord):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self.active(module) or not record.helper.trainable:
+            if module is not record.helper.module or not self.active(module) \
+                    or not record.helper.trainable:
                 return
             call = record.pending.pop() if record.pending else None
             if call is None or not isinstance(output, Tensor) or not output.requires_grad \

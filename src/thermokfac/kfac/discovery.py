@@ -15,8 +15,14 @@ Rules, applied in ``model.named_modules()`` order:
      parametrization's parameters, not on the computed weight);
    * a subclass with its own ``forward`` (e.g. a LoRA-style adapter), unless a helper
      is registered for the subclass itself;
-   * the projections inside ``nn.MultiheadAttention``, which applies their weights with
-     ``F.linear`` so that their module hooks never run.
+   * the children of a module that applies their weights functionally (the
+     ``out_proj`` of an ``nn.MultiheadAttention`` K-FAC cannot handle, e.g. a subclass
+     with its own ``forward``): their module hooks never run.
+
+   A module with several weight matrices gets one Kronecker block each, named
+   ``<module>.<block>``: ``nn.MultiheadAttention`` has ``q_proj``, ``k_proj``,
+   ``v_proj`` and ``out_proj`` (its ``out_proj`` child is that block, not a layer of its
+   own). ``skip_layers`` may name a single block.
 3. Frozen parameters are followed as ``requires_grad`` changes, at every step: a layer
    preconditions exactly its trainable parameters (weight-only A when the bias is
    frozen, the bias alone with A = 1 when the weight is frozen, nothing when both are).
@@ -89,17 +95,29 @@ def was_compiled(wrapper: nn.Module, model: nn.Module) -> bool:
                or isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
 
 
-def leaf_problem(module: nn.Module, helper: type[LayerHelper]) -> str | None:
-    """Why the module's weight/bias are not its own leaf parameters (None if they are)."""
-    own = dict(module.named_parameters(recurse=False))
-    for name in ("weight", "bias"):
-        value = getattr(module, name, None)
-        if value is None or (name == "bias" and helper.diagonal_a):
-            continue
-        if own.get(name) is not value:
-            return (f"a computed {name} (parametrized, e.g. weight_norm/spectral_norm: its "
-                    "gradient lands on the parametrization's parameters)")
-    return None
+def _add_block(found: Discovery, owners: dict[int, tuple[str, nn.Module]], name: str,
+               module: nn.Module, helper: LayerHelper) -> None:
+    """Add one Kronecker block, unless its parameters are computed or another module
+    already claimed them (blocks of one module share its packed parameters)."""
+    problem = helper.leaf_problem()
+    if problem is not None:
+        found.unsupported[name] = f"{type(module).__name__} with {problem}"
+        return
+    params = helper.parameters
+    claimed = [owners[id(p)][0] for p in params
+               if id(p) in owners and owners[id(p)][1] is not module]
+    if claimed:
+        found.tied[name] = claimed[0]
+        untied = [n for n, p in module.named_parameters(recurse=False)
+                  if id(p) not in owners]
+        if untied:
+            found.unsupported[name] = (
+                f"{type(module).__name__} whose {', '.join(untied)} is its own while its "
+                f"other parameters are tied to {claimed[0]!r} (preconditioned there)")
+        return
+    for p in params:
+        owners.setdefault(id(p), (name, module))
+    found.layers.append((name, helper))
 
 
 def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
@@ -110,19 +128,23 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
             if no layer can be preconditioned.
     """
     found = Discovery()
-    owners: dict[int, str] = {}
+    owners: dict[int, tuple[str, nn.Module]] = {}
     matched: set[str] = set()
     skipped_trees: list[str] = []  # a skipped container skips everything inside it
-    functional = {f"{name}.{child}" if name else child: type(parent).__name__
+    functional = {f"{name}.{child}" if name else child: (name, type(parent).__name__)
                   for name, parent in model.named_modules()
                   if isinstance(parent, FUNCTIONAL_PARENTS)
                   for child, _ in parent.named_children()}
+    handled: set[str] = set()  # functional parents whose blocks K-FAC took over
     for name, module in model.named_modules():
         kind = type(module).__name__
         hit = {name, kind} & set(skip_layers)
         own = list(module.parameters(recurse=False))
         helper_cls = helper_for(module)
         inside = any(name.startswith(tree + ".") or tree == "" for tree in skipped_trees)
+        if name in functional and functional[name][0] in handled:
+            matched |= hit  # a block of its parent (named, skipped or not, there)
+            continue
         if hit or inside:
             matched |= hit
             if hit:
@@ -134,29 +156,29 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
             if own:
                 found.unsupported[name] = f"no helper for {kind}"
             continue
-        reason = (helper_cls.unsupported_reason(module) or subclass_problem(module)
-                  or leaf_problem(module, helper_cls))
+        reason = helper_cls.unsupported_reason(module) or subclass_problem(module)
         if reason is None and name in functional:
-            reason = (f"its weights applied functionally by the parent {functional[name]} "
-                      "(its module hooks never run)")
+            reason = (f"its weights applied functionally by the parent "
+                      f"{functional[name][1]} (its module hooks never run)")
         if reason is not None:
             found.unsupported[name] = f"{kind} with {reason}"
             continue
-        helper = helper_cls(module)
-        params = helper.parameters
-        claimed = [owners[id(p)] for p in params if id(p) in owners]
-        if claimed:
-            found.tied[name] = claimed[0]
-            untied = [n for n, p in module.named_parameters(recurse=False)
-                      if id(p) not in owners]
-            if untied:
-                found.unsupported[name] = (
-                    f"{kind} whose {', '.join(untied)} is its own while its other "
-                    f"parameters are tied to {claimed[0]!r} (preconditioned there)")
-            continue
-        for p in params:
-            owners[id(p)] = name
-        found.layers.append((name, helper))
+        if isinstance(module, FUNCTIONAL_PARENTS):
+            handled.add(name)
+        blocks = helper_cls.blocks(module)
+        covered = {id(p) for _, helper in blocks for p in helper.parameters}
+        extra = [n for n, p in module.named_parameters(recurse=False) if id(p) not in covered]
+        if extra and len(blocks) > 1:  # e.g. attention's bias_k/bias_v
+            found.unsupported[name] = (f"{kind} parameters {', '.join(extra)} (not weights "
+                                       "of a Kronecker block; the other blocks are "
+                                       "preconditioned)")
+        for suffix, helper in blocks:
+            block = name + suffix
+            if suffix and block in skip_layers:
+                matched.add(block)
+                found.skipped.append(block)
+                continue
+            _add_block(found, owners, block, module, helper)
     unknown = sorted(set(skip_layers) - matched)
     if unknown:
         raise ValueError(f"skip_layers entries {unknown} match no module name or class name")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .capture import CurvatureCapture
 from .config import KFACConfig
-from .discovery import is_ddp, leaf_problem, was_compiled
+from .discovery import is_ddp, was_compiled
 from .kl_clip import effective_learning_rate
 from .records import LayerRecord
 
@@ -100,20 +100,25 @@ class StepGuard:
         trainable parameter; hooks are added as parameters become trainable or are
         replaced). Returns whether a newly watched parameter already holds a gradient."""
         unseen = False
+        names: dict[int, list[str]] = {}  # blocks of one module share a packed weight
         for name, record in self.records.items():
             for param in record.helper.parameters:
+                names.setdefault(id(param), []).append(name)
+        for record in self.records.values():
+            for param in record.helper.parameters:
                 if param.requires_grad and param.is_leaf and id(param) not in self._hooks:
+                    sharing = tuple(names[id(param)])
                     self._hooks[id(param)] = param.register_post_accumulate_grad_hook(
-                        lambda param, name=name: self._note_gradient(name, param))
+                        lambda param, sharing=sharing: self._note_gradient(sharing, param))
                     unseen = unseen or param.grad is not None
         return unseen
 
-    def _note_gradient(self, name: str, param: Tensor) -> None:
+    def _note_gradient(self, names: tuple[str, ...], param: Tensor) -> None:
         written = self._written.get(id(param))
         if written is not None and param.grad is written[0] \
                 and param.grad._version == written[1] + 1:
-            self._added_onto_update = name
-        self.fresh.add(name)
+            self._added_onto_update = names[0]
+        self.fresh.update(names)
         self.capture.param_gradients += 1
 
     def before_step(self, step: int) -> None:
@@ -136,12 +141,14 @@ class StepGuard:
                     "KFACPreconditioner uses only this rank's factors: if the model is "
                     "DistributedDataParallel-wrapped the replicas drift apart; use "
                     "thermokfac.distributed.DistributedKFACPreconditioner"))
-        owners: dict[int, str] = {}
+        owners: dict[int, tuple[str, nn.Module]] = {}
         for name, record in self.records.items():
-            problem = leaf_problem(record.helper.module, type(record.helper))
+            problem = record.helper.leaf_problem()
+            module = record.helper.module
             for param in record.helper.parameters:
-                if owners.setdefault(id(param), name) != name:
-                    problem = f"a parameter shared with layer {owners[id(param)]!r} (tied)"
+                owner, holder = owners.setdefault(id(param), (name, module))
+                if holder is not module:  # blocks of one module share its packed weights
+                    problem = f"a parameter shared with layer {owner!r} (tied)"
             if problem is not None:
                 raise RuntimeError(
                     f"layer {name!r} now has {problem}; it changed after the preconditioner "

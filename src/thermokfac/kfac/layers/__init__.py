@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .attention import AttentionHelper, untapped
 from .base import LayerHelper
 from .conv import Conv2dHelper
 from .embedding import EmbeddingHelper
@@ -19,7 +20,7 @@ def register_layer_helper(helper: type[LayerHelper]) -> type[LayerHelper]:
     return helper
 
 
-for _helper in (LinearHelper, Conv2dHelper, EmbeddingHelper):
+for _helper in (LinearHelper, Conv2dHelper, EmbeddingHelper, AttentionHelper):
     register_layer_helper(_helper)
 
 
@@ -41,7 +42,7 @@ def subclass_problem(module: nn.Module) -> str | None:
     defines its own ``forward`` (e.g. a LoRA adapter adds a low-rank path), so the
     layer's output is no longer W̄ā and the captured factors would not be its curvature.
     None for registered types and for subclasses that keep the base's ``forward``."""
-    kind = type(module)
+    kind = untapped(type(module))
     if kind in LAYER_HELPERS:
         return None
     base = next(cls for cls in kind.__mro__ if cls in LAYER_HELPERS)
@@ -51,5 +52,5 @@ def subclass_problem(module: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["LAYER_HELPERS", "Conv2dHelper", "EmbeddingHelper", "LayerHelper", "LinearHelper",
-           "helper_for", "register_layer_helper", "subclass_problem"]
+__all__ = ["LAYER_HELPERS", "AttentionHelper", "Conv2dHelper", "EmbeddingHelper", "LayerHelper",
+           "LinearHelper", "helper_for", "register_layer_helper", "subclass_problem"]

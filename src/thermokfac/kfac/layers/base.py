@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 
 class LayerHelper(ABC):
@@ -40,10 +42,58 @@ class LayerHelper(ABC):
         """Why this particular module cannot be handled (None if it can)."""
         return None
 
+    @classmethod
+    def blocks(cls, module: nn.Module) -> list[tuple[str, LayerHelper]]:
+        """The Kronecker blocks of ``module`` as ``(name suffix, helper)``: one block,
+        named as the module, for every layer kind except those that apply several weight
+        matrices (``nn.MultiheadAttention``: its Q, K, V and output projections)."""
+        return [("", cls(module))]
+
+    def attach(self, pre_hook: Callable[[nn.Module, tuple], None],
+               post_hook: Callable[[nn.Module, tuple, Tensor], None]) -> list[RemovableHandle]:
+        """Make ``pre_hook(module, (x,))`` run before each application of this block's
+        weight to its input ``x`` and ``post_hook(module, (x,), output)`` after it; by
+        default these are the module's forward hooks. Returns handles to remove them."""
+        return [self.module.register_forward_pre_hook(pre_hook),
+                self.module.register_forward_hook(post_hook)]
+
+    @property
+    def weight_param(self) -> nn.Parameter:
+        """The parameter holding this block's weight (a larger parameter when the
+        weight is a block of it, see :meth:`weight_view`)."""
+        return self.module.weight
+
+    @property
+    def bias_param(self) -> nn.Parameter | None:
+        """The parameter holding this block's bias, or None."""
+        return getattr(self.module, "bias", None)
+
+    def weight_view(self, t: Tensor) -> Tensor:
+        """This block's part of a tensor shaped like :attr:`weight_param` (a view)."""
+        return t
+
+    def bias_view(self, t: Tensor) -> Tensor:
+        """This block's part of a tensor shaped like :attr:`bias_param` (a view)."""
+        return t
+
+    def leaf_problem(self) -> str | None:
+        """Why the weight/bias are not the module's own leaf parameters (None if they
+        are): a parametrization such as ``weight_norm`` computes them, so their gradient
+        lands on the parametrization's parameters."""
+        own = dict(self.module.named_parameters(recurse=False))
+        for name in ("weight", "bias"):
+            value = getattr(self.module, name, None)
+            if value is None or (name == "bias" and self.diagonal_a):
+                continue
+            if own.get(name) is not value:
+                return (f"a computed {name} (parametrized, e.g. weight_norm/spectral_norm: "
+                        "its gradient lands on the parametrization's parameters)")
+        return None
+
     @property
     def weight_trainable(self) -> bool:
         """Whether the weight is preconditioned now (``requires_grad``, read at every use)."""
-        return bool(self.module.weight.requires_grad)
+        return bool(self.weight_param.requires_grad)
 
     @property
     def has_bias(self) -> bool:
@@ -52,7 +102,7 @@ class LayerHelper(ABC):
         A frozen bias is left out of A (its column of ones would otherwise enter the
         weight's curvature), and so is its row of DΘ.
         """
-        bias = getattr(self.module, "bias", None)
+        bias = self.bias_param
         return bias is not None and bool(bias.requires_grad)
 
     @property
@@ -62,7 +112,7 @@ class LayerHelper(ABC):
 
     def possible_shapes(self) -> dict[tuple[bool, bool], tuple[int, int]]:
         """``{(weight, bias) trainable: (A dimension, G dimension)}`` for every layout."""
-        bias = getattr(self.module, "bias", None) is not None and not self.diagonal_a
+        bias = self.bias_param is not None and not self.diagonal_a
         layouts = [(True, False)] + ([(True, True), (False, True)] if bias else [])
         return {(w, b): (self.d_in * int(w) + int(b), self.d_out) for w, b in layouts}
 
@@ -73,10 +123,11 @@ class LayerHelper(ABC):
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """Every parameter this helper may precondition: weight, then bias if present."""
-        params = [self.module.weight]
-        if getattr(self.module, "bias", None) is not None:
-            params.append(self.module.bias)
+        """Every parameter this helper may precondition (a block of it, for a packed
+        weight): weight, then bias if present."""
+        params = [self.weight_param]
+        if self.bias_param is not None and not self.diagonal_a:
+            params.append(self.bias_param)
         return params
 
     @property
@@ -118,9 +169,10 @@ class LayerHelper(ABC):
 
     def _grads(self) -> tuple[Tensor | None, Tensor | None]:
         """(``weight.grad`` if the weight trains, ``bias.grad`` if the bias trains)."""
-        weight = self.module.weight.grad if self.weight_trainable else None
-        bias = self.module.bias.grad if self.has_bias else None
-        return weight, bias
+        weight = self.weight_param.grad if self.weight_trainable else None
+        bias = self.bias_param.grad if self.has_bias else None
+        return (None if weight is None else self.weight_view(weight),
+                None if bias is None else self.bias_view(bias))
 
     def has_grad(self) -> bool:
         """Whether a trainable parameter of this layer holds a gradient."""
