@@ -6,7 +6,7 @@ Rules, applied in ``model.named_modules()`` order:
    e.g. ``"Embedding"``) is skipped, with every module inside it (a container's name
    skips its whole subtree).
 2. A module whose kind has no registered helper, or whose configuration the helper does
-   not support (e.g. grouped convolutions), is *unsupported*: its parameters are left to
+   not support (e.g. a sparse embedding), is *unsupported*: its parameters are left to
    the base optimizer. Unsupported modules that own parameters are listed once. So are
    modules K-FAC cannot precondition correctly although their kind is registered:
 

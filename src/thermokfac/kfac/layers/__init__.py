@@ -6,7 +6,7 @@ from torch import nn
 
 from .attention import AttentionHelper, untapped
 from .base import LayerHelper
-from .conv import Conv2dHelper
+from .conv import ConvHelper, ConvTransposeHelper
 from .embedding import EmbeddingHelper
 from .linear import LinearHelper
 
@@ -20,7 +20,8 @@ def register_layer_helper(helper: type[LayerHelper]) -> type[LayerHelper]:
     return helper
 
 
-for _helper in (LinearHelper, Conv2dHelper, EmbeddingHelper, AttentionHelper):
+for _helper in (LinearHelper, ConvHelper, ConvTransposeHelper, EmbeddingHelper,
+                AttentionHelper):
     register_layer_helper(_helper)
 
 
@@ -52,5 +53,6 @@ def subclass_problem(module: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["LAYER_HELPERS", "AttentionHelper", "Conv2dHelper", "EmbeddingHelper", "LayerHelper",
-           "LinearHelper", "helper_for", "register_layer_helper", "subclass_problem"]
+__all__ = ["LAYER_HELPERS", "AttentionHelper", "ConvHelper", "ConvTransposeHelper",
+           "EmbeddingHelper", "LayerHelper", "LinearHelper", "helper_for",
+           "register_layer_helper", "subclass_problem"]
