@@ -412,3 +412,44 @@ def test_compiled_attention_equals_eager():
     for name, (a, g_factor) in factors[0].items():
         torch.testing.assert_close(factors[1][name][0], a, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(factors[1][name][1], g_factor, rtol=1e-12, atol=1e-14)
+
+
+def test_separate_weight_and_bias_blocks_equal_four_linear_layers():
+    net, ref = reference_pair({})
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, L, E, generator=g, dtype=torch.float64)
+    memory = torch.randn(N, S, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (N,), generator=g)
+    pres = []
+    for model in (net, ref):
+        pre = KFACPreconditioner(model, kl_clip=None, separate_weight_and_bias=True,
+                                 factor_dtype=torch.float64)
+        kfac_step(pre, model(x, memory), y)
+        pres.append(pre)
+    ours, theirs = pres[0].factors(), pres[1].factors()
+    assert [n for n in ours if n.startswith("attn")] == [
+        f"attn.{b}.{part}" for b in BLOCKS for part in ("weight", "bias")]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for mine, reference in zip(ours[name], theirs[name]):
+            torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-13)
+    assert rel_err(net.attn.in_proj_bias.grad[:E], ref.attn.q_proj.bias.grad) < 1e-9
+    assert rel_err(net.attn.in_proj_weight.grad[E:2 * E], ref.attn.k_proj.weight.grad) < 1e-9
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_are_named_in_the_notice_and_not_preconditioned(kind, caplog):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = kind(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    with caplog.at_level("WARNING", logger="thermokfac"):
+        pre = KFACPreconditioner(Model(), kl_clip=None)
+    assert pre.layer_names == ["head"]
+    assert pre.unsupported_layers == {"rnn": f"no helper for {kind.__name__}"}
+    assert caplog.text.count(f"rnn: no helper for {kind.__name__}") == 1

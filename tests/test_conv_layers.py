@@ -22,7 +22,7 @@ from torch import nn
 
 from thermokfac import KFACPreconditioner
 
-from .cases import kfac_step, rel_err
+from .cases import dense_kfac_direction, kfac_step, rel_err
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -238,3 +238,28 @@ def test_grouped_blocks_and_names():
     pre = KFACPreconditioner(model, kl_clip=None)
     assert pre.layer_names == [f"0.group{j}" for j in range(4)] + ["2"]
     assert not pre.unsupported_layers
+
+
+def test_separate_weight_and_bias_updates_are_the_dense_solves():
+    """Each block's update is ((A+λI) ⊗ (G+λI))⁻¹ vec(D) of its own D: ∇W with A of the
+    patches alone, ∇b with A = 1 (unbatched float64 dense solves)."""
+    net, _, x, y = build("conv2d_groups2")
+    raw = {}
+    pre = KFACPreconditioner(net, kl_clip=None, separate_weight_and_bias=True,
+                             factor_dtype=torch.float64, damping=1e-3)
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    raw = {n: p.grad.clone() for n, p in net.named_parameters()}
+    pre.step()
+    factors = pre.factors()
+    og = net.layer.out_channels // 2
+    for j in range(2):
+        rows = slice(j * og, (j + 1) * og)
+        a, g = factors[f"layer.group{j}.weight"]
+        d = raw["layer.weight"][rows].reshape(og, -1)
+        ref = dense_kfac_direction(a, g, d, 1e-3, 1e-3)
+        assert rel_err(net.layer.weight.grad[rows].reshape(og, -1), ref) < 1e-10
+        a, g = factors[f"layer.group{j}.bias"]
+        torch.testing.assert_close(a, torch.ones(1, 1, dtype=torch.float64))
+        ref = dense_kfac_direction(a, g, raw["layer.bias"][rows, None], 1e-3, 1e-3)[:, 0]
+        assert rel_err(net.layer.bias.grad[rows], ref) < 1e-10

@@ -65,3 +65,39 @@ def test_factors_equal_curvlinops(case, approx):
     for name, (a, g) in ours.items():
         assert rel_err(a, a_ref[name]) < 1e-6, (name, "A")
         assert rel_err(g, g_ref[name]) < 1e-6, (name, "G")
+
+
+# ------------------------------------------------------ separate_weight_and_bias=True
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_separate_weight_and_bias_equals_curvlinops(case, approx):
+    """W gets A without the column of ones, b gets A = 1; both the layer's G — as
+    curvlinops' ``separate_weight_and_bias=True``."""
+    torch.manual_seed(0)
+    model, x, y, terms = CASES[case]()
+    pre = KFACPreconditioner(model, kfac_approx=approx, kl_clip=None,
+                             num_per_example_loss_terms=terms, separate_weight_and_bias=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    pre.remove()
+    model.zero_grad()
+    op = curvlinops.KFACLinearOperator(
+        model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)],
+        fisher_type=curvlinops.FisherType.EMPIRICAL,
+        kfac_approx=getattr(curvlinops.KFACType, approx.upper()),
+        check_deterministic=False, num_data=x.shape[0], num_per_example_loss_terms=terms,
+        separate_weight_and_bias=True)
+    op.compute_kronecker_factors()
+    a_ref, g_ref = op._input_covariances, op._gradient_covariances
+    ours = pre.factors()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    expected = {f"{n}.{part}" if m.bias is not None else n for n, m in layers.items()
+                for part in ("weight", "bias")}  # a layer without a bias is not split
+    assert set(ours) == expected
+    for name, (a, g) in ours.items():
+        layer, part = name.rsplit(".", 1) if name not in layers else (name, "weight")
+        assert rel_err(g, g_ref[layer]) < 1e-6, name
+        if part == "weight":
+            assert rel_err(a, a_ref[layer]) < 1e-6, name
+        else:
+            torch.testing.assert_close(a, torch.ones(1, 1))

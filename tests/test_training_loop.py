@@ -186,11 +186,12 @@ def test_tied_parameter_preconditioned_once(caplog):
 
 
 def test_unsupported_layers_listed_once(caplog):
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv2d(4, 4, 1, groups=2))
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Embedding(4, 4, sparse=True))
     with caplog.at_level(logging.WARNING, logger="thermokfac"):
         pre = KFACPreconditioner(model, kl_clip=None)
-    assert pre.unsupported_layers == {"1": "no helper for LayerNorm",
-                                      "2": "Conv2d with groups=2 (only groups=1 is supported)"}
+    assert pre.unsupported_layers == {
+        "1": "no helper for LayerNorm",
+        "2": "Embedding with sparse=True (sparse gradients are not supported)"}
     assert caplog.text.count("leaves these modules") == 1
 
 

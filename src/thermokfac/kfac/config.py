@@ -57,13 +57,15 @@ class KFACConfig:
     momentum: float | None
     factor_storage: FactorStorage
     class_dim: int | None = None
+    separate_weight_and_bias: bool = False
 
     @classmethod
     def build(cls, *, solver, method, damping, factor_decay, factor_update_steps,
               inv_update_steps, fisher_type, kfac_approx, loss_reduction, skip_layers,
               damping_split, kl_clip, lr, loss_type, num_per_example_loss_terms, mc_samples,
               factor_dtype, momentum, factor_storage, model: nn.Module,
-              class_dim: int | None = None) -> KFACConfig:
+              class_dim: int | None = None,
+              separate_weight_and_bias: bool = False) -> KFACConfig:
         """Validate every argument (``ValueError`` naming the value and valid range)."""
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
@@ -78,6 +80,9 @@ class KFACConfig:
                                       or not isinstance(class_dim, int)):
             raise ValueError(f"class_dim={class_dim!r} must be an integer dimension (e.g. 1 "
                              "for [N, C, T] outputs, -1 for [N, T, C]) or None")
+        if not isinstance(separate_weight_and_bias, bool):
+            raise ValueError(f"separate_weight_and_bias={separate_weight_and_bias!r} must be "
+                             "True or False")
         storage = parse_enum(FactorStorage, factor_storage, "factor_storage")
         if storage is FactorStorage.ROWS:
             if callable(factor_decay) or factor_decay != 0:
@@ -110,6 +115,7 @@ class KFACConfig:
                                                                       MOMENTUM)),
             factor_storage=storage,
             class_dim=class_dim,
+            separate_weight_and_bias=separate_weight_and_bias,
         )
 
 

@@ -120,8 +120,18 @@ def _add_block(found: Discovery, owners: dict[int, tuple[str, nn.Module]], name:
     found.layers.append((name, helper))
 
 
-def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
-    """Scan ``model`` by the rules above.
+def _split(suffix: str, helper: LayerHelper) -> list[tuple[str, LayerHelper]]:
+    """``separate_weight_and_bias``: a block with a bias becomes ``<block>.weight`` (A
+    without the bias column) and ``<block>.bias`` (A = 1, the same G)."""
+    if helper.bias_param is None or helper.diagonal_a:
+        return [(suffix, helper)]
+    return [(f"{suffix}.weight", helper.only("weight")), (f"{suffix}.bias", helper.only("bias"))]
+
+
+def discover(model: nn.Module, skip_layers: tuple[str, ...] = (),
+             separate_weight_and_bias: bool = False) -> Discovery:
+    """Scan ``model`` by the rules above (with ``separate_weight_and_bias``, each layer
+    with a bias gets a weight block and a bias block, see :func:`_split`).
 
     Raises:
         ValueError: If an entry of ``skip_layers`` matches no module name or class, or
@@ -172,8 +182,10 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = ()) -> Discovery:
             found.unsupported[name] = (f"{kind} parameters {', '.join(extra)} (not weights "
                                        "of a Kronecker block; the other blocks are "
                                        "preconditioned)")
+        if separate_weight_and_bias:
+            blocks = [split for suffix, helper in blocks for split in _split(suffix, helper)]
         for suffix, helper in blocks:
-            block = name + suffix
+            block = (name + suffix).lstrip(".")
             if suffix and block in skip_layers:
                 matched.add(block)
                 found.skipped.append(block)

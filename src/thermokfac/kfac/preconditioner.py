@@ -101,6 +101,11 @@ class KFACPreconditioner:
             resistor-array mode of App. E: memory O(b·n); needs ``factor_decay=0`` and
             ``method="solve"``; rows are captured on prepare steps only).
         timing_history: Number of per-step :class:`StepTimings` kept.
+        separate_weight_and_bias: Precondition each layer's weight and bias as two
+            blocks (curvlinops' option of this name): ``<layer>.weight`` with A of the
+            inputs alone (no column of ones) and ``<layer>.bias`` with A = 1, both with the
+            layer's G. Default False: one block [W | b] with the bias as A's last column
+            (Eq. 4).
 
     Raises:
         ValueError: On any invalid argument (naming it and its valid values/range), or
@@ -136,7 +141,8 @@ class KFACPreconditioner:
                  loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
-                 factor_storage: str = "matrix", class_dim: int | None = None) -> None:
+                 factor_storage: str = "matrix", class_dim: int | None = None,
+                 separate_weight_and_bias: bool = False) -> None:
         self.model = unwrap(model)
         check_model(model, self.model, self._averages_factors)
         self.config = KFACConfig.build(
@@ -146,11 +152,13 @@ class KFACPreconditioner:
             skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
             mc_samples=mc_samples, factor_dtype=factor_dtype, momentum=momentum,
-            factor_storage=factor_storage, model=self.model, class_dim=class_dim)
+            factor_storage=factor_storage, model=self.model, class_dim=class_dim,
+            separate_weight_and_bias=separate_weight_and_bias)
         self.solver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
-        self.discovery: Discovery = discover(self.model, self.config.skip_layers)
+        self.discovery: Discovery = discover(self.model, self.config.skip_layers,
+                                             self.config.separate_weight_and_bias)
         announce(self.discovery, logger)
         records = [LayerRecord(name, helper) for name, helper in self.discovery.layers]
         self._records = {r.name: r for r in records}

@@ -12,6 +12,7 @@ With this one format, K-FAC-expand and K-FAC-reduce (Eqs. 18–21) are one branc
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,9 +34,21 @@ class LayerHelper(ABC):
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     diagonal_a: ClassVar[bool] = False
+    #: Which parameters this block preconditions: ``"both"`` (W and b in one block, the
+    #: bias a column of DΘ), or ``"weight"``/``"bias"`` alone
+    #: (``separate_weight_and_bias=True``: the bias block has A = 1).
+    part: str = "both"
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+
+    def only(self, part: str) -> LayerHelper:
+        """A copy of this block restricted to ``part`` (``"weight"`` or ``"bias"``)."""
+        if part not in ("weight", "bias"):
+            raise ValueError(f"part must be 'weight' or 'bias', got {part!r}")
+        twin = copy.copy(self)
+        twin.part = part
+        return twin
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
@@ -93,7 +106,7 @@ class LayerHelper(ABC):
     @property
     def weight_trainable(self) -> bool:
         """Whether the weight is preconditioned now (``requires_grad``, read at every use)."""
-        return bool(self.weight_param.requires_grad)
+        return self.part != "bias" and bool(self.weight_param.requires_grad)
 
     @property
     def has_bias(self) -> bool:
@@ -103,7 +116,7 @@ class LayerHelper(ABC):
         weight's curvature), and so is its row of DΘ.
         """
         bias = self.bias_param
-        return bias is not None and bool(bias.requires_grad)
+        return self.part != "weight" and bias is not None and bool(bias.requires_grad)
 
     @property
     def layout(self) -> tuple[bool, bool]:
@@ -113,7 +126,8 @@ class LayerHelper(ABC):
     def possible_shapes(self) -> dict[tuple[bool, bool], tuple[int, int]]:
         """``{(weight, bias) trainable: (A dimension, G dimension)}`` for every layout."""
         bias = self.bias_param is not None and not self.diagonal_a
-        layouts = [(True, False)] + ([(True, True), (False, True)] if bias else [])
+        layouts = {"both": [(True, False)] + ([(True, True), (False, True)] if bias else []),
+                   "weight": [(True, False)], "bias": [(False, True)]}[self.part]
         return {(w, b): (self.d_in * int(w) + int(b), self.d_out) for w, b in layouts}
 
     @property
@@ -125,8 +139,8 @@ class LayerHelper(ABC):
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter this helper may precondition (a block of it, for a packed
         weight): weight, then bias if present."""
-        params = [self.weight_param]
-        if self.bias_param is not None and not self.diagonal_a:
+        params = [self.weight_param] if self.part != "bias" else []
+        if self.bias_param is not None and not self.diagonal_a and self.part != "weight":
             params.append(self.bias_param)
         return params
 
