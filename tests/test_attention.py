@@ -453,3 +453,68 @@ def test_recurrent_layers_are_named_in_the_notice_and_not_preconditioned(kind, c
     assert pre.layer_names == ["head"]
     assert pre.unsupported_layers == {"rnn": f"no helper for {kind.__name__}"}
     assert caplog.text.count(f"rnn: no helper for {kind.__name__}") == 1
+
+
+class FourLinearSelfAttention(LinearAttention):
+    """A drop-in for the ``self_attn`` of a batch-first ``nn.TransformerEncoderLayer``:
+    four ``nn.Linear`` layers, a float ``attn_mask`` added to the scores."""
+
+    batch_first = True
+    _qkv_same_embed_dim = True
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__(mha)
+        self.in_proj_weight, self.in_proj_bias = None, None
+        self.num_heads = H
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        n, tgt = query.shape[:2]
+
+        def heads(t):
+            return t.view(n, t.shape[1], H, E // H).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(E // H) + attn_mask
+        mixed = scores.softmax(-1) @ v
+        return self.out_proj(mixed.transpose(1, 2).reshape(n, tgt, E)), None
+
+
+def test_torch_gpt_updates_equal_the_four_linear_reference():
+    """The transformer of the README's Shakespeare run, built from
+    ``nn.TransformerEncoderLayer``: every attention projection has factors, and factors
+    and updates equal those of the same model with four-Linear attention."""
+    from thermokfac.models import TorchGPT
+
+    torch.manual_seed(0)
+    model = TorchGPT(vocab=11, context=6, n_layer=2, n_embd=E, n_head=H).double()
+    ref = copy.deepcopy(model)
+    for layer in ref.blocks.layers:
+        layer.self_attn = FourLinearSelfAttention(layer.self_attn)
+    ref.double()
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 11, (N, 6), generator=g)
+    y = torch.randint(0, 11, (N, 6), generator=g)
+    pres = []
+    for net in (model, ref):
+        pre = KFACPreconditioner(net, kl_clip=None, num_per_example_loss_terms=6,
+                                 factor_dtype=torch.float64)
+        for _ in range(2):
+            net.zero_grad()
+            out = net(idx)
+            F.cross_entropy(out.reshape(-1, 11), y.reshape(-1)).backward()
+            pre.step()
+        pres.append(pre)
+    assert pres[0].layer_names == pres[1].layer_names
+    attention = [n for n in pres[0].layer_names if ".self_attn." in n]
+    assert len(attention) == 8
+    ours, theirs = pres[0].factors(), pres[1].factors()
+    for name in pres[0].layer_names:
+        for mine, reference in zip(ours[name], theirs[name]):
+            torch.testing.assert_close(mine, reference, rtol=1e-9, atol=1e-12)
+    for i, layer in enumerate(model.blocks.layers):
+        mha, lin = layer.self_attn, ref.blocks.layers[i].self_attn
+        for j, block in enumerate(BLOCKS[:3]):
+            assert rel_err(mha.in_proj_weight.grad[j * E:(j + 1) * E],
+                           getattr(lin, block).weight.grad) < 1e-8
+        assert rel_err(mha.out_proj.weight.grad, lin.out_proj.weight.grad) < 1e-8

@@ -26,6 +26,7 @@ from .experiments.quantize import quantize_sweep
 from .experiments.scaling import scaling
 from .experiments.sweep import load_spec, sweep
 from .experiments.sweep import table as sweep_table
+from .experiments.tasks import MODELS, TASKS
 from .experiments.train import OPTIMIZERS, Run, TrainConfig, resolve_device
 from .solvers.quantize import check_bits
 
@@ -51,7 +52,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         kind = next((v for k, v in base.items() if text.startswith(k)), str)
         if "None" in text:
             kind = _parse_optional(kind)
-        choices = {"optimizer": OPTIMIZERS,
+        choices = {"optimizer": OPTIMIZERS, "model": MODELS, "data": TASKS,
                    "dist_strategy": ("comm-opt", "mem-opt")}.get(f.name)
         parser.add_argument(flag, type=kind, default=f.default, choices=choices,
                             help=f"(default: {f.default})")

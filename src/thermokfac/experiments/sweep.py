@@ -15,7 +15,8 @@ excluded). An arm's learning rate is the one with the smallest median time over 
 seeds (a seed that misses counts as never), so every arm gets the same tuning budget.
 An arm with ``"clock": "thermo-m2"`` (or ``"thermo-m1"``) is timed on the estimated
 clock of :mod:`.compare` (measured step − the work the device takes over + the hardware
-model's time for it) besides the measured one.
+model's time for it) besides the measured one. The machine's load averages (1, 5 and 15
+minutes) before and after the sweep are recorded with it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -102,6 +104,7 @@ def sweep(spec: dict[str, Any], out: Path, progress: bool = True) -> dict[str, A
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(spec, indent=2))
+    load_before = os.getloadavg()  # a figure is quoted only from a quiet machine
     base = TrainConfig(**{**spec["base"], "stop_at": spec["target"]})
     # seed-major order: the machine's slow and fast spells fall on every arm alike
     jobs = [(arm, lr, seed) for seed in spec["seeds"] for arm in spec["arms"]
@@ -123,7 +126,8 @@ def sweep(spec: dict[str, Any], out: Path, progress: bool = True) -> dict[str, A
     metric = next(iter(tasks.values())).metric
     summary = {"target": spec["target"], "metric": f"val_{metric}",
                "seeds": spec["seeds"], "base": asdict(base), "arms": arms,
-               "runs": runs}
+               "load_average_before": list(load_before),
+               "load_average_after": list(os.getloadavg()), "runs": runs}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     _write_csv(out / "sweep.csv", runs)
     return summary

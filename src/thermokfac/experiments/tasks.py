@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as datasets
-from ..models import GIN, GPT, MLP, ResNet, ViT
+from ..models import GIN, GPT, MLP, ResNet, TorchGPT, ViT
 
 
 @dataclass
@@ -146,7 +146,7 @@ def load_task(name: str, *, limit: int | None = None, data_dir: str | None = Non
         return _image_task(name, datasets.cifar10, limit, root=data_dir, seed=seed)
     if name == "shakespeare":
         corpus = datasets.shakespeare(max_chars=limit)
-        return Task(name, "text", ("gpt",), "accuracy", corpus.train, corpus.val,
+        return Task(name, "text", ("gpt", "torch-gpt"), "accuracy", corpus.train, corpus.val,
                     {"vocab": corpus.vocab_size, "context": context})
     if name == "solubility":
         train, val = datasets.solubility(limit=limit)
@@ -155,7 +155,7 @@ def load_task(name: str, *, limit: int | None = None, data_dir: str | None = Non
 
 
 TASKS = ("digits", "mnist5k", "fashion-mnist", "cifar10", "shakespeare", "solubility")
-MODELS = ("mlp", "resnet", "vit", "gpt", "gin")
+MODELS = ("mlp", "resnet", "vit", "gpt", "torch-gpt", "gin")
 
 
 def build_model(name: str, task: Task, *, width: int = 256, depth: int = 2,
@@ -178,4 +178,7 @@ def build_model(name: str, task: Task, *, width: int = 256, depth: int = 2,
         return ViT(c, h, meta["classes"], patch=patch, dim=width, depth=depth, heads=heads)
     if name == "gpt":
         return GPT(meta["vocab"], meta["context"], n_layer=depth, n_embd=width, n_head=heads)
+    if name == "torch-gpt":
+        return TorchGPT(meta["vocab"], meta["context"], n_layer=depth, n_embd=width,
+                        n_head=heads)
     return GIN(width=width, layers=depth)
