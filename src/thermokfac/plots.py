@@ -236,7 +236,8 @@ def plot_sweep(folder: Path) -> list[Path]:
                 ylabel=metric.replace("_", " "))
     axes[1].legend(fontsize=8)
     base = summary["base"]
-    fig.suptitle(f"{base['model']} on {base['data']}: time to {metric} {target:g} "
+    models = dict.fromkeys(a.get("set", {}).get("model", base["model"]) for a in summary["arms"])
+    fig.suptitle(f"{' and '.join(models)} on {base['data']}: time to {metric} {target:g} "
                  f"(median of {len(summary['seeds'])} seeds, each arm at its best lr)",
                  fontsize=10)
     return _save(fig, folder / "sweep.png", 130)
