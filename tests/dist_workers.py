@@ -27,6 +27,28 @@ class TokenNet(nn.Module):
         return self.out(torch.tanh(self.hidden(self.embed(tokens).flatten(1))))
 
 
+class LayerNet(nn.Module):
+    """Multi-block layers: attention (four blocks), a grouped Conv1d (one block per
+    group) and a transposed convolution, between an embedding and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.conv = nn.Conv1d(8, 6, 3, groups=2, padding=1, padding_mode="circular")
+        self.up = nn.ConvTranspose1d(6, 4, 2, stride=2)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = self.up(torch.tanh(self.conv(x.transpose(1, 2))))
+        return self.out(torch.tanh(x).flatten(1))
+
+
+MODELS = {"token": TokenNet, "layers": LayerNet}
+
+
 def data(step: int):
     g = torch.Generator().manual_seed(100 + step)
     return torch.randint(0, 12, (BATCH, 3), generator=g), torch.randint(0, 4, (BATCH,),
@@ -66,26 +88,26 @@ def options(method: str, solver: str, fisher: str, storage: str) -> dict:
 
 
 def single(method: str, solver: str = "cholesky", fisher: str = "empirical",
-           storage: str = "matrix"):
+           storage: str = "matrix", net: str = "token"):
     """The reference: one process, the whole batch."""
     torch.manual_seed(0)
-    model = TokenNet().double()
+    model = MODELS[net]().double()
     pre = KFACPreconditioner(model, **options(method, solver, fisher, storage))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    train(model, pre, opt, 0, 1, mc=fisher == "mc")
+    train(model, pre, opt, 0, 1, mc=fisher != "empirical")
     return model, pre
 
 
 def equivalence(out: str, strategy: str, method: str, solver: str = "cholesky",
-                fisher: str = "empirical", storage: str = "matrix") -> None:
+                fisher: str = "empirical", storage: str = "matrix", net: str = "token") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    inner = TokenNet().double()
+    inner = MODELS[net]().double()
     model = nn.parallel.DistributedDataParallel(inner)
     pre = DistributedKFACPreconditioner(model, strategy=strategy,
                                         **options(method, solver, fisher, storage))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    train(model, pre, opt, rank, world, mc=fisher == "mc")
+    train(model, pre, opt, rank, world, mc=fisher != "empirical")
     torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
                 "factors": pre.factors(), "owners": pre.assignment.owners,
                 "collectives": pre.collectives, "kl": pre.stats["kl_clip_scale"]},

@@ -93,27 +93,32 @@ def _load(out: Path, world: int) -> list[dict]:
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
-CASES = [("comm-opt", "solve", "empirical", "matrix"),
-         ("comm-opt", "inverse", "empirical", "matrix"),
-         ("mem-opt", "solve", "empirical", "matrix"), ("mem-opt", "inverse", "empirical", "matrix"),
-         ("comm-opt", "solve", "mc", "matrix"), ("mem-opt", "solve", "empirical", "rows"),
-         ("comm-opt", "solve", "empirical", "rows")]
+CASES = [("comm-opt", "solve", "empirical", "matrix", "token"),
+         ("comm-opt", "inverse", "empirical", "matrix", "token"),
+         ("mem-opt", "solve", "empirical", "matrix", "token"),
+         ("mem-opt", "inverse", "empirical", "matrix", "token"),
+         ("comm-opt", "solve", "mc", "matrix", "token"),
+         ("mem-opt", "solve", "empirical", "rows", "token"),
+         ("comm-opt", "solve", "empirical", "rows", "token"),
+         ("comm-opt", "solve", "type2", "matrix", "layers"),
+         ("mem-opt", "inverse", "empirical", "matrix", "layers")]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("strategy", "method", "fisher", "storage"), CASES)
+@pytest.mark.parametrize(("strategy", "method", "fisher", "storage", "net"), CASES)
 def test_two_ranks_match_one_process_on_the_whole_batch(tmp_path, strategy, method, fisher,
-                                                        storage):
+                                                        storage, net):
     """Digital solvers; MC labels drawn by global example index; the resistor-array
-    mode's rows all-gathered (scaled per rank) to whoever prepares the factor."""
+    mode's rows all-gathered (scaled per rank) to whoever prepares the factor; the
+    multi-block layers (attention, grouped and transposed convolutions) as well."""
     import tests.dist_workers as w
 
     out = tmp_path / "run"
     run_workers("tests.dist_workers:equivalence", 2,
-                [str(out), strategy, method, "cholesky", fisher, storage],
+                [str(out), strategy, method, "cholesky", fisher, storage, net],
                 timeout=180, extra_path=ROOT)
     ranks = _load(out, 2)
-    model, pre = w.single(method, "cholesky", fisher, storage)
+    model, pre = w.single(method, "cholesky", fisher, storage, net)
     reference = dict(model.named_parameters())
     for result in ranks:
         for name, value in result["params"].items():
