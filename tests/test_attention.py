@@ -518,3 +518,98 @@ def test_torch_gpt_updates_equal_the_four_linear_reference():
             assert rel_err(mha.in_proj_weight.grad[j * E:(j + 1) * E],
                            getattr(lin, block).weight.grad) < 1e-8
         assert rel_err(mha.out_proj.weight.grad, lin.out_proj.weight.grad) < 1e-8
+
+
+# --------------------------------------------------------- found by adversarial review
+class SeqFirst(nn.Module):
+    """``batch_first=False`` attention on ``[L, N, E]`` inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, H)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(0))
+
+
+def test_sequence_first_model_needs_num_examples_and_then_equals_batch_first():
+    seq_first = SeqFirst().double()
+    batch_first = copy.deepcopy(seq_first)
+    batch_first.attn.batch_first = True
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(L, N, E, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    pre = KFACPreconditioner(seq_first, kl_clip=None)
+    F.cross_entropy(seq_first(x), y).backward()
+    with pytest.raises(ValueError, match="sees 3 sequences while the model's call counted 5"):
+        pre.step()
+    pre.step(num_examples=N)
+    ref = KFACPreconditioner(batch_first, kl_clip=None)
+    out = batch_first.head(batch_first.attn(*(x.transpose(0, 1),) * 3,
+                                            need_weights=False)[0].mean(1))
+    F.cross_entropy(out, y).backward()
+    ref.step(num_examples=N)
+    for name, (a, g_factor) in ref.factors().items():
+        torch.testing.assert_close(pre.factors()[name][0], a, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(pre.factors()[name][1], g_factor, rtol=1e-10, atol=1e-13)
+
+
+def test_sequence_first_encoder_under_reduce_warns():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.0).double()  # seq-first
+    model = nn.Sequential(layer, nn.Linear(E, 3)).double()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+    out = model(torch.randn(L, N, E, dtype=torch.float64)).mean(0)
+    F.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
+    with pytest.warns(UserWarning, match="sequence-first"):
+        pre.step(num_examples=N)
+    assert pre.stats["layout_mismatches"] == 4  # the four attention blocks
+
+
+def test_skip_layers_name_blocks_split_blocks_and_the_out_projection_class():
+    assert "attn.out_proj.weight" not in KFACPreconditioner(
+        SeqFirst(), skip_layers=["attn.out_proj"], separate_weight_and_bias=True,
+        kl_clip=None).layer_names
+    names = KFACPreconditioner(SeqFirst(), skip_layers=["attn.q_proj"],
+                               separate_weight_and_bias=True, kl_clip=None).layer_names
+    assert "attn.q_proj.bias" not in names and "attn.k_proj.bias" in names
+    names = KFACPreconditioner(SeqFirst(), skip_layers=["NonDynamicallyQuantizableLinear"],
+                               kl_clip=None).layer_names
+    assert "attn.out_proj" not in names and "attn.q_proj" in names
+
+
+def test_a_tapped_module_is_still_skipped_by_its_class_name():
+    model = SeqFirst()
+    KFACPreconditioner(model, kl_clip=None)  # still attached: the class is the tapped one
+    pre = KFACPreconditioner(copy.deepcopy(model), skip_layers=("MultiheadAttention",),
+                             kl_clip=None)
+    assert pre.layer_names == ["head"]
+
+
+def test_tied_out_projection_lists_its_own_bias():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(E, E)
+            self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+            self.attn.out_proj.weight = self.pre.weight
+
+        def forward(self, x):
+            return self.attn(self.pre(x), x, x)[0]
+
+    pre = KFACPreconditioner(Tied(), kl_clip=None)
+    assert pre.discovery.tied == {"attn.out_proj": "pre"}
+    assert "out_proj.bias" in pre.unsupported_layers["attn.out_proj"]
+
+
+def test_parametrized_attention_is_left_out_and_can_drop_its_parametrization():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = SeqFirst()
+    weight_norm(model.attn, "in_proj_weight")
+    pre = KFACPreconditioner(model, kl_clip=None)
+    assert pre.layer_names == ["head"] and "attn" in pre.unsupported_layers
+    torch.nn.utils.parametrize.remove_parametrizations(model.attn, "in_proj_weight")
+    assert type(model.attn) is nn.MultiheadAttention

@@ -263,3 +263,12 @@ def test_separate_weight_and_bias_updates_are_the_dense_solves():
         torch.testing.assert_close(a, torch.ones(1, 1, dtype=torch.float64))
         ref = dense_kfac_direction(a, g, raw["layer.bias"][rows, None], 1e-3, 1e-3)[:, 0]
         assert rel_err(net.layer.bias.grad[rows], ref) < 1e-10
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2),
+                                   nn.ConvTranspose2d(3, 4, 3), nn.Linear(6, 4)])
+def test_an_empty_batch_runs_as_in_pytorch(layer):
+    model = nn.Sequential(layer)
+    KFACPreconditioner(model, loss_reduction="sum", kl_clip=None)
+    shape = (0, 6) if isinstance(layer, nn.Linear) else (0, layer.in_channels, 6, 6)
+    assert model(torch.randn(shape)).shape[0] == 0

@@ -86,6 +86,7 @@ class CurvatureCapture:
         self.repeated_gradients = 0
         self.unbatched_calls: dict[str, str] = {}
         self.group_mismatches: dict[str, str] = {}
+        self.layout_mismatches: dict[str, str] = {}
         self.paused = False
         self.elapsed_s = 0.0
         self.sync_cuda = False
@@ -122,6 +123,7 @@ class CurvatureCapture:
         self.unbatched_calls.clear()
         self.counter.reset()
         self.group_mismatches.clear()
+        self.layout_mismatches.clear()
         self._curvature_calls = 0
         self.curvature_outputs = []
         self.loss_terms = 0
@@ -211,7 +213,8 @@ class CurvatureCapture:
                 return
             helper = record.helper
             x = args[0]
-            if transformed(x) or not isinstance(x, Tensor) or not self._batched(record, x):
+            if transformed(x) or not isinstance(x, Tensor) or x.numel() == 0 \
+                    or not self._batched(record, x):
                 record.pending.append(None)
                 return
             if record.layout is None:
@@ -220,12 +223,27 @@ class CurvatureCapture:
                 raise RuntimeError(
                     f"requires_grad of layer {record.name!r} changed between two forward "
                     "passes of one step; change it between steps")
+            self._check_batch(record, x)
             start = self._clock()
             call = LayerCall(self.groups)
             self._add_activations(record, x.detach(), call)
             record.pending.append(call)
             self.elapsed_s += self._clock() - start
         return hook
+
+    def _check_batch(self, record: LayerRecord, x: Tensor) -> None:
+        """A layer that knows its batch (attention) and sees another one than the model's
+        call counted: a sequence-first model, whose count is then ambiguous (and whose
+        Linear layers, under reduce, would be reduced over the batch)."""
+        n, counted = record.helper.batch_size(x), self.counter.current
+        if n is None or counted is None or n == counted or self.groups is not None:
+            return
+        why = (f"layer {record.name!r} sees {n} sequences while the model's call counted "
+               f"{counted} examples from its inputs' leading dimension (a sequence-first "
+               "model, [T, N, ...] inputs?)")
+        self.counter.contradict(why)
+        if self.approx is KFACApprox.REDUCE:
+            self.layout_mismatches.setdefault(record.name, why)
 
     def _batched(self, record: LayerRecord, x: Tensor) -> bool:
         """Whether the input carries the root call's batch (else reported, not captured:

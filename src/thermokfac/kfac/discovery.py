@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import LAYER_HELPERS, LayerHelper, helper_for, subclass_problem
+from .layers import LAYER_HELPERS, LayerHelper, helper_for, subclass_problem, untapped
 
 #: Modules that apply their children's weights functionally (their hooks never run).
 FUNCTIONAL_PARENTS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
@@ -108,8 +108,8 @@ def _add_block(found: Discovery, owners: dict[int, tuple[str, nn.Module]], name:
                if id(p) in owners and owners[id(p)][1] is not module]
     if claimed:
         found.tied[name] = claimed[0]
-        untied = [n for n, p in module.named_parameters(recurse=False)
-                  if id(p) not in owners]
+        untied = [n for n, p in module.named_parameters()
+                  if any(p is q for q in params) and id(p) not in owners]
         if untied:
             found.unsupported[name] = (
                 f"{type(module).__name__} whose {', '.join(untied)} is its own while its "
@@ -118,6 +118,23 @@ def _add_block(found: Discovery, owners: dict[int, tuple[str, nn.Module]], name:
     for p in params:
         owners.setdefault(id(p), (name, module))
     found.layers.append((name, helper))
+
+
+def _block_hits(name: str, suffix: str, helper: LayerHelper,
+                skip_layers: tuple[str, ...]) -> set[str]:
+    """The ``skip_layers`` entries that name one block of a module: the block's name or
+    one above it inside the module (``attn.q_proj`` covers ``attn.q_proj.weight``), or
+    the class name of a child module the block stands for (``out_proj``'s class)."""
+    hits: set[str] = set()
+    parts = suffix.split(".")[1:]
+    for i in range(1, len(parts) + 1):
+        candidate = ".".join([name, *parts[:i]]) if name else ".".join(parts[:i])
+        if candidate in skip_layers:
+            hits.add(candidate)
+    child = helper.submodule
+    if child is not None and type(child).__name__ in skip_layers:
+        hits.add(type(child).__name__)
+    return hits
 
 
 def _split(suffix: str, helper: LayerHelper) -> list[tuple[str, LayerHelper]]:
@@ -147,7 +164,7 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = (),
                   for child, _ in parent.named_children()}
     handled: set[str] = set()  # functional parents whose blocks K-FAC took over
     for name, module in model.named_modules():
-        kind = type(module).__name__
+        kind = untapped(type(module)).__name__
         hit = {name, kind} & set(skip_layers)
         own = list(module.parameters(recurse=False))
         helper_cls = helper_for(module)
@@ -186,8 +203,9 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = (),
             blocks = [split for suffix, helper in blocks for split in _split(suffix, helper)]
         for suffix, helper in blocks:
             block = (name + suffix).lstrip(".")
-            if suffix and block in skip_layers:
-                matched.add(block)
+            named = _block_hits(name, suffix, helper, skip_layers)
+            if named:
+                matched |= named
                 found.skipped.append(block)
                 continue
             _add_block(found, owners, block, module, helper)

@@ -75,6 +75,13 @@ class ExampleCounter:
                            "the model's inputs hold no tensor with a batch dimension")
         self._pending.append(RootCall(examples, problem, backward_at))
 
+    def contradict(self, problem: str) -> None:
+        """A layer of the root call in progress saw another batch than its arguments
+        showed (a sequence-first model): its count is ambiguous."""
+        call = self._pending[-1] if self._pending else None
+        if call is not None and call.problem is None:
+            call.problem = problem
+
     def finish(self, output, paused: Callable[[], bool]) -> None:
         """A root call returned: count it when a gradient reaches its outputs (at once
         when no output can carry one), unless ``paused()`` then."""

@@ -217,7 +217,12 @@ class StepGuard:
                  "those calls are not captured"),
                 ("group_mismatches", capture.group_mismatches,
                  "inside grouped_rows saw rows that do not match the membership; they were "
-                 "treated one row per example")):
+                 "treated one row per example"),
+                ("layout_mismatches", capture.layout_mismatches,
+                 "saw another batch than the model's call (the example count then needs "
+                 "pre.step(num_examples=N); under kfac_approx='reduce' the Linear layers of "
+                 "a sequence-first model average over the batch, not the sequence: use "
+                 "batch-first inputs or kfac_approx='expand')")):
             if found:
                 self.stats[key] += len(found)
                 listing = "; ".join(f"{n}: {why}" for n, why in found.items())

@@ -42,7 +42,7 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
              "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
-             "discarded_curvature", "multi_rank_warnings")
+             "discarded_curvature", "multi_rank_warnings", "layout_mismatches")
 
 
 class KFACPreconditioner:

@@ -55,4 +55,4 @@ def subclass_problem(module: nn.Module) -> str | None:
 
 __all__ = ["LAYER_HELPERS", "AttentionHelper", "ConvHelper", "ConvTransposeHelper",
            "EmbeddingHelper", "LayerHelper", "LinearHelper", "helper_for",
-           "register_layer_helper", "subclass_problem"]
+           "register_layer_helper", "subclass_problem", "untapped"]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from .attention_forward import BLOCKS, AttentionTap, tapped_forward
@@ -121,7 +122,14 @@ class AttentionHelper(LayerHelper):
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         if "forward" in module.__dict__:
             return "a forward set on the instance (K-FAC needs to tap its projections)"
+        if parametrize.is_parametrized(module):
+            return ("a parametrization (weight_norm, spectral_norm, ...) on its projections: "
+                    "their gradients land on the parametrization's parameters")
         return None
+
+    @property
+    def submodule(self) -> nn.Module | None:
+        return self.module.out_proj if self.block == "out_proj" else None
 
     @classmethod
     def blocks(cls, module: nn.Module) -> list[tuple[str, LayerHelper]]:
@@ -173,6 +181,9 @@ class AttentionHelper(LayerHelper):
     @property
     def d_out(self) -> int:
         return self.module.embed_dim
+
+    def batch_size(self, x: Tensor) -> int | None:
+        return int(x.shape[1])  # internal layout [L or S, N, d]
 
     def unbatched_input(self, x: Tensor) -> bool:
         tap = _TAPS.get(self.module)

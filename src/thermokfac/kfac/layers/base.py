@@ -71,6 +71,11 @@ class LayerHelper(ABC):
                 self.module.register_forward_hook(post_hook)]
 
     @property
+    def submodule(self) -> nn.Module | None:
+        """The child module this block stands for, if any (attention's ``out_proj``)."""
+        return None
+
+    @property
     def weight_param(self) -> nn.Parameter:
         """The parameter holding this block's weight (a larger parameter when the
         weight is a block of it, see :meth:`weight_view`)."""
@@ -159,6 +164,11 @@ class LayerHelper(ABC):
         """Dimension of A for the trainable parameters: ``d_in`` for the weight (0 when
         it is frozen) plus 1 for a trainable bias."""
         return self.d_in * int(self.weight_trainable) + int(self.has_bias)
+
+    def batch_size(self, x: Tensor) -> int | None:
+        """The number of examples in the input ``x`` when the layer knows it (attention:
+        its batch dimension, wherever ``batch_first`` puts it), else None."""
+        return None
 
     def unbatched_input(self, x: Tensor) -> bool:
         """Whether ``x`` is one example without a batch dimension (e.g. a ``[C, H, W]``
