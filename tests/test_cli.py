@@ -61,7 +61,8 @@ def test_compare_writes_curves_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["train", "--data", "nope"], "unknown data set 'nope'"),
+    (["train", "--data", "nope"], "argument --data: invalid choice: 'nope'"),
+    (["train", "--model", "lstm"], "argument --model: invalid choice: 'lstm'"),
     (["train", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["train", "--data", "digits", "--kfac", "--solver", "thermodynamic", "--input-bits",
       "40", "--steps", "1"], "input_bits=40 must be an integer in [2, 32]"),
