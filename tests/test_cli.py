@@ -183,7 +183,7 @@ def test_sweep_tunes_lr_and_times_target(tmp_path):
             if arm["clock"] == "thermo-m2":  # measured − (prepare + solves) + device model
                 steps = _read_csv(folder / "steps.csv")[: r["step"]]
                 expect = sum(float(s["wall_s"]) - float(s["inversion_s"])
-                             - float(s["update_s"]) + float(s["modeled_s"]) for s in steps)
+                             - float(s["solve_s"]) + float(s["modeled_s"]) for s in steps)
                 assert r["estimated_s"] == pytest.approx(expect)
                 assert r["estimated_s"] < r["seconds"]
     assert thermo["median_estimated_s_vs_adam"] == pytest.approx(

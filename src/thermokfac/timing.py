@@ -29,6 +29,10 @@ class StepTimings:
         inversion_s: Preparing the factors (factorise / invert; every
             ``inv_update_steps``).
         update_s: Computing U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ and writing it into ``.grad``.
+        solve_s: The part of ``update_s`` spent inside the solver's two solve banks
+            (Method 2; 0 for Method 1, which multiplies by stored inverses): the work a
+            device takes over under Method 2. The rest of ``update_s`` (forming DΘ,
+            checks, the KL clip, writing ``.grad``) stays digital.
         modeled_hardware_s: Hardware time reported by the solver for this step's
             prepares and solves (0 for digital solvers).
     """
@@ -37,6 +41,7 @@ class StepTimings:
     curvature_s: float = 0.0
     inversion_s: float = 0.0
     update_s: float = 0.0
+    solve_s: float = 0.0
     modeled_hardware_s: float = 0.0
 
     @property
@@ -50,7 +55,7 @@ class StepTimings:
 class TimingLog:
     """The last ``maxlen`` :class:`StepTimings` plus running totals over all steps."""
 
-    PARTS = ("curvature_s", "inversion_s", "update_s", "modeled_hardware_s")
+    PARTS = ("curvature_s", "inversion_s", "update_s", "solve_s", "modeled_hardware_s")
 
     def __init__(self, maxlen: int = 10_000) -> None:
         self.history: deque[StepTimings] = deque(maxlen=maxlen)
@@ -88,6 +93,24 @@ class TimingLog:
             yield
         finally:
             setattr(timings, part, getattr(timings, part) + self.clock() - start)
+
+
+class TimedSolves:
+    """A solver seen through its ``solve`` calls: their wall time adds up in
+    :attr:`seconds` (read with ``clock``, which synchronises CUDA when it must)."""
+
+    def __init__(self, solver, clock) -> None:
+        self.solver, self.clock, self.seconds = solver, clock, 0.0
+
+    def solve(self, *args, **kwargs):
+        start = self.clock()
+        try:
+            return self.solver.solve(*args, **kwargs)
+        finally:
+            self.seconds += self.clock() - start
+
+    def __getattr__(self, name: str):
+        return getattr(self.solver, name)
 
 
 def median_seconds(fn, repeats: int = 3) -> float:

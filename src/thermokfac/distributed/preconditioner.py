@@ -49,6 +49,7 @@ from ..kfac.layer_state import (
 from ..kfac.preconditioner import KFACPreconditioner
 from ..kfac.solving import PREPARE_STATS
 from ..solvers import Prepared, SolverError, TimeBreakdown
+from ..timing import TimedSolves
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects
 from .rows import gather_rows
@@ -316,8 +317,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 state.a_inv = None
 
     # ----------------------------------------------------------- precondition
-    def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
+    def _precondition_all(self, lr: float | None) -> tuple[list[TimeBreakdown], float]:
         cfg, jobs = self.config, []
+        solver = TimedSolves(self.solver, self.timing.clock)
         names = list(self._records)
         comm_opt = self.strategy is Strategy.COMM_OPT
         flags = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
@@ -326,7 +328,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if not comm_opt and self.assignment.owner(name) != self.rank:
                 continue
             outcome = precondition_layer(self._records[name].helper, self._states[name],
-                                         self.solver, cfg.method, self._generator(name, "u"))
+                                         solver, cfg.method, self._generator(name, "u"))
             if isinstance(outcome, str):
                 if outcome:
                     self.stats[outcome] += 1
@@ -354,7 +356,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.stats["kl_clip_scale"] = nu
         for name, u in buffers.items():
             self._records[name].helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-        return jobs
+        return jobs, solver.seconds
 
     def _modeled_time(self, jobs: list[TimeBreakdown]) -> float:
         local = self.local_modeled_s = super()._modeled_time(jobs)

@@ -5,11 +5,12 @@ Thermodynamic K-FAC — the same K-FAC on the simulated device — once with Met
 once with Method 1. Validation loss and metric are plotted against wall-clock. The
 thermodynamic curves' clock is an estimate, per step:
 
-    Method 2: measured step − (prepare + both solve banks) + modelled device time
+    Method 2: measured step − (prepare + time inside both solve banks) + modelled device time
     Method 1: measured step − (inversion) + modelled device time
 
 i.e. the digital work the device takes over (here: its simulation) is replaced by the
-hardware model's time for it; gradient, curvature and the base optimizer stay measured.
+hardware model's time for it; gradient, curvature, the rest of computing U (forming DΘ,
+checks, the KL clip, writing ``.grad``) and the base optimizer stay measured.
 The share of the digital K-FAC step that each accounting removes is reported (the
 analogue of the paper's Table 4 inversion share).
 """
@@ -25,7 +26,7 @@ from typing import Any
 from .train import Run, TrainConfig
 
 ACCOUNTING = {
-    "thermo-m2": ("inversion_s", "update_s"),
+    "thermo-m2": ("inversion_s", "solve_s"),
     "thermo-m1": ("inversion_s",),
 }
 
@@ -82,7 +83,7 @@ def compare(base: TrainConfig, out: Path, baseline_optimizer: str, baseline_lr: 
         "metric_key": metric,
         "curves": curves,
         "share_removed": {"method_2 (prepare + solves)": _share(kfac_steps,
-                                                                  ("inversion_s", "update_s")),
+                                                                  ("inversion_s", "solve_s")),
                           "method_1 (inversion)": _share(kfac_steps, ("inversion_s",))},
         "final": {name: run.metrics[-1] for name, run in runs.items()},
         "train_s": {name: run.train_s for name, run in runs.items()},
@@ -103,7 +104,8 @@ def _caption(hw, cfg: TrainConfig) -> str:
     if hw is None:
         return ""
     return (f"Estimated clocks: measured step − work the device takes over (Method 2: prepare"
-            f" + both solve banks; Method 1: inversion) + modelled device time. Hardware model:"
+            f" + time inside both solve banks; Method 1: inversion) + modelled device time."
+            f" Hardware model:"
             f" RC = {hw.rc_s * 1e6:g} µs, {hw.input_bits}-bit input, {hw.output_bits}-bit "
             f"output, {hw.link_gbps:g} Gb/s link ({'shared' if hw.shared_link else 'per SPU'}),"
             f" {hw.n_spus} SPU(s), settle model '{hw.settle_model.value}'. Simulated device: "

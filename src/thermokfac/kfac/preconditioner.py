@@ -230,7 +230,8 @@ class KFACPreconditioner:
         with self.timing.measure(timings, "inversion_s"):
             jobs = self._prepare_due()
         with self.timing.measure(timings, "update_s"):
-            jobs += self._precondition_all(lr)
+            more, timings.solve_s = self._precondition_all(lr)
+            jobs += more
         timings.modeled_hardware_s = self._modeled_time(jobs)
         self.timing.append(timings)
         self.steps += 1
@@ -398,9 +399,11 @@ class KFACPreconditioner:
     def _warn_ill_conditioned(self) -> None:
         warn_fallbacks(self.stats, self.config.factor_dtype, self._guard.warn_once)
 
-    def _precondition_all(self, lr: float | None) -> list[TimeBreakdown]:
-        jobs, written = precondition_all(
+    def _precondition_all(self, lr: float | None) -> tuple[list[TimeBreakdown], float]:
+        """(device jobs, seconds inside the solver's solves) of preconditioning."""
+        jobs, written, solve_s = precondition_all(
             self._records, self._states, self.solver, self.config, self.steps,
-            self.generator, self.stats, lr, self.optimizer, self._guard.warn_once)
+            self.generator, self.stats, lr, self.optimizer, self._guard.warn_once,
+            self.timing.clock)
         self._guard.remember_updates(written)
-        return jobs
+        return jobs, solve_s

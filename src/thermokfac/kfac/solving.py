@@ -3,12 +3,14 @@ precondition every layer's gradient and apply the KL clip (paper Sec. 4.1, Eq. 1
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from ..solvers import LinearSolver, TimeBreakdown
+from ..timing import TimedSolves
 from .config import KFACConfig
 from .hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
 from .kl_clip import effective_learning_rate, kl_clip_scale
@@ -72,13 +74,16 @@ def warn_fallbacks(stats: dict[str, float], factor_dtype: torch.dtype, warn: War
 def precondition_all(records: Mapping[str, LayerRecord], states: Mapping[str, LayerState],
                      solver: LinearSolver, cfg: KFACConfig, step: int,
                      generator: torch.Generator, stats: dict[str, float],
-                     lr: float | None, optimizer: torch.optim.Optimizer | None, warn: Warn
-                     ) -> tuple[list[TimeBreakdown], list[LayerRecord]]:
+                     lr: float | None, optimizer: torch.optim.Optimizer | None, warn: Warn,
+                     clock: Callable[[], float] = time.perf_counter
+                     ) -> tuple[list[TimeBreakdown], list[LayerRecord], float]:
     """U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ for every layer, scaled by the KL clip, into ``.grad``.
 
     Returns:
-        The device jobs of the solves, and the layers whose ``.grad`` now holds U.
+        The device jobs of the solves, the layers whose ``.grad`` now holds U, and the
+        seconds spent inside the solver's solves (read with ``clock``).
     """
+    solver = TimedSolves(solver, clock)
     updates: list[tuple[LayerRecord, Tensor, float]] = []
     jobs: list[TimeBreakdown] = []
     for name, record in records.items():
@@ -107,4 +112,4 @@ def precondition_all(records: Mapping[str, LayerRecord], states: Mapping[str, La
     stats["kl_clip_scale"] = nu
     for record, u, _ in updates:
         record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
-    return jobs, [record for record, _, _ in updates]
+    return jobs, [record for record, _, _ in updates], solver.seconds
