@@ -613,3 +613,37 @@ def test_parametrized_attention_is_left_out_and_can_drop_its_parametrization():
     assert pre.layer_names == ["head"] and "attn" in pre.unsupported_layers
     torch.nn.utils.parametrize.remove_parametrizations(model.attn, "in_proj_weight")
     assert type(model.attn) is nn.MultiheadAttention
+
+
+def test_an_unbatched_sequence_is_one_example():
+    """An unbatched call ([L, E]) is one sequence: with ``num_examples=1`` its factors
+    equal those of the same sequence as a batch of one."""
+
+    class Self(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.MultiheadAttention(E, H)
+
+        def forward(self, x):
+            return self.a(x, x, x)[0]
+
+    model, batch = Self().double(), Self().double()
+    x = torch.randn(L, E, dtype=torch.float64)
+    pre = KFACPreconditioner(model, kl_clip=None)
+    model(x).square().mean().backward()
+    with pytest.raises(ValueError, match="sees 1 sequences"):
+        pre.step()
+    pre.step(num_examples=1)
+    ref = KFACPreconditioner(batch, kl_clip=None)
+    batch(x[:, None]).square().mean().backward()
+    ref.step(num_examples=1)
+    assert pre.stats["unbatched_layer_calls"] == 0
+    for name, (a, g) in ref.factors().items():
+        torch.testing.assert_close(pre.factors()[name][0], a, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(pre.factors()[name][1], g, rtol=1e-12, atol=1e-14)
+
+
+def test_lazy_modules_must_be_materialised_first():
+    with pytest.raises(ValueError, match="run one forward pass"):
+        KFACPreconditioner(nn.Sequential(nn.LazyLinear(3)))

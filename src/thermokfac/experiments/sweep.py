@@ -93,9 +93,12 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> tuple[dict[str, 
               if clock is not None else None,
               **{k: v for k, v in m.items() if k.startswith("val_")}} for m in run.metrics]
     step_s = statistics.median(s["wall_s"] for s in run.steps[1:] or run.steps)
+    kfac = {} if run.pre is None else {  # what was preconditioned, and every event
+        "preconditioned": run.pre.layer_names,
+        "stats": {k: v for k, v in run.pre.stats.items() if v and k != "kl_clip_scale"}}
     return {"lr": cfg.lr, "seed": cfg.seed, **time_to_target(run, clock),
             "final": run.metrics[-1], "steps_run": run.step, "median_step_s": step_s,
-            "diverged": diverged,
+            "diverged": diverged, **kfac,
             "curve": curve}, run.task
 
 

@@ -240,7 +240,7 @@ class CurvatureCapture:
             return
         why = (f"layer {record.name!r} sees {n} sequences while the model's call counted "
                f"{counted} examples from its inputs' leading dimension (a sequence-first "
-               "model, [T, N, ...] inputs?)")
+               "model, [T, N, ...] inputs, or an unbatched sequence?)")
         self.counter.contradict(why)
         if self.approx is KFACApprox.REDUCE:
             self.layout_mismatches.setdefault(record.name, why)

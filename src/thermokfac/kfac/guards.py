@@ -9,18 +9,32 @@ preconditioner's ``stats``.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .capture import CurvatureCapture
 from .config import KFACConfig
 from .discovery import is_ddp, was_compiled
 from .kl_clip import effective_learning_rate
 from .records import LayerRecord
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside thermokfac
+    (the user's ``pre.step()``, not the library line that noticed the problem)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class StepGuard:
@@ -182,7 +196,7 @@ class StepGuard:
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message + " (warned once)", stacklevel=5)
+            warnings.warn(message + " (warned once)", stacklevel=user_stacklevel())
 
     def after_capture(self, step: int) -> None:
         """Loud, never silent: transformed passes, hooks that did not run."""
@@ -254,12 +268,17 @@ def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) ->
 
     Raises:
         RuntimeError: DDP-wrapped, more than one rank, and not ``averages_factors``.
+        ValueError: Lazy parameters not yet materialised.
     """
     if is_ddp(wrapper) and not averages_factors and world_size() > 1:
         raise RuntimeError(
             f"the model is DistributedDataParallel-wrapped on {world_size()} ranks: "
             "KFACPreconditioner would use each rank's own factors and the replicas "
             "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
+    if any(is_lazy(p) for p in model.parameters()):
+        raise ValueError("the model has uninitialised lazy parameters (nn.LazyLinear, "
+                         "nn.LazyConv2d, ...): run one forward pass to materialise them, "
+                         "then build the preconditioner")
     if was_compiled(wrapper, model):
         # Graphs traced before the hooks existed would run without them.
         torch.compiler.reset()

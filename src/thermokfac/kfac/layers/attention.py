@@ -105,8 +105,9 @@ class AttentionHelper(LayerHelper):
     ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
 
     Shapes: inputs reach the helper sequence-first ``[L or S, N, d_in]`` (the module's
-    internal layout for either ``batch_first``); :meth:`shared_inputs` and
-    :meth:`shared_grad_outputs` return ``[N, L or S, d]``.
+    internal layout for either ``batch_first``; an unbatched call is one example,
+    ``N = 1``); :meth:`shared_inputs` and :meth:`shared_grad_outputs` return
+    ``[N, L or S, d]``.
     """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.MultiheadAttention,)
@@ -183,11 +184,7 @@ class AttentionHelper(LayerHelper):
         return self.module.embed_dim
 
     def batch_size(self, x: Tensor) -> int | None:
-        return int(x.shape[1])  # internal layout [L or S, N, d]
-
-    def unbatched_input(self, x: Tensor) -> bool:
-        tap = _TAPS.get(self.module)
-        return tap is not None and not tap.batched
+        return int(x.shape[1])  # internal layout [L or S, N, d]; 1 for an unbatched call
 
     def shared_inputs(self, x: Tensor) -> Tensor:
         return x.transpose(0, 1)  # [L, N, d] → [N, L, d]

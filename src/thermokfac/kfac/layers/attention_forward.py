@@ -35,12 +35,10 @@ class AttentionTap:
 
     Attributes:
         probes: ``{block: [(pre, post), ...]}`` for the blocks in :data:`BLOCKS`.
-        batched: Whether the call in progress has a batch dimension.
     """
 
     def __init__(self) -> None:
         self.probes: dict[str, list[tuple[PreProbe, PostProbe]]] = {b: [] for b in BLOCKS}
-        self.batched = True
 
     def pre(self, block: str, module: nn.Module, x: Tensor) -> None:
         for pre, _ in self.probes[block]:
@@ -146,7 +144,6 @@ def tapped_forward(m: nn.MultiheadAttention, tap: AttentionTap, query: Tensor, k
     key_padding_mask = _float_mask(key_padding_mask, query.dtype, "key_padding_mask")
     attn_mask = _float_mask(attn_mask, query.dtype, "attn_mask")
     batched = _check_shapes(query, key, value, key_padding_mask, attn_mask, m.num_heads)
-    tap.batched = batched
     if m.batch_first and batched:  # keep the identities that select the packed products
         if key is value:
             if query is key:
