@@ -54,8 +54,6 @@ from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_it
 from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects
 from .rows import gather_rows
 
-_PARTS = {"a": 0, "g": 1, "u": 2}
-
 
 class DistributedKFACPreconditioner(KFACPreconditioner):
     """:class:`~thermokfac.KFACPreconditioner` for data-parallel training (see module doc).
@@ -100,7 +98,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 for name, r in self._records.items()]
         self.assignment = Assignment.greedy(work_items(dims, self.strategy, cost),
                                             self.world_size)
-        self._index = {name: i for i, name in enumerate(self._records)}
         self._prepared_once: set[str] = set()
 
     def step(self, outputs: Tensor | None = None, **kwargs: Any) -> None:
@@ -141,12 +138,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     # ----------------------------------------------------------------- helpers
     def _src(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
-    def _generator(self, name: str, part: str) -> torch.Generator:
-        """Noise of one (step, layer, part): the same on every rank, whoever owns it."""
-        index = 3 * self._index[name] + _PARTS[part]
-        seed = (self.generator.initial_seed() * 1_000_003 + self.steps * 7919 + index)
-        return torch.Generator(device=self.device).manual_seed(seed % (2**63 - 1))
 
     def _add_stats(self, stats: dict[str, float]) -> None:
         for key, stat in PREPARE_STATS:
@@ -221,7 +212,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if self.assignment.owner(name) == self.rank:
                 before = dict(state.stats)
                 jobs += prepare_layer(state, self.solver, cfg.method, damping,
-                                      cfg.damping_split, self._generator(name, "a"))
+                                      cfg.damping_split,
+                                      lambda part, name=name: self.noise(name, part))
                 self._add_stats({k: v - before.get(k, 0.0) for k, v in state.stats.items()})
             else:  # memory-light: only the owner holds what was prepared
                 state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
@@ -243,7 +235,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             for which in ("g",) if diagonal else ("a", "g"):
                 if self.assignment.owner(name, which) != self.rank:
                     continue
-                gen = self._generator(name, which)
+                gen = self.noise(name, which)
                 prep = prepare_factor(state, which, self.solver, lam[which], gen)
                 jobs.append(job(prep.modeled_time_s, prep.stats))
                 count_stats(state.stats, prep.stats)
@@ -328,7 +320,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if not comm_opt and self.assignment.owner(name) != self.rank:
                 continue
             outcome = precondition_layer(self._records[name].helper, self._states[name],
-                                         solver, cfg.method, self._generator(name, "u"))
+                                         solver, cfg.method, self.noise(name, "u"))
             if isinstance(outcome, str):
                 if outcome:
                     self.stats[outcome] += 1

@@ -7,6 +7,7 @@ are symmetrised only when the solver or a user reads them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,12 +170,14 @@ def job(modeled_s: float, stats: dict[str, float]) -> TimeBreakdown:
 
 
 def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, damping: float,
-                  split: DampingSplit, generator: torch.Generator | None
+                  split: DampingSplit,
+                  noise: Callable[[str], torch.Generator | None] = lambda part: None
                   ) -> list[TimeBreakdown]:
     """Prepare (Method 2) or invert (Method 1) both damped factors.
 
     In the resistor-array mode (rows kept instead of factors) the solver realises each
-    factor from its rows and the rows are then released.
+    factor from its rows and the rows are then released. ``noise("a")`` and
+    ``noise("g")`` give the generators of each factor's prepare and inverse.
 
     Returns:
         The device jobs the solver modelled for this work.
@@ -184,15 +187,16 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     jobs: list[TimeBreakdown] = []
     state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
     state.failed = False
+    gen_a, gen_g = noise("a"), noise("g")
     if state.a is not None and state.a.ndim == 1:
         state.a_inv = 1.0 / (state.a + lam_a)
         used_a = lam_a
     else:
-        state.a_prep = prepare_factor(state, "a", solver, lam_a, generator)
+        state.a_prep = prepare_factor(state, "a", solver, lam_a, gen_a)
         jobs.append(job(state.a_prep.modeled_time_s, state.a_prep.stats))
         count_stats(state.stats, state.a_prep.stats)
         used_a = state.a_prep.damping
-    state.g_prep = prepare_factor(state, "g", solver, lam_g, generator)
+    state.g_prep = prepare_factor(state, "g", solver, lam_g, gen_g)
     jobs.append(job(state.g_prep.modeled_time_s, state.g_prep.stats))
     count_stats(state.stats, state.g_prep.stats)
     state.damping = (used_a, state.g_prep.damping)
@@ -204,10 +208,10 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     if method is Method.INVERSE:
         try:
             if state.a_prep is not None:
-                result = _converged(solver.inverse(state.a_prep, generator=generator))
+                result = _converged(solver.inverse(state.a_prep, generator=gen_a))
                 state.a_inv = result.x
                 jobs.append(job(result.modeled_time_s, result.stats))
-            result = _converged(solver.inverse(state.g_prep, generator=generator))
+            result = _converged(solver.inverse(state.g_prep, generator=gen_g))
             state.g_inv = result.x
             jobs.append(job(result.modeled_time_s, result.stats))
         except SolverError:

@@ -37,6 +37,7 @@ logger = logging.getLogger("thermokfac")
 
 
 
+NOISE_PARTS = {"a": 0, "g": 1, "u": 2}
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
@@ -94,8 +95,10 @@ class KFACPreconditioner:
         factor_dtype: dtype of factors and solves (default float32, or float64 when the
             model is float64).
         grad_scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out of G.
-        seed: Seed of the preconditioner's own ``torch.Generator`` (``mc`` labels and
-            stochastic solvers); its state is saved in :meth:`state_dict`.
+        seed: Seed of the preconditioner's random draws: its own ``torch.Generator``
+            (``mc`` labels; its state is saved in :meth:`state_dict`), and the noise of
+            stochastic solvers, drawn from a generator per (seed, step, layer, factor)
+            (:meth:`noise`) so that a run on several ranks draws what one process draws.
         factor_storage: ``"matrix"`` (form the factors) or ``"rows"`` (keep the
             activation/gradient rows and let the solver realise aaᵀ/b + λI from them, the
             resistor-array mode of App. E: memory O(b·n); needs ``factor_decay=0`` and
@@ -170,6 +173,7 @@ class KFACPreconditioner:
             keep_rows=self.config.factor_storage is FactorStorage.ROWS)
         device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
+        self._index = {name: i for i, name in enumerate(self._records)}
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
         self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
@@ -394,16 +398,25 @@ class KFACPreconditioner:
 
     def _prepare_due(self) -> list[TimeBreakdown]:
         return prepare_due(self._states, self.solver, self.config, self.steps,
-                           self.generator, self.stats, self._guard.warn_once)
+                           self.noise, self.stats, self._guard.warn_once)
 
     def _warn_ill_conditioned(self) -> None:
         warn_fallbacks(self.stats, self.config.factor_dtype, self._guard.warn_once)
+
+    def noise(self, name: str, part: str) -> torch.Generator:
+        """The generator of one (step, layer, part) for a stochastic solver: ``part`` is
+        ``"a"`` or ``"g"`` (preparing or inverting that factor) or ``"u"`` (the solves of
+        U). Seeded from (``seed``, step, layer index, part) alone, so the same on every
+        rank and in one process, whoever does the work, and after a resume."""
+        index = 3 * self._index[name] + NOISE_PARTS[part]
+        seed = self.generator.initial_seed() * 1_000_003 + self.steps * 7919 + index
+        return torch.Generator(device=self.generator.device).manual_seed(seed % (2**63 - 1))
 
     def _precondition_all(self, lr: float | None) -> tuple[list[TimeBreakdown], float]:
         """(device jobs, seconds inside the solver's solves) of preconditioning."""
         jobs, written, solve_s = precondition_all(
             self._records, self._states, self.solver, self.config, self.steps,
-            self.generator, self.stats, lr, self.optimizer, self._guard.warn_once,
+            self.noise, self.stats, lr, self.optimizer, self._guard.warn_once,
             self.timing.clock)
         self._guard.remember_updates(written)
         return jobs, solve_s

@@ -34,20 +34,25 @@ def modeled_time(solver: LinearSolver, jobs: list[TimeBreakdown]) -> float:
     return sum(j.total_s for j in jobs)
 
 
+Noise = Callable[[str, str], torch.Generator]  # (layer, part) ↦ its generator
+
+
 def prepare_due(states: Mapping[str, LayerState], solver: LinearSolver, cfg: KFACConfig,
-                step: int, generator: torch.Generator, stats: dict[str, float],
+                step: int, noise: Noise, stats: dict[str, float],
                 warn: Warn) -> list[TimeBreakdown]:
     """Prepare (Method 2) or invert (Method 1) every layer due at ``step``, or not yet
-    ready; the failure policy's events are counted in ``stats`` and warned once."""
+    ready; the failure policy's events are counted in ``stats`` and warned once.
+    ``noise(name, part)`` gives the generator of each factor's stochastic work."""
     every = int(resolve("inv_update_steps", cfg.inv_update_steps, step, INTERVAL))
     due = step % every == 0
     damping = resolve("damping", cfg.damping, step, NON_NEGATIVE)
     jobs: list[TimeBreakdown] = []
-    for state in states.values():
+    for name, state in states.items():
         if not state.has_factors or not (due or (not state.ready and not state.failed)):
             continue
         before = dict(state.stats)
-        jobs += prepare_layer(state, solver, cfg.method, damping, cfg.damping_split, generator)
+        jobs += prepare_layer(state, solver, cfg.method, damping, cfg.damping_split,
+                              lambda part, name=name: noise(name, part))
         for key, stat in PREPARE_STATS:
             stats[stat] += state.stats.get(key, 0.0) - before.get(key, 0.0)
     warn_fallbacks(stats, cfg.factor_dtype, warn)
@@ -73,7 +78,7 @@ def warn_fallbacks(stats: dict[str, float], factor_dtype: torch.dtype, warn: War
 
 def precondition_all(records: Mapping[str, LayerRecord], states: Mapping[str, LayerState],
                      solver: LinearSolver, cfg: KFACConfig, step: int,
-                     generator: torch.Generator, stats: dict[str, float],
+                     noise: Noise, stats: dict[str, float],
                      lr: float | None, optimizer: torch.optim.Optimizer | None, warn: Warn,
                      clock: Callable[[], float] = time.perf_counter
                      ) -> tuple[list[TimeBreakdown], list[LayerRecord], float]:
@@ -92,7 +97,8 @@ def precondition_all(records: Mapping[str, LayerRecord], states: Mapping[str, La
                 and record.helper.has_grad():
             stats["passthrough_layers"] += 1  # factors of other parameters
             continue
-        outcome = precondition_layer(record.helper, state, solver, cfg.method, generator)
+        outcome = precondition_layer(record.helper, state, solver, cfg.method,
+                                     noise(name, "u"))
         if isinstance(outcome, str):
             if outcome:
                 stats[outcome] += 1
