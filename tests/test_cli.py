@@ -51,7 +51,12 @@ def test_compare_writes_curves_and_plot(tmp_path):
                  "--out", str(out)]) == 0
     summary = json.loads((out / "compare.json").read_text())
     labels = [c["label"] for c in summary["curves"]]
-    assert len(labels) == 4 and labels[2].startswith("Thermodynamic K-FAC, Method 2")
+    # baseline, K-FAC, then each method's estimated clock under the three settle models
+    assert len(labels) == 8 and labels[2].startswith("Thermodynamic K-FAC, Method 2")
+    settles = [c["settle_model"] for c in summary["curves"][2:5]]
+    assert settles == ["rc", "rc_over_alpha_min", "target_error"]
+    finals = [c["points"][-1]["clock_s"] for c in summary["curves"][2:5]]
+    assert finals[0] < finals[1] < finals[2]  # the paper's RC is the most optimistic
     assert all(len(c["points"]) == 3 for c in summary["curves"])
     assert 0 < summary["share_removed"]["method_2 (prepare + solves)"] < 1
     assert (out / "compare.png").stat().st_size > 10_000

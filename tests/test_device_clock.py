@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from torch import nn
 
 from thermokfac import KFACPreconditioner
+from thermokfac.solvers import HardwareModel, ThermodynamicSolver
 from thermokfac.timing import TimedSolves
 
 from .cases import classification_batch, mlp
@@ -54,3 +56,55 @@ def test_solve_time_is_the_time_inside_the_solves(method):
     assert t.solve_s < t.update_s
     summary = pre.timing_summary()
     assert summary["mean_solve_s"] == t.solve_s
+
+
+# ---------------------------------------------------------------- settle models
+def test_time_breakdown_under_each_settle_model():
+    from thermokfac.solvers.hardware import SettleModel, TimeBreakdown, from_stats, time_stats
+
+    hw = HardwareModel(n_spus=1, shared_link=False)
+    solve = hw.time_solve_all(8, 3, alpha_min=0.01, t0_rc=40.0, window_rc=900.0)
+    plain = hw.time_solve(8, 3, alpha_min=0.01, t0_rc=40.0, window_rc=900.0)
+    assert solve.total_s == plain.total_s  # its own model's numbers (rc by default)
+    transfer = solve.transfer_s
+    expected = {"rc": hw.rc_s, "rc_over_alpha_min": hw.rc_s / 0.01,
+                "target_error": hw.rc_s * (40.0 + 900.0)}
+    for model, compute in expected.items():
+        assert solve.under(model).total_s == pytest.approx(transfer + compute, rel=1e-12)
+    program = hw.time_program(8)  # no settling: the same under every model
+    both = (program + solve).scaled(0.5)
+    for model, compute in expected.items():
+        assert both.under(model).total_s == pytest.approx(
+            0.5 * (program.total_s + transfer + compute), rel=1e-12)
+    assert from_stats(solve.total_s, time_stats(solve)).under(SettleModel.TARGET_ERROR) \
+        .total_s == pytest.approx(solve.under("target_error").total_s, rel=1e-12)
+    assert TimeBreakdown(settle_s=2.0).under("rc_over_alpha_min").total_s == 2.0
+
+
+def test_step_clock_under_each_settle_model_uses_the_simulations_alpha_and_schedule():
+    """One Linear layer, thermodynamic Method 2 on one SPU with its own link: the step's
+    device time under rc/α_min and t₀+T equals the rc time plus, for each solve bank,
+    the extra settling computed by hand from the α_min, t₀ and window the simulation
+    used (read from the prepared factors)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    hw = HardwareModel(n_spus=1, shared_link=False)
+    solver = ThermodynamicSolver(hardware=hw, target_error=1e-2)
+    pre = KFACPreconditioner(model, solver=solver, kl_clip=None, inv_update_steps=1,
+                             factor_dtype=torch.float64)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    t = pre.last_timings
+    assert t.modeled_hardware_s == pytest.approx(t.modeled_rc_s, rel=1e-12)
+    state = pre.layer_state("0")
+    extra_alpha = extra_target = 0.0
+    for prep in (state.g_prep, state.a_prep):  # one bank on each factor
+        alpha = float(prep.tensors["alpha_min"])
+        sched = solver._schedule(prep)
+        extra_alpha += hw.rc_s / alpha - hw.rc_s
+        extra_target += hw.rc_s * (sched.t0 + sched.duration) - hw.rc_s
+    assert t.modeled_rc_over_alpha_min_s == pytest.approx(t.modeled_rc_s + extra_alpha,
+                                                          rel=1e-9)
+    assert t.modeled_target_error_s == pytest.approx(t.modeled_rc_s + extra_target, rel=1e-9)
+    assert t.modeled_target_error_s > t.modeled_rc_over_alpha_min_s > t.modeled_rc_s

@@ -65,7 +65,11 @@ def plot_compare(folder: Path) -> list[Path]:
     axes[0].set(xlabel="wall-clock (s; dashed: estimated)", ylabel="validation loss",
                 yscale="log")
     axes[1].set(xlabel="wall-clock (s; dashed: estimated)", ylabel=metric.replace("_", " "))
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
+    clocks = [p["clock_s"] for c in summary["curves"] for p in c["points"] if p["clock_s"] > 0]
+    if clocks and max(clocks) > 100 * min(clocks):  # settle models orders of magnitude apart
+        for ax in axes:
+            ax.set_xscale("log")
     fig.suptitle(summary["title"], fontsize=10)
     caption = "\n".join(textwrap.wrap(summary["caption"], 150))
     fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom")

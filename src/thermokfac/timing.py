@@ -34,7 +34,12 @@ class StepTimings:
             device takes over under Method 2. The rest of ``update_s`` (forming DΘ,
             checks, the KL clip, writing ``.grad``) stays digital.
         modeled_hardware_s: Hardware time reported by the solver for this step's
-            prepares and solves (0 for digital solvers).
+            prepares and solves, under its hardware model's settle model (0 for digital
+            solvers).
+        modeled_rc_s, modeled_rc_over_alpha_min_s, modeled_target_error_s: The same
+            device work timed under each settle model (App. E): settling in RC (the
+            paper's convention), in RC/α_min, or in the burn-in and averaging window the
+            simulation used for its target error — with the α_min the simulation used.
     """
 
     step: int
@@ -43,6 +48,9 @@ class StepTimings:
     update_s: float = 0.0
     solve_s: float = 0.0
     modeled_hardware_s: float = 0.0
+    modeled_rc_s: float = 0.0
+    modeled_rc_over_alpha_min_s: float = 0.0
+    modeled_target_error_s: float = 0.0
 
     @property
     def total_s(self) -> float:
@@ -55,7 +63,8 @@ class StepTimings:
 class TimingLog:
     """The last ``maxlen`` :class:`StepTimings` plus running totals over all steps."""
 
-    PARTS = ("curvature_s", "inversion_s", "update_s", "solve_s", "modeled_hardware_s")
+    PARTS = ("curvature_s", "inversion_s", "update_s", "solve_s", "modeled_hardware_s",
+             "modeled_rc_s", "modeled_rc_over_alpha_min_s", "modeled_target_error_s")
 
     def __init__(self, maxlen: int = 10_000) -> None:
         self.history: deque[StepTimings] = deque(maxlen=maxlen)

@@ -350,8 +350,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             self._records[name].helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
         return jobs, solver.seconds
 
-    def _modeled_time(self, jobs: list[TimeBreakdown]) -> float:
-        local = self.local_modeled_s = super()._modeled_time(jobs)
+    def _modeled_time(self, jobs: list[TimeBreakdown]) -> list[float]:
+        local = super()._modeled_time(jobs)
+        self.local_modeled_s = local[0]
         if getattr(self.solver, "hardware", None) is None:
             return local
-        return all_reduce_scalars([local], "max", self.group, self.device)[0]
+        return all_reduce_scalars(local, "max", self.group, self.device)

@@ -15,7 +15,9 @@ excluded). An arm's learning rate is the one with the smallest median time over 
 seeds (a seed that misses counts as never), so every arm gets the same tuning budget.
 An arm with ``"clock": "thermo-m2"`` (or ``"thermo-m1"``) is timed on the estimated
 clock of :mod:`.compare` (measured step − the work the device takes over + the hardware
-model's time for it) besides the measured one. The machine's load averages (1, 5 and 15
+model's time for it) besides the measured one, under every settle model of App. E
+(``estimated_by_settle``: RC, RC/α_min, and the burn-in and window the simulation used);
+``estimated_s`` is the one of the arm's hardware model. The machine's load averages (1, 5 and 15
 minutes) before and after the sweep are recorded with it.
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .compare import ACCOUNTING, _clock
+from .compare import ACCOUNTING, SETTLE_CLOCKS, _clock
 from .train import Run, TrainConfig
 
 CLOCKS = ("measured", *ACCOUNTING)
@@ -88,6 +90,12 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> tuple[dict[str, 
         diverged = True
         run.write()
     clock = _clock(run.steps, ACCOUNTING[clock_name]) if clock_name != "measured" else None
+    settle = {} if clock is None else {  # the same clock under every settle model
+        model: _clock(run.steps, ACCOUNTING[clock_name], key)
+        for model, (key, _) in SETTLE_CLOCKS.items()}
+    reached = time_to_target(run, clock)
+    by_settle = {m: (c[reached["step"] - 1] if reached["step"] else None)
+                 for m, c in settle.items()}
     curve = [{"step": m["step"], "seconds": m["train_s"],
               "estimated_s": (clock[int(m["step"]) - 1] if m["step"] else 0.0)
               if clock is not None else None,
@@ -96,7 +104,7 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> tuple[dict[str, 
     kfac = {} if run.pre is None else {  # what was preconditioned, and every event
         "preconditioned": run.pre.layer_names,
         "stats": {k: v for k, v in run.pre.stats.items() if v and k != "kl_clip_scale"}}
-    return {"lr": cfg.lr, "seed": cfg.seed, **time_to_target(run, clock),
+    return {"lr": cfg.lr, "seed": cfg.seed, **reached, "estimated_by_settle": by_settle,
             "final": run.metrics[-1], "steps_run": run.step, "median_step_s": step_s,
             "diverged": diverged, **kfac,
             "curve": curve}, run.task
@@ -158,6 +166,9 @@ def _summarise(arm: dict[str, Any], results: list[dict[str, Any]],
             "median_s": _median([r["seconds"] for r in chosen]),
             "median_estimated_s": _median([r["estimated_s"] for r in chosen])
             if clock != "measured" else None,
+            "median_estimated_by_settle": {
+                m: _median([r["estimated_by_settle"].get(m) for r in chosen])
+                for m in SETTLE_CLOCKS} if clock != "measured" else None,
             "median_step_ms": 1e3 * statistics.median(r["median_step_s"] for r in chosen),
             "by_lr": {f"{lr:g}": {"median_s": _median([r["seconds"] for r in rs]),
                                   "reached": sum(r["step"] is not None for r in rs),
@@ -181,11 +192,18 @@ def table(summary: dict[str, Any]) -> str:
     """The sweep's Markdown table: one row per arm at its tuned learning rate."""
     first = summary["arms"][0]["name"]
     rows = [f"| arm | batch | lr (of grid) | reached | steps | epochs | seconds | "
-            f"× {first} | estimated s | × {first} (estimated) | ms/step |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"× {first} | estimated s | × {first} (estimated) | estimated s by settle "
+            f"model: RC / RC/α_min / t₀+T | ms/step |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
 
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
+
+    def settle(arm) -> str:
+        values = arm.get("median_estimated_by_settle")
+        if not values:
+            return "—"
+        return " / ".join(f(values.get(m), ".3g") for m in SETTLE_CLOCKS)
 
     for a in summary["arms"]:
         grid = ", ".join(f"{lr:g}" for lr in a["lrs"])
@@ -194,5 +212,6 @@ def table(summary: dict[str, Any]) -> str:
             f"{a['reached']}/{a['seeds']} | {f(a['median_step'], '.0f')} | "
             f"{f(a['median_epochs'], '.2f')} | {f(a['median_s'], '.1f')} | "
             f"{f(a[f'median_s_vs_{first}'], '.2f')} | {f(a['median_estimated_s'], '.1f')} | "
-            f"{f(a[f'median_estimated_s_vs_{first}'], '.2f')} | {a['median_step_ms']:.1f} |")
+            f"{f(a[f'median_estimated_s_vs_{first}'], '.2f')} | {settle(a)} | "
+            f"{a['median_step_ms']:.1f} |")
     return "\n".join(rows)

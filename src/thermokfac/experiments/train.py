@@ -30,7 +30,8 @@ from .tasks import Task, build_model, load_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
 STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
-               "update_s", "solve_s", "modeled_s")
+               "update_s", "solve_s", "modeled_s", "modeled_rc_s",
+               "modeled_rc_over_alpha_min_s", "modeled_target_error_s")
 
 
 @dataclass(frozen=True)
@@ -304,12 +305,16 @@ class Run:
         self.train_s += wall
         record = {"step": self.step, "loss": float(loss.detach()), "wall_s": wall,
                   "gradient_s": grad_done - start - hooks, "curvature_s": 0.0,
-                  "inversion_s": 0.0, "update_s": 0.0, "solve_s": 0.0, "modeled_s": 0.0}
+                  "inversion_s": 0.0, "update_s": 0.0, "solve_s": 0.0, "modeled_s": 0.0,
+                  "modeled_rc_s": 0.0, "modeled_rc_over_alpha_min_s": 0.0,
+                  "modeled_target_error_s": 0.0}
         if self.pre is not None:
             t = self.pre.last_timings
             record.update(curvature_s=t.curvature_s, inversion_s=t.inversion_s,
                           update_s=t.update_s, solve_s=t.solve_s,
-                          modeled_s=t.modeled_hardware_s)
+                          modeled_s=t.modeled_hardware_s, modeled_rc_s=t.modeled_rc_s,
+                          modeled_rc_over_alpha_min_s=t.modeled_rc_over_alpha_min_s,
+                          modeled_target_error_s=t.modeled_target_error_s)
         return record
 
     def write(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ..solvers import (
     TimeBreakdown,
     all_finite,
 )
+from ..solvers.hardware import from_stats
 from .factors import FactorSums, lower_is_finite
 
 
@@ -162,11 +163,9 @@ def split_damping(mean_a: float, mean_g: float, damping: float, split: DampingSp
 
 
 def job(modeled_s: float, stats: dict[str, float]) -> TimeBreakdown:
-    """The device work behind a modelled time (transfer vs compute, when reported)."""
-    if "modeled_transfer_s" in stats:
-        return TimeBreakdown(load_s=stats["modeled_transfer_s"],
-                             settle_s=stats.get("modeled_compute_s", 0.0))
-    return TimeBreakdown(settle_s=modeled_s)
+    """The device work behind a modelled time (transfer vs compute, and the compute
+    under every settle model, when reported)."""
+    return from_stats(modeled_s, stats)
 
 
 def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, damping: float,

@@ -236,7 +236,8 @@ class KFACPreconditioner:
         with self.timing.measure(timings, "update_s"):
             more, timings.solve_s = self._precondition_all(lr)
             jobs += more
-        timings.modeled_hardware_s = self._modeled_time(jobs)
+        (timings.modeled_hardware_s, timings.modeled_rc_s, timings.modeled_rc_over_alpha_min_s,
+         timings.modeled_target_error_s) = self._modeled_time(jobs)
         self.timing.append(timings)
         self.steps += 1
         self._begin_step()
@@ -393,7 +394,8 @@ class KFACPreconditioner:
         return fresh_factors(self._records, multiplier,
                              lambda name: self._guard.missing(name, self.steps))
 
-    def _modeled_time(self, jobs: list[TimeBreakdown]) -> float:
+    def _modeled_time(self, jobs: list[TimeBreakdown]) -> list[float]:
+        """The step's device time: its own settle model's, then rc, rc/α_min, target."""
         return modeled_time(self.solver, jobs)
 
     def _prepare_due(self) -> list[TimeBreakdown]:

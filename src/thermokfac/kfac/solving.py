@@ -25,13 +25,14 @@ PREPARE_STATS = (("float64_retries", "float64_retries"),
 Warn = Callable[[str, str], None]
 
 
-def modeled_time(solver: LinearSolver, jobs: list[TimeBreakdown]) -> float:
+def modeled_time(solver: LinearSolver, jobs: list[TimeBreakdown]) -> list[float]:
     """Device time of a step's jobs: over the solver's SPUs when it has a hardware model
-    (the busiest SPU), else their sum."""
+    (the busiest SPU), else their sum — under the hardware model's settle model, then
+    under ``rc``, ``rc_over_alpha_min`` and ``target_error`` (zeros without a model)."""
     hardware = getattr(solver, "hardware", None)
-    if hardware is not None:
-        return hardware.step_time(jobs)
-    return sum(j.total_s for j in jobs)
+    if hardware is None:
+        return [sum(j.total_s for j in jobs), 0.0, 0.0, 0.0]
+    return [hardware.step_time(jobs), *hardware.step_times(jobs).values()]
 
 
 Noise = Callable[[str, str], torch.Generator]  # (layer, part) ↦ its generator

@@ -43,12 +43,19 @@ class SettleModel(str, Enum):
 
 @dataclass(frozen=True)
 class TimeBreakdown:
-    """Modelled seconds of one device operation."""
+    """Modelled seconds of one device operation.
+
+    ``compute_by_model`` holds, for an operation whose settling depends on the settle
+    model, its compute seconds (settle + integrate) under every model, as
+    ``((model, seconds), ...)``; empty for one that does not settle (programming a
+    matrix), whose time is the same under every model (:meth:`under`).
+    """
 
     load_s: float = 0.0
     settle_s: float = 0.0
     integrate_s: float = 0.0
     readout_s: float = 0.0
+    compute_by_model: tuple[tuple[str, float], ...] = ()
 
     @property
     def transfer_s(self) -> float:
@@ -63,16 +70,31 @@ class TimeBreakdown:
         return self.transfer_s + self.compute_s
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "total_s": self.total_s}
+        out = {k: v for k, v in asdict(self).items() if k != "compute_by_model"}
+        return {**out, "total_s": self.total_s}
+
+    def compute_under(self, model: SettleModel | str) -> float:
+        """Compute seconds under ``model`` (this operation's own when it has none)."""
+        return dict(self.compute_by_model).get(SettleModel(model).value, self.compute_s)
+
+    def under(self, model: SettleModel | str) -> TimeBreakdown:
+        """This operation timed under ``model`` (its compute as one settle)."""
+        if not self.compute_by_model:
+            return self
+        return TimeBreakdown(self.load_s, self.compute_under(model), 0.0, self.readout_s)
 
     def __add__(self, other: TimeBreakdown) -> TimeBreakdown:
+        models = {m for m, _ in self.compute_by_model + other.compute_by_model}
         return TimeBreakdown(self.load_s + other.load_s, self.settle_s + other.settle_s,
                              self.integrate_s + other.integrate_s,
-                             self.readout_s + other.readout_s)
+                             self.readout_s + other.readout_s,
+                             tuple((m, self.compute_under(m) + other.compute_under(m))
+                                   for m in sorted(models)))
 
     def scaled(self, factor: float) -> TimeBreakdown:
         return TimeBreakdown(self.load_s * factor, self.settle_s * factor,
-                             self.integrate_s * factor, self.readout_s * factor)
+                             self.integrate_s * factor, self.readout_s * factor,
+                             tuple((m, s * factor) for m, s in self.compute_by_model))
 
 
 @dataclass(frozen=True)
@@ -159,6 +181,20 @@ class HardwareModel:
                                          window_rc=window_rc, settle_model=m)
                 for m in SettleModel}
 
+    def time_solve_all(self, n: int, k: int, *, alpha_min: float, t0_rc: float,
+                       window_rc: float) -> TimeBreakdown:
+        """:meth:`time_solve` under this model's ``settle_model``, carrying the compute
+        seconds under every settle model (``compute_by_model``) for reports."""
+        every = self.all_settle_models(n, k, alpha_min=alpha_min, t0_rc=t0_rc,
+                                       window_rc=window_rc)
+        own = every[self.settle_model.value]
+        return TimeBreakdown(own.load_s, own.settle_s, own.integrate_s, own.readout_s,
+                             tuple((m, t.compute_s) for m, t in every.items()))
+
+    def step_times(self, jobs: list[TimeBreakdown]) -> dict[str, float]:
+        """:meth:`step_time` of the same jobs under every settle model."""
+        return {m.value: self.step_time([j.under(m) for j in jobs]) for m in SettleModel}
+
     # ----------------------------------------------------------- aggregation
     def step_time(self, jobs: list[TimeBreakdown]) -> float:
         """Modelled time of a step's device work: jobs spread over ``n_spus``.
@@ -178,6 +214,25 @@ class HardwareModel:
         if settle_model is None:
             return self.settle_model
         return parse_enum(SettleModel, settle_model, "settle_model")
+
+
+def time_stats(timing: TimeBreakdown) -> dict[str, float]:
+    """A device operation's time as solver statistics: transfer and compute seconds,
+    and the compute under every settle model (``modeled_compute_s/<model>``)."""
+    out = {"modeled_transfer_s": timing.transfer_s, "modeled_compute_s": timing.compute_s}
+    out.update({f"modeled_compute_s/{m}": t for m, t in timing.compute_by_model})
+    return out
+
+
+def from_stats(modeled_s: float, stats: dict[str, float]) -> TimeBreakdown:
+    """The :class:`TimeBreakdown` behind a solver result's time and statistics."""
+    if "modeled_transfer_s" not in stats:
+        return TimeBreakdown(settle_s=modeled_s)
+    by_model = tuple((m.value, stats[f"modeled_compute_s/{m.value}"]) for m in SettleModel
+                     if f"modeled_compute_s/{m.value}" in stats)
+    return TimeBreakdown(load_s=stats["modeled_transfer_s"],
+                         settle_s=stats.get("modeled_compute_s", 0.0),
+                         compute_by_model=by_model)
 
 
 def _lpt(durations: list[float], machines: int) -> float:

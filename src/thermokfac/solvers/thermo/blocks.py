@@ -77,6 +77,7 @@ def solve_blocks(inner: LinearSolver, prepared: Prepared, b: Tensor,
     blocks = [_block(prepared, i, inner) for i in range(int(prepared.tensors["blocks"]))]
     x = torch.zeros_like(b)
     seconds, transfer, sweeps, change = 0.0, 0.0, 0, float("inf")
+    by_model: dict[str, float] = {}
     while sweeps < max_sweeps and change > tol:
         previous = x.clone()
         for block, lo, hi in blocks:
@@ -85,8 +86,12 @@ def solve_blocks(inner: LinearSolver, prepared: Prepared, b: Tensor,
             x[lo:hi] = result.x
             seconds += result.modeled_time_s
             transfer += result.stats.get("modeled_transfer_s", 0.0)
+            for key, value in result.stats.items():
+                if key.startswith("modeled_compute_s/"):
+                    by_model[key] = by_model.get(key, 0.0) + value
         sweeps += 1
         change = float((x - previous).norm() / x.norm().clamp_min(1e-300))
     stats = {"block_sweeps": float(sweeps), "block_change": change,
-             "modeled_transfer_s": transfer, "modeled_compute_s": seconds - transfer}
+             "modeled_transfer_s": transfer, "modeled_compute_s": seconds - transfer,
+             **by_model}
     return x, seconds, stats

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..base import Prepared
-from ..hardware import HardwareModel, TimeBreakdown
+from ..hardware import HardwareModel, SettleModel, TimeBreakdown, time_stats
 from ..quantize import levels
 from . import backends
 from .adc import Adc
@@ -58,8 +58,7 @@ def covariance_inverse(cfg: ThermoConfig, hardware: HardwareModel, prepared: Pre
     inverse = torch.stack(estimates).mean(0) / float(prepared.tensors["scale"])
     inverse = (inverse + inverse.mT) / 2
     timing = _covariance_time(cfg, hardware, prepared, samples)
-    return inverse, timing.total_s, {"modeled_transfer_s": timing.transfer_s,
-                                     "modeled_compute_s": timing.compute_s}
+    return inverse, timing.total_s, time_stats(timing)
 
 
 def _path_covariance(cfg: ThermoConfig, prepared: Prepared, index: int, spec,
@@ -90,9 +89,12 @@ def _covariance_time(cfg: ThermoConfig, hw: HardwareModel, prepared: Prepared, s
     alpha = float(prepared.tensors["alpha_min"])
     t0 = float(prepared.tensors["t0"])
     spacing = float(prepared.tensors["spacing"])
-    settle = hw.settle_s(alpha, t0)
-    between = hw.settle_s(alpha, spacing)
-    n = prepared.n
-    one = TimeBreakdown(settle_s=settle, integrate_s=samples * between,
-                        readout_s=hw.transfer_s(samples * n, hw.output_bits))
+    def compute(model: SettleModel) -> tuple[float, float]:
+        return hw.settle_s(alpha, t0, model), samples * hw.settle_s(alpha, spacing, model)
+
+    settle, between = compute(hw.settle_model)
+    one = TimeBreakdown(settle_s=settle, integrate_s=between,
+                        readout_s=hw.transfer_s(samples * prepared.n, hw.output_bits),
+                        compute_by_model=tuple((m.value, sum(compute(m)))
+                                               for m in SettleModel))
     return one.scaled(cfg.mitigation_samples)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..._kernels import symmetrize_lower
 from ..base import LinearSolver, Prepared
-from ..hardware import TimeBreakdown
+from ..hardware import TimeBreakdown, time_stats
 from ..quantize import (
     is_positive_definite,
     quantize_conservative,
@@ -351,8 +351,8 @@ class ThermodynamicSolver(LinearSolver):
         reads = cfg.mitigation_samples * (2 if cfg.output_bits is not None and cfg.adc_range
                                           is AdcRange.CALIBRATE and cfg.backend
                                           is Backend.CLOSED_FORM else 1)
-        one = self.hardware.time_solve(n, k, alpha_min=float(prepared.tensors["alpha_min"]),
-                                       t0_rc=sched.t0, window_rc=sched.duration)
+        one = self.hardware.time_solve_all(n, k, alpha_min=float(prepared.tensors["alpha_min"]),
+                                           t0_rc=sched.t0, window_rc=sched.duration)
         return one.scaled(reads)
 
     # ------------------------------------------------------------------ inverse
@@ -375,4 +375,4 @@ def _weights(values: np.ndarray, like: Tensor) -> Tensor:
 
 
 def _time_stats(timing: TimeBreakdown) -> dict[str, float]:
-    return {"modeled_transfer_s": timing.transfer_s, "modeled_compute_s": timing.compute_s}
+    return time_stats(timing)
