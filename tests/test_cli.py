@@ -59,6 +59,12 @@ def test_compare_writes_curves_and_plot(tmp_path):
     assert finals[0] < finals[1] < finals[2]  # the paper's RC is the most optimistic
     assert all(len(c["points"]) == 3 for c in summary["curves"])
     assert 0 < summary["share_removed"]["method_2 (prepare + solves)"] < 1
+    spectra = _read_csv(out / "thermo-m2" / "spectra.csv")  # per prepare and factor
+    assert spectra
+    for r in spectra:
+        kappa = float(r["alpha_max"]) / float(r["alpha_min"])
+        assert float(r["kappa"]) == pytest.approx(kappa) and kappa >= 1
+    assert (out / "spectra.png").exists()
     assert (out / "compare.png").stat().st_size > 10_000
     (out / "compare.png").unlink()
     assert main(["plot", str(out)]) == 0

@@ -108,3 +108,27 @@ def test_step_clock_under_each_settle_model_uses_the_simulations_alpha_and_sched
                                                           rel=1e-9)
     assert t.modeled_target_error_s == pytest.approx(t.modeled_rc_s + extra_target, rel=1e-9)
     assert t.modeled_target_error_s > t.modeled_rc_over_alpha_min_s > t.modeled_rc_s
+
+
+def test_recorded_spectrum_is_the_damped_factors_scaled():
+    """α_min and α_max per prepare and factor: the extreme eigenvalues of the damped
+    factor (float64 eigvalsh) divided by the solver's scale; κ their ratio."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    solver = ThermodynamicSolver(target_error=1e-2, alpha_min_source="spectrum")
+    pre = KFACPreconditioner(model, solver=solver, kl_clip=None, inv_update_steps=1,
+                             factor_dtype=torch.float64, damping=1e-2)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    pre.step()
+    rows = list(pre.spectra.history)
+    assert {(r["layer"], r["factor"]) for r in rows} == {("0", "a"), ("0", "g")}
+    factors, state = pre.factors()["0"], pre.layer_state("0")
+    for row in rows:
+        i = "ag".index(row["factor"])
+        damped = factors[i] + state.damping[i] * torch.eye(factors[i].shape[0],
+                                                           dtype=torch.float64)
+        evals = torch.linalg.eigvalsh(damped) / row["scale"]
+        assert row["alpha_min"] == pytest.approx(float(evals.min()), rel=1e-9)
+        assert row["alpha_max"] == pytest.approx(float(evals.max()), rel=1e-9)
+        assert row["kappa"] == pytest.approx(float(evals.max() / evals.min()), rel=1e-9)

@@ -73,7 +73,31 @@ def plot_compare(folder: Path) -> list[Path]:
     fig.suptitle(summary["title"], fontsize=10)
     caption = "\n".join(textwrap.wrap(summary["caption"], 150))
     fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom")
-    return _save(fig, folder / "compare.png", 130, rect=(0, 0.14, 1, 0.95))
+    return _save(fig, folder / "compare.png", 130, rect=(0, 0.14, 1, 0.95)) + \
+        plot_spectra(folder)
+
+
+def plot_spectra(folder: Path) -> list[Path]:
+    """κ = α_max/α_min of every device matrix over training (one line per layer and
+    factor), from the ``spectra.csv`` of each thermodynamic run in a compare folder."""
+    folder = Path(folder)
+    runs = sorted(p.parent for p in folder.glob("*/spectra.csv"))
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        with open(run / "spectra.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for key in dict.fromkeys((r["layer"], r["factor"]) for r in rows):
+            mine = [r for r in rows if (r["layer"], r["factor"]) == key]
+            ax.plot([float(r["step"]) for r in mine], [float(r["kappa"]) for r in mine],
+                    marker=".", lw=0.9, label=f"{key[0] or '<root>'} {key[1].upper()}")
+        ax.set(xlabel="step", ylabel="κ = α_max / α_min of the device matrix",
+               yscale="log", title=run.name)
+        ax.legend(fontsize=7)
+    fig.suptitle("Condition number the device sees, per layer and factor (after damping "
+                 "and scaling)", fontsize=10)
+    return _save(fig, folder / "spectra.png", 120)
 
 
 def plot_profile(folder: Path) -> list[Path]:

@@ -41,6 +41,7 @@ from ..kfac.kl_clip import effective_learning_rate, kl_clip_scale
 from ..kfac.layer_state import (
     count_stats,
     job,
+    note_spectrum,
     precondition_layer,
     prepare_factor,
     prepare_layer,
@@ -229,6 +230,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 "g"), damping, cfg.damping_split)))
             state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
             state.failed = False
+            state.spectra = {}
             diagonal = self._records[name].helper.diagonal_a
             if diagonal:
                 state.a_inv = 1.0 / (state.a + lam["a"])
@@ -296,6 +298,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     continue
                 tensors, inv = received[(name, which)]
                 used[which] = info["damping"]
+                note_spectrum(state, which, Prepared(info["solver"], info["n"],
+                                                     info["damping"], {}, info["stats"]))
                 state.failed |= info["failed"]
                 if inv is not None:
                     setattr(state, f"{which}_inv", inv)

@@ -1,7 +1,9 @@
 """``thermokfac train``: one model × data × optimizer (× optional K-FAC) run.
 
-Writes into its run folder: ``config.json``; ``steps.csv`` (per step: training loss and
-the timing breakdown — gradient, curvature, inversion, update, modelled device time);
+Writes into its run folder: ``config.json``; ``spectra.csv`` (thermodynamic solver: per
+prepare and factor, the device matrix's α_min, α_max and κ); ``steps.csv`` (per step:
+training loss and the timing breakdown — gradient, curvature, inversion, update, the
+solves within it, modelled device time under each settle model);
 ``metrics.csv`` (per evaluation: step, training seconds, validation loss and metric);
 ``results.json`` (summary) and ``checkpoint.pt`` (everything needed to continue:
 ``--resume`` continues exactly, data order and random generators included).
@@ -322,6 +324,9 @@ class Run:
         if self.rank == 0:
             _write_csv(self.out / "steps.csv", STEP_FIELDS, self.steps)
             _write_csv(self.out / "metrics.csv", list(self.metrics[-1]), self.metrics)
+            spectra = list(self.pre.spectra.history) if self.pre is not None else []
+            if spectra:  # the device matrices' α_min, α_max and κ per prepare
+                _write_csv(self.out / "spectra.csv", list(spectra[0]), spectra)
         final = self.metrics[-1]
         summary = {"config": asdict(self.cfg), "world_size": self.world, "steps": self.step,
                    "train_s": self.train_s,

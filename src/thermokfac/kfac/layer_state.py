@@ -44,6 +44,9 @@ class LayerState:
         failed: The last prepare failed: the layer's gradient passes through unchanged.
         layout: (weight, bias) preconditioned by these factors (``requires_grad`` when
             they were captured); None before the first capture.
+        spectra: What the last prepare reported of each factor's device matrix
+            (``{"a"|"g": {"alpha_min", "alpha_max", ...}}``, after the solver's scaling;
+            empty for solvers that report none).
     """
 
     a: Tensor | None = None
@@ -60,6 +63,7 @@ class LayerState:
     a_row_scale: float = 1.0
     g_row_scale: float = 1.0
     layout: tuple[bool, bool] | None = None
+    spectra: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def has_factors(self) -> bool:
@@ -186,16 +190,19 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
     jobs: list[TimeBreakdown] = []
     state.a_prep = state.g_prep = state.a_inv = state.g_inv = None
     state.failed = False
+    state.spectra = {}
     gen_a, gen_g = noise("a"), noise("g")
     if state.a is not None and state.a.ndim == 1:
         state.a_inv = 1.0 / (state.a + lam_a)
         used_a = lam_a
     else:
         state.a_prep = prepare_factor(state, "a", solver, lam_a, gen_a)
+        note_spectrum(state, "a", state.a_prep)
         jobs.append(job(state.a_prep.modeled_time_s, state.a_prep.stats))
         count_stats(state.stats, state.a_prep.stats)
         used_a = state.a_prep.damping
     state.g_prep = prepare_factor(state, "g", solver, lam_g, gen_g)
+    note_spectrum(state, "g", state.g_prep)
     jobs.append(job(state.g_prep.modeled_time_s, state.g_prep.stats))
     count_stats(state.stats, state.g_prep.stats)
     state.damping = (used_a, state.g_prep.damping)
@@ -218,6 +225,16 @@ def prepare_layer(state: LayerState, solver: LinearSolver, method: Method, dampi
             state.stats["solver_errors"] = state.stats.get("solver_errors", 0.0) + 1
         state.a_prep = state.g_prep = None
     return jobs
+
+
+SPECTRUM_KEYS = ("alpha_min", "alpha_max", "true_alpha_min", "scale")
+
+
+def note_spectrum(state: LayerState, which: str, prepared: Prepared) -> None:
+    """Keep what a prepare reported of the device matrix's spectrum (α_min, α_max)."""
+    found = {k: float(prepared.stats[k]) for k in SPECTRUM_KEYS if k in prepared.stats}
+    if "alpha_min" in found and "alpha_max" in found:
+        state.spectra[which] = found
 
 
 def prepare_factor(state: LayerState, which: str, solver: LinearSolver, damping: float,

@@ -30,14 +30,21 @@ from .guards import StepGuard, check_model, check_setup
 from .hyperparams import DECAY, INTERVAL, Schedule, resolve
 from .layer_state import LayerState
 from .records import LayerRecord
-from .solving import modeled_time, precondition_all, prepare_due, warn_fallbacks
+from .solving import (
+    NOISE_PARTS,
+    modeled_time,
+    noise_generator,
+    precondition_all,
+    prepare_due,
+    warn_fallbacks,
+)
+from .spectra import SpectrumLog
 from .state import Snapshot, pack, unpack
 
 logger = logging.getLogger("thermokfac")
 
 
 
-NOISE_PARTS = {"a": 0, "g": 1, "u": 2}
 STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
              "nonfinite_update_skips", "solver_errors", "passthrough_layers",
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
@@ -174,6 +181,9 @@ class KFACPreconditioner:
         device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         self._index = {name: i for i, name in enumerate(self._records)}
+        #: Per prepare and factor, the spectrum a thermodynamic solver's device matrix had
+        #: (:class:`~thermokfac.kfac.spectra.SpectrumLog`; ``spectra.history`` rows).
+        self.spectra = SpectrumLog(timing_history)
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
         self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
@@ -233,6 +243,7 @@ class KFACPreconditioner:
                 self._guard.refusing(lambda: self._update_factors(num_examples))
         with self.timing.measure(timings, "inversion_s"):
             jobs = self._prepare_due()
+        self.spectra.record(self.steps, self._states)
         with self.timing.measure(timings, "update_s"):
             more, timings.solve_s = self._precondition_all(lr)
             jobs += more
@@ -410,9 +421,9 @@ class KFACPreconditioner:
         ``"a"`` or ``"g"`` (preparing or inverting that factor) or ``"u"`` (the solves of
         U). Seeded from (``seed``, step, layer index, part) alone, so the same on every
         rank and in one process, whoever does the work, and after a resume."""
-        index = 3 * self._index[name] + NOISE_PARTS[part]
-        seed = self.generator.initial_seed() * 1_000_003 + self.steps * 7919 + index
-        return torch.Generator(device=self.generator.device).manual_seed(seed % (2**63 - 1))
+        return noise_generator(self.generator.initial_seed(), self.steps,
+                               3 * self._index[name] + NOISE_PARTS[part],
+                               self.generator.device)
 
     def _precondition_all(self, lr: float | None) -> tuple[list[TimeBreakdown], float]:
         """(device jobs, seconds inside the solver's solves) of preconditioning."""

@@ -36,6 +36,14 @@ def modeled_time(solver: LinearSolver, jobs: list[TimeBreakdown]) -> list[float]
 
 
 Noise = Callable[[str, str], torch.Generator]  # (layer, part) ↦ its generator
+NOISE_PARTS = {"a": 0, "g": 1, "u": 2}
+
+
+def noise_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of draw ``index`` (3·layer + part) at ``step``: a function of
+    (seed, step, index) alone, so every rank, one process and a resumed run agree."""
+    value = seed * 1_000_003 + step * 7919 + index
+    return torch.Generator(device=device).manual_seed(value % (2**63 - 1))
 
 
 def prepare_due(states: Mapping[str, LayerState], solver: LinearSolver, cfg: KFACConfig,

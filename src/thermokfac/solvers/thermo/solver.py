@@ -120,7 +120,8 @@ class ThermodynamicSolver(LinearSolver):
         n = rows.shape[1]
         program = self.hardware.time_program(n, array_rows=rows.shape[0])
         stats = {"float64_retries": 0.0, "damping_increases": 0.0, "failed": 0.0,
-                 "alpha_min": spec.alpha_min, "scale": scale, **_time_stats(program)}
+                 "alpha_min": spec.alpha_min, "alpha_max": spec.alpha_max, "scale": scale,
+                 **_time_stats(program)}
         return Prepared(self.name, n, damping, tensors, stats, modeled_time_s=program.total_s)
 
     def _program(self, device: Tensor, damping_bound: float, scale: float,
@@ -202,7 +203,8 @@ class ThermodynamicSolver(LinearSolver):
                     "beta, target_error, t0_rc or window_rc so that it is a normal number")
         values = {"scale": scale, "alpha_min": alpha, "t0": t0, "window": window,
                   "spacing": spacing, "samples": float(cfg.num_samples),
-                  "damping_shift": shift * scale, "true_alpha_min": true_min}
+                  "damping_shift": shift * scale, "true_alpha_min": true_min,
+                  "alpha_max": max(s.alpha_max for s in spectra)}
         scalars = torch.tensor(list(values.values()), dtype=torch.float64).unbind(0)
         tensors.update(zip(values, scalars))  # 0-d tensors, made at once
         return tensors
@@ -225,8 +227,8 @@ class ThermodynamicSolver(LinearSolver):
                 del tensors[f"evecs_{i}"]
 
     def _prepare_stats(self, state: dict[str, Tensor]) -> dict[str, float]:
-        keys = ("scale", "alpha_min", "true_alpha_min", "t0", "window", "damping_shift",
-                "quantizer_fallbacks")
+        keys = ("scale", "alpha_min", "true_alpha_min", "alpha_max", "t0", "window",
+                "damping_shift", "quantizer_fallbacks")
         out = {k: float(state[k]) for k in keys if k in state}
         out["effective_added_damping"] = out.pop("damping_shift", 0.0)
         return out
