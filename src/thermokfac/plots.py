@@ -95,8 +95,9 @@ def plot_spectra(folder: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel="κ = α_max / α_min of the device matrix",
                yscale="log", title=run.name)
         ax.legend(fontsize=7)
-    fig.suptitle("Condition number the device sees, per layer and factor (after damping "
-                 "and scaling)", fontsize=10)
+    fig.suptitle("κ = α_max/α_min of each device matrix per layer and factor (after damping "
+                 "and scaling; α_min as the simulation used it: the damping bound unless "
+                 "alpha_min_source='spectrum')", fontsize=9)
     return _save(fig, folder / "spectra.png", 120)
 
 
