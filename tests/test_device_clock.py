@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,3 +133,42 @@ def test_recorded_spectrum_is_the_damped_factors_scaled():
         assert row["alpha_min"] == pytest.approx(float(evals.min()), rel=1e-9)
         assert row["alpha_max"] == pytest.approx(float(evals.max()), rel=1e-9)
         assert row["kappa"] == pytest.approx(float(evals.max() / evals.min()), rel=1e-9)
+
+
+# ------------------------------------------------------------------ break-even map
+def test_device_step_is_the_hand_count():
+    from thermokfac.experiments.breakeven import device_step_s
+
+    bank = {"n": 4, "k": 3, "alpha_min": 0.5, "t0_rc": 2.0, "window_rc": 10.0}
+    link = 50e9
+    transfer = (16 * 16 / link) / 10 + 2 * (12 * 16 / link)  # program/10 + load + read
+    for model, compute in (("rc", 1e-6), ("rc_over_alpha_min", 2e-6),
+                           ("target_error", 12e-6)):
+        hw = HardwareModel(n_spus=1, shared_link=False, settle_model=model)
+        assert device_step_s([bank], hw, 10) == pytest.approx(transfer + compute, rel=1e-12)
+    two = HardwareModel(n_spus=2, shared_link=False)  # two banks on two SPUs: in parallel
+    assert device_step_s([bank, bank], two, 10) == pytest.approx(
+        device_step_s([bank], two, 10), rel=1e-12)
+
+
+def test_breakeven_map_from_two_short_runs(tmp_path):
+    import json
+
+    from thermokfac.cli import main
+
+    out = tmp_path / "be"
+    assert main(["breakeven", "--data", "digits", "--width", "32", "--depth", "1",
+                 "--batch-size", "64", "--steps", "6", "--inv-update-steps", "5",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "breakeven.json").read_text())
+    assert 0 < result["taken_over_share"] < 1
+    assert {b["factor"] for b in result["banks"]} == {"a", "g"}
+    at = result["speedup_at_paper_point"]
+    assert at["rc"] > at["rc_over_alpha_min"] > at["target_error"] > 0
+    for panel in result["panels"]:
+        grid = np.array(panel["speedup"])  # rows: links, columns: RC
+        assert (np.diff(grid, axis=1) <= 1e-12).all()  # a slower RC never helps
+        assert (np.diff(grid, axis=0) >= -1e-12).all()  # a faster link never hurts
+    assert (out / "breakeven.png").exists()
+    assert main(["breakeven", "--data", "digits", "--steps", "3", "--inv-update-steps", "5",
+                 "--out", str(tmp_path / "x")]) == 2  # no prepare after the first step

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
+from .experiments.breakeven import breakeven
 from .experiments.compare import compare, table
 from .experiments.plan import plan
 from .experiments.profile import profile
@@ -174,6 +175,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"plot: {figures[0]}")
 
 
+def cmd_breakeven(args: argparse.Namespace) -> None:
+    result = breakeven(_config(args), args.out, progress=not args.no_progress)
+    figures = plots.plot_breakeven(args.out)
+    print(f"digital K-FAC step {1e3 * result['digital_step_s']:.1f} ms, of which the device "
+          f"would take over {100 * result['taken_over_share']:.1f}%")
+    print("| settle model | speed-up at the paper's device (1 µs, 50 Gb/s, 16 bits) |")
+    print("|---|---:|")
+    for model, value in result["speedup_at_paper_point"].items():
+        print(f"| {model} | {value:.3g} |")
+    print(f"plot: {figures[0]}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     spec = load_spec(args.spec)
     if args.seeds is not None:
@@ -264,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
     pln.add_argument("--rcs-us", type=float, nargs="+", default=[0.1, 1.0, 10.0])
     pln.set_defaults(func=cmd_plan)
+
+    brk = sub.add_parser("breakeven", help="device speed-up map over RC × link, per settle "
+                         "model and bits, from two short training runs")
+    _add_train_options(brk)
+    _common(brk, "breakeven")
+    brk.set_defaults(model="mlp", data="fashion-mnist", width=512, depth=2, batch_size=512,
+                     steps=31, optimizer="sgd", lr=0.1, damping=0.01, func=cmd_breakeven)
 
     swp = sub.add_parser("sweep", help="time to a target metric per optimizer, lr-tuned")
     swp.add_argument("spec", type=Path, help="sweep spec (JSON; see configs/)")

@@ -12,10 +12,12 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors as mcolors
 import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -272,7 +274,48 @@ def plot_sweep(folder: Path) -> list[Path]:
     return _save(fig, folder / "sweep.png", 130)
 
 
-DRAWERS = {"sweep.json": plot_sweep, "profile_nproc.json": plot_profile_nproc,
+def plot_breakeven(folder: Path) -> list[Path]:
+    """Speed-up of the device's Method 2 step over the digital one, over RC × link
+    bandwidth: rows settle models, columns bits; the break-even contour and the paper's
+    point."""
+    folder = Path(folder)
+    result = json.loads((folder / "breakeven.json").read_text())
+    models = list(dict.fromkeys(p["settle_model"] for p in result["panels"]))
+    bits = list(dict.fromkeys(p["bits"] for p in result["panels"]))
+    fig, axes = plt.subplots(len(models), len(bits), figsize=(5.2 * len(bits),
+                                                              3.6 * len(models)),
+                             squeeze=False, sharex=True, sharey=True)
+    rcs, links = np.array(result["rcs_us"]), np.array(result["links_gbps"])
+    norm = mcolors.TwoSlopeNorm(vmin=-4, vcenter=0, vmax=1)
+    for panel in result["panels"]:
+        ax = axes[models.index(panel["settle_model"])][bits.index(panel["bits"])]
+        speed = np.log10(np.array(panel["speedup"]))
+        mesh = ax.pcolormesh(rcs, links, np.clip(speed, -4, 1), cmap="RdBu", norm=norm,
+                             shading="auto")
+        if speed.min() < 0 < speed.max():
+            ax.contour(rcs, links, speed, levels=[0.0], colors="k", linewidths=1.2)
+        paper = result["paper_point"]
+        if panel["bits"] == paper["bits"]:
+            ax.plot(paper["rc_us"], paper["link_gbps"], "k*", ms=11)
+        ax.set(xscale="log", yscale="log",
+               title=f"settle {panel['settle_model']}, {panel['bits']} bits "
+                     f"(best ×{10 ** speed.max():.3g})")
+        ax.title.set_fontsize(9)
+    for ax in axes[-1]:
+        ax.set_xlabel("RC (µs)")
+    for row in axes:
+        row[0].set_ylabel("link (Gb/s)")
+    fig.colorbar(mesh, ax=axes, label="log₁₀ speed-up = log₁₀(digital step / device step)")
+    fig.suptitle(f"Thermodynamic K-FAC (Method 2) vs digital on {result['model']} / "
+                 f"{result['data']}, batch {result['batch']}, {result['n_spus']} SPU(s): "
+                 "black line = break-even, ★ = the paper's device", fontsize=10)
+    fig.savefig(folder / "breakeven.png", dpi=120)
+    plt.close(fig)
+    return [folder / "breakeven.png"]
+
+
+DRAWERS = {"breakeven.json": plot_breakeven, "sweep.json": plot_sweep,
+           "profile_nproc.json": plot_profile_nproc,
            "compare.json": plot_compare, "steps.csv": plot_train,
            "profile.json": plot_profile, "scaling.json": plot_scaling,
            "quantize.json": plot_quantize, "plan.json": plot_plan}
