@@ -220,3 +220,14 @@ def test_sweep_rejects_a_bad_spec(tmp_path):
     path.write_text(json.dumps({"target": 0.8, "seeds": [0], "base": {},
                                 "arms": [{"name": "a", "lrs": [0.1], "clock": "quantum"}]}))
     assert main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_compare_rc_timed_runs_the_device_only_as_long_as_charged(tmp_path):
+    out = tmp_path / "rc"
+    assert main(["compare", *TINY, "--optimizer", "sgd", "--lr", "0.05", "--damping", "0.01",
+                 "--methods", "m2", "--rc-timed", "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    timed = [c for c in summary["curves"] if "only as long as RC charges" in c["label"]]
+    assert len(timed) == 1 and timed[0]["settle_model"] == "rc"
+    config = json.loads((out / "thermo-m2-rc-timed" / "config.json").read_text())
+    assert config["t0_rc"] == 1.0 and config["window_rc"] == 1e-3

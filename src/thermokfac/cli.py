@@ -87,7 +87,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     base = replace(_config(args), kfac=True)
     methods = tuple(m for m in args.methods)
     summary = compare(base, args.out, args.baseline, args.baseline_lr, methods,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, rc_timed=args.rc_timed)
     figures = plots.plot_compare(args.out)
     print(table(summary))
     print(f"\nplot: {figures[0]}")
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--baseline-lr", type=float, default=1e-3)
     comp.add_argument("--methods", nargs="+", choices=("m2", "m1"), default=["m2", "m1"],
                       help="device accountings to run (Method 2 and/or Method 1)")
+    comp.add_argument("--rc-timed", action="store_true",
+                      help="also simulate the device only as long as the RC convention "
+                           "charges (t0 = 1 RC, one read): the accuracy that timing buys")
     comp.set_defaults(func=cmd_compare)
 
     prof = sub.add_parser("profile", help="K-FAC update time by part vs width / vocab (Fig. 2)")

@@ -72,6 +72,8 @@ class TrainConfig:
     settle_model: str = "rc"
     n_spus: int = 1
     target_error: float = 1e-3
+    t0_rc: float | None = None
+    window_rc: float | None = None
     threads: int = 2
     checkpoint_every: int = 0
     stop_at: float | None = None
@@ -111,7 +113,8 @@ def make_solver(cfg: TrainConfig):
                              input_bits=cfg.input_bits or 16, output_bits=cfg.output_bits or 16)
     return ThermodynamicSolver(backend=cfg.backend, input_bits=cfg.input_bits,
                                output_bits=cfg.output_bits, quantizer=cfg.quantizer,
-                               target_error=cfg.target_error, hardware=hardware)
+                               target_error=cfg.target_error, t0_rc=cfg.t0_rc,
+                               window_rc=cfg.window_rc, hardware=hardware)
 
 
 def init_distributed() -> tuple[int, int]:
