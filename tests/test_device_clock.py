@@ -172,3 +172,20 @@ def test_breakeven_map_from_two_short_runs(tmp_path):
     assert (out / "breakeven.png").exists()
     assert main(["breakeven", "--data", "digits", "--steps", "3", "--inv-update-steps", "5",
                  "--out", str(tmp_path / "x")]) == 2  # no prepare after the first step
+
+
+def test_a_device_timed_as_rc_charges_is_far_off_where_the_full_schedule_is_not():
+    """The README's 'accuracy the RC timing buys': one RC of settling and one read
+    leave a damped K-FAC-like system's solve far from the float64 solve; the schedule
+    of the target error does not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 20, generator=g, dtype=torch.float64)
+    m = x.T @ x / 40
+    b = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    ref = torch.linalg.solve(m + 1e-2 * torch.eye(20, dtype=torch.float64), b)
+    errors = {}
+    for name, kwargs in (("rc", {"t0_rc": 1.0, "window_rc": 1e-3}), ("full", {})):
+        solver = ThermodynamicSolver(**kwargs)
+        result = solver.solve(solver.prepare(m, 1e-2, generator=g), b, generator=g)
+        errors[name] = float((result.x - ref).norm() / ref.norm())
+    assert errors["rc"] > 0.5 and errors["full"] < 1e-4
