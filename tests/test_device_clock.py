@@ -189,3 +189,27 @@ def test_a_device_timed_as_rc_charges_is_far_off_where_the_full_schedule_is_not(
         result = solver.solve(solver.prepare(m, 1e-2, generator=g), b, generator=g)
         errors[name] = float((result.x - ref).norm() / ref.norm())
     assert errors["rc"] > 0.5 and errors["full"] < 1e-4
+
+
+def test_a_settle_model_that_cannot_be_computed_is_loud():
+    """α_min ≤ 0: RC/α_min raises when it is the hardware's own model, and is NaN (not a
+    guess) among the other models a report shows; the compare table says so."""
+    from thermokfac.experiments.compare import table
+
+    own = HardwareModel(settle_model="rc_over_alpha_min")
+    with pytest.raises(ValueError, match=r"alpha_min > 0, got 0\.0"):
+        own.time_solve(4, 2, alpha_min=0.0, t0_rc=1.0, window_rc=1.0)
+    rc = HardwareModel()
+    timing = rc.time_solve_all(4, 2, alpha_min=0.0, t0_rc=1.0, window_rc=1.0)
+    assert timing.total_s == rc.time_solve(4, 2, alpha_min=1.0, t0_rc=1.0,
+                                           window_rc=1.0).total_s
+    assert np.isnan(timing.under("rc_over_alpha_min").total_s)
+    shared = HardwareModel(n_spus=2)  # a NaN job is not lost in the SPU scheduling
+    fine = rc.time_solve_all(4, 2, alpha_min=0.5, t0_rc=1.0, window_rc=1.0)
+    for jobs in ([fine, timing], [timing, fine]):
+        assert np.isnan(shared.step_times(jobs)["rc_over_alpha_min"])
+        assert not np.isnan(shared.step_times(jobs)["rc"])
+    summary = {"metric_key": "val_accuracy", "share_removed": {},
+               "curves": [{"label": "x", "points": [{"clock_s": float("nan"), "val_loss": 1.0,
+                                                     "val_accuracy": 0.5}]}]}
+    assert "n/a (settle model not computable)" in table(summary)

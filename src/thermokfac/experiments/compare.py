@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,11 @@ def compare(base: TrainConfig, out: Path, baseline_optimizer: str, baseline_lr: 
         if name not in ACCOUNTING:
             curves.append(_curve(labels[name], run, (), metric))
             continue
-        for settle, (_, text) in SETTLE_CLOCKS.items():  # one estimated clock per model
-            curves.append(_curve(f"{labels[name]}, {text}", run, ACCOUNTING[name], metric,
-                                 settle))
+        for settle, (key, text) in SETTLE_CLOCKS.items():  # one estimated clock per model
+            note = "" if all(math.isfinite(s[key]) for s in run.steps) else (
+                " — not computable for some steps (α_min ≤ 0 or no burn-in), clock is NaN")
+            curves.append(_curve(f"{labels[name]}, {text}{note}", run, ACCOUNTING[name],
+                                 metric, settle))
     kfac_steps = runs["kfac"].steps
     hw = runs["thermo-" + methods[0]].pre.solver.hardware if methods else None
     summary = {
@@ -160,7 +163,9 @@ def table(summary: dict[str, Any]) -> str:
             "|---|---:|---:|---:|"]
     for c in summary["curves"]:
         last = c["points"][-1]
-        rows.append(f"| {c['label']} | {last['clock_s']:.1f} | {last['val_loss']:.4f} | "
+        clock = f"{last['clock_s']:.1f}" if math.isfinite(last["clock_s"]) else \
+            "n/a (settle model not computable)"
+        rows.append(f"| {c['label']} | {clock} | {last['val_loss']:.4f} | "
                     f"{last[metric]:.4f} |")
     shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in summary["share_removed"].items())
     return "\n".join(rows) + f"\n\nshare of the digital K-FAC step the device takes over: {shares}"

@@ -6,7 +6,9 @@ K-FAC work digitally (Cholesky prepare every ``inv_update_steps`` + two solve ba
 layer, priced from this machine's measured times for each size) and on the device (the
 hardware model: programming, settling, transfers); and the speed-up as a function of
 the bits per value and of RC. Predictions, not measurements: the digital side reuses
-measured costs per dimension, the device side is the model of App. E.
+measured costs per dimension, the device side is the model of App. E under the RC settle
+model only (no α_min is known here); :mod:`.breakeven` prices the whole step under every
+settle model from a real run's factors.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def plan(cfg: TrainConfig, out: Path, bits: list[int], rcs_us: list[float],
               "device_s_per_spu_links": device_time(base), "grid": grid,
               "inv_update_steps": inv_update_steps,
               "note": "digital: measured Cholesky costs per size (Method 2, prepare amortised);"
-                      " device: hardware model (settle RC, n² programming amortised, n·k "
-                      "values each way per bank)"}
+                      " device: hardware model under the RC settle model only (settle 1 RC "
+                      "whatever the spectrum; n² programming amortised, n·k values each way "
+                      "per bank). For the whole step under every settle model with a real "
+                      "run's spectra, use `thermokfac breakeven`"}
     (out / "plan.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -197,7 +197,9 @@ def table(summary: dict[str, Any]) -> str:
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
 
     def f(v, fmt):
-        return "—" if v is None else format(v, fmt)
+        if v is None:
+            return "—"
+        return format(v, fmt) if math.isfinite(v) else "n/a (not computable)"
 
     def settle(arm) -> str:
         values = arm.get("median_estimated_by_settle")

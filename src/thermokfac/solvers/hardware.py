@@ -148,11 +148,23 @@ class HardwareModel:
 
     def settle_s(self, alpha_min: float, t0_rc: float,
                  settle_model: SettleModel | str | None = None) -> float:
+        """Settling seconds under ``settle_model`` (this model's when None).
+
+        Raises:
+            ValueError: If the model needs a quantity that is not a positive finite
+                number (α_min for ``rc_over_alpha_min``, t₀ for ``target_error``).
+        """
         model = self._model(settle_model)
         if model is SettleModel.RC:
             return self.rc_s
         if model is SettleModel.RC_OVER_ALPHA_MIN:
+            if not (math.isfinite(alpha_min) and alpha_min > 0):
+                raise ValueError(f"settle model 'rc_over_alpha_min' needs alpha_min > 0, got "
+                                 f"{alpha_min!r}")
             return self.rc_s / alpha_min
+        if not (math.isfinite(t0_rc) and t0_rc >= 0):
+            raise ValueError(f"settle model 'target_error' needs a burn-in t0 >= 0 (RC), got "
+                             f"{t0_rc!r}")
         return self.rc_s * t0_rc
 
     def time_solve(self, n: int, k: int, *, alpha_min: float, t0_rc: float, window_rc: float,
@@ -185,15 +197,27 @@ class HardwareModel:
                        window_rc: float) -> TimeBreakdown:
         """:meth:`time_solve` under this model's ``settle_model``, carrying the compute
         seconds under every settle model (``compute_by_model``) for reports."""
-        every = self.all_settle_models(n, k, alpha_min=alpha_min, t0_rc=t0_rc,
-                                       window_rc=window_rc)
-        own = every[self.settle_model.value]
+        own = self.time_solve(n, k, alpha_min=alpha_min, t0_rc=t0_rc, window_rc=window_rc)
+        by_model = []
+        for m in SettleModel:  # another model that cannot be computed is NaN, not a guess
+            try:
+                by_model.append((m.value, self.time_solve(
+                    n, k, alpha_min=alpha_min, t0_rc=t0_rc, window_rc=window_rc,
+                    settle_model=m).compute_s))
+            except ValueError:
+                by_model.append((m.value, math.nan))
         return TimeBreakdown(own.load_s, own.settle_s, own.integrate_s, own.readout_s,
-                             tuple((m, t.compute_s) for m, t in every.items()))
+                             tuple(by_model))
 
     def step_times(self, jobs: list[TimeBreakdown]) -> dict[str, float]:
-        """:meth:`step_time` of the same jobs under every settle model."""
-        return {m.value: self.step_time([j.under(m) for j in jobs]) for m in SettleModel}
+        """:meth:`step_time` of the same jobs under every settle model (NaN for a model
+        that some job could not be timed under)."""
+        out = {}
+        for m in SettleModel:
+            timed = [j.under(m) for j in jobs]
+            out[m.value] = math.nan if any(math.isnan(j.total_s) for j in timed) \
+                else self.step_time(timed)
+        return out
 
     # ----------------------------------------------------------- aggregation
     def step_time(self, jobs: list[TimeBreakdown]) -> float:
