@@ -9,7 +9,7 @@ adds nothing, and a call back-propagated twice (``torch.autograd.grad`` before
 produced the output, so it sees the gradient of the layer's own output even when an
 in-place op (``ReLU(inplace=True)``) overwrites the tensor later. For the ``mc`` and
 ``type2`` Fisher types the forward hook keeps the output's *gradient edge* instead, and
-the preconditioner back-propagates its own vectors to it (:mod:`.fisher`). Nothing is
+the preconditioner back-propagates its own vectors to it (:mod:`.curvature_backward`). Nothing is
 captured in ``eval()`` mode, under ``torch.no_grad()``, inside ``paused()``, or on steps
 that do not update the factors.
 
@@ -26,9 +26,8 @@ reported.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -36,8 +35,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from ..enums import FisherType, KFACApprox, LossReduction
-from .config import KFACConfig
+from ..enums import FisherType, KFACApprox
 from .examples import ExampleCounter
 from .factors import (
     accumulate_a,
@@ -48,9 +46,8 @@ from .factors import (
     gradient_rows,
     group_mismatch,
 )
-from .fisher import backward_vectors, check_class_dim, num_loss_terms
 from .records import LayerCall, LayerRecord
-from .tracing import eager, grad_or_explain, transformed
+from .tracing import eager, transformed
 
 
 class CurvatureCapture:
@@ -94,8 +91,8 @@ class CurvatureCapture:
         self._scale_read = False
         self.counter = ExampleCounter()
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
-        self._curvature_calls = 0
-        self.curvature_outputs: list[Tensor] = []  # given to curvature() this step
+        self.curvature_calls = 0
+        self.curvature_outputs: list[Tensor] = []  # given to curvature_backward this step
         self.loss_terms = 0  # their loss terms, for a mean-reduced loss
         self.curvature_done = False
         self._handles: list[RemovableHandle] = [
@@ -106,11 +103,10 @@ class CurvatureCapture:
                                                       eager(self._output_hook(record))))
 
     # ----------------------------------------------------------------- control
-    def active(self, module: nn.Module, owner: nn.Module | None = None) -> bool:
-        """Whether a pass of ``module`` is captured now. A copy of the model
-        (``copy.deepcopy`` copies module hooks) is not: ``module`` is not ``owner``."""
-        return (self.enabled and not self.paused and module.training
-                and torch.is_grad_enabled() and (owner is None or module is owner))
+    def active(self, module: nn.Module) -> bool:
+        """Whether a pass of ``module`` is captured now (the hooks also skip a copy of
+        the model: ``copy.deepcopy`` copies module hooks)."""
+        return self.enabled and not self.paused and module.training and torch.is_grad_enabled()
 
     def reset(self) -> None:
         """Forget this step's sums (after ``step()`` consumed them)."""
@@ -124,7 +120,7 @@ class CurvatureCapture:
         self.counter.reset()
         self.group_mismatches.clear()
         self.layout_mismatches.clear()
-        self._curvature_calls = 0
+        self.curvature_calls = 0
         self.curvature_outputs = []
         self.loss_terms = 0
         self.curvature_done = False
@@ -224,11 +220,11 @@ class CurvatureCapture:
                     f"requires_grad of layer {record.name!r} changed between two forward "
                     "passes of one step; change it between steps")
             self._check_batch(record, x)
-            start = self._clock()
+            start = self.clock()
             call = LayerCall(self.groups)
             self._add_activations(record, x.detach(), call)
             record.pending.append(call)
-            self.elapsed_s += self._clock() - start
+            self.elapsed_s += self.clock() - start
         return hook
 
     def _check_batch(self, record: LayerRecord, x: Tensor) -> None:
@@ -330,7 +326,7 @@ class CurvatureCapture:
         ``row_scale`` multiplies the gradient (so G by its square): 1/S undoes a loss
         scale S, √w weights a sampled or Hessian-root backward.
         """
-        start = self._clock()
+        start = self.clock()
         if call is not None:
             self._commit(record, call)
         helper = record.helper
@@ -343,71 +339,9 @@ class CurvatureCapture:
             record.sums.g_rows += append_rows(record.sums.g_parts, rows, False, self.factor_dtype)
         else:
             accumulate_g(record.sums, rows, self.factor_dtype)
-        self.elapsed_s += self._clock() - start
+        self.elapsed_s += self.clock() - start
 
-    def curvature(self, outputs: Tensor, cfg: KFACConfig, generator: torch.Generator | None,
-                  window: tuple[int, int] | None = None) -> None:
-        """The ``mc``/``type2`` backward of one output: the vectors of the *summed* loss
-        (a mean divides G by all loss terms of the step, :attr:`loss_terms`).
-
-        Raises:
-            ValueError: If ``outputs`` need a ``class_dim`` or came before in this step.
-        """
-        class_dim = check_class_dim(outputs, cfg.class_dim)
-        if any(o is outputs for o in self.curvature_outputs):
-            raise ValueError(
-                "these outputs were already given to curvature_backward in this step (by "
-                "curvature_backward or step(outputs=...)): pass each output once")
-        self.curvature_outputs.append(outputs)
-        self.curvature_done = True
-        if not self.enabled:
-            return
-        self.loss_terms += num_loss_terms(outputs, cfg.loss_type, class_dim)
-        vectors = backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
-                                   generator, cfg.mc_samples, window=window,
-                                   class_dim=class_dim)
-        self.backward_through(outputs, vectors,
-                              shared_ok=cfg.loss_reduction is LossReduction.SUM)
-
-    def backward_through(self, outputs: Tensor, vectors: Iterable[tuple[Tensor, float]],
-                         shared_ok: bool = False) -> None:
-        """Back-propagate each ``(v, w)`` from ``outputs`` to the kept layer outputs and
-        accumulate w·Σ ggᵀ into G (the ``mc``/``type2`` Fisher types); ``.grad`` is not
-        touched and the graph is kept for the user's own backward.
-
-        Calls of earlier forwards stay available (micro-batches back-propagated after
-        all their forwards). A call reached by two ``curvature_backward`` calls (two
-        heads or two losses on one forward) raises: the mean-loss normalisation by all
-        loss terms of the step would be wrong for it; with ``shared_ok`` (summed losses)
-        their curvatures add up, which is right.
-
-        Raises:
-            ValueError: If a layer call was already reached by an earlier call and not
-                ``shared_ok``.
-        """
-        pairs = [(r, call) for r in self.records for call in r.outputs]
-        if not pairs:
-            return
-        index = self._curvature_calls
-        self._curvature_calls += 1
-        for v, weight in vectors:
-            start = self._clock()
-            grads = grad_or_explain(outputs, [call.edge for _, call in pairs], v)
-            self.elapsed_s += self._clock() - start  # add_gradient times its own part
-            for (record, call), grad in zip(pairs, grads):
-                if grad is None:
-                    continue
-                if call.reached_by not in (-1, index) and not shared_ok:
-                    raise ValueError(
-                        f"curvature_backward reached layer {record.name!r} through outputs "
-                        "of a forward pass it already covered (two heads or two losses on "
-                        "one forward) with loss_reduction='mean', whose division by all loss terms "
-                        "of the step assumes disjoint examples: use loss_reduction='sum' "
-                        "(the curvatures then add; scale each loss's terms yourself)")
-                call.reached_by = index
-                self.add_gradient(record, grad, math.sqrt(weight), call.groups, call)
-
-    def _clock(self) -> float:
+    def clock(self) -> float:
         if self.sync_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()

@@ -23,6 +23,7 @@ from ..solvers import LinearSolver, TimeBreakdown
 from ..timing import StepTimings, TimingLog
 from .capture import CurvatureCapture
 from .config import KFACConfig
+from .curvature_backward import curvature
 from .discovery import Discovery, announce, discover, unwrap
 from .factor_update import follow_layouts, fresh_factors, g_multiplier
 from .factors import lower_is_finite
@@ -268,7 +269,7 @@ class KFACPreconditioner(Inspection):
         if self.config.fisher_type is FisherType.EMPIRICAL:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
-        self._capture.curvature(outputs, self.config, self.generator, self._window)
+        curvature(self._capture, outputs, self.config, self.generator, self._window)
 
     def paused(self) -> AbstractContextManager[None]:
         """Passes inside this block are not part of the step: forwards in it are not

@@ -191,14 +191,6 @@ class ConvTransposeHelper(ConvHelper):
                                       + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
                      for i in range(self.n_spatial))
 
-    @property
-    def in_group(self) -> int:
-        return self.module.in_channels // self.module.groups
-
-    @property
-    def out_group(self) -> int:
-        return self.module.out_channels // self.module.groups
-
     def weight_view(self, t: Tensor) -> Tensor:
         return self._slice(t, self.in_group)  # weight [c_in, c_out/g, k...]
 
