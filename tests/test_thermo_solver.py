@@ -61,10 +61,12 @@ def test_same_seed_same_output_different_seed_differs():
 
 
 def test_inverse_from_covariance_error_matches_theory():
-    """E‖Σ̂ − Σ‖²_F/‖Σ‖²_F = (tr²Σ/‖Σ‖²_F + 1)/N for N independent samples."""
+    """E‖Σ̂ − Σ‖²_F/‖Σ‖²_F = (tr²Σ/‖Σ‖²_F + 1)/N for N independent samples (spaced far
+    beyond 1/α_min)."""
     m = spd(8, 20.0)
     samples, repeats = 2000, 60
-    solver = get_solver("thermodynamic", inverse_mode="covariance", covariance_samples=samples)
+    solver = get_solver("thermodynamic", inverse_mode="covariance", covariance_samples=samples,
+                        covariance_spacing_rc=1e6)
     prepared = solver.prepare(m, 0.0)
     exact = torch.linalg.inv(m)
     errs = [_rel(solver.inverse(prepared, generator=_gen(10 + r)).x, exact) ** 2
@@ -72,7 +74,7 @@ def test_inverse_from_covariance_error_matches_theory():
     sigma = exact
     predicted = (sigma.trace() ** 2 / sigma.pow(2).sum() + 1) / samples
     mean = sum(errs) / repeats
-    assert mean == pytest.approx(float(predicted), rel=0.25)
+    assert mean == pytest.approx(float(predicted), rel=0.15)
     assert math.sqrt(mean) <= math.sqrt((8 + 1) / samples)
 
 

@@ -9,32 +9,20 @@ preconditioner's ``stats``.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from .._stack import user_stacklevel
 from .capture import CurvatureCapture
 from .config import KFACConfig
 from .discovery import is_ddp, was_compiled
 from .kl_clip import effective_learning_rate
 from .records import LayerRecord
-
-_PACKAGE = str(Path(__file__).resolve().parents[1])
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside thermokfac
-    (the user's ``pre.step()``, not the library line that noticed the problem)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class StepGuard:

@@ -254,22 +254,48 @@ _EM_BLOCK_VALUES = 1 << 20  # noise values drawn per block of Euler–Maruyama s
 
 
 def wishart_covariance(spec: Spectrum, samples: int, beta: float, extra_variance: float,
-                       generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """Sample covariance of N independent equilibrium samples x ~ N(0, β⁻¹M⁻¹ + cI).
+                       generator: torch.Generator | None, dtype: torch.dtype,
+                       spacing: float = math.inf) -> Tensor:
+    """Sample covariance Ŝ = Σ x xᵀ/N of N equilibrium samples x ~ N(0, β⁻¹M⁻¹ + cI) taken
+    Δ = ``spacing`` apart on the path (``inf``: independent), ``c`` the ADC's white
+    read-out variance (Sheppard: LSB²/12).
 
-    Drawn exactly without the N samples: with Bartlett's decomposition W = LLᵀ ~
-    Wishart(N, I) (L lower triangular, L_ii² ~ χ²_{N−i}, L_ij ~ N(0, 1)), the estimate is
-    S^{1/2} (W/N) S^{1/2} with S^{1/2} = (β⁻¹M⁻¹ + cI)^{1/2} a matrix function. ``c`` is
-    the ADC's quantization variance (Sheppard: LSB²/12).
+    Drawn without the N samples, in eigen-coordinates (the law of a Wishart matrix is
+    rotation invariant): Bartlett's decomposition W = LLᵀ ~ Wishart(N, I) (L lower
+    triangular, L_ii² ~ χ²_{N−i}, L_ij ~ N(0, 1)) gives the independent-sample estimate
+    E = D^{1/2}(W/N)D^{1/2}, D = diag(1/(βλ) + c). Correlated samples keep E's mean and
+    scale each entry's deviation by the square root of
+    :func:`.moments.sample_covariance_inflation`, so every entry has the exact mean and
+    variance of the AR(1) path's estimate (the entries are near Gaussian when N ≫ n).
+
+    Args:
+        spec: Full spectrum of the device matrix M (``[n, n]`` eigenvectors).
+        samples: N.
+        beta: β.
+        extra_variance: c, per sample and node.
+        generator: Random source.
+        dtype: Output dtype.
+        spacing: Δ in RC units (> 0).
+
+    Returns:
+        Ŝ ``[n, n]`` in the original coordinates.
     """
     n, device = spec.n, spec.evecs.device
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
     chi2 = np.random.default_rng(seed).chisquare(samples - np.arange(n))
     lower = torch.randn(n, n, generator=generator, dtype=torch.float64, device=device).tril_(-1)
-    lower.diagonal().copy_(torch.from_numpy(np.sqrt(chi2)))
-    wishart = (lower @ lower.mT / samples).to(dtype)
-    root = spec.matrix(lambda lam: (1.0 / (beta * lam) + extra_variance).sqrt(), dtype)
-    return root @ wishart @ root
+    lower.diagonal().copy_(torch.from_numpy(np.sqrt(chi2)).to(device))
+    lam = spec.evals.to(device)
+    variance = moments.stationary_variance(lam, beta) + extra_variance
+    root = variance.sqrt()
+    estimate = root[:, None] * (lower @ lower.mT / samples) * root[None, :]
+    if math.isfinite(spacing):
+        inflation = moments.sample_covariance_inflation(lam, spacing, samples, beta,
+                                                        extra_variance)
+        mean = torch.diag(variance)
+        estimate = mean + inflation.sqrt() * (estimate - mean)
+    v = spec.evecs.to(torch.float64)
+    return (v @ estimate @ v.mT).to(dtype)
 
 
 def sample_covariance(mean_fn: Callable[[SampleHook], tuple[Tensor, Tensor]], n: int,

@@ -93,6 +93,12 @@ class ThermoConfig:
     relative bias by ε/√2, and T = 4n/(β ε² α_min² ‖b‖²) bounds the expected relative
     variance 2 tr(M⁻²)/(β T ‖x*‖²) by ε²/2 using only bounds the device knows
     (tr M⁻² ≤ n/α_min², ‖x*‖ ≥ ‖b‖/α_max with α_max ≤ 1 after scaling).
+
+    The covariance inverse (``inverse_mode="covariance"``, Eq. 23) reads
+    ``covariance_samples`` equilibrium samples ``covariance_spacing_rc`` apart, 1/α_min
+    (one relaxation time) when None; every backend simulates exactly that spacing and
+    the ``target_error`` clock charges it, so a shorter spacing is cheaper and less
+    accurate on the device and in the simulation alike.
     """
 
     backend: Backend = Backend.CLOSED_FORM
@@ -116,6 +122,7 @@ class ThermoConfig:
     mitigation_samples: int = 1
     inverse_mode: InverseMode = InverseMode.SOLVES
     covariance_samples: int = 100_000
+    covariance_spacing_rc: float | None = None
     mismatch_sigma: float = 0.0
     mismatch_seed: int = 0
     em_dt_rc: float = 0.05
@@ -127,7 +134,8 @@ class ThermoConfig:
             object.__setattr__(self, name, parse_enum(enum_cls, getattr(self, name), name))
         _positive(self, "capacitance_f", "voltage_scale_v", "temperature_k", "adc_headroom",
                   "em_dt_rc")
-        _positive(self, "beta", "t0_rc", "window_rc", "sample_spacing_rc", optional=True)
+        _positive(self, "beta", "t0_rc", "window_rc", "sample_spacing_rc",
+                  "covariance_spacing_rc", optional=True)
         if self.beta is not None and self.beta > MAX_BETA:
             raise ValueError(f"beta={self.beta!r} is out of range; valid: (0, {MAX_BETA:g}] "
                              "(the averaging window T ∝ 1/β would underflow float64; the "

@@ -92,3 +92,56 @@ def samples_variance(lam: Array, t0: float, spacing: float, count: int, beta: fl
         2 * lam * spacing)) - 2 * rho_n * (1 - rho_n) / one_m**2)
     var = stationary_variance(lam, beta) * (s1 - xp.exp(-2 * lam * t0) * s2) / count**2
     return xp.where(var > 0, var, 0.0)
+
+
+def lag_sum_ratio(rate: Array, count: int) -> Array:
+    """(1/N) Σ_{j,k<N} ρ^{|j−k|} with ρ = e^{−rate}: how much N samples of an AR(1) series
+    with lag-one correlation ρ inflate the variance of their mean over N independent ones.
+
+    Equals (1+ρ)/(1−ρ) − 2ρ(1−ρᴺ)/(N(1−ρ)²): 1 for ρ = 0, N for ρ = 1; the series
+    N − rate(N² − 1)/3 replaces it where rate·N < 10⁻⁴ (the closed form cancels there).
+    """
+    xp = _xp(rate)
+    small = rate * count < 1e-4
+    safe = xp.where(small, xp.ones_like(rate), rate)
+    one_m = _one_minus_exp(safe)
+    rho = xp.exp(-safe)
+    direct = (1 + rho) / one_m - 2 * rho * _one_minus_exp(safe * count) / (count * one_m**2)
+    series = count - rate * (count**2 - 1) / 3
+    return xp.where(small, series, direct)
+
+
+def sample_covariance_inflation(lam: Array, spacing: float, count: int, beta: float,
+                                extra_variance: float = 0.0) -> Array:
+    """``[n, n]`` factors Var Ŝ_kl(Δ)/Var Ŝ_kl(independent) for the sample covariance
+    Ŝ = Σ x xᵀ/N of N equilibrium samples Δ apart (b = 0), in eigen-coordinates.
+
+    Modes are independent AR(1) series with autocovariance γ_k(m) = s_k ρ_k^m (m ≥ 1),
+    γ_k(0) = s_k + c, s_k = 1/(βλ_k), ρ_k = e^{−λ_kΔ}, c the ADC's white read-out
+    variance. By Isserlis, Var Ŝ_kl = (1 + δ_kl)/N² Σ_{i,j} γ_k(i−j) γ_l(i−j), so the factor
+    is 1 + s_k s_l (L(λ_k + λ_l) − 1)/((s_k + c)(s_l + c)) with L = :func:`lag_sum_ratio`.
+    """
+    s = stationary_variance(lam, beta)
+    total = s + extra_variance
+    pair_rate = (lam[:, None] + lam[None, :]) * spacing
+    ratio = lag_sum_ratio(pair_rate, count)
+    weight = (s[:, None] * s[None, :]) / (total[:, None] * total[None, :])
+    return 1 + weight * (ratio - 1)
+
+
+def covariance_inverse_error(lam: Array, spacing: float, count: int, beta: float,
+                             extra_variance: float = 0.0) -> float:
+    """Expected relative Frobenius error √(E‖βŜ − M⁻¹‖²_F)/‖M⁻¹‖_F of the covariance
+    inverse (Eq. 23) from N samples Δ apart, read with white variance c.
+
+    E‖Ŝ − Σ‖² = Σ_{k,l} (1 + δ_kl)(s_k + c)(s_l + c) f_kl/N + n c² (the read-out's bias),
+    f from :func:`sample_covariance_inflation`; for independent samples and c = 0 it is
+    (tr²Σ + ‖Σ‖²_F)/N, the Wishart value.
+    """
+    s = stationary_variance(lam, beta)
+    total = s + extra_variance
+    inflation = sample_covariance_inflation(lam, spacing, count, beta, extra_variance)
+    pair = total[:, None] * total[None, :] * inflation
+    variance = (pair.sum() + pair.diagonal().sum()) / count
+    squared = variance + lam.shape[0] * extra_variance**2
+    return float(squared / (s**2).sum()) ** 0.5

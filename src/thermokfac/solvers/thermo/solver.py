@@ -195,7 +195,9 @@ class ThermodynamicSolver(LinearSolver):
         spacing = cfg.sample_spacing_rc or window / cfg.num_samples
         if cfg.readout is Readout.SAMPLES and cfg.window_rc is None:
             window = spacing * cfg.num_samples
-        for what, value in (("burn-in t0", t0), ("window T", window), ("spacing", spacing)):
+        covariance_spacing = cfg.covariance_spacing_rc or 1.0 / alpha
+        for what, value in (("burn-in t0", t0), ("window T", window), ("spacing", spacing),
+                            ("covariance sample spacing", covariance_spacing)):
             if not (math.isfinite(value) and value > 0.0 and math.isfinite(1.0 / value**2)):
                 raise ValueError(
                     f"the {what} of this solve, {value!r} RC, is not representable "
@@ -203,6 +205,7 @@ class ThermodynamicSolver(LinearSolver):
                     "beta, target_error, t0_rc or window_rc so that it is a normal number")
         values = {"scale": scale, "alpha_min": alpha, "t0": t0, "window": window,
                   "spacing": spacing, "samples": float(cfg.num_samples),
+                  "covariance_spacing": covariance_spacing,
                   "damping_shift": shift * scale, "true_alpha_min": true_min,
                   "alpha_max": max(s.alpha_max for s in spectra)}
         scalars = torch.tensor(list(values.values()), dtype=torch.float64).unbind(0)

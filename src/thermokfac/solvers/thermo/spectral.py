@@ -72,6 +72,16 @@ class Spectrum:
         evals = scale * sigma[keep].double() ** 2 + shift
         return cls(evecs, evals, rest=float(shift))
 
+    def completed(self) -> Spectrum:
+        """The same matrix with all n eigenvectors (the low-rank form made full, O(n²))."""
+        if self.rest is None or self.evecs.shape[1] == self.n:
+            return self
+        v = self.evecs.double()
+        dense = (v * (self.evals - self.rest)) @ v.mT + self.rest * torch.eye(
+            self.n, dtype=torch.float64, device=v.device)
+        evals, evecs = torch.linalg.eigh(dense)
+        return Spectrum(evecs.to(self.evecs.dtype), evals)
+
     def apply(self, terms: Sequence[tuple[Fn, Tensor]]) -> Tensor:
         """Σᵢ fᵢ(M) xᵢ for ``[n, k]`` blocks xᵢ, in two matrix products.
 
