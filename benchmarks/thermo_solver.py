@@ -1,13 +1,8 @@
 """Speed of the thermodynamic-solver simulator, and of K-FAC on it.
 
 1. ``solver``: this simulator against thermox 0.0.6 (JAX, CPU, jitted) when it is
-   installed, for n = 64, 256, 1024 on an SPD matrix with eigenvalues in [0.1, 1]. Both
-   simulate dx = −(Ax − b)dt + √2 dW (β = 1) and return the mean of N samples dt = 1
-   apart after a burn-in: thermox's N is doubled until its relative error is ≤ 1e-2
-   (mean of 3 keys); the closed-form backend draws the same output law (one ``eigh``,
-   then O(n²)), the trajectory backend steps the same N samples. Times are medians of
-   3–25 calls (as many as fit in about 2 s) after a warm-up (thermox: jit compile
-   excluded).
+   installed, each side at its own best sample spacing and count for a relative error
+   ≤ 1e-2 (see ``thermox_compare.py``, which states every setting searched).
 2. ``euler``: Euler–Maruyama steps (n × n times n × 64, plus noise) against the bare
    matrix products they need.
 3. ``kfac``: a K-FAC step (Method 2, factors every step, prepare every 10) on the
@@ -26,18 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import step_time  # the reference MLP and machine facts
+import thermox_compare  # part 1
 
 from thermokfac import KFACPreconditioner
 from thermokfac.solvers import ThermodynamicSolver
@@ -54,82 +50,8 @@ def _timed(fn) -> float:
 
 
 def _problem(n: int):
-    rng = np.random.default_rng(n)
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    a = (q * np.linspace(0.1, 1.0, n)) @ q.T
-    b = rng.standard_normal(n)
-    return a, b, np.linalg.solve(a, b)
-
-
-def _thermox_setting(a, b, x_star, burnin: int):
-    import jax
-    import thermox
-
-    f32 = jax.numpy.float32
-    aj, bj = jax.numpy.asarray(a, dtype=f32), jax.numpy.asarray(b, dtype=f32)
-    samples = 1000
-    while True:
-        fn = jax.jit(lambda key, n=samples: thermox.linalg.solve(
-            aj, bj, num_samples=n, dt=1.0, burnin=burnin, key=key))
-        errs = [np.linalg.norm(np.asarray(fn(jax.random.PRNGKey(k)).block_until_ready())
-                               - x_star) / np.linalg.norm(x_star) for k in range(3)]
-        if np.mean(errs) <= 1e-2 or samples >= 2**22:
-            seconds = _timed(lambda fn=fn: fn(jax.random.PRNGKey(7)).block_until_ready())
-            return samples, float(np.mean(errs)), seconds
-        samples *= 2
-
-
-def _ours(backend: str, at, bt, ref, burnin: int, samples: int):
-    """(seconds, mean relative error) of prepare + solve with N samples dt = 1 apart.
-
-    β = 2 matches thermox's identity diffusion (dx = −(Ax − b)dt + dW)."""
-    solver = ThermodynamicSolver(backend=backend, beta=2.0, readout="samples",
-                                 t0_rc=float(burnin), num_samples=samples, sample_spacing_rc=1.0)
-    gen = torch.Generator().manual_seed(0)
-
-    def run():
-        return solver.solve(solver.prepare(at, 0.0), bt, generator=gen).x
-    seconds = _timed(run)
-    return seconds, float(np.mean([float((run() - ref).norm() / ref.norm()) for _ in range(3)]))
-
-
-def solver_part(sizes: list[int]) -> dict:
-    try:
-        import thermox  # noqa: F401
-        have_thermox = True
-    except ImportError:
-        have_thermox = False
-    out = {}
-    for n in sizes:
-        a, b, x_star = _problem(n)
-        burnin = math.ceil(math.log(100.0) / 0.1)  # bias e^{−α_min t₀} ≤ 1e-2
-        entry: dict = {"n": n, "burnin": burnin}
-        if have_thermox:
-            samples, err, seconds = _thermox_setting(a, b, x_star, burnin)
-            entry.update(thermox_samples=samples, thermox_error=err, thermox_s=seconds)
-        else:
-            samples = 2 ** 14
-        at = torch.tensor(a, dtype=torch.float32)
-        bt = torch.tensor(b, dtype=torch.float32)
-        ref = torch.tensor(x_star, dtype=torch.float32)
-        # closed form: its cost does not depend on N; take the N that reaches 1e-2 here
-        n_cf = 1000
-        while True:
-            seconds, err = _ours("closed-form", at, bt, ref, burnin, n_cf)
-            if err <= 1e-2 or n_cf >= 2**26:
-                break
-            n_cf *= 2
-        entry.update({"closed-form_samples": n_cf, "closed-form_s": seconds,
-                      "closed-form_error": err})
-        # trajectory: the same number of samples as thermox
-        seconds, err = _ours("trajectory", at, bt, ref, burnin, samples)
-        entry.update({"trajectory_s": seconds, "trajectory_error": err})
-        if have_thermox:
-            entry["closed-form_speedup"] = entry["thermox_s"] / entry["closed-form_s"]
-            entry["trajectory_speedup"] = entry["thermox_s"] / entry["trajectory_s"]
-        out[str(n)] = entry
-        print(f"solver n={n}: {entry}", file=sys.stderr)
-    return out
+    a, b, x_star, _, _ = thermox_compare.problem(n)
+    return a, b, x_star
 
 
 def euler_part(sizes: list[int], steps: int = 200, rhs: int = 64) -> dict:
@@ -302,8 +224,9 @@ def main() -> None:
     sizes = [64, 256] if args.quick else [64, 256, 1024]
     results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
     results["machine"] = step_time.machine()
+    load_before = os.getloadavg()
     if "solver" in args.parts:
-        results["solver"] = solver_part(sizes)
+        results["solver"] = thermox_compare.solver_part(sizes)
     if "euler" in args.parts:
         results["euler"] = euler_part(sizes)
     if "kfac" in args.parts:
@@ -313,6 +236,11 @@ def main() -> None:
             results[key]["device"] = torch.cuda.get_device_name()
     if "memory" in args.parts:
         results["memory"] = memory_part()
+    load = {"before": load_before, "after": os.getloadavg()}
+    for part in args.parts:  # each part keeps the load of the run that measured it
+        key = "kfac" if part == "kfac" and args.device == "cpu" else (
+            f"kfac_{args.device}" if part == "kfac" else part)
+        results[key]["load_average_1_5_15"] = load
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1))

@@ -11,6 +11,7 @@ import torch
 
 from thermokfac.cli import main
 from thermokfac.experiments.train import Run, TrainConfig
+from thermokfac.solvers import HardwareModel
 
 TINY = ["--data", "digits", "--width", "32", "--steps", "12", "--eval-every", "6",
         "--batch-size", "64", "--no-progress"]
@@ -155,6 +156,31 @@ def test_plan_lists_factors_and_speedups(tmp_path):
     speed = {(g["bits"], g["rc_us"]): g["speedup"] for g in result["grid"]}
     assert speed[(8, 1.0)] > speed[(16, 1.0)] > speed[(16, 10.0)] > 0
     assert (out / "plan.png").stat().st_size > 5_000
+    # Every settle model is priced from the recorded run's banks: settling for α_min
+    # and t₀ + T costs more than 1 RC, so those columns are slower, by the hand count.
+    banks = result["recorded_banks"]
+    assert len(banks) == 6 and all(b["alpha_min"] < 1 for b in banks)
+    for g in result["grid"]:
+        by = g["speedup_by_settle"]
+        assert by["rc"] == g["speedup"] > by["rc_over_alpha_min"] > 0
+        assert by["rc"] > by["target_error"] > 0
+    hw = HardwareModel(n_spus=6, shared_link=False, input_bits=16, output_bits=16,
+                       settle_model="target_error")
+    row = next(g for g in result["grid"] if (g["bits"], g["rc_us"]) == (16, 1.0))
+    jobs = [hw.time_program(b["n"]).scaled(1 / 10) + hw.time_solve(
+        b["n"], b["k"], alpha_min=b["alpha_min"], t0_rc=b["t0_rc"],
+        window_rc=b["window_rc"]) for b in banks]
+    assert row["device_s_by_settle"]["target_error"] == pytest.approx(hw.step_time(jobs))
+
+
+def test_plan_without_recording_says_why(tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", "mlp", "--data", "digits", "--width", "16", "--bits", "8",
+                 "--rcs-us", "1", "--record-steps", "0", "--out", str(out)]) == 0
+    row = json.loads((out / "plan.json").read_text())["grid"][0]
+    assert row["speedup_by_settle"]["target_error"] is None
+    assert row["speedup_by_settle"]["rc"] > 0
+    assert "n/a: needs the factors" in capsys.readouterr().out
 
 
 def _read_csv(path):

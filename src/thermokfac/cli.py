@@ -158,7 +158,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    result = plan(_config(args), args.out, args.bits, args.rcs_us, args.inv_update_steps)
+    result = plan(_config(args), args.out, args.bits, args.rcs_us, args.inv_update_steps,
+                  record_steps=args.record_steps, progress=not args.no_progress)
     figures = plots.plot_plan(args.out)
     print("| layer | A dim | G dim |\n|---|---:|---:|")
     for layer in result["layers"]:
@@ -168,10 +169,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"digital K-FAC work per step: {1e3 * result['digital_kfac_s']:.2f} ms; device: "
           f"{1e3 * result['device_s_per_spu_links']:.3f} ms (own links), "
           f"{1e3 * result['device_s_shared_link']:.3f} ms (shared link)")
-    print("| bits | RC (µs) | device (ms) | speed-up |\n|---:|---:|---:|---:|")
+    models = list(result["grid"][0]["speedup_by_settle"])
+    print("\npredicted speed-up of the K-FAC work, per settle model (rc: the paper's "
+          "convention, far shorter than the simulated time)")
+    print("| bits | RC (µs) | " + " | ".join(models) + " |\n|---:|---:|"
+          + "---:|" * len(models))
     for g in result["grid"]:
-        print(f"| {g['bits']} | {g['rc_us']:g} | {1e3 * g['device_s']:.4f} | "
-              f"{g['speedup']:.1f} |")
+        cells = ["n/a" if v is None else f"{v:.3g}" for v in g["speedup_by_settle"].values()]
+        print(f"| {g['bits']} | {g['rc_us']:g} | " + " | ".join(cells) + " |")
+    if result["recorded_banks"] is None:
+        print(f"n/a: {result['alpha_min_source']}")
     print(f"plot: {figures[0]}")
 
 
@@ -279,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pln, "plan")
     pln.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
     pln.add_argument("--rcs-us", type=float, nargs="+", default=[0.1, 1.0, 10.0])
+    pln.add_argument("--record-steps", type=int, default=5,
+                     help="steps of a short thermodynamic run that records the factors' "
+                          "α_min for the rc_over_alpha_min and target_error settle models "
+                          "(0: skip them)")
     pln.set_defaults(func=cmd_plan)
 
     brk = sub.add_parser("breakeven", help="device speed-up map over RC × link, per settle "

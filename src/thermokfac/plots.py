@@ -218,20 +218,31 @@ def plot_quantize(folder: Path) -> list[Path]:
 
 
 def plot_plan(folder: Path) -> list[Path]:
-    """Predicted speed-up of the device over digital K-FAC vs bits and RC."""
+    """Predicted speed-up of the device over digital K-FAC vs bits and RC, one panel per
+    settle model (a panel without the factors' spectra says so instead of a curve)."""
     folder = Path(folder)
     result = json.loads((folder / "plan.json").read_text())
     grid = result["grid"]
     bits = sorted({g["bits"] for g in grid})
     rcs = sorted({g["rc_us"] for g in grid})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rc in rcs:
-        ax.plot(bits, [next(g["speedup"] for g in grid if g["bits"] == b and g["rc_us"] == rc)
-                       for b in bits], marker="o", label=f"RC = {rc:g} µs")
-    ax.set(xlabel="bits per value", ylabel="predicted speed-up of the K-FAC work",
-           yscale="log", title=f"{result['model']} on {result['data']}: "
-                               f"{result['spus_needed']} SPUs")
-    ax.legend(fontsize=8)
+    models = list(grid[0]["speedup_by_settle"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True)
+    for ax, model in zip(axes, models):
+        title = model + (" (paper's convention)" if model == "rc" else "")
+        for rc in rcs:
+            ys = [next(g["speedup_by_settle"][model] for g in grid
+                       if g["bits"] == b and g["rc_us"] == rc) for b in bits]
+            if all(y is not None for y in ys):
+                ax.plot(bits, ys, marker="o", label=f"RC = {rc:g} µs")
+        if ax.lines:
+            ax.axhline(1.0, color="k", lw=0.8, ls=":")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "n/a: " + result["alpha_min_source"], ha="center",
+                    va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+        ax.set(xlabel="bits per value", title=f"settle: {title}", yscale="log")
+    axes[0].set_ylabel("predicted speed-up of the K-FAC work")
+    fig.suptitle(f"{result['model']} on {result['data']}: {result['spus_needed']} SPUs")
     return _save(fig, folder / "plan.png", 120)
 
 

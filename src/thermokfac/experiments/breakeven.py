@@ -42,7 +42,7 @@ BITS = (8, 16)
 PAPER = {"rc_us": 1.0, "link_gbps": 50.0, "bits": 16}
 
 
-def _factors(run: Run) -> list[dict[str, float]]:
+def solve_banks(run: Run) -> list[dict[str, float]]:
     """Per Method 2 solve bank of every layer: its dimension n, right-hand sides k, and
     the α_min, t₀ and window T (RC units) of the device matrix the simulation used."""
     banks = []
@@ -98,7 +98,7 @@ def breakeven(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, A
     measured = digital.steps[1:]  # the first step compiles caches and allocates
     step_s = statistics.fmean(s["wall_s"] for s in measured)
     taken_s = statistics.fmean(s["inversion_s"] + s["solve_s"] for s in measured)
-    banks = _factors(thermo)
+    banks = solve_banks(thermo)
     panels = []
     for model in SettleModel:
         for bits in BITS:
