@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from thermokfac import KFACPreconditioner
-from thermokfac._kernels import mkl_available
 
 BATCH, WIDTH, DEPTH, CLASSES, INPUT = 512, 512, 7, 10, 784
 KFAC = {  # name: (factor_update_steps, inv_update_steps, method, solver)
@@ -216,7 +215,7 @@ def machine() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "mkl_kernels": mkl_available()}
+            "python": platform.python_version()}
 
 
 def main() -> None:

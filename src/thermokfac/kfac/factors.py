@@ -12,7 +12,7 @@ the *summed* loss and its mean (see :meth:`KFACPreconditioner.step`). Expand tre
 shared position as a row; reduce first averages the activations (and sums the output
 gradients) over the shared dimension, then appends the bias column (Eq. 20).
 
-Sums are kept in their **lower triangle** (see :mod:`thermokfac._kernels`).
+Sums are kept in their **lower triangle** (see :mod:`thermokfac._linalg`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._kernels import add_gram_
+from .._linalg import add_gram_
 from ..enums import KFACApprox
 
 

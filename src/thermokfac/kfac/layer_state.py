@@ -1,6 +1,6 @@
 """Per-layer K-FAC state and the maths of one layer: damping, prepare, precondition.
 
-The moving averages are kept in their lower triangle (:mod:`thermokfac._kernels`); they
+The moving averages are kept in their lower triangle (:mod:`thermokfac._linalg`); they
 are symmetrised only when the solver or a user reads them.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._kernels import symmetrize_lower
+from .._linalg import symmetrize_lower
 from ..enums import DampingSplit, Method
 from ..solvers import (
     LinearSolver,

@@ -7,7 +7,7 @@ sides against it, or returns its *inverse* (paper Sec. 4.1, Methods 2 and 1).
 
 Implementations read only the **lower triangle** of M (row-major), so a caller that
 keeps only that triangle (as the preconditioner does) passes ``lower_only=True`` and
-skips the symmetrisation; see :mod:`thermokfac._kernels`.
+skips the symmetrisation; see :mod:`thermokfac._linalg`.
 
 Failure policy (documented, and the same for every solver): :meth:`LinearSolver.prepare`
 validates its input and raises ``ValueError`` on a non-square, non-symmetric or
@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._kernels import symmetrize_lower
+from .._linalg import symmetrize_lower
 
 
 class SolverError(RuntimeError):

@@ -3,8 +3,8 @@
 Both factorise the damped matrix once per ``prepare``; a solve of k right-hand sides
 then costs O(n²k). Only unbatched Cholesky and ``eigh`` are used: batched LU-based
 routines (``lu_factor``, ``linalg.solve``, ``linalg.inv``) returned wrong pivots for
-n ≥ 256 on 2-thread CPU builds of torch 2.13. On CPU the Cholesky solver works on one
-triangle through LAPACK (:mod:`thermokfac._kernels`).
+n ≥ 256 on 2-thread CPU builds of torch 2.13. The Cholesky solver reads one triangle
+only (:mod:`thermokfac._linalg`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._kernels import (
+from .._linalg import (
     cholesky_inverse_lower,
-    cholesky_lower_,
-    cholesky_solve_cols_,
+    cholesky_lower,
+    cholesky_solve_cols,
     cholesky_solve_rows,
 )
 from .base import LinearSolver, Prepared
@@ -24,8 +24,8 @@ from .base import LinearSolver, Prepared
 class CholeskySolver(LinearSolver):
     """(M + λI) = LLᵀ; solves by two triangular solves, inverse from L.
 
-    ``inverse(..., lower_only=True)`` returns only the lower triangle (upper ignored),
-    which is what the preconditioner multiplies with.
+    The factorisation reads the lower triangle only (``prepare(..., lower_only=True)``
+    needs no symmetrisation).
 
     >>> s = CholeskySolver()
     >>> p = s.prepare(torch.eye(2), damping=1.0)
@@ -34,13 +34,13 @@ class CholeskySolver(LinearSolver):
     """
 
     name = "cholesky"
-    _inverse_is_lower = True
 
     def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
                  ) -> dict[str, Tensor] | None:
-        chol = m.contiguous().clone()
-        chol.diagonal().add_(damping)
-        return {"cholesky": chol} if cholesky_lower_(chol) else None
+        damped = m.clone()
+        damped.diagonal().add_(damping)
+        chol = cholesky_lower(damped)
+        return None if chol is None else {"cholesky": chol}
 
     def _condition_estimate(self, state: dict[str, Tensor]) -> float:
         """(max Lᵢᵢ / min Lᵢᵢ)² from the Cholesky factor's diagonal, in O(n): a lower
@@ -55,9 +55,8 @@ class CholeskySolver(LinearSolver):
         chol = prepared.tensors["cholesky"]
         if b.mT.is_contiguous() and not b.is_contiguous():
             # b is a transposed view: its columns are contiguous rows of bᵀ.
-            return cholesky_solve_rows(chol, b.mT, overwrite=overwrite_b).mT, 0.0, {}
-        out = b if overwrite_b and b.is_contiguous() else b.contiguous().clone()
-        return cholesky_solve_cols_(chol, out), 0.0, {}
+            return cholesky_solve_rows(chol, b.mT).mT, 0.0, {}
+        return cholesky_solve_cols(chol, b), 0.0, {}
 
     def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
         return cholesky_inverse_lower(prepared.tensors["cholesky"]), 0.0, {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._kernels import symmetrize_lower
+from ..._linalg import symmetrize_lower
 from ..base import LinearSolver, Prepared
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..._kernels import symmetrize_lower
+from ..._linalg import symmetrize_lower
 from ..base import LinearSolver, Prepared
 from ..hardware import TimeBreakdown, time_stats
 from ..quantize import (
