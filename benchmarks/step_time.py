@@ -247,6 +247,11 @@ def main() -> None:
             parser.error(f"--configs: unknown {unknown}; choose from {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k in keep}
     load_before = os.getloadavg()
+    if load_before[0] > 1.0:
+        print(f"warning: 1-minute load average {load_before[0]:.2f} > 1 before the run: "
+              "another process is using the cores; the figures will not reproduce on a "
+              "quiet machine (the README quotes only runs that start below 0.5)",
+              file=sys.stderr)
     times = measure(configs, rounds, args.block)
     load_after = os.getloadavg()
     adam = statistics.median(times["adam"])

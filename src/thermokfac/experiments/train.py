@@ -58,7 +58,7 @@ class TrainConfig:
     data_dir: str | None = None
     kfac: bool = False
     solver: str = "cholesky"
-    method: str = "solve"
+    method: str | None = None
     damping: float = 1e-3
     factor_decay: float = 0.95
     factor_update_steps: int = 1

@@ -84,6 +84,9 @@ class KFACConfig:
             raise ValueError(f"separate_weight_and_bias={separate_weight_and_bias!r} must be "
                              "True or False")
         storage = parse_enum(FactorStorage, factor_storage, "factor_storage")
+        solver = get_solver(solver)
+        if method is None:  # the solver's default; the rows mode can only solve
+            method = Method.SOLVE if storage is FactorStorage.ROWS else solver.default_method
         if storage is FactorStorage.ROWS:
             if callable(factor_decay) or factor_decay != 0:
                 raise ValueError(f"factor_storage='rows' needs factor_decay=0 (got "
@@ -92,7 +95,7 @@ class KFACConfig:
                 raise ValueError("factor_storage='rows' needs method='solve': an explicit "
                                  "inverse is an n×n matrix")
         return cls(
-            solver=get_solver(solver),
+            solver=solver,
             method=parse_enum(Method, method, "method"),
             damping=check_schedule("damping", damping, NON_NEGATIVE),
             factor_decay=check_schedule("factor_decay", factor_decay, DECAY),

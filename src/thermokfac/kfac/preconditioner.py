@@ -65,7 +65,11 @@ class KFACPreconditioner(Inspection):
             names are those of the bare model).
         solver: A registered solver name (``"cholesky"``, ``"eigh"``, ``"cg"``...) or a
             :class:`~thermokfac.solvers.LinearSolver` instance.
-        method: ``"inverse"`` (Method 1) or ``"solve"`` (Method 2), Sec. 4.1.
+        method: ``"inverse"`` (Method 1) or ``"solve"`` (Method 2), Sec. 4.1. None: the
+            solver's ``default_method`` — Method 1 for the digital direct solvers
+            (``cholesky``, ``eigh``: faster per step on CPU, see the README's step-time
+            benchmark), Method 2 for ``cg`` and ``thermodynamic`` (the device solves);
+            Method 2 whenever ``factor_storage="rows"``.
         damping: λ ≥ 0, a value or a function of the step.
         factor_decay: Weight of the *old* average in Eqs. 16–17, in [0, 1); 0 keeps only
             the current batch. (ASDL's ``ema_decay`` is the weight of the new factor:
@@ -142,7 +146,7 @@ class KFACPreconditioner(Inspection):
     _averages_factors = False  # the distributed subclass averages factors over ranks
 
     def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
-                 method: str = "solve", damping: Schedule = 1e-3,
+                 method: str | None = None, damping: Schedule = 1e-3,
                  factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
                  inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", loss_reduction: str = "mean",

@@ -165,6 +165,9 @@ class LinearSolver(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: The K-FAC method a preconditioner uses with this solver when none is given:
+    #: ``"solve"`` (Method 2) unless an explicit inverse is the cheaper digital route.
+    default_method: ClassVar[str] = "solve"
 
     def __init__(self, *, max_damping_increases: int = 4) -> None:
         if isinstance(max_damping_increases, bool) or not isinstance(max_damping_increases, int) \

@@ -213,7 +213,9 @@ class LayerHelper(ABC):
         if not self.has_bias:
             return self.weight_grad_matrix(weight).clone(memory_format=torch.contiguous_format)
         ref = weight if weight is not None else bias
-        out = ref.new_zeros(self.d_out, self.a_dim)
+        # Every column is written when both parts have a gradient: no zero fill then.
+        alloc = ref.new_empty if weight is not None and bias is not None else ref.new_zeros
+        out = alloc(self.d_out, self.a_dim)
         d = self.a_dim - 1
         if weight is not None:
             out[:, :d] = self.weight_grad_matrix(weight)
