@@ -35,6 +35,9 @@ from torch import nn
 
 from thermokfac import KFACPreconditioner
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_floor import KernelFloor
+
 BATCH, WIDTH, DEPTH, CLASSES, INPUT = 512, 512, 7, 10, 784
 KFAC = {  # name: (factor_update_steps, inv_update_steps, method, solver)
     "thermokfac ema1/inv10 M1": (1, 10, "inverse", "cholesky"),
@@ -172,7 +175,10 @@ def _importable(name: str) -> bool:
     return True
 
 
-def measure(configs: dict, rounds: int, block: int) -> dict[str, list[float]]:
+def measure(configs: dict, rounds: int, block: int, floor: KernelFloor | None = None
+            ) -> dict[str, list[float]]:
+    """Round-robin block means per configuration; ``floor`` is sampled once per round, in
+    the same rounds, so that machine drift hits it alike."""
     steps = {name: build() for name, build in configs.items()}
     for step in steps.values():  # warm-up: first inverse, allocator, kernels' self-checks
         for _ in range(block):
@@ -184,6 +190,8 @@ def measure(configs: dict, rounds: int, block: int) -> dict[str, list[float]]:
             for _ in range(block):
                 step()
             times[name].append((time.perf_counter() - start) / block)
+        if floor is not None:
+            floor.measure()
         print(f"round {r + 1}/{rounds}", file=sys.stderr)
     return times
 
@@ -252,7 +260,8 @@ def main() -> None:
               "another process is using the cores; the figures will not reproduce on a "
               "quiet machine (the README quotes only runs that start below 0.5)",
               file=sys.stderr)
-    times = measure(configs, rounds, args.block)
+    floor = KernelFloor(reference_mlp(), BATCH)
+    times = measure(configs, rounds, args.block, floor)
     load_after = os.getloadavg()
     adam = statistics.median(times["adam"])
     results = {}
@@ -282,10 +291,20 @@ def main() -> None:
                # The run itself loads both cores, so the 1-minute load after it is ~1-2:
                # a quiet machine is one whose load was below 0.5 before the run.
                "quiet": load_before[0] < 0.5,
-               "results": results}
+               "results": results,
+               "kernel_floor": _floor_entry(floor, times)}
     args.out.write_text(json.dumps(payload, indent=2))
     print(table(payload))
     print(f"\nwrote {args.out}")
+
+
+def _floor_entry(floor: KernelFloor, times: dict[str, list[float]]) -> dict[str, float]:
+    """The kernels' medians, and each method's floor: the plain SGD step plus them."""
+    adam_ms = 1e3 * statistics.median(times["adam"])
+    floors = floor.floors_ms(1e3 * statistics.median(times["sgd"]))
+    return {**{f"{k}_ms": v for k, v in floor.medians_ms().items()}, **floors,
+            **{f"{k.removesuffix('_ms')}_ratio_to_adam": v / adam_ms
+               for k, v in floors.items()}}
 
 
 def _iqr(values: list[float]) -> float:
