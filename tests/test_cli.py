@@ -59,7 +59,10 @@ def test_compare_writes_curves_and_plot(tmp_path):
     finals = [c["points"][-1]["clock_s"] for c in summary["curves"][2:5]]
     assert finals[0] < finals[1] < finals[2]  # the paper's RC is the most optimistic
     assert all(len(c["points"]) == 3 for c in summary["curves"])
-    assert 0 < summary["share_removed"]["method_2 (prepare + solves)"] < 1
+    # The digital run used the solver's default (Method 1): only its share is measured.
+    assert "(cholesky, inverse)" in labels[1]
+    assert list(summary["share_removed"]) == ["method_1 (inversion)"]
+    assert 0 < summary["share_removed"]["method_1 (inversion)"] < 1
     spectra = _read_csv(out / "thermo-m2" / "spectra.csv")  # per prepare and factor
     assert spectra
     for r in spectra:
