@@ -20,6 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,7 @@ def compare(base: TrainConfig, out: Path, baseline_optimizer: str, baseline_lr: 
     RC convention charges (:data:`RC_TIMED`): the accuracy that timing really buys.
     """
     out = Path(out)
+    load_before = os.getloadavg()  # figures are quoted only from a quiet start (< 0.5)
     configs = {
         "baseline": replace(base, kfac=False, optimizer=baseline_optimizer, lr=baseline_lr),
         "kfac": replace(base, kfac=True, solver="cholesky"),
@@ -134,6 +137,10 @@ def compare(base: TrainConfig, out: Path, baseline_optimizer: str, baseline_lr: 
         "train_s": {name: run.train_s for name, run in runs.items()},
         "config": asdict(base),
         "caption": _caption(hw, base),
+        "median_step_ms": {name: 1e3 * statistics.median(s["wall_s"] for s in run.steps[1:])
+                           for name, run in runs.items() if len(run.steps) > 1},
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
     }
     (out / "compare.json").write_text(json.dumps(summary, indent=2))
     with open(out / "compare.csv", "w", newline="") as fh:
