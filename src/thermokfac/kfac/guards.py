@@ -250,14 +250,43 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def sharded(wrapper: nn.Module, model: nn.Module) -> str | None:
+    """What makes the model sharded (FSDP, FSDP2 ``fully_shard``, DTensor parameters),
+    or None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    for module in (wrapper, *model.modules()):
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            return f"module {type(module).__name__} is FSDP-wrapped"
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor):
+            return f"parameter {name!r} is a DTensor (sharded)"
+    return None
+
+
+def refuse_sharded(wrapper: nn.Module, model: nn.Module) -> None:
+    """Raise NotImplementedError for a sharded model (see :func:`sharded`)."""
+    reason = sharded(wrapper, model)
+    if reason is not None:
+        raise NotImplementedError(
+            f"FSDP / sharded parameters are not supported yet ({reason}): K-FAC needs each "
+            "layer's whole weight gradient and input on one rank. Use DistributedDataParallel "
+            "with thermokfac.distributed.DistributedKFACPreconditioner instead")
+
+
 def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) -> None:
     """Refuse a DDP model on several ranks for a preconditioner that keeps each rank's
     own factors, and reset compile caches traced before the hooks existed.
 
     Raises:
+        NotImplementedError: The model is FSDP-wrapped or has DTensor parameters.
         RuntimeError: DDP-wrapped, more than one rank, and not ``averages_factors``.
         ValueError: Lazy parameters not yet materialised.
     """
+    refuse_sharded(wrapper, model)
     if is_ddp(wrapper) and not averages_factors and world_size() > 1:
         raise RuntimeError(
             f"the model is DistributedDataParallel-wrapped on {world_size()} ranks: "

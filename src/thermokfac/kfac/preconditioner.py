@@ -27,7 +27,7 @@ from .curvature_backward import curvature
 from .discovery import Discovery, announce, discover, unwrap
 from .factor_update import follow_layouts, fresh_factors, g_multiplier
 from .factors import lower_is_finite
-from .guards import StepGuard, check_model, check_setup
+from .guards import StepGuard, check_model, check_setup, refuse_sharded
 from .hyperparams import DECAY, INTERVAL, Schedule, resolve
 from .inspection import Inspection
 from .layer_state import LayerState
@@ -228,6 +228,8 @@ class KFACPreconditioner(Inspection):
                 :mod:`thermokfac.capture`; required when that count is ambiguous).
 
         Raises:
+            NotImplementedError: At the first step, if the model has been sharded (FSDP,
+                DTensor parameters) since the preconditioner was built.
             RuntimeError: If no backward pass reached a preconditioned parameter since
                 the previous step (``step()`` before ``backward()``, or twice after one
                 backward), or if gradients arrived but no module hook ran at all (a
@@ -238,6 +240,8 @@ class KFACPreconditioner(Inspection):
                 backward comes first, it is discarded (warned, counted in
                 ``stats["discarded_curvature"]``) rather than mixed in.
         """
+        if self.steps == 0:  # a framework may shard the model after building the optimizer
+            refuse_sharded(self.model, self.model)
         if outputs is not None:
             self.curvature_backward(outputs)
         self._guard.before_step(self.steps)
