@@ -82,3 +82,28 @@ def test_checkpoint_from_other_model_names_layers():
         pre.load_state_dict({"layers": {}})
     with pytest.raises(ValueError, match="solver='cholesky'"):
         KFACPreconditioner(model, solver="eigh", kl_clip=None).load_state_dict(pre.state_dict())
+
+
+@pytest.mark.parametrize("method", ["inverse", "solve"])
+def test_float64_state_loads_into_a_float32_model(method):
+    """The moving averages are cast to the new preconditioner's factor dtype (as
+    ``torch.optim`` casts its state): the next steps run and match the float64 run to
+    float32 precision."""
+    runs = {}
+    for dtype in (torch.float64, torch.float32):
+        model = mlp((6, 8, 4), dtype=dtype, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        pre = KFACPreconditioner(model, optimizer=opt, method=method, inv_update_steps=2)
+        runs[dtype] = (model, opt, pre)
+    model64, opt64, pre64 = runs[torch.float64]
+    _train(model64, opt64, pre64, [(x.double(), y) for x, y in BATCHES[:3]], "empirical")
+    model32, opt32, pre32 = runs[torch.float32]
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    opt32.load_state_dict(opt64.state_dict())
+    pre32.load_state_dict(pre64.state_dict())
+    a, g = next(iter(pre32.factors().values()))
+    assert a.dtype == g.dtype == torch.float32
+    _train(model32, opt32, pre32, BATCHES[3:5], "empirical")
+    _train(model64, opt64, pre64, [(x.double(), y) for x, y in BATCHES[3:5]], "empirical")
+    for p32, p64 in zip(model32.parameters(), model64.parameters()):
+        assert torch.allclose(p32.double(), p64, rtol=1e-4, atol=1e-5)

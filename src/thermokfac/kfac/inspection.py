@@ -56,8 +56,18 @@ class Inspection:
         return pack(self._snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` naming mismatched layers."""
+        """Restore :meth:`state_dict`, moved to the model's device and, for the moving
+        averages, cast to ``factor_dtype`` (a state saved on another device or from a
+        float64 model loads as ``torch.optim`` state does).
+
+        Raises:
+            ValueError: The state is from another model (naming the mismatched layers),
+                solver or method.
+        """
         restored = unpack(self._snapshot(), state)
+        device = next(self.model.parameters()).device
+        for layer in restored.layers.values():
+            layer.to_(device, self.config.factor_dtype)
         self._states, self.steps, self.stats = restored.layers, restored.steps, restored.stats
         self._begin_step()
 

@@ -140,6 +140,23 @@ class LayerState:
             "g_row_scale": self.g_row_scale, "layout": self.layout,
         }
 
+    def to_(self, device: torch.device, factor_dtype: torch.dtype) -> LayerState:
+        """Move every tensor to ``device`` in place (returns self): the moving averages
+        and rows also to ``factor_dtype``; inverses and prepared states keep their dtype
+        (a float64 prepare of an ill-conditioned factor stays float64)."""
+        for name in ("a", "g", "a_rows", "g_rows"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device=device, dtype=factor_dtype))
+        for name in ("a_inv", "g_inv"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        for prep in (self.a_prep, self.g_prep):
+            if prep is not None:  # 0-d bookkeeping scalars stay where the solver keeps them
+                prep.tensors = {k: v.to(device) if v.ndim else v for k, v in prep.tensors.items()}
+        return self
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LayerState:
         out = cls(**{**state, "a_prep": None, "g_prep": None})
