@@ -1,0 +1,126 @@
+"""``KFACOptimizer``: K-FAC in front of any ``torch.optim`` optimizer, as one optimizer.
+
+Training stacks (Lightning, the Hugging Face ``Trainer``, Accelerate, learning-rate
+schedulers) take a ``torch.optim.Optimizer``: they step it, zero it, save and restore its
+``state_dict`` and change the rates in its ``param_groups``. :class:`KFACOptimizer` is
+one, wrapping a base optimizer the way Lookahead-style wrappers do: its ``param_groups``
+and ``state`` *are* the base optimizer's (the same objects), so a scheduler that changes
+a rate changes the base optimizer's rate and the KL clip's; ``step()`` preconditions the
+gradients (Eq. 15) and then runs the base step, once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kfac import KFACPreconditioner
+from .kfac.discovery import is_ddp
+from .kfac.guards import world_size
+
+
+class KFACOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that preconditions with K-FAC, then steps ``base``.
+
+    Args:
+        model: The network whose parameters ``base_optimizer`` updates (bare,
+            ``torch.compile``'d or DDP-wrapped; with DDP on several ranks the
+            :class:`~thermokfac.distributed.DistributedKFACPreconditioner` is used).
+        base_optimizer: Any ``torch.optim.Optimizer`` over the model's parameters.
+        **preconditioner_options: Keyword arguments of
+            :class:`~thermokfac.KFACPreconditioner` (``solver``, ``damping``, ...).
+            ``optimizer`` is this object: the KL clip reads the rates (and SGD momentum)
+            of its ``param_groups``.
+
+    Raises:
+        TypeError: If ``base_optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: If ``optimizer=`` is passed among the preconditioner options.
+
+    >>> model = nn.Sequential(nn.Linear(4, 3))
+    >>> opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.zeros(8).long()).backward()
+    >>> opt.step(); opt.zero_grad()
+    >>> opt.preconditioner.steps, model[0].weight.grad is None
+    (1, True)
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
+                 **preconditioner_options: Any) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(base_optimizer).__name__}")
+        if "optimizer" in preconditioner_options:
+            raise ValueError("optimizer= is set by KFACOptimizer itself (the KL clip reads "
+                             "its param_groups); pass the base optimizer as base_optimizer")
+        self.base_optimizer = base_optimizer
+        # Optimizer.__init__ registers the groups (the base optimizer's own dicts, already
+        # complete) and sets up torch's step hooks; the list and the state are then shared.
+        super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+        if is_ddp(model) and world_size() > 1:
+            from .distributed import DistributedKFACPreconditioner
+            preconditioner_cls: type[KFACPreconditioner] = DistributedKFACPreconditioner
+        else:
+            preconditioner_cls = KFACPreconditioner
+        self.preconditioner = preconditioner_cls(model, optimizer=self, **preconditioner_options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Precondition the gradients (K-FAC, Eq. 15), then take the base step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (called with gradients
+                enabled, before the preconditioning), as in ``torch.optim``.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.preconditioner.step()
+        self.base_optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (the list is shared). Parameters of layers
+        the preconditioner already watches are preconditioned; others are stepped as
+        they are."""
+        if any(param_group is g for g in self.base_optimizer.param_groups):
+            super().add_param_group(param_group)  # Optimizer.__init__ registering the groups
+            return
+        self.base_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"base": base_optimizer.state_dict(), "preconditioner": ...}``."""
+        return {"base": self.base_optimizer.state_dict(),
+                "preconditioner": self.preconditioner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore both parts; the base state is cast as ``torch.optim`` casts it, the
+        preconditioner's moved to the model's device and ``factor_dtype``.
+
+        Raises:
+            ValueError: If ``state_dict`` is not a :meth:`state_dict` of this class.
+        """
+        if not isinstance(state_dict, dict) or set(state_dict) != {"base", "preconditioner"}:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+            raise ValueError(f"not a KFACOptimizer state (keys {keys}); expected 'base' and "
+                             "'preconditioner'")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups  # torch rebuilds the list
+        self.state = self.base_optimizer.state
+        self.preconditioner.load_state_dict(state_dict["preconditioner"])
+
+    def __repr__(self) -> str:
+        pre = self.preconditioner
+        return (f"KFACOptimizer(base={type(self.base_optimizer).__name__}, "
+                f"layers={len(pre.layer_names)}, solver={pre.solver.name!r}, "
+                f"method={pre.config.method.value!r}, steps={pre.steps})")

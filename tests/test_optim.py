@@ -1,0 +1,141 @@
+"""``KFACOptimizer`` is a torch.optim.Optimizer whose every step equals the plain loop
+(``KFACPreconditioner`` + the base optimizer) bit for bit: with schedulers, closures,
+resumes and added parameter groups."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from thermokfac import KFACOptimizer, KFACPreconditioner
+
+BATCHES = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)),
+            torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(50 + i)))
+           for i in range(8)]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def _loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _plain(batches, base, scheduler=None, **options):
+    model = _model()
+    opt = base(model.parameters())
+    sched = scheduler(opt) if scheduler else None
+    pre = KFACPreconditioner(model, optimizer=opt, **options)
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        pre.step()
+        opt.step()
+        if sched:
+            sched.step()
+    return model
+
+
+def _wrapped(batches, base, scheduler=None, model=None, opt=None, **options):
+    model = model or _model()
+    opt = opt or KFACOptimizer(model, base(model.parameters()), **options)
+    sched = scheduler(opt) if scheduler else None
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+        if sched:
+            sched.step()
+    return model, opt
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+BASES = {"sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+         "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01)}
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_equals_the_plain_loop(base):
+    plain = _plain(BATCHES, BASES[base], inv_update_steps=3)
+    wrapped, opt = _wrapped(BATCHES, BASES[base], inv_update_steps=3)
+    assert _same(plain, wrapped)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert "SGD" in repr(opt) or "AdamW" in repr(opt)
+
+
+def test_schedulers_drive_the_base_rate_and_the_kl_clip():
+    """StepLR halves the rate through the wrapper; the KL clip (which reads the rate)
+    and the base step see it exactly as in the plain loop."""
+    def step_lr(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    plain = _plain(BATCHES, BASES["sgd-momentum"], step_lr, kl_clip=1e-4)
+    wrapped, opt = _wrapped(BATCHES, BASES["sgd-momentum"], step_lr, kl_clip=1e-4)
+    assert _same(plain, wrapped)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+    assert opt.preconditioner.stats["kl_clip_scale"] < 1  # the clip was active
+    model = _model()
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+    plateau.step(1.0)
+    plateau.step(2.0)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_closure_is_evaluated_before_the_preconditioning():
+    model = _model()
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    plain = _plain(BATCHES[:1], lambda p: torch.optim.SGD(p, lr=0.05))
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, BATCHES[0])
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(float(_loss(_model(), BATCHES[0]).detach()))
+    assert _same(plain, model)
+
+
+def test_state_dict_resume_continues_bit_exactly():
+    whole, _ = _wrapped(BATCHES, BASES["sgd-momentum"], inv_update_steps=3)
+    first, opt = _wrapped(BATCHES[:5], BASES["sgd-momentum"], inv_update_steps=3)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model = _model()
+    resumed_opt = KFACOptimizer(model, BASES["sgd-momentum"](model.parameters()),
+                                inv_update_steps=3)
+    model.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    assert resumed_opt.param_groups is resumed_opt.base_optimizer.param_groups
+    resumed, _ = _wrapped(BATCHES[5:], None, model=model, opt=resumed_opt)
+    assert _same(whole, resumed)
+    with pytest.raises(ValueError, match="not a KFACOptimizer state"):
+        resumed_opt.load_state_dict(resumed_opt.base_optimizer.state_dict())
+
+
+def test_added_group_is_stepped_and_bad_arguments_are_refused():
+    model = _model()
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    extra = nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert len(opt.base_optimizer.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
+    (_loss(model, BATCHES[0]) + extra.sum()).backward()
+    opt.step()
+    assert torch.allclose(extra, torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
+        KFACOptimizer(model, "sgd")
+    with pytest.raises(ValueError, match="optimizer= is set by KFACOptimizer"):
+        KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
