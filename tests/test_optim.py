@@ -139,3 +139,34 @@ def test_added_group_is_stepped_and_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="optimizer= is set by KFACOptimizer"):
         KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_kl_clip_weights_each_layer_by_its_groups_rate():
+    """ν = min(1, √(κ / Σₗ η²_{g(l)} ⟨Uₗ, DΘₗ⟩)), η = lr/(1 − μ) of the group holding the
+    layer's weight (the first layer's bias sits in a third group and does not count),
+    checked against U and DΘ read from an unclipped twin."""
+    x, y = BATCHES[0]
+    grads, unclipped = {}, {}
+    for clip in (None, 1e-6):
+        model = _model()
+        first, second = model[0], model[2]
+        opt = torch.optim.SGD([{"params": [first.weight], "lr": 0.2, "momentum": 0.5},
+                               {"params": [second.weight, second.bias], "lr": 0.01},
+                               {"params": [first.bias], "lr": 5.0}], lr=0.1)
+        pre = KFACPreconditioner(model, optimizer=opt, kl_clip=clip)
+        _loss(model, (x, y)).backward()
+        if clip is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        pre.step()
+        if clip is None:
+            unclipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+        else:
+            applied, nu = {n: p.grad.clone() for n, p in model.named_parameters()}, \
+                pre.stats["kl_clip_scale"]
+    dots = {layer: sum(float((unclipped[f"{layer}.{part}"] * grads[f"{layer}.{part}"]).sum())
+                       for part in ("weight", "bias")) for layer in ("0", "2")}
+    vg = (0.2 / 0.5) ** 2 * dots["0"] + 0.01**2 * dots["2"]
+    expected = min(1.0, (1e-6 / vg) ** 0.5)
+    assert expected < 1 and nu == pytest.approx(expected, rel=1e-6)
+    for name in applied:
+        assert torch.allclose(applied[name], expected * unclipped[name], rtol=1e-5, atol=1e-8)

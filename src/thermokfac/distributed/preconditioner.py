@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..enums import FactorStorage, Method, parse_enum
 from ..kfac.fisher import check_class_dim
 from ..kfac.hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
-from ..kfac.kl_clip import effective_learning_rate, kl_clip_scale
+from ..kfac.kl_clip import LayerRates, kl_clip_scale, trainable_params
 from ..kfac.layer_state import (
     count_stats,
     job,
@@ -320,6 +320,13 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         comm_opt = self.strategy is Strategy.COMM_OPT
         flags = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
         mine: dict[str, Tensor] = {}
+        if lr is None and cfg.lr is not None:
+            lr = resolve("lr", cfg.lr, self.steps, POSITIVE)
+        # Each layer's ⟨U, DΘ⟩ enters weighted by its group's η² (the groups are the same
+        # on every rank); no clip when a rate is unknown.
+        rates = LayerRates(lr, self.optimizer, cfg.momentum)
+        etas = {n: rates(*trainable_params(self._records[n].helper)) for n in names}
+        clip_known = all(eta is not None for eta in etas.values())  # alike on every rank
         for i, name in enumerate(names):
             if not comm_opt and self.assignment.owner(name) != self.rank:
                 continue
@@ -332,7 +339,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             u, dot, layer_jobs = outcome
             mine[name] = u if comm_opt else u.contiguous()  # a broadcast sends memory order
             jobs += layer_jobs
-            flags[i], flags[-1] = 1.0, flags[-1] + dot
+            eta = etas[name] or 0.0
+            flags[i], flags[-1] = 1.0, flags[-1] + eta * eta * dot
         buffers = mine
         if not comm_opt:  # owners broadcast U; ⟨U, DΘ⟩ is summed over the owners
             dist.all_reduce(flags, group=self.group)
@@ -345,10 +353,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     pairs.append((buffers[name], self._src(self.assignment.owner(name))))
             broadcast_from_owners(pairs, self.group)
             self.collectives += 1 + len(pairs)
-        if lr is None and cfg.lr is not None:
-            lr = resolve("lr", cfg.lr, self.steps, POSITIVE)
-        eta = effective_learning_rate(lr, self.optimizer, cfg.momentum)
-        nu = kl_clip_scale(cfg.kl_clip, float(flags[-1]), eta)
+        nu = kl_clip_scale(cfg.kl_clip, float(flags[-1]), 1.0) if clip_known else 1.0
         self.stats["kl_clip_scale"] = nu
         for name, u in buffers.items():
             self._records[name].helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)

@@ -6,6 +6,10 @@ change of about η²Σ⟨U, DΘ⟩ for a step of learning rate η; every U is sc
 the steady-state step is η = lr/(1 − μ), which is the rate used here: with it, K-FAC in
 front of SGD with momentum 0.9 stays stable at damping 10⁻³ where the plain rate lets it
 diverge (tests/test_learning.py).
+
+With several parameter groups each layer l takes the rate of the group holding its
+weight (its bias's group when only the bias is trainable): ν = min(1, √(κ / Σₗ η²_{g(l)}
+⟨Uₗ, DΘₗ⟩)). A rate given explicitly (``lr=``) applies to every layer.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ MOMENTUM = Range(0.0, 1.0)
 
 
 def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer | None,
-                            momentum: float | None) -> float | None:
-    """η = lr/(1 − μ): ``lr`` if given, else the optimizer's first group's; μ from
+                            momentum: float | None, group: int = 0) -> float | None:
+    """η = lr/(1 − μ): ``lr`` if given, else the optimizer's ``group``-th group's; μ from
     ``momentum`` if given, else the group's SGD ``momentum`` (0 for Adam-like groups).
 
     Raises:
@@ -29,7 +33,7 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
             whose steady-state step lr/(1 − μ) is unbounded: pass ``momentum=`` to the
             preconditioner, or ``kl_clip=None``).
     """
-    group = optimizer.param_groups[0] if optimizer is not None else {}
+    group = optimizer.param_groups[group] if optimizer is not None else {}
     if lr is None and "lr" in group:
         lr = float(group["lr"])
     if lr is None:
@@ -55,3 +59,46 @@ def kl_clip_scale(kl_clip: float | None, u_dot_d: float, lr: float | None) -> fl
     if kl_clip is None or not math.isfinite(vg) or vg <= 0.0:
         return 1.0
     return min(1.0, math.sqrt(kl_clip / vg))
+
+
+class LayerRates:
+    """η per layer for one step: ``lr`` for all when given, else each layer's group's.
+
+    Args:
+        lr: An explicit rate for every layer, or None.
+        optimizer: Where the groups' rates and momenta are read.
+        momentum: μ for every group, or None to read each group's.
+    """
+
+    def __init__(self, lr: float | None, optimizer: torch.optim.Optimizer | None,
+                 momentum: float | None) -> None:
+        self.optimizer, self.momentum = optimizer, momentum
+        self.single = lr is not None or optimizer is None
+        self.rate = effective_learning_rate(lr, optimizer, momentum) if self.single else None
+        self.group_of = {} if self.single else {
+            id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self._cache: dict[int, float | None] = {}
+
+    def __call__(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> float | None:
+        """η of the layer with these parameters (trainable weight first, else bias)."""
+        if self.single:
+            return self.rate
+        param = weight if weight is not None else bias
+        group = self.group_of.get(id(param), 0)  # a layer outside the optimizer: group 0
+        if group not in self._cache:
+            self._cache[group] = effective_learning_rate(None, self.optimizer, self.momentum,
+                                                         group)
+        return self._cache[group]
+
+
+def trainable_params(helper) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of a layer helper, None for a part that is not trained."""
+    return (helper.weight_param if helper.weight_trainable else None,
+            helper.bias_param if helper.has_bias else None)
+
+
+def weighted_sum(parts: list[tuple[float | None, float]]) -> float | None:
+    """Σ η² ⟨U, DΘ⟩ over (η, ⟨U, DΘ⟩) pairs; None when some η is unknown (no clip)."""
+    if any(eta is None for eta, _ in parts):
+        return None
+    return sum(eta * eta * dot for eta, dot in parts)

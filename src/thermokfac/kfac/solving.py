@@ -13,7 +13,7 @@ from ..solvers import LinearSolver, TimeBreakdown
 from ..timing import TimedSolves
 from .config import KFACConfig
 from .hyperparams import INTERVAL, NON_NEGATIVE, POSITIVE, resolve
-from .kl_clip import effective_learning_rate, kl_clip_scale
+from .kl_clip import LayerRates, kl_clip_scale, trainable_params, weighted_sum
 from .layer_state import LayerState, precondition_layer, prepare_layer
 from .records import LayerRecord
 
@@ -122,8 +122,9 @@ def precondition_all(records: Mapping[str, LayerRecord], states: Mapping[str, La
         updates.append((record, u, u_dot_d))
     if lr is None and cfg.lr is not None:
         lr = resolve("lr", cfg.lr, step, POSITIVE)
-    eta = effective_learning_rate(lr, optimizer, cfg.momentum)
-    nu = kl_clip_scale(cfg.kl_clip, sum(v for _, _, v in updates), eta)
+    rates = LayerRates(lr, optimizer, cfg.momentum)  # each layer's group's η
+    vg = weighted_sum([(rates(*trainable_params(r.helper)), v) for r, _, v in updates])
+    nu = 1.0 if vg is None else kl_clip_scale(cfg.kl_clip, vg, 1.0)
     stats["kl_clip_scale"] = nu
     for record, u, _ in updates:
         record.helper.set_grad_matrix(u.mul_(nu) if nu != 1.0 else u)
