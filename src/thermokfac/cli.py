@@ -17,19 +17,29 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import plots
-from .experiments.breakeven import breakeven
-from .experiments.compare import compare, table
-from .experiments.plan import plan
-from .experiments.profile import profile
-from .experiments.profile_dist import profile_nproc
-from .experiments.quantize import quantize_sweep
-from .experiments.scaling import scaling
-from .experiments.sweep import load_spec, sweep
-from .experiments.sweep import table as sweep_table
-from .experiments.tasks import MODELS, TASKS
-from .experiments.train import OPTIMIZERS, Run, TrainConfig, resolve_device
-from .solvers.quantize import check_bits
+#: The command line's own dependencies (the ``cli`` extra); the library needs neither.
+CLI_EXTRA = ("matplotlib", "tqdm")
+
+try:
+    from . import plots
+    from .experiments.breakeven import breakeven
+    from .experiments.compare import compare, table
+    from .experiments.plan import plan
+    from .experiments.profile import profile
+    from .experiments.profile_dist import profile_nproc
+    from .experiments.quantize import quantize_sweep
+    from .experiments.scaling import scaling
+    from .experiments.sweep import load_spec, sweep
+    from .experiments.sweep import table as sweep_table
+    from .experiments.tasks import MODELS, TASKS
+    from .experiments.train import OPTIMIZERS, Run, TrainConfig, resolve_device
+    from .solvers.quantize import check_bits
+except ModuleNotFoundError as err:
+    if err.name is None or err.name.split(".")[0] not in CLI_EXTRA:
+        raise
+    _MISSING: str | None = err.name.split(".")[0]
+else:
+    _MISSING = None
 
 _SKIP = {"seed", "threads"}
 
@@ -313,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _MISSING is not None:
+        print(f"thermokfac: the command line needs {_MISSING!r}, which is not installed: "
+              "pip install 'thermokfac[cli]' (the preconditioner itself needs only torch "
+              "and numpy)", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
