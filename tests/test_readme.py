@@ -1,0 +1,38 @@
+"""Every Python block of the README runs verbatim, each in a fresh interpreter in an
+empty folder (the distributed one as one rank, with the variables torchrun sets)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[1] / "README.md"
+BLOCKS = [(README.read_text()[:m.start()].count("\n") + 1, m.group(1))
+          for m in re.finditer(r"```python\n(.*?)```", README.read_text(), re.S)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_readme_has_python_blocks():
+    assert len(BLOCKS) >= 8
+
+
+@pytest.mark.parametrize("line,code", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
+def test_readme_block_runs(line, code, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if "init_process_group" in code:  # what torchrun sets for one rank
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(_free_port()))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"README block at line {line} failed:\n{out.stderr[-3000:]}"
