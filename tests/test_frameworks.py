@@ -122,3 +122,70 @@ def test_lightning_resume_equals_the_uninterrupted_run(tmp_path):
     trainer.fit(resumed, train_dataloaders=loader, ckpt_path=tmp_path / "epoch1.ckpt")
     assert trainer.optimizers[0].preconditioner.steps == 4
     assert _close(resumed.net, whole.net, tol=0.0)
+
+
+# ------------------------------------------------------------- Hugging Face Trainer
+class _Examples(torch.utils.data.IterableDataset):
+    """The batches' examples in order (the Trainer does not shuffle an iterable)."""
+
+    def __iter__(self):
+        for x, y in BATCHES:
+            for i in range(len(y)):
+                yield {"x": x[i], "labels": y[i]}
+
+
+class _HFNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_hugging_face_trainer_clips_before_preconditioning(tmp_path):
+    """``Trainer(optimizers=(KFACOptimizer, scheduler))``: the Trainer clips
+    (``max_grad_norm``) and then calls ``optimizer.step()``, so K-FAC preconditions the
+    clipped gradient, once per step."""
+    transformers = pytest.importorskip("transformers")
+    options = {**OPTIONS, "kl_clip": None}
+    model = _HFNet()
+    opt = KFACOptimizer(model.net, _sgd(model.net.parameters()), **options)
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=len(BATCHES), per_device_train_batch_size=16,
+        max_grad_norm=0.05, report_to="none", save_strategy="no", logging_strategy="no",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Examples(),
+                                   optimizers=(opt, constant))
+    trainer.train()
+    assert opt.preconditioner.steps == len(BATCHES)
+    assert _close(model.net, _plain(BATCHES, clip=0.05, options=options))
+    assert not _close(model.net, _plain(BATCHES, options=options), tol=1e-6)  # clip mattered
+
+
+def _hf_train(transformers, out, steps, options, save=False, resume=None):
+    model = _HFNet()
+    opt = KFACOptimizer(model.net, _sgd(model.net.parameters()), **options)
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=16,
+        report_to="none", save_strategy="steps" if save else "no", save_steps=steps,
+        logging_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=_Examples(),
+                         optimizers=(opt, constant)).train(resume_from_checkpoint=resume)
+    return model, opt
+
+
+def test_hugging_face_resume_equals_the_uninterrupted_run(tmp_path):
+    """``resume_from_checkpoint``: the Trainer restores ``KFACOptimizer.state_dict()``
+    (base and preconditioner) and continues exactly."""
+    transformers = pytest.importorskip("transformers")
+    whole, _ = _hf_train(transformers, tmp_path / "whole", 4, OPTIONS)
+    _hf_train(transformers, tmp_path / "part", 2, OPTIONS, save=True)
+    resumed, opt = _hf_train(transformers, tmp_path / "part", 4, OPTIONS,
+                             resume=str(tmp_path / "part" / "checkpoint-2"))
+    assert opt.preconditioner.steps == 4
+    assert _close(resumed.net, whole.net, tol=0.0)
