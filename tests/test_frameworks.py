@@ -189,3 +189,43 @@ def test_hugging_face_resume_equals_the_uninterrupted_run(tmp_path):
                              resume=str(tmp_path / "part" / "checkpoint-2"))
     assert opt.preconditioner.steps == 4
     assert _close(resumed.net, whole.net, tol=0.0)
+
+
+# ------------------------------------------------------------------ torch.amp
+def _amp_run(scale: float | None, pass_scaler: bool, dtype=torch.float16):
+    """float16 autocast on the CPU; the loss scaled by a fixed power of two (or not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    scaler = None if scale is None else torch.amp.GradScaler(
+        "cpu", init_scale=scale, growth_interval=10**6)
+    opt = KFACOptimizer(model, _sgd(model.parameters()), damping=1e-2, kl_clip=None,
+                        grad_scaler=scaler if pass_scaler else None)
+    for x, y in BATCHES:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = nn.functional.cross_entropy(model(x.float()), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:  # scaler.step unscales the gradients before KFACOptimizer.step runs
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    return model, opt
+
+
+def test_grad_scaler_cancels_exactly():
+    """A power-of-two loss scale is exact in floating point: with ``grad_scaler=`` the
+    run equals the unscaled one; without it, G carries the scale² (a different run),
+    which is warned and counted."""
+    plain, _ = _amp_run(None, False)
+    scaled, _ = _amp_run(2.0**12, True)
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+               for p, q in zip(plain.parameters(), scaled.parameters()))
+    with pytest.warns(UserWarning, match="float16 autocast but no grad_scaler"):
+        forgot, opt = _amp_run(2.0**12, False)
+    assert opt.preconditioner.stats["fp16_without_grad_scaler"] == len(BATCHES)
+    assert not all(torch.allclose(p, q, rtol=1e-3, atol=1e-4)
+                   for p, q in zip(plain.parameters(), forgot.parameters()))
+    _, bf16 = _amp_run(None, False, dtype=torch.bfloat16)  # no scaler needed: no warning
+    assert bf16.preconditioner.stats["fp16_without_grad_scaler"] == 0

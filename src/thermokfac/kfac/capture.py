@@ -79,6 +79,8 @@ class CurvatureCapture:
         self.enabled = False
         self.root_calls = 0
         self.transformed_passes = 0
+        #: A captured forward ran under float16 autocast (a GradScaler is then likely).
+        self.fp16_autocast = False
         self.hook_calls = 0
         self.repeated_gradients = 0
         self.unbatched_calls: dict[str, str] = {}
@@ -183,6 +185,7 @@ class CurvatureCapture:
             self.counter.skip()
             return
         self.root_calls += 1
+        self.fp16_autocast = self.fp16_autocast or _fp16_autocast()
         self._read_scale()
         self.counter.start(args, kwargs, self.groups, self.param_gradients)
 
@@ -345,3 +348,9 @@ class CurvatureCapture:
         if self.sync_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def _fp16_autocast() -> bool:
+    """Whether float16 autocast is on for the CPU or CUDA now."""
+    return any(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) is torch.float16
+               for d in ("cpu", "cuda"))

@@ -65,6 +65,16 @@ class StepGuard:
         self._refused_at = None
         self.watch()
 
+    def check_amp(self, fp16_autocast: bool, grad_scaler: Any) -> None:
+        """Warn (once) and count a float16-autocast forward without ``grad_scaler=``."""
+        if fp16_autocast and grad_scaler is None:
+            self.stats["fp16_without_grad_scaler"] += 1
+            self.warn_once("fp16", (
+                "the forward ran under float16 autocast but no grad_scaler= was given: if "
+                "the loss is scaled (torch.amp.GradScaler), G carries the scale squared, "
+                "which shrinks the damping; pass grad_scaler=scaler (counted in "
+                "stats['fp16_without_grad_scaler'])"))
+
     def refusing(self, update: Callable[[], None]) -> None:
         """Run the factor update; if it refuses the step (``ValueError``), remember when,
         so that a later backward does not mix into this step's curvature."""

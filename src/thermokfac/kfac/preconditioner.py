@@ -51,7 +51,8 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
              "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
-             "discarded_curvature", "multi_rank_warnings", "layout_mismatches")
+             "discarded_curvature", "multi_rank_warnings", "layout_mismatches",
+             "fp16_without_grad_scaler")
 
 
 class KFACPreconditioner(Inspection):
@@ -245,6 +246,7 @@ class KFACPreconditioner(Inspection):
         if outputs is not None:
             self.curvature_backward(outputs)
         self._guard.before_step(self.steps)
+        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler)
         update = self._capture.enabled and not self._guard.refused_then_new_backward()
         timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
         with self.timing.measure(timings, "curvature_s"):
