@@ -134,7 +134,7 @@ def test_kl_clip_without_learning_rate_warns():
         KFACPreconditioner(mlp())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        KFACPreconditioner(mlp(), lr=0.1)
+        KFACPreconditioner(mlp(), lr=0.1, momentum=0.0)
 
 
 def test_fisher_type_misuse_is_explained():

@@ -170,3 +170,18 @@ def test_kl_clip_weights_each_layer_by_its_groups_rate():
     assert expected < 1 and nu == pytest.approx(expected, rel=1e-6)
     for name in applied:
         assert torch.allclose(applied[name], expected * unclipped[name], rtol=1e-5, atol=1e-8)
+
+
+def test_lr_only_kl_clip_warns_about_momentum():
+    """kfac-pytorch-style construction (lr= only) cannot know the base optimizer's
+    momentum; the KL clip then sizes for lr, not lr/(1 − μ): a warning says so."""
+    with pytest.warns(UserWarning, match="assuming no momentum"):
+        pre = KFACPreconditioner(_model(), lr=0.1)
+    pre.remove()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFACPreconditioner(_model(), lr=0.1, momentum=0.9).remove()
+        model = _model()
+        KFACPreconditioner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
+                                                             momentum=0.9)).remove()

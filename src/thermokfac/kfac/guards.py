@@ -323,3 +323,9 @@ def check_setup(records: list[LayerRecord], cfg: KFACConfig,
     if cfg.kl_clip is not None and cfg.lr is None and optimizer is None:
         warnings.warn("kl_clip is inactive: it needs the learning rate (pass lr= or "
                       "optimizer=, or kl_clip=None to silence this)", stacklevel=3)
+    if cfg.kl_clip is not None and cfg.lr is not None and optimizer is None \
+            and cfg.momentum is None:
+        warnings.warn("kl_clip uses lr= as the step size, assuming no momentum: under SGD "
+                      "momentum μ the step is lr/(1 − μ), and a clip sized for lr lets it "
+                      "overshoot (pass momentum=μ, or optimizer=, the base optimizer)",
+                      stacklevel=3)
