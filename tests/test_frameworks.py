@@ -229,3 +229,31 @@ def test_grad_scaler_cancels_exactly():
                    for p, q in zip(plain.parameters(), forgot.parameters()))
     _, bf16 = _amp_run(None, False, dtype=torch.bfloat16)  # no scaler needed: no warning
     assert bf16.preconditioner.stats["fp16_without_grad_scaler"] == 0
+
+
+def test_overflowed_step_leaves_no_curvature_behind():
+    """A float16 overflow makes ``scaler.step`` skip the step; ``zero_grad`` then drops
+    that backward's curvature with its gradients: the run equals one that never saw the
+    overflowing batch (float32 reference without a scaler)."""
+    def run(batches, scaler_scale):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale, growth_interval=10**6)
+        opt = KFACOptimizer(model, _sgd(model.parameters()), damping=1e-2, kl_clip=None,
+                            grad_scaler=scaler, factor_decay=0.5)
+        for x, y in batches:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x.float()), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return model, opt
+    overflow = (BATCHES[1][0] * 1e6, BATCHES[1][1])  # float16 overflows in the forward
+    seen, opt = run([BATCHES[0], overflow, BATCHES[2], BATCHES[3]], 2.0**8)
+    never, _ = run([BATCHES[0], BATCHES[2], BATCHES[3]], 2.0**8)
+    assert opt.preconditioner.steps == 3
+    assert opt.preconditioner.stats["discarded_curvature"] == 1
+    assert opt.preconditioner.stats["nonfinite_factor_skips"] == 0
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+               for p, q in zip(seen.parameters(), never.parameters()))

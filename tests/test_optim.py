@@ -185,3 +185,21 @@ def test_lr_only_kl_clip_warns_about_momentum():
         model = _model()
         KFACPreconditioner(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1,
                                                              momentum=0.9)).remove()
+
+
+def test_zero_grad_after_another_forward_keeps_and_warns():
+    """A dropped backward followed by a forward before ``zero_grad``: the curvature of
+    the two cannot be told apart, so it is kept, warned about and counted."""
+    model = _model()
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), kl_clip=None)
+    _loss(model, BATCHES[0]).backward()  # its step is skipped
+    out = _loss(model, BATCHES[1])       # the next forward comes first
+    with pytest.warns(UserWarning, match="cannot be told apart"):
+        opt.zero_grad()
+    assert opt.preconditioner.stats["carried_curvature"] == 1
+    out.backward()
+    opt.step()
+    assert opt.preconditioner.steps == 1
+    opt.zero_grad()  # after a step: nothing pending, nothing counted
+    assert opt.preconditioner.stats["carried_curvature"] == 1
+    assert opt.preconditioner.stats["discarded_curvature"] == 0

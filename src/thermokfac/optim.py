@@ -87,6 +87,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the base optimizer's gradients; the curvature of backwards whose
+        gradients are dropped without a step (a skipped step) goes with them
+        (:meth:`~thermokfac.KFACPreconditioner.discard_unstepped`)."""
+        self.preconditioner.discard_unstepped()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -93,6 +93,7 @@ class CurvatureCapture:
         self._scale_read = False
         self.counter = ExampleCounter()
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
+        self.forward_mark = -1  # param_gradients at the last captured forward of the root
         self.curvature_calls = 0
         self.curvature_outputs: list[Tensor] = []  # given to curvature_backward this step
         self.loss_terms = 0  # their loss terms, for a mean-reduced loss
@@ -127,6 +128,7 @@ class CurvatureCapture:
         self.loss_terms = 0
         self.curvature_done = False
         self.param_gradients = 0
+        self.forward_mark = -1
         self.elapsed_s = 0.0
         self._scale_read = False
 
@@ -185,6 +187,7 @@ class CurvatureCapture:
             self.counter.skip()
             return
         self.root_calls += 1
+        self.forward_mark = self.param_gradients
         self.fp16_autocast = self.fp16_autocast or _fp16_autocast()
         self._read_scale()
         self.counter.start(args, kwargs, self.groups, self.param_gradients)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..enums import FisherType, LossReduction
 from .config import KFACConfig
+from .factors import lower_is_finite
 from .layer_state import LayerState
 from .records import LayerRecord
 
@@ -76,3 +77,25 @@ def fresh_factors(records: Mapping[str, LayerRecord], multiplier: float,
         fresh[name] = (sums.a.div_(sums.a_rows),
                        sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
     return fresh
+
+
+def commit_factors(records: Mapping[str, LayerRecord], states: dict[str, LayerState],
+                   multiplier: float, decay: float, rows: bool,
+                   fresh: Callable[[float], dict[str, tuple[Tensor, Tensor]]],
+                   missing: Callable[[str], None], nonfinite: Callable[[str], None]) -> None:
+    """Fold this step's sums into each layer's state: the rows (resistor-array mode) or
+    the moving averages (Eqs. 16–17) of the factors ``fresh(multiplier)`` returns (the
+    distributed preconditioner's are averaged over ranks); a layer without rows goes to
+    ``missing``, one with non-finite factors to ``nonfinite`` (its state is kept)."""
+    if rows:
+        for name, record in records.items():
+            if record.sums.a_rows == 0 or record.sums.g_rows == 0:
+                missing(name)
+            elif not states[name].take_rows(record.sums, multiplier):
+                nonfinite(name)
+        return
+    for name, (a_new, g_new) in fresh(multiplier).items():
+        if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
+            nonfinite(name)
+            continue
+        states[name].update_ema(a_new, g_new, decay)

@@ -65,6 +65,24 @@ class StepGuard:
         self._refused_at = None
         self.watch()
 
+    def unstepped_backward(self) -> bool:
+        """Whether the curvature captured since the last step belongs only to gradients
+        that are being thrown away (``zero_grad`` with no step: a skipped step). A forward
+        after the last backward makes the split unknowable: then the curvature is kept,
+        warned about once and counted in ``stats['carried_curvature']``."""
+        if self.capture.param_gradients == 0:
+            return False  # no backward since the last step
+        if self.capture.forward_mark >= self.capture.param_gradients:
+            self.stats["carried_curvature"] += 1
+            self.warn_once("carried", (
+                "zero_grad() without a step() came after another forward: the curvature of "
+                "the discarded backward cannot be told apart and joins the next step's "
+                "(counted in stats['carried_curvature']); call zero_grad() before the "
+                "forward"))
+            return False
+        self.stats["discarded_curvature"] += 1
+        return True
+
     def check_amp(self, fp16_autocast: bool, grad_scaler: Any) -> None:
         """Warn (once) and count a float16-autocast forward without ``grad_scaler=``."""
         if fp16_autocast and grad_scaler is None:

@@ -25,8 +25,7 @@ from .capture import CurvatureCapture
 from .config import KFACConfig
 from .curvature_backward import curvature
 from .discovery import Discovery, announce, discover, unwrap
-from .factor_update import follow_layouts, fresh_factors, g_multiplier
-from .factors import lower_is_finite
+from .factor_update import commit_factors, follow_layouts, fresh_factors, g_multiplier
 from .guards import StepGuard, check_model, check_setup, refuse_sharded
 from .hyperparams import DECAY, INTERVAL, Schedule, resolve
 from .inspection import Inspection
@@ -52,7 +51,7 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
              "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
              "discarded_curvature", "multi_rank_warnings", "layout_mismatches",
-             "fp16_without_grad_scaler")
+             "fp16_without_grad_scaler", "carried_curvature")
 
 
 class KFACPreconditioner(Inspection):
@@ -281,6 +280,16 @@ class KFACPreconditioner(Inspection):
                              "empirical Fisher reads the gradients of your own backward")
         curvature(self._capture, outputs, self.config, self.generator, self._window)
 
+    def discard_unstepped(self) -> bool:
+        """Forget the curvature of backwards whose gradients are dropped without a step
+        (a step skipped by a GradScaler overflow, or by a framework), so it does not join
+        the next step's factors; counted in ``stats['discarded_curvature']``. Called by
+        :meth:`KFACOptimizer.zero_grad`. Returns whether anything was discarded."""
+        if not self._guard.unstepped_backward():
+            return False
+        self._begin_step()
+        return True
+
     def paused(self) -> AbstractContextManager[None]:
         """Passes inside this block are not part of the step: forwards in it are not
         captured nor counted as examples (their later backwards add nothing either),
@@ -345,18 +354,10 @@ class KFACPreconditioner(Inspection):
         multiplier = g_multiplier(cfg, self._capture.loss_terms, num_examples,
                                   self._capture.example_count, self.steps) if captured else 1.0
         follow_layouts(self._records, self._states, self.stats)
-        if cfg.factor_storage is FactorStorage.ROWS:
-            for name, record in self._records.items():
-                if record.sums.a_rows == 0 or record.sums.g_rows == 0:
-                    self._guard.missing(name, self.steps)
-                elif not self._states[name].take_rows(record.sums, multiplier):
-                    self._guard.nonfinite(name, self.steps)
-            return
-        for name, (a_new, g_new) in self._fresh_factors(multiplier).items():
-            if not (lower_is_finite(a_new) and lower_is_finite(g_new)):
-                self._guard.nonfinite(name, self.steps)
-                continue
-            self._states[name].update_ema(a_new, g_new, decay)
+        commit_factors(self._records, self._states, multiplier, decay,
+                       cfg.factor_storage is FactorStorage.ROWS, self._fresh_factors,
+                       lambda name: self._guard.missing(name, self.steps),
+                       lambda name: self._guard.nonfinite(name, self.steps))
 
     def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
