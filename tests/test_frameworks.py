@@ -69,6 +69,33 @@ def test_accelerate_accumulate_preconditions_once_per_optimizer_step():
     assert _close(model, _plain(BATCHES), tol=1e-10)
 
 
+def _accelerate_run(accelerate, batches, save=None, load=None):
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _net()
+    opt = KFACOptimizer(model, _sgd(model.parameters()), **OPTIONS)
+    model, wrapped = accelerator.prepare(model, opt)
+    if load is not None:
+        accelerator.load_state(load)
+    for x, y in batches:
+        wrapped.zero_grad()
+        accelerator.backward(nn.functional.cross_entropy(model(x), y))
+        wrapped.step()
+    if save is not None:
+        accelerator.save_state(save)
+    return model, opt
+
+
+def test_accelerate_resume_equals_the_uninterrupted_run(tmp_path):
+    """``accelerator.save_state`` / ``load_state`` carry ``KFACOptimizer.state_dict()``
+    (base and preconditioner): the resumed run continues exactly."""
+    accelerate = pytest.importorskip("accelerate")
+    whole, _ = _accelerate_run(accelerate, BATCHES)
+    _accelerate_run(accelerate, BATCHES[:2], save=tmp_path / "state")
+    resumed, opt = _accelerate_run(accelerate, BATCHES[2:], load=tmp_path / "state")
+    assert opt.preconditioner.steps == len(BATCHES)
+    assert _close(resumed, whole, tol=0.0)
+
+
 # ------------------------------------------------------------------ Lightning
 def _lightning():
     lightning = pytest.importorskip("lightning")
