@@ -284,3 +284,46 @@ def test_overflowed_step_leaves_no_curvature_behind():
     assert opt.preconditioner.stats["nonfinite_factor_skips"] == 0
     assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7)
                for p, q in zip(seen.parameters(), never.parameters()))
+
+
+def test_bare_preconditioner_unscales_when_the_user_forgot():
+    """With ``grad_scaler=`` and ``optimizer=``, a bare ``KFACPreconditioner`` unscales
+    the gradients itself when ``scaler.unscale_`` was not called: the KL clip (which
+    reads ⟨U, DΘ⟩) then sees the true gradient, as with the call."""
+    def run(unscale_first: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
+        opt = _sgd(model.parameters())
+        pre = KFACPreconditioner(model, optimizer=opt, grad_scaler=scaler, damping=1e-2,
+                                 kl_clip=1e-4)
+        for x, y in BATCHES:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x.float()), y)
+            scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(opt)
+            pre.step()
+            scaler.step(opt)
+            scaler.update()
+        return model, pre
+    careful, pre = run(True)
+    forgot, _ = run(False)
+    assert pre.stats["kl_clip_scale"] < 1  # the clip binds: a scaled ⟨U, DΘ⟩ would show
+    assert all(torch.equal(p, q) for p, q in zip(careful.parameters(), forgot.parameters()))
+
+
+def test_preconditioning_after_the_scaler_step_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    scaler = torch.amp.GradScaler("cpu")
+    opt = _sgd(model.parameters())
+    pre = KFACPreconditioner(model, optimizer=opt, grad_scaler=scaler, kl_clip=None)
+    x, y = BATCHES[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(x.float()), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match=r"call pre\.step\(\) before scaler\.step"):
+        pre.step()

@@ -83,8 +83,24 @@ class StepGuard:
         self.stats["discarded_curvature"] += 1
         return True
 
-    def check_amp(self, fp16_autocast: bool, grad_scaler: Any) -> None:
-        """Warn (once) and count a float16-autocast forward without ``grad_scaler=``."""
+    def check_amp(self, fp16_autocast: bool, grad_scaler: Any,
+                  optimizer: torch.optim.Optimizer | None) -> None:
+        """Unscale the gradients if the user has not (``GradScaler.unscale_`` may run once
+        per optimizer step: a second call raises, which means it was done); warn (once)
+        and count a float16-autocast forward without ``grad_scaler=``.
+
+        Raises:
+            RuntimeError: The scaler already stepped this optimizer (``pre.step()`` must
+                come before ``scaler.step(optimizer)``).
+        """
+        if grad_scaler is not None and optimizer is not None:
+            try:
+                grad_scaler.unscale_(optimizer)
+            except RuntimeError as err:
+                if "already been called" not in str(err):
+                    raise RuntimeError(f"{err} K-FAC preconditions before the optimizer "
+                                       "step: call pre.step() before scaler.step(optimizer)"
+                                       ) from err
         if fp16_autocast and grad_scaler is None:
             self.stats["fp16_without_grad_scaler"] += 1
             self.warn_once("fp16", (

@@ -106,7 +106,9 @@ class KFACPreconditioner(Inspection):
         mc_samples: Sampled labels per prediction for ``fisher_type="mc"``.
         factor_dtype: dtype of factors and solves (default float32, or float64 when the
             model is float64).
-        grad_scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out of G.
+        grad_scaler: A ``torch.amp.GradScaler`` whose loss scale is divided out of G; with
+            ``optimizer=`` each step also unscales the gradients first when they are
+            still scaled (``scaler.unscale_(optimizer)``, once per step as torch allows).
         seed: Seed of the preconditioner's random draws: its own ``torch.Generator``
             (``mc`` labels; its state is saved in :meth:`state_dict`), and the noise of
             stochastic solvers, drawn from a generator per (seed, step, layer, factor)
@@ -245,7 +247,7 @@ class KFACPreconditioner(Inspection):
         if outputs is not None:
             self.curvature_backward(outputs)
         self._guard.before_step(self.steps)
-        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler)
+        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler, self.optimizer)
         update = self._capture.enabled and not self._guard.refused_then_new_backward()
         timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
         with self.timing.measure(timings, "curvature_s"):
