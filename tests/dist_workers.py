@@ -223,3 +223,25 @@ def plain_on_ddp(out: str) -> None:
     text = " ".join(str(w.message) for w in caught)
     (Path(out) / f"late{dist.get_rank()}.txt").write_text(
         f"{pre.stats['multi_rank_warnings']}|{text}")
+
+
+def kfac_optimizer_ddp(out: str) -> None:
+    """``KFACOptimizer`` on a DDP model: it builds the distributed preconditioner."""
+    from thermokfac import KFACOptimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    inner = MODELS["token"]().double()
+    model = nn.parallel.DistributedDataParallel(inner)
+    kfac = {k: v for k, v in KFAC.items() if k != "lr"}
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.2), method="inverse",
+                        **kfac)
+    share = BATCH // world
+    for step in range(STEPS):
+        x, y = data(step)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
+                "kind": type(opt.preconditioner).__name__}, f"{out}.{rank}")

@@ -271,3 +271,21 @@ def test_profile_nproc_writes_both_process_counts(tmp_path):
         assert r["inversion"] > 0 and parts <= r["step"] * 1.05
         assert r["inversion_share"] == pytest.approx(r["inversion"] / r["step"])
     assert (out / "profile_nproc.png").stat().st_size > 10_000
+
+
+@pytest.mark.distributed
+def test_kfac_optimizer_on_ddp_matches_one_process(tmp_path):
+    """``KFACOptimizer`` given a DDP model on two ranks uses the distributed
+    preconditioner, and matches one process on the whole batch."""
+    import tests.dist_workers as w
+
+    out = tmp_path / "run"
+    run_workers("tests.dist_workers:kfac_optimizer_ddp", 2, [str(out)], timeout=180,
+                extra_path=ROOT)
+    model, _ = w.single("inverse")
+    reference = dict(model.named_parameters())
+    for result in _load(out, 2):
+        assert result["kind"] == "DistributedKFACPreconditioner"
+        for name, value in result["params"].items():
+            torch.testing.assert_close(value, reference[name].detach(), rtol=1e-10,
+                                       atol=1e-12)
