@@ -28,6 +28,7 @@ from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
 from ..distributed.launch import collective_timeout
 from ..solvers import HardwareModel, ThermodynamicSolver
+from . import checkpoint
 from .tasks import Task, build_model, load_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
@@ -212,21 +213,22 @@ class Run:
                 "metrics": self.metrics}
 
     def save(self) -> Path:
-        """Write ``checkpoint.pt`` (rank 0; every rank must call it)."""
-        path = self.out / "checkpoint.pt"
+        """Write ``checkpoint.pt`` atomically, keeping the last one as
+        ``checkpoint.prev.pt`` (:mod:`.checkpoint`; rank 0; every rank must call it)."""
         state = self.state_dict()
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
-        return path
+            return checkpoint.write(self.out, state)
+        return self.out / checkpoint.NAME
 
     @classmethod
     def resume(cls, out: Path, steps: int | None = None) -> Run:
-        """Continue the run saved in ``out`` (optionally to a new total of ``steps``)."""
-        path = Path(out) / "checkpoint.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint to resume in {out}")
-        state = torch.load(path, weights_only=False, map_location="cpu")
+        """Continue the run saved in ``out`` (optionally to a new total of ``steps``).
+
+        Raises:
+            FileNotFoundError: No checkpoint in ``out``.
+            ValueError: A damaged or foreign checkpoint, or another number of processes.
+        """
+        state = checkpoint.read(out)  # FileNotFoundError / ValueError, naming the file
         cfg = TrainConfig(**state["config"])
         if steps is not None:
             cfg = replace(cfg, steps=steps)

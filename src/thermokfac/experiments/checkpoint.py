@@ -1,0 +1,114 @@
+"""Checkpoint files that survive a kill mid-write and say when they are damaged.
+
+A checkpoint is one JSON header line — format name, version, payload length and its
+SHA-256 — followed by the payload, which is ``torch.save``'s output. Writing goes to a
+temporary file in the same folder, flushed and fsynced, and is then renamed over the
+old checkpoint (an atomic replace on POSIX), after the old one was renamed to
+``checkpoint.prev.pt``: at every moment a complete checkpoint exists under one of the
+names. Reading checks the header and the checksum before ``torch.load`` sees a byte,
+so a truncated, empty, foreign or bit-flipped file is a ``ValueError`` naming the file,
+what is wrong and the previous checkpoint when there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "thermokfac-checkpoint"
+VERSION = 1
+NAME = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def write(folder: Path, state: dict[str, Any],
+          before_rename: Callable[[], None] | None = None) -> Path:
+    """Write ``state`` as ``folder/checkpoint.pt`` atomically; returns its path.
+
+    Args:
+        folder: The run folder (created if missing).
+        state: What ``torch.save`` can write.
+        before_rename: Called after the new file is complete on disk and before any
+            rename (tests inject a failure there).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = {"format": FORMAT, "version": VERSION, "bytes": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
+    path, temporary = folder / NAME, folder / (NAME + ".tmp")
+    with open(temporary, "wb") as fh:
+        fh.write(json.dumps(header).encode() + b"\n")
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if before_rename is not None:
+        before_rename()
+    if path.exists():
+        os.replace(path, folder / PREVIOUS)
+    os.replace(temporary, path)
+    _sync_folder(folder)
+    return path
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """The state saved in ``folder/checkpoint.pt``.
+
+    Raises:
+        FileNotFoundError: No checkpoint (naming a previous one if it exists).
+        ValueError: The file is empty, truncated, foreign, of another version, or its
+            checksum does not match.
+    """
+    folder = Path(folder)
+    path = folder / NAME
+    previous = folder / PREVIOUS
+    hint = (f"; the previous checkpoint {previous} may be intact: rename it to {NAME} to "
+            "resume from it") if previous.exists() else ""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint to resume in {folder}{hint}")
+    payload = _payload(path, hint)
+    return torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
+
+
+def _payload(path: Path, hint: str) -> bytes:
+    data = path.read_bytes()
+    first, _, payload = data.partition(b"\n")
+    try:
+        header = json.loads(first.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        what = "is empty" if not data else "is not a thermokfac checkpoint"
+        raise ValueError(f"{path} {what}{hint}")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint format version {header.get('version')!r}; "
+                         f"this thermokfac reads version {VERSION}{hint}")
+    if len(payload) != header.get("bytes"):
+        raise ValueError(f"{path} is truncated or damaged ({len(payload)} of "
+                         f"{header.get('bytes')} bytes){hint}")
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise ValueError(f"{path} is damaged (its SHA-256 does not match){hint}")
+    return payload
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,97 @@
+"""Checkpoints that lose nothing: a failure between writing and renaming leaves the last
+good checkpoint, and a damaged, empty, truncated or foreign file is a one-line error
+naming the file (and the previous checkpoint), never a traceback or a silent load."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from thermokfac.cli import main
+from thermokfac.experiments import checkpoint
+from thermokfac.experiments.train import Run, TrainConfig
+
+TINY = ["--data", "digits", "--width", "16", "--steps", "4", "--eval-every", "2",
+        "--batch-size", "32", "--no-progress", "--checkpoint-every", "2"]
+
+
+def _state(value: float) -> dict:
+    return {"weights": torch.full((3,), value), "step": int(value)}
+
+
+def test_round_trip_keeps_the_previous_checkpoint(tmp_path):
+    checkpoint.write(tmp_path, _state(1.0))
+    checkpoint.write(tmp_path, _state(2.0))
+    assert torch.equal(checkpoint.read(tmp_path)["weights"], torch.full((3,), 2.0))
+    previous = tmp_path / checkpoint.PREVIOUS
+    assert previous.exists() and not (tmp_path / (checkpoint.NAME + ".tmp")).exists()
+
+
+def test_failure_between_write_and_rename_leaves_the_last_good_checkpoint(tmp_path):
+    checkpoint.write(tmp_path, _state(1.0))
+
+    def killed():
+        raise KeyboardInterrupt("killed between write and rename")
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write(tmp_path, _state(2.0), before_rename=killed)
+    assert checkpoint.read(tmp_path)["step"] == 1  # the old one, whole
+    checkpoint.write(tmp_path, _state(3.0))       # and the next save works
+    assert checkpoint.read(tmp_path)["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign", "torch-file", "version"])
+def test_damaged_files_are_named_errors(tmp_path, damage):
+    checkpoint.write(tmp_path, _state(1.0))
+    checkpoint.write(tmp_path, _state(2.0))
+    path = tmp_path / checkpoint.NAME
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "foreign":
+        path.write_bytes(b"PK\x03\x04 something else entirely")
+    elif damage == "torch-file":
+        torch.save(_state(5.0), path)  # a plain torch.save: no header
+    else:
+        path.write_bytes(data.replace(b'"version": 1', b'"version": 9', 1))
+    with pytest.raises(ValueError, match=str(path)) as err:
+        checkpoint.read(tmp_path)
+    assert checkpoint.PREVIOUS in str(err.value)
+
+
+def test_every_single_byte_flip_is_caught(tmp_path):
+    """Flip one byte anywhere (header or payload): never a silent load."""
+    checkpoint.write(tmp_path, _state(1.0))
+    path = tmp_path / checkpoint.NAME
+    data = bytearray(path.read_bytes())
+    rng = random.Random(0)
+    for position in rng.sample(range(len(data)), 60):
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError):
+            checkpoint.read(tmp_path)
+
+
+def test_cli_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    path = out / checkpoint.NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    assert main(["train", *TINY, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is truncated or damaged" in err[0]
+    assert checkpoint.PREVIOUS in err[0]  # checkpoint-every 2 left a previous one
+
+
+def test_run_resume_uses_the_checked_file(tmp_path):
+    cfg = TrainConfig(data="digits", width=16, steps=4, eval_every=2, batch_size=32, seed=1)
+    run = Run(cfg, tmp_path / "run")
+    run.train(progress=False)
+    resumed = Run.resume(tmp_path / "run", steps=6)
+    assert resumed.step == 4
+    for p, q in zip(run.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
