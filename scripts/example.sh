@@ -10,4 +10,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 thermokfac compare --data fashion-mnist --model mlp --width 512 --depth 2 \
   --batch-size 512 --steps 240 --eval-every 30 --optimizer sgd --lr 0.1 --damping 0.01 \
-  --baseline adam --baseline-lr 1e-3 --out runs/main "$@"
+  --baseline adam --baseline-lr 1e-3 --out runs/main --overwrite "$@"

@@ -4,6 +4,7 @@ naming the file (and the previous checkpoint), never a traceback or a silent loa
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -95,3 +96,31 @@ def test_run_resume_uses_the_checked_file(tmp_path):
     assert resumed.step == 4
     for p, q in zip(run.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_non_empty_out_needs_overwrite_or_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    before = (out / checkpoint.NAME).read_bytes()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0]
+    assert (out / checkpoint.NAME).read_bytes() == before  # nothing was touched
+    assert main(["train", *TINY, "--out", str(out), "--overwrite", "--seed", "5"]) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+
+
+def test_resume_applies_resumable_flags_and_refuses_the_others(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--width", "64", "--solver",
+                 "eigh", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "width: saved 16, given 64" in err and "solver: saved 'cholesky', given 'eigh'" in err
+    assert main(["train", "--out", str(out), "--resume", "--steps", "6", "--lr", "0.0005",
+                 "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 6 and config["lr"] == 0.0005 and config["width"] == 16
+    assert json.loads((out / "results.json").read_text())["steps"] == 6

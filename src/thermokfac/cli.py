@@ -74,6 +74,9 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("runs") / out, help="run folder")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing the files this "
+                             "command writes (without it a non-empty --out is refused)")
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -82,8 +85,19 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _given(argv: Sequence[str], name: str) -> bool:
+    """Whether the option of field ``name`` appears on the command line."""
+    flag = "--" + name.replace("_", "-")
+    return any(t == flag or t.startswith(flag + "=") or t == "--no-" + flag[2:] for t in argv)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    run = Run.resume(args.out, steps=args.steps) if args.resume else Run(_config(args), args.out)
+    if args.resume:  # only the flags given again are compared with the saved run
+        changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                   if hasattr(args, f.name) and _given(args.argv, f.name)}
+        run = Run.resume(args.out, changes=changes)
+    else:
+        run = Run(_config(args), args.out)
     summary = run.train(progress=not args.no_progress)
     if run.rank != 0:
         return
@@ -235,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     _common(train, "train")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run saved in --out (to --steps in total)")
+                       help="continue the run saved in --out: --steps (a new total), --lr, "
+                            "--eval-every and --threads may change; any other flag given "
+                            "must match the saved run")
     train.set_defaults(func=cmd_train)
 
     comp = sub.add_parser("compare", help="baseline vs K-FAC vs Thermodynamic K-FAC (Fig. 3)")
@@ -329,10 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "and numpy)", file=sys.stderr)
         return 2
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         import torch
 
+        _refuse_nonempty(args)
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
         code = 0
@@ -347,6 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _distributed():
         _leave_distributed(code)
     return code
+
+
+def _refuse_nonempty(args: argparse.Namespace) -> None:
+    """A non-empty ``--out`` is refused unless the run resumes or ``--overwrite`` says
+    to replace it (checked on rank 0 only, before anything is written)."""
+    out = getattr(args, "out", None)
+    if out is None or getattr(args, "resume", False) or getattr(args, "overwrite", False) \
+            or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if Path(out).is_dir() and any(Path(out).iterdir()):
+        raise ValueError(f"--out {out} is not empty: pass --overwrite to replace its "
+                         "files, or --resume to continue the run saved there")
 
 
 def _distributed() -> bool:

@@ -168,6 +168,11 @@ def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
         num_per_example_loss_terms=task.loss_terms_per_example, seed=cfg.seed)
 
 
+#: Settings a resumed run may change (more steps, a new rate, another evaluation period,
+#: the threads it runs on).
+RESUMABLE = frozenset({"steps", "lr", "eval_every", "threads"})
+
+
 class Run:
     """A training run with its state; :meth:`train` continues from wherever it is."""
 
@@ -221,23 +226,43 @@ class Run:
         return self.out / checkpoint.NAME
 
     @classmethod
-    def resume(cls, out: Path, steps: int | None = None) -> Run:
+    def resume(cls, out: Path, steps: int | None = None,
+               changes: dict[str, Any] | None = None) -> Run:
         """Continue the run saved in ``out`` (optionally to a new total of ``steps``).
+
+        Args:
+            out: The run folder.
+            steps: New total of steps.
+            changes: Settings given again on resuming (e.g. the command line's flags).
+                :data:`RESUMABLE` ones are applied and recorded in ``config.json``; any
+                other that differs from the saved run is an error.
 
         Raises:
             FileNotFoundError: No checkpoint in ``out``.
-            ValueError: A damaged or foreign checkpoint, or another number of processes.
+            ValueError: A damaged or foreign checkpoint, another number of processes, or
+                changed settings that a resumed run cannot take (all listed).
         """
         state = checkpoint.read(out)  # FileNotFoundError / ValueError, naming the file
         cfg = TrainConfig(**state["config"])
+        changes = dict(changes or {})
         if steps is not None:
-            cfg = replace(cfg, steps=steps)
+            changes["steps"] = steps
+        fixed = {k: (getattr(cfg, k), v) for k, v in changes.items()
+                 if k not in RESUMABLE and getattr(cfg, k) != v}
+        if fixed:
+            listed = ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in fixed.items())
+            raise ValueError(f"cannot resume {out} with changed settings ({listed}); only "
+                             f"{', '.join(sorted(RESUMABLE))} may change on resume")
+        cfg = replace(cfg, **{k: v for k, v in changes.items() if k in RESUMABLE})
         run = cls(cfg, out)
         if state["world_size"] != run.world:
             raise ValueError(f"the checkpoint in {out} was written by {state['world_size']} "
                              f"process(es); resume it with the same number, not {run.world}")
         run.net.load_state_dict(state["model"])
         run.opt.load_state_dict(state["opt"])
+        if "lr" in changes:  # the saved optimizer state carries the old rate
+            for group in run.opt.param_groups:
+                group["lr"] = cfg.lr
         if run.pre is not None:
             run.pre.load_state_dict(_to(state["pre"], run.device))
         run.gen.set_state(state["gen"][run.rank])
