@@ -203,3 +203,58 @@ def test_zero_grad_after_another_forward_keeps_and_warns():
     opt.zero_grad()  # after a step: nothing pending, nothing counted
     assert opt.preconditioner.stats["carried_curvature"] == 1
     assert opt.preconditioner.stats["discarded_curvature"] == 0
+
+
+def test_layers_the_base_optimizer_does_not_step_are_left_alone():
+    """K-FAC on the head only (the body stepped by another optimizer): the body's
+    gradient is untouched and the head's update equals a preconditioner that skips the
+    body (whose KL clip sees only the head)."""
+    model = _model()
+    opt = KFACOptimizer(model, torch.optim.SGD(model[2].parameters(), lr=0.1), kl_clip=1e-4)
+    assert opt.preconditioner.layer_names == ["2"]
+    _loss(model, BATCHES[0]).backward()
+    body = model[0].weight.grad.clone()
+    opt.step()
+    assert torch.equal(model[0].weight.grad, body)
+    reference = _model()
+    ref_opt = torch.optim.SGD(reference[2].parameters(), lr=0.1)
+    pre = KFACPreconditioner(reference, optimizer=ref_opt, kl_clip=1e-4, skip_layers=["0"])
+    _loss(reference, BATCHES[0]).backward()
+    pre.step()
+    ref_opt.step()
+    assert _same(model, reference)
+
+
+def test_unsupported_bases_copies_and_refused_loads():
+    model = _model()
+    with pytest.raises(ValueError, match="LBFGS re-evaluates its closure"):
+        KFACOptimizer(model, torch.optim.LBFGS(model.parameters()))
+    inner = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="preconditioned twice"):
+        KFACOptimizer(model, inner)
+    import copy
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(inner)
+    # A state the preconditioner refuses leaves the base optimizer as it was.
+    other = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    other_opt = KFACOptimizer(other, torch.optim.SGD(other.parameters(), lr=0.7))
+    _loss(other, BATCHES[0]).backward()
+    other_opt.step()
+    foreign = other_opt.state_dict()
+    with pytest.raises(ValueError, match="different model"):
+        inner.load_state_dict(foreign)
+    assert inner.param_groups[0]["lr"] == 0.1
+
+
+def test_kl_clip_counts_sgd_dampening():
+    """SGD with momentum μ and dampening d steps lr(1 − d)/(1 − μ) per unit gradient at
+    steady state; the KL clip uses that rate."""
+    nus = {}
+    for dampening in (0.0, 0.9):
+        model = _model()
+        opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                                   dampening=dampening), kl_clip=1e-6)
+        _loss(model, BATCHES[0]).backward()
+        opt.step()
+        nus[dampening] = opt.preconditioner.stats["kl_clip_scale"]
+    assert nus[0.9] == pytest.approx(10 * nus[0.0], rel=1e-6)  # η is 10× smaller

@@ -21,6 +21,20 @@ from .kfac.discovery import is_ddp
 from .kfac.guards import world_size
 
 
+def _outside(pre: KFACPreconditioner, base: torch.optim.Optimizer) -> list[str]:
+    """Names of the modules whose preconditioned parameters ``base`` does not step."""
+    stepped = {id(p) for group in base.param_groups for p in group["params"]}
+    names = {id(m): n for n, m in pre.model.named_modules()}
+    out = []
+    for record in pre._records.values():
+        params = record.helper.parameters
+        if params and not any(id(p) in stepped for p in params):
+            name = names.get(id(record.helper.module))
+            if name is not None and name not in out:
+                out.append(name)
+    return out
+
+
 class KFACOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that preconditions with K-FAC, then steps ``base``.
 
@@ -28,7 +42,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         model: The network whose parameters ``base_optimizer`` updates (bare,
             ``torch.compile``'d or DDP-wrapped; with DDP on several ranks the
             :class:`~thermokfac.distributed.DistributedKFACPreconditioner` is used).
-        base_optimizer: Any ``torch.optim.Optimizer`` over the model's parameters.
+        base_optimizer: A ``torch.optim.Optimizer`` over the model's parameters (not
+            LBFGS, whose closure would overwrite the preconditioned gradient). Layers
+            whose parameters it does not step are left out (``skip_layers``).
         **preconditioner_options: Keyword arguments of
             :class:`~thermokfac.KFACPreconditioner` (``solver``, ``damping``, ...).
             ``optimizer`` is this object: the KL clip reads the rates (and SGD momentum)
@@ -36,7 +52,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Raises:
         TypeError: If ``base_optimizer`` is not a ``torch.optim.Optimizer``.
-        ValueError: If ``optimizer=`` is passed among the preconditioner options.
+        ValueError: If ``optimizer=`` is passed among the preconditioner options, or the
+            base optimizer is LBFGS or another ``KFACOptimizer``.
 
     >>> model = nn.Sequential(nn.Linear(4, 3))
     >>> opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -54,6 +71,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         if "optimizer" in preconditioner_options:
             raise ValueError("optimizer= is set by KFACOptimizer itself (the KL clip reads "
                              "its param_groups); pass the base optimizer as base_optimizer")
+        if isinstance(base_optimizer, (torch.optim.LBFGS, KFACOptimizer)):
+            raise ValueError(
+                f"base_optimizer={type(base_optimizer).__name__} is not supported: "
+                + ("LBFGS re-evaluates its closure, which would overwrite the preconditioned "
+                   "gradient" if isinstance(base_optimizer, torch.optim.LBFGS) else
+                   "it already preconditions (the gradient would be preconditioned twice)"))
         self.base_optimizer = base_optimizer
         # Optimizer.__init__ registers the groups (the base optimizer's own dicts, already
         # complete) and sets up torch's step hooks; the list and the state are then shared.
@@ -66,6 +89,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         else:
             preconditioner_cls = KFACPreconditioner
         self.preconditioner = preconditioner_cls(model, optimizer=self, **preconditioner_options)
+        outside = _outside(self.preconditioner, base_optimizer)
+        if outside:  # layers another optimizer steps are left alone (and reported)
+            self.preconditioner.remove()
+            skip = tuple(preconditioner_options.pop("skip_layers", ())) + tuple(outside)
+            self.preconditioner = preconditioner_cls(model, optimizer=self, skip_layers=skip,
+                                                     **preconditioner_options)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,6 +114,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.preconditioner.step()
         self.base_optimizer.step()
         return loss
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a KFACOptimizer cannot be copied or pickled (its preconditioner "
+                        "holds hooks on the model): save and load state_dict() instead")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients; the curvature of backwards whose
@@ -109,7 +142,9 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore both parts; the base state is cast as ``torch.optim`` casts it, the
-        preconditioner's moved to the model's device and ``factor_dtype``.
+        preconditioner's moved to the model's device, its moving averages cast to
+        ``factor_dtype`` (inverses and factorisations keep their dtype until the next
+        prepare).
 
         Raises:
             ValueError: If ``state_dict`` is not a :meth:`state_dict` of this class.
@@ -118,10 +153,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
             raise ValueError(f"not a KFACOptimizer state (keys {keys}); expected 'base' and "
                              "'preconditioner'")
+        # The preconditioner's state is checked (and refused) first: a refused load
+        # leaves both parts as they were.
+        self.preconditioner.load_state_dict(state_dict["preconditioner"])
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # torch rebuilds the list
         self.state = self.base_optimizer.state
-        self.preconditioner.load_state_dict(state_dict["preconditioner"])
 
     def __repr__(self) -> str:
         pre = self.preconditioner

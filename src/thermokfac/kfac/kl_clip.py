@@ -25,8 +25,9 @@ MOMENTUM = Range(0.0, 1.0)
 
 def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer | None,
                             momentum: float | None, group: int = 0) -> float | None:
-    """η = lr/(1 − μ): ``lr`` if given, else the optimizer's ``group``-th group's; μ from
-    ``momentum`` if given, else the group's SGD ``momentum`` (0 for Adam-like groups).
+    """η = lr(1 − d)/(1 − μ): ``lr`` if given, else the optimizer's ``group``-th group's;
+    μ from ``momentum`` if given, else the group's SGD ``momentum`` (0 for Adam-like
+    groups) with its ``dampening`` d (0 when ``momentum`` is given).
 
     Raises:
         ValueError: If the momentum is outside [0, 1) (torch accepts SGD ``momentum=1``,
@@ -38,15 +39,18 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
         lr = float(group["lr"])
     if lr is None:
         return None
+    dampening = 0.0
     if momentum is None:
         momentum = float(group.get("momentum", 0.0)) if "betas" not in group else 0.0
+        if momentum:  # SGD's steady-state step is lr(1 − dampening)/(1 − μ)
+            dampening = float(group.get("dampening", 0.0))
         if not MOMENTUM.contains(momentum):
             raise ValueError(
                 f"the optimizer's momentum={momentum!r} is out of range for the KL clip, "
                 f"whose effective learning rate lr/(1 - momentum) needs momentum in "
                 f"{MOMENTUM.describe()}: pass momentum= to the preconditioner or kl_clip=None")
     check_value("momentum", momentum, MOMENTUM)
-    return float(lr) / (1.0 - momentum)
+    return float(lr) * (1.0 - dampening) / (1.0 - momentum)
 
 
 def kl_clip_scale(kl_clip: float | None, u_dot_d: float, lr: float | None) -> float:

@@ -96,7 +96,9 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
     if state["solver"] != snap.solver or state["method"] != snap.method:
         raise ValueError(f"checkpoint was written with solver={state['solver']!r}, method="
                          f"{state['method']!r}; this preconditioner uses solver="
-                         f"{snap.solver!r}, method={snap.method!r}")
+                         f"{snap.solver!r}, method={snap.method!r} (pass solver="
+                         f"{state['solver']!r}, method={state['method']!r} to load it; the "
+                         "default method of the digital solvers was 'solve' before 'inverse')")
     snap.generator.set_state(state["generator"])
     return Snapshot(
         steps=int(state["steps"]),
