@@ -124,3 +124,31 @@ def test_resume_applies_resumable_flags_and_refuses_the_others(tmp_path, capsys)
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 6 and config["lr"] == 0.0005 and config["width"] == 16
     assert json.loads((out / "results.json").read_text())["steps"] == 6
+
+
+def test_ctrl_c_saves_and_leaves_cleanly(tmp_path):
+    """SIGINT mid-run: the run stops at the next step boundary, writes its checkpoint,
+    logs and summary, exits with 128 + SIGINT, and resumes from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    code = "import sys; from thermokfac.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", "--data", "digits",
+                             "--width", "16", "--steps", "100000", "--eval-every", "5",
+                             "--batch-size", "32", "--no-progress", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / checkpoint.NAME).exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / checkpoint.NAME).exists(), proc.stderr.read() if proc.poll() else ""
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 5 <= results["steps"] < 100000
+    assert len((out / "metrics.csv").read_text().splitlines()) >= 2
+    resumed = Run.resume(out, steps=results["steps"] + 2)
+    assert resumed.step == results["steps"]

@@ -16,7 +16,10 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +115,36 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def stop_on_signals(enabled: bool) -> Iterator[list[int]]:
+    """While training in one process, SIGINT and SIGTERM only set a flag (the signal's
+    number in the yielded list), so the loop can save and leave between steps. Under
+    several processes the default handlers stay: the ranks could not agree on a save."""
+    stop: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        stop.append(signum)
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Every tensor of a nested dict / list / tuple on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

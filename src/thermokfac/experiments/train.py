@@ -28,7 +28,7 @@ from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
 from ..distributed.launch import collective_timeout
 from ..solvers import HardwareModel, ThermodynamicSolver
-from . import checkpoint
+from . import checkpoint as checkpoint_files
 from .tasks import Task, build_model, load_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
@@ -76,7 +76,7 @@ class TrainConfig:
     t0_rc: float | None = None
     window_rc: float | None = None
     threads: int = 2
-    checkpoint_every: int = 0
+    checkpoint_every: int = 0  # 0: at each evaluation
     stop_at: float | None = None
     device: str = "auto"
     dist_strategy: str = "comm-opt"
@@ -222,8 +222,8 @@ class Run:
         ``checkpoint.prev.pt`` (:mod:`.checkpoint`; rank 0; every rank must call it)."""
         state = self.state_dict()
         if self.rank == 0:
-            return checkpoint.write(self.out, state)
-        return self.out / checkpoint.NAME
+            return checkpoint_files.write(self.out, state)
+        return self.out / checkpoint_files.NAME
 
     @classmethod
     def resume(cls, out: Path, steps: int | None = None,
@@ -242,7 +242,7 @@ class Run:
             ValueError: A damaged or foreign checkpoint, another number of processes, or
                 changed settings that a resumed run cannot take (all listed).
         """
-        state = checkpoint.read(out)  # FileNotFoundError / ValueError, naming the file
+        state = checkpoint_files.read(out)  # FileNotFoundError / ValueError, naming the file
         cfg = TrainConfig(**state["config"])
         changes = dict(changes or {})
         if steps is not None:
@@ -264,7 +264,7 @@ class Run:
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr
         if run.pre is not None:
-            run.pre.load_state_dict(_to(state["pre"], run.device))
+            run.pre.load_state_dict(checkpoint_files.to_device(state["pre"], run.device))
         run.gen.set_state(state["gen"][run.rank])
         torch.set_rng_state(state["torch_rng"][run.rank])
         run.step, run.train_s = state["step"], state["train_s"]
@@ -292,21 +292,31 @@ class Run:
         bar = tqdm(range(self.step, cfg.steps), desc=f"{cfg.model}/{cfg.data}",
                    disable=not progress or self.rank != 0, initial=self.step,
                    total=cfg.steps, leave=False)
-        for _ in bar:
-            record = self._one_step()
-            self.steps.append(record)
-            self.step += 1
-            if not all(map(_finite, [record["loss"]])):
-                raise FloatingPointError(f"training loss became {record['loss']} at step "
-                                         f"{self.step}")
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                self.metrics.append({"step": self.step, "train_s": self.train_s,
-                                     **self.evaluate()})
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if self.reached():
-                    break
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save()
+        with checkpoint_files.stop_on_signals(self.world == 1) as stop:
+            for _ in bar:
+                record = self._one_step()
+                self.steps.append(record)
+                self.step += 1
+                if not all(map(_finite, [record["loss"]])):
+                    raise FloatingPointError(f"training loss became {record['loss']} at "
+                                             f"step {self.step}")
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                if evaluated:
+                    self.metrics.append({"step": self.step, "train_s": self.train_s,
+                                         **self.evaluate()})
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    self._write_logs()  # what a crash or Ctrl-C would otherwise lose
+                    if self.reached():
+                        break
+                every = cfg.checkpoint_every
+                if checkpoint and (self.step % every == 0 if every else evaluated):
+                    self.save()
+                if stop:  # SIGINT/SIGTERM: save, write the files, leave cleanly
+                    bar.close()
+                    if checkpoint:
+                        self.save()
+                    self.write()
+                    raise SystemExit(128 + stop[0])
         bar.close()
         if checkpoint:
             self.save()
@@ -349,11 +359,16 @@ class Run:
                           modeled_target_error_s=t.modeled_target_error_s)
         return record
 
-    def write(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes it and the CSV files."""
+    def _write_logs(self) -> None:
+        """``steps.csv`` and ``metrics.csv`` so far (rank 0)."""
         if self.rank == 0:
             _write_csv(self.out / "steps.csv", STEP_FIELDS, self.steps)
             _write_csv(self.out / "metrics.csv", list(self.metrics[-1]), self.metrics)
+
+    def write(self) -> dict[str, Any]:
+        """The run's summary; rank 0 writes it and the CSV files."""
+        self._write_logs()
+        if self.rank == 0:
             spectra = list(self.pre.spectra.history) if self.pre is not None else []
             if spectra:  # the device matrices' α_min, α_max and κ per prepare
                 _write_csv(self.out / "spectra.csv", list(spectra[0]), spectra)
@@ -369,17 +384,6 @@ class Run:
         if self.rank == 0:
             (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    """Every tensor of a nested dict / list / tuple on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
 
 
 def _finite(value: float) -> bool:
