@@ -152,3 +152,10 @@ def test_ctrl_c_saves_and_leaves_cleanly(tmp_path):
     assert len((out / "metrics.csv").read_text().splitlines()) >= 2
     resumed = Run.resume(out, steps=results["steps"] + 2)
     assert resumed.step == results["steps"]
+
+
+def test_limit_zero_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "--data", "digits", "--limit", "0", "--no-progress", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "limit=0 must be a positive number" in err[0]

@@ -85,6 +85,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not valid; choose one of "
                              f"{list(OPTIMIZERS)}")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"limit={self.limit!r} must be a positive number of training "
+                             "examples, or None for all of them")
         for name in ("steps", "batch_size", "eval_every", "threads", "width", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
