@@ -58,7 +58,7 @@ def test_nccl_rank_matches_one_process(tmp_path, strategy, method):
 
 def test_plain_cuda_device_gets_an_index():
     """``--device cuda`` names the current GPU by index (what set_device needs)."""
-    from thermokfac.experiments.train import resolve_device
+    from thermokfac.experiments.processes import resolve_device
 
     device = resolve_device("cuda")
     assert device.type == "cuda" and device.index == torch.cuda.current_device()

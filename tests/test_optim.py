@@ -210,7 +210,9 @@ def test_layers_the_base_optimizer_does_not_step_are_left_alone():
     gradient is untouched and the head's update equals a preconditioner that skips the
     body (whose KL clip sees only the head)."""
     model = _model()
-    opt = KFACOptimizer(model, torch.optim.SGD(model[2].parameters(), lr=0.1), kl_clip=1e-4)
+    with pytest.warns(UserWarning, match=r"layers \['0'\] are left out of K-FAC"):
+        opt = KFACOptimizer(model, torch.optim.SGD(model[2].parameters(), lr=0.1),
+                            kl_clip=1e-4)
     assert opt.preconditioner.layer_names == ["2"]
     _loss(model, BATCHES[0]).backward()
     body = model[0].weight.grad.clone()

@@ -10,12 +10,13 @@ message, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
+
+from ._cli_runtime import distributed, given, leave_distributed, refuse_nonempty
 
 #: The command line's own dependencies (the ``cli`` extra); the library needs neither.
 CLI_EXTRA = ("matplotlib", "tqdm")
@@ -25,6 +26,7 @@ try:
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
     from .experiments.plan import plan
+    from .experiments.processes import resolve_device
     from .experiments.profile import profile
     from .experiments.profile_dist import profile_nproc
     from .experiments.quantize import quantize_sweep
@@ -32,7 +34,7 @@ try:
     from .experiments.sweep import load_spec, sweep
     from .experiments.sweep import table as sweep_table
     from .experiments.tasks import MODELS, TASKS
-    from .experiments.train import OPTIMIZERS, Run, TrainConfig, resolve_device
+    from .experiments.train import OPTIMIZERS, Run, TrainConfig
     from .solvers.quantize import check_bits
 except ModuleNotFoundError as err:
     if err.name is None or err.name.split(".")[0] not in CLI_EXTRA:
@@ -85,16 +87,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _given(argv: Sequence[str], name: str) -> bool:
-    """Whether the option of field ``name`` appears on the command line."""
-    flag = "--" + name.replace("_", "-")
-    return any(t == flag or t.startswith(flag + "=") or t == "--no-" + flag[2:] for t in argv)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:  # only the flags given again are compared with the saved run
         changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                   if hasattr(args, f.name) and _given(args.argv, f.name)}
+                   if hasattr(args, f.name) and given(args.argv, f.name)}
         run = Run.resume(args.out, changes=changes)
     else:
         run = Run(_config(args), args.out)
@@ -351,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
-        _refuse_nonempty(args)
+        refuse_nonempty(args)
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
         code = 0
@@ -359,44 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
         code = 2
     except RuntimeError as err:  # under torchrun: a failed peer or collective
-        if not _distributed():
+        if not distributed():
             raise
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
         code = 1
-    if _distributed():
-        _leave_distributed(code)
+    if distributed():
+        leave_distributed(code)
     return code
-
-
-def _refuse_nonempty(args: argparse.Namespace) -> None:
-    """A non-empty ``--out`` is refused unless the run resumes or ``--overwrite`` says
-    to replace it (checked on rank 0 only, before anything is written)."""
-    out = getattr(args, "out", None)
-    if out is None or getattr(args, "resume", False) or getattr(args, "overwrite", False) \
-            or int(os.environ.get("RANK", "0")) != 0:
-        return
-    if Path(out).is_dir() and any(Path(out).iterdir()):
-        raise ValueError(f"--out {out} is not empty: pass --overwrite to replace its "
-                         "files, or --resume to continue the run saved there")
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _leave_distributed(code: int) -> None:
-    """Under torchrun: wait for every rank (after success), then exit without tearing the
-    process group down (freeing DDP's reducer beside gloo's worker thread can deadlock at
-    exit); a failed rank leaves at once, and its peers' collectives fail with an error."""
-    import torch.distributed as dist
-
-    if code == 0:
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

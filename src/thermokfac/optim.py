@@ -11,6 +11,7 @@ gradients (Eq. 15) and then runs the base step, once per optimizer step.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -90,7 +91,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             preconditioner_cls = KFACPreconditioner
         self.preconditioner = preconditioner_cls(model, optimizer=self, **preconditioner_options)
         outside = _outside(self.preconditioner, base_optimizer)
-        if outside:  # layers another optimizer steps are left alone (and reported)
+        if outside:  # layers another optimizer steps are left alone, and said so
+            warnings.warn(f"layers {outside} are left out of K-FAC: the base optimizer does "
+                          "not step their parameters", UserWarning, stacklevel=2)
             self.preconditioner.remove()
             skip = tuple(preconditioner_options.pop("skip_layers", ())) + tuple(outside)
             self.preconditioner = preconditioner_cls(model, optimizer=self, skip_layers=skip,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -26,9 +25,9 @@ from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
-from ..distributed.launch import collective_timeout
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
+from .processes import init_distributed, resolve_device
 from .tasks import Task, build_model, load_task
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
@@ -119,38 +118,6 @@ def make_solver(cfg: TrainConfig):
                                output_bits=cfg.output_bits, quantizer=cfg.quantizer,
                                target_error=cfg.target_error, t0_rc=cfg.t0_rc,
                                window_rc=cfg.window_rc, hardware=hardware)
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); under ``torchrun`` (``WORLD_SIZE`` > 1) this initialises
-    torch.distributed first — NCCL when CUDA is available, else gloo."""
-    if dist.is_available() and not dist.is_initialized() and \
-            int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=collective_timeout())
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not valid; use 'auto', 'cpu', 'cuda' or "
-                         "'cuda:N'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} is not available: this torch has no CUDA device")
-        if device.index is None:  # plain "cuda": the current GPU, named by its index
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device
 
 
 def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
