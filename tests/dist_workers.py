@@ -245,3 +245,16 @@ def kfac_optimizer_ddp(out: str) -> None:
         opt.step()
     torch.save({"params": {k: v.detach() for k, v in inner.named_parameters()},
                 "kind": type(opt.preconditioner).__name__}, f"{out}.{rank}")
+
+
+def mismatched(out: str) -> None:
+    """Rank 1 builds a wider hidden layer than rank 0; construction must say so on every
+    rank (written to out.<rank>) instead of a later collective aborting."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6 + rank), nn.Tanh(), nn.Linear(6 + rank, 2))
+    try:
+        DistributedKFACPreconditioner(model)
+    except ValueError as err:
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(str(err))

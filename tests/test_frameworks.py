@@ -85,6 +85,7 @@ def _accelerate_run(accelerate, batches, save=None, load=None):
     return model, opt
 
 
+@pytest.mark.slow  # a framework resume: two trainings and a checkpoint round trip
 def test_accelerate_resume_equals_the_uninterrupted_run(tmp_path):
     """``accelerator.save_state`` / ``load_state`` carry ``KFACOptimizer.state_dict()``
     (base and preconditioner): the resumed run continues exactly."""
@@ -133,6 +134,7 @@ def test_lightning_clips_before_preconditioning():
     assert not _close(module.net, _plain(BATCHES, options=options), tol=1e-6)  # clip mattered
 
 
+@pytest.mark.slow  # a framework resume: two trainings and a checkpoint round trip
 def test_lightning_resume_equals_the_uninterrupted_run(tmp_path):
     """Epoch 1, checkpoint, a new Trainer resumes with ``ckpt_path`` for epoch 2: the
     preconditioner's factors and step count come back through ``load_state_dict``."""
@@ -206,6 +208,7 @@ def _hf_train(transformers, out, steps, options, save=False, resume=None):
     return model, opt
 
 
+@pytest.mark.slow  # a framework resume: two trainings and a checkpoint round trip
 def test_hugging_face_resume_equals_the_uninterrupted_run(tmp_path):
     """``resume_from_checkpoint``: the Trainer restores ``KFACOptimizer.state_dict()``
     (base and preconditioner) and continues exactly."""

@@ -187,22 +187,60 @@ def test_lr_only_kl_clip_warns_about_momentum():
                                                              momentum=0.9)).remove()
 
 
-def test_zero_grad_after_another_forward_keeps_and_warns():
-    """A dropped backward followed by a forward before ``zero_grad``: the curvature of
-    the two cannot be told apart, so it is kept, warned about and counted."""
-    model = _model()
-    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05), kl_clip=None)
-    _loss(model, BATCHES[0]).backward()  # its step is skipped
-    out = _loss(model, BATCHES[1])       # the next forward comes first
-    with pytest.warns(UserWarning, match="cannot be told apart"):
-        opt.zero_grad()
-    assert opt.preconditioner.stats["carried_curvature"] == 1
-    out.backward()
-    opt.step()
-    assert opt.preconditioner.steps == 1
-    opt.zero_grad()  # after a step: nothing pending, nothing counted
-    assert opt.preconditioner.stats["carried_curvature"] == 1
-    assert opt.preconditioner.stats["discarded_curvature"] == 0
+@pytest.mark.parametrize("zero", ["optimizer", "model", "model-keep", "none"])
+def test_a_skipped_step_curvature_is_dropped_whoever_zeroes_the_gradients(zero):
+    """A backward whose step is skipped, then the next forward, then the gradients reset
+    (by the optimizer as Lightning does, by ``model.zero_grad()`` as the Hugging Face
+    Trainer does, or to zeros instead of None) before that forward's backward: the
+    skipped backward's curvature is dropped there and the step equals one that never
+    saw its batch. Without a reset (accumulation) the two backwards' curvature joins."""
+    def run(batches, skipped):
+        model = _model()
+        opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                            kl_clip=None, factor_decay=0.5)
+        if skipped is not None:
+            _loss(model, skipped).backward()  # its step is skipped
+        out = _loss(model, batches[0])       # the next forward comes first
+        if zero == "optimizer":
+            opt.zero_grad()
+        elif zero in ("model", "model-keep"):
+            model.zero_grad(set_to_none=zero == "model")
+        out.backward()
+        opt.step()
+        for batch in batches[1:]:
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            opt.step()
+        return model, opt.preconditioner
+    skipped_run, pre = run(BATCHES[1:3], BATCHES[0])
+    never, _ = run(BATCHES[1:3], None)
+    same = all(torch.allclose(p, q, rtol=1e-6, atol=1e-8)
+               for p, q in zip(skipped_run.parameters(), never.parameters()))
+    if zero == "none":  # gradient accumulation: both backwards are the step's
+        assert not same and pre.stats["discarded_curvature"] == 0
+    else:
+        assert same and pre.stats["discarded_curvature"] == 1
+    assert pre.steps == 2
+
+
+def test_a_bare_preconditioner_drops_a_skipped_backward_too():
+    """The same without ``KFACOptimizer``: ``model.zero_grad()`` between the skipped
+    backward and the next one is enough."""
+    def run(skip: bool):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        pre = KFACPreconditioner(model, optimizer=opt, kl_clip=None)
+        if skip:
+            _loss(model, BATCHES[0]).backward()
+            model.zero_grad()
+        _loss(model, BATCHES[1]).backward()
+        pre.step()
+        opt.step()
+        return model, pre
+    skipped, pre = run(True)
+    never, _ = run(False)
+    assert pre.stats["discarded_curvature"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), never.parameters()))
 
 
 def test_layers_the_base_optimizer_does_not_step_are_left_alone():

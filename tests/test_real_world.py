@@ -910,8 +910,10 @@ def test_parameters_replaced_by_load_state_dict_assign_are_followed():
 
 
 def test_a_refused_step_does_not_mix_into_the_next_backward():
-    """A step refused for its example count, the batch skipped, a new backward: the
-    refused curvature is discarded (warned, counted), never mixed in."""
+    """A step refused for its example count, the batch skipped (gradients reset), a new
+    backward: the refused curvature is dropped as that backward begins (counted), and
+    the step's factors are the new backward's alone. Without the reset, the next
+    ``step()`` discards the mixture (warned, counted)."""
     model = tiny()
     pre = KFACPreconditioner(model, kl_clip=None)
     x, y = data()
@@ -920,10 +922,15 @@ def test_a_refused_step_does_not_mix_into_the_next_backward():
         pre.step()
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.warns(UserWarning, match="discarded"):
-        pre.step()
-    assert pre.stats["discarded_curvature"] == 1 and pre.factors() == {}
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
     pre.step()
+    assert pre.stats["discarded_curvature"] == 1
     assert_factors_equal(pre.factors(), eager_factors(x, y))
+    other = KFACPreconditioner(tiny(), kl_clip=None)  # the same without the reset
+    (nn.functional.cross_entropy(other.model(x), y)
+     + other.model(x + 1).pow(2).mean()).backward()
+    with pytest.raises(ValueError, match="num_examples"):
+        other.step()
+    nn.functional.cross_entropy(other.model(x), y).backward()
+    with pytest.warns(UserWarning, match="discarded"):
+        other.step()
+    assert other.stats["discarded_curvature"] == 1 and other.factors() == {}

@@ -107,3 +107,33 @@ def test_float64_state_loads_into_a_float32_model(method):
     _train(model64, opt64, pre64, [(x.double(), y) for x, y in BATCHES[3:5]], "empirical")
     for p32, p64 in zip(model32.parameters(), model64.parameters()):
         assert torch.allclose(p32.double(), p64, rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_with_wrong_tensor_shapes_is_refused_before_loading():
+    model, opt, pre = _fresh({"solver": "cholesky", "method": "inverse"})
+    _train(model, opt, pre, BATCHES[:4], "empirical")
+    state = pre.state_dict()
+    first = next(iter(state["layers"]))
+    state["layers"][first]["g_inv"] = torch.zeros(3, 3)  # edited / damaged, shapes intact
+    _, _, other = _fresh({"solver": "cholesky", "method": "inverse"})
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=rf"{first}/g_inv has shape \(3, 3\); this model's "
+                                         r"layer needs \(8, 8\)"):
+        other.load_state_dict(state)
+    after = other.state_dict()  # nothing was loaded
+    assert after["steps"] == before["steps"] == 0
+
+
+def test_a_state_from_another_thermodynamic_device_is_refused():
+    from thermokfac.solvers import ThermodynamicSolver
+
+    model, opt, pre = _fresh({"solver": ThermodynamicSolver(input_bits=8), "method": "solve"})
+    _train(model, opt, pre, BATCHES[:2], "empirical")
+    state = pre.state_dict()
+    assert "input_bits" in state["solver_settings"]
+    _, _, same = _fresh({"solver": ThermodynamicSolver(input_bits=8), "method": "solve"})
+    same.load_state_dict(state)  # the same device loads
+    _, _, other = _fresh({"solver": ThermodynamicSolver(input_bits=12), "method": "solve"})
+    with pytest.raises(ValueError, match=r"another solver configuration: input_bits "
+                                         r"\(checkpoint 8, this solver 12\)"):
+        other.load_state_dict(state)

@@ -4,6 +4,8 @@ the run-folder rule, and leaving a torchrun job."""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -45,3 +47,46 @@ def leave_distributed(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+#: Commands whose folder gets the command line's settings as ``config.json`` (train and
+#: sweep write their own: the merged training config, the sweep spec).
+WRITES_ARGS = ("compare", "profile", "scaling", "quantize", "plan", "breakeven")
+
+
+def apply_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       argv: list[str]) -> argparse.Namespace:
+    """Settings of ``--config FILE`` become the command's defaults; flags override them."""
+    if getattr(args, "config", None) is None:
+        args.from_file = {}
+        return args
+    from .experiments.config import read_config_file
+
+    values = read_config_file(args.config, args.command_name)
+    args.sub_parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.from_file = values
+    return args
+
+
+def write_args(args: argparse.Namespace) -> None:
+    skip = {"func", "argv", "sub_parser", "from_file", "command_name"}
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+              if k not in skip}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "config.json").write_text(json.dumps(values, indent=2))
+
+
+class OncePerCommand(logging.Filter):
+    """Lets each distinct message through once (a sweep builds many preconditioners)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True

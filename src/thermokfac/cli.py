@@ -1,30 +1,37 @@
-"""``thermokfac <command>``: argument parsing only; the work is in :mod:`.experiments`.
-
-Commands: ``train``, ``compare``, ``sweep``, ``profile``, ``scaling``,
-``quantize``, ``plan``, ``plot``. Every command takes ``--seed``,
-``--threads`` and ``--out``, shows progress bars, and writes ``config.json``, its results
-and PNG plots into its run folder. Bad arguments exit with status 2 and a one-line
-message, never a traceback.
+"""``thermokfac <command>``: the commands' functions and ``main``; the options are in
+:mod:`._cli_parser`, the run-folder, config-file and torchrun rules in
+:mod:`._cli_runtime`, the work in :mod:`.experiments`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields, replace
-from pathlib import Path
-from typing import Any
 
-from ._cli_runtime import distributed, given, leave_distributed, refuse_nonempty
+from ._cli_runtime import (
+    WRITES_ARGS,
+    OncePerCommand,
+    apply_config_file,
+    distributed,
+    given,
+    leave_distributed,
+    refuse_nonempty,
+    write_args,
+)
 
 #: The command line's own dependencies (the ``cli`` extra); the library needs neither.
 CLI_EXTRA = ("matplotlib", "tqdm")
 
 try:
     from . import plots
+    from ._cli_parser import build_parser
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
+    from .experiments.config import TrainConfig
     from .experiments.plan import plan
     from .experiments.processes import resolve_device
     from .experiments.profile import profile
@@ -33,8 +40,8 @@ try:
     from .experiments.scaling import scaling
     from .experiments.sweep import load_spec, sweep
     from .experiments.sweep import table as sweep_table
-    from .experiments.tasks import MODELS, TASKS
-    from .experiments.train import OPTIMIZERS, Run, TrainConfig
+    from .experiments.tensorboard import TensorBoardLog
+    from .experiments.train import Run
     from .solvers.quantize import check_bits
 except ModuleNotFoundError as err:
     if err.name is None or err.name.split(".")[0] not in CLI_EXTRA:
@@ -42,43 +49,6 @@ except ModuleNotFoundError as err:
     _MISSING: str | None = err.name.split(".")[0]
 else:
     _MISSING = None
-
-_SKIP = {"seed", "threads"}
-
-
-def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str):
-        return None if text.lower() in ("none", "") else kind(text)
-    return parse
-
-
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    for f in fields(TrainConfig):
-        if f.name in _SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        base = {"int": int, "float": float, "str": str}
-        text = str(f.type)
-        kind = next((v for k, v in base.items() if text.startswith(k)), str)
-        if "None" in text:
-            kind = _parse_optional(kind)
-        choices = {"optimizer": OPTIMIZERS, "model": MODELS, "data": TASKS,
-                   "dist_strategy": ("comm-opt", "mem-opt")}.get(f.name)
-        parser.add_argument(flag, type=kind, default=f.default, choices=choices,
-                            help=f"(default: {f.default})")
-
-
-def _common(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random source")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=Path("runs") / out, help="run folder")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out, replacing the files this "
-                             "command writes (without it a non-empty --out is refused)")
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -90,11 +60,18 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:  # only the flags given again are compared with the saved run
         changes = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                   if hasattr(args, f.name) and given(args.argv, f.name)}
+                   if hasattr(args, f.name)
+                   and (given(args.argv, f.name) or f.name in args.from_file)}
         run = Run.resume(args.out, changes=changes)
     else:
         run = Run(_config(args), args.out)
-    summary = run.train(progress=not args.no_progress)
+    if args.tensorboard is not None and run.rank == 0:
+        run.tensorboard = TensorBoardLog(args.tensorboard)
+    try:
+        summary = run.train(progress=not args.no_progress)
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     if run.rank != 0:
         return
     figures = plots.plot_train(args.out)
@@ -219,7 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.seeds is not None:
         spec["seeds"] = args.seeds
     spec["base"] = {**spec["base"], "threads": args.threads}
-    summary = sweep(spec, args.out, progress=not args.no_progress)
+    summary = sweep(spec, args.out, progress=not args.no_progress, resume=args.resume)
     figures = plots.plot_sweep(args.out)
     print(sweep_table(summary))
     print(f"\nplot: {figures[0]}")
@@ -230,135 +207,46 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr and exit status 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="thermokfac", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    train = sub.add_parser("train", help="train one model × data × optimizer (± K-FAC)")
-    _add_train_options(train)
-    _common(train, "train")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run saved in --out: --steps (a new total), --lr, "
-                            "--eval-every and --threads may change; any other flag given "
-                            "must match the saved run")
-    train.set_defaults(func=cmd_train)
-
-    comp = sub.add_parser("compare", help="baseline vs K-FAC vs Thermodynamic K-FAC (Fig. 3)")
-    _add_train_options(comp)
-    _common(comp, "compare")
-    comp.add_argument("--baseline", choices=OPTIMIZERS, default="adam")
-    comp.add_argument("--baseline-lr", type=float, default=1e-3)
-    comp.add_argument("--methods", nargs="+", choices=("m2", "m1"), default=["m2", "m1"],
-                      help="device accountings to run (Method 2 and/or Method 1)")
-    comp.add_argument("--rc-timed", action="store_true",
-                      help="also simulate the device only as long as the RC convention "
-                           "charges (t0 = 1 RC, one read): the accuracy that timing buys")
-    comp.set_defaults(func=cmd_compare)
-
-    prof = sub.add_parser("profile", help="K-FAC update time by part vs width / vocab (Fig. 2)")
-    _common(prof, "profile")
-    prof.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
-    prof.add_argument("--depth", type=int, default=50)
-    prof.add_argument("--mlp-batch", type=int, default=512)
-    prof.add_argument("--embds", type=int, nargs="+", default=[64, 128, 256, 512])
-    prof.add_argument("--vocabs", type=int, nargs="+",
-                      default=[1000, 2000, 4000, 8000, 16000])
-    prof.add_argument("--gpt-batch", type=int, default=64)
-    prof.add_argument("--context", type=int, default=64)
-    prof.add_argument("--n-layer", type=int, default=3)
-    prof.add_argument("--vocab", type=int, default=10_000, help="vocabulary of the width sweep")
-    prof.add_argument("--n-embd", type=int, default=256, help="width of the vocabulary sweep")
-    prof.add_argument("--repeats", type=int, default=10)
-    prof.add_argument("--nproc", type=int, default=None,
-                      help="instead of the sweeps: an MLP of --depth × each of --widths, "
-                           "batch --mlp-batch, on 1 and NPROC processes (gloo), --threads "
-                           "divided among them")
-    prof.add_argument("--strategy", choices=("comm-opt", "mem-opt"), default="comm-opt",
-                      help="work distribution with --nproc")
-    prof.add_argument("--device", default="cpu",
-                      help="where the sweeps run: cpu (default), cuda, cuda:N or auto")
-    prof.set_defaults(func=cmd_profile)
-
-    scal = sub.add_parser("scaling", help="measured and modelled cost vs n (Tables 1-2)")
-    _common(scal, "scaling")
-    scal.add_argument("--ns", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
-    scal.add_argument("--repeats", type=int, default=5)
-    scal.add_argument("--batch", type=int, default=32,
-                      help="batch of the memory comparison (resistor-array rows)")
-    scal.set_defaults(func=cmd_scaling)
-
-    quant = sub.add_parser("quantize", help="input / output quantization sweeps (Fig. 4)")
-    _add_train_options(quant)
-    _common(quant, "quantize")
-    quant.set_defaults(model="resnet", data="fashion-mnist", optimizer="sgd", lr=0.05)
-    quant.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
-    quant.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    quant.add_argument("--adam-lr", type=float, default=1e-3)
-    quant.set_defaults(func=cmd_quantize)
-
-    pln = sub.add_parser("plan", help="SPUs, predicted digital vs device time, speed-up")
-    _add_train_options(pln)
-    _common(pln, "plan")
-    pln.add_argument("--bits", type=int, nargs="+", default=[6, 8, 12, 16])
-    pln.add_argument("--rcs-us", type=float, nargs="+", default=[0.1, 1.0, 10.0])
-    pln.add_argument("--record-steps", type=int, default=5,
-                     help="steps of a short thermodynamic run that records the factors' "
-                          "α_min for the rc_over_alpha_min and target_error settle models "
-                          "(0: skip them)")
-    pln.set_defaults(func=cmd_plan)
-
-    brk = sub.add_parser("breakeven", help="device speed-up map over RC × link, per settle "
-                         "model and bits, from two short training runs")
-    _add_train_options(brk)
-    _common(brk, "breakeven")
-    brk.set_defaults(model="mlp", data="fashion-mnist", width=512, depth=2, batch_size=512,
-                     steps=31, optimizer="sgd", lr=0.1, damping=0.01, func=cmd_breakeven)
-
-    swp = sub.add_parser("sweep", help="time to a target metric per optimizer, lr-tuned")
-    swp.add_argument("spec", type=Path, help="sweep spec (JSON; see configs/)")
-    _common(swp, "sweep")
-    swp.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="override the spec's seeds")
-    swp.set_defaults(func=cmd_sweep)
-
-    plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
-    plot.add_argument("folder", type=Path)
-    plot.set_defaults(func=cmd_plot)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if _MISSING is not None:
         print(f"thermokfac: the command line needs {_MISSING!r}, which is not installed: "
               "pip install 'thermokfac[cli]' (the preconditioner itself needs only torch "
               "and numpy)", file=sys.stderr)
         return 2
-    parser = build_parser()
+    parser = build_parser({"train": cmd_train, "compare": cmd_compare,
+                           "profile": cmd_profile, "scaling": cmd_scaling,
+                           "quantize": cmd_quantize, "plan": cmd_plan,
+                           "breakeven": cmd_breakeven, "sweep": cmd_sweep,
+                           "plot": cmd_plot})
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv
+    once = OncePerCommand()
+    logging.getLogger("thermokfac").addFilter(once)
     try:
         import torch
 
+        args = apply_config_file(parser, args, argv)
+        args.argv = argv
         refuse_nonempty(args)
+        if args.command in WRITES_ARGS and int(os.environ.get("RANK", "0")) == 0:
+            write_args(args)
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
         code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
         code = 2
+    except SystemExit as stopped:  # a run stopped by SIGINT/SIGTERM, its files written
+        if not distributed():
+            raise
+        code = int(stopped.code or 0)
     except RuntimeError as err:  # under torchrun: a failed peer or collective
         if not distributed():
             raise
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
         code = 1
+    finally:
+        logging.getLogger("thermokfac").removeFilter(once)
     if distributed():
         leave_distributed(code)
     return code

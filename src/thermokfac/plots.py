@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.colors as mcolors
+import matplotlib.text
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -24,6 +25,30 @@ def read_csv(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
         return [{k: float(v) if v not in ("", "None") else float("nan") for k, v in row.items()}
                 for row in csv.DictReader(fh)]
+
+
+def metric_label(metric: str) -> str:
+    """Axis label of a validation metric: accuracies in percent."""
+    text = metric.replace("_", " ")
+    return f"{text} (%)" if metric.endswith("accuracy") else text
+
+
+def metric_value(metric: str, value: float) -> str:
+    """A metric's value as text: accuracies in percent (0.88 → 88%)."""
+    return f"{100 * value:g}%" if metric.endswith("accuracy") else f"{value:g}"
+
+
+def _metric_axis(ax, metric: str) -> None:
+    """Label ``ax``'s y axis with ``metric``; accuracies (fractions) shown in percent."""
+    ax.set_ylabel(metric_label(metric))
+    if metric.endswith("accuracy"):
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, symbol=""))
+
+
+def figure_texts(fig) -> list[str]:
+    """Every text a figure shows (titles, labels, tick labels, legends, annotations)."""
+    fig.canvas.draw()
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
 
 
 def _save(fig, path: Path, dpi: int, rect: tuple[float, ...] | None = None) -> list[Path]:
@@ -46,7 +71,8 @@ def plot_train(run: Path) -> list[Path]:
     axes[1].plot([r["train_s"] for r in metrics], [r["val_loss"] for r in metrics], marker="o")
     axes[1].set(xlabel="training time (s)", ylabel="validation loss")
     axes[2].plot([r["train_s"] for r in metrics], [r[metric] for r in metrics], marker="o")
-    axes[2].set(xlabel="training time (s)", ylabel=metric.replace("_", " "))
+    axes[2].set(xlabel="training time (s)")
+    _metric_axis(axes[2], metric)
     fig.suptitle(run.name)
     return _save(fig, run / "training.png", 120)
 
@@ -66,7 +92,8 @@ def plot_compare(folder: Path) -> list[Path]:
                      label=curve["label"])
     axes[0].set(xlabel="wall-clock (s; dashed: estimated)", ylabel="validation loss",
                 yscale="log")
-    axes[1].set(xlabel="wall-clock (s; dashed: estimated)", ylabel=metric.replace("_", " "))
+    axes[1].set(xlabel="wall-clock (s; dashed: estimated)")
+    _metric_axis(axes[1], metric)
     axes[1].legend(fontsize=7)
     clocks = [p["clock_s"] for c in summary["curves"] for p in c["points"] if p["clock_s"] > 0]
     if clocks and max(clocks) > 100 * min(clocks):  # settle models orders of magnitude apart
@@ -211,7 +238,8 @@ def plot_quantize(folder: Path) -> list[Path]:
         ax.plot(c["step"], c["mean"], "k--", label="Adam")
         ax.fill_between(c["step"], [m - s for m, s in zip(c["mean"], c["std"])],
                         [m + s for m, s in zip(c["mean"], c["std"])], color="k", alpha=0.1)
-        ax.set(title=f"{mode} quantization", xlabel="step", ylabel=metric.replace("_", " "))
+        ax.set(title=f"{mode} quantization", xlabel="step")
+        _metric_axis(ax, metric)
         ax.legend(fontsize=7)
     fig.suptitle(result["title"], fontsize=10)
     return _save(fig, folder / "quantize.png", 120)
@@ -254,7 +282,8 @@ def plot_sweep(folder: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     labels, colors = [], plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, arm in enumerate(summary["arms"]):
-        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]]
+        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
+                  and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
         color = colors[i % len(colors)]
         estimated = arm["clock"] != "measured"
         key = "estimated_s" if estimated else "seconds"
@@ -262,25 +291,27 @@ def plot_sweep(folder: Path) -> list[Path]:
         axes[0].bar(i, med or 0.0, color=color, alpha=0.6, hatch="//" if estimated else None)
         seeds = [r[key] for r in chosen if r[key] is not None]
         axes[0].scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
-        labels.append(f"{arm['name']}\nlr {arm['best_lr']:g}\n{arm['reached']}/{arm['seeds']}")
+        labels.append(f"{arm['name']}\nbatch {arm['batch_size']}, lr {arm['best_lr']:g}\n"
+                      f"{arm['reached']}/{arm['seeds']}")
         for j, r in enumerate(chosen):
             xs = [p[key] for p in r["curve"]]
             axes[1].plot(xs, [p[metric] for p in r["curve"]], "--" if estimated else "-",
                          color=color, lw=0.9, label=arm["name"] if j == 0 else None)
     axes[0].set_xticks(range(len(labels)), labels, fontsize=8)
-    axes[0].set(ylabel=f"seconds to {metric.replace('_', ' ')} {target:g}")
+    axes[0].set(ylabel=f"seconds to {metric.replace('_', ' ')} {metric_value(metric, target)}")
     axes[1].axhline(target, color="grey", lw=0.8, ls=":")
     if metric.endswith("accuracy"):  # zoom on the approach to the target
         axes[1].set_ylim(max(0.0, target - 0.15), min(1.0, target + 0.05))
     else:
         axes[1].set_ylim(0.5 * target, 2.5 * target)
-    axes[1].set(xlabel="training clock (s; dashed/hatched: estimated)",
-                ylabel=metric.replace("_", " "))
+    axes[1].set(xlabel="training clock (s; dashed/hatched: estimated)")
+    _metric_axis(axes[1], metric)
     axes[1].legend(fontsize=8)
     base = summary["base"]
     models = dict.fromkeys(a.get("set", {}).get("model", base["model"]) for a in summary["arms"])
-    fig.suptitle(f"{' and '.join(models)} on {base['data']}: time to {metric} {target:g} "
-                 f"(median of {len(summary['seeds'])} seeds, each arm at its best lr)",
+    fig.suptitle(f"{' and '.join(models)} on {base['data']}: time to "
+                 f"{metric.replace('_', ' ')} {metric_value(metric, target)} "
+                 f"(median of {len(summary['seeds'])} seeds, each arm at its best batch and lr)",
                  fontsize=10)
     return _save(fig, folder / "sweep.png", 130)
 

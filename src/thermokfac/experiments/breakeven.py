@@ -92,9 +92,9 @@ def breakeven(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, A
     base = replace(cfg, kfac=True, method="solve", steps=steps, eval_every=steps,
                    checkpoint_every=0)
     digital = Run(replace(base, solver="cholesky"), out / "digital")
-    digital.train(progress=progress, checkpoint=False)
+    digital.train(progress=progress, checkpoint=False, label="breakeven: digital K-FAC")
     thermo = Run(replace(base, solver="thermodynamic"), out / "thermodynamic")
-    thermo.train(progress=progress, checkpoint=False)
+    thermo.train(progress=progress, checkpoint=False, label="breakeven: thermodynamic")
     measured = digital.steps[1:]  # the first step compiles caches and allocates
     step_s = statistics.fmean(s["wall_s"] for s in measured)
     taken_s = statistics.fmean(s["inversion_s"] + s["solve_s"] for s in measured)

@@ -118,10 +118,11 @@ def _sync_folder(folder: Path) -> None:
 
 
 @contextmanager
-def stop_on_signals(enabled: bool) -> Iterator[list[int]]:
-    """While training in one process, SIGINT and SIGTERM only set a flag (the signal's
-    number in the yielded list), so the loop can save and leave between steps. Under
-    several processes the default handlers stay: the ranks could not agree on a save."""
+def stop_on_signals(enabled: bool = True) -> Iterator[list[int]]:
+    """While training, SIGINT and SIGTERM only set a flag (the signal's number in the
+    yielded list), so the loop can save and leave between steps; under several
+    processes the ranks first agree (:func:`agreed_stop`). Outside the main thread the
+    default handlers stay."""
     stop: list[int] = []
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
@@ -137,6 +138,20 @@ def stop_on_signals(enabled: bool) -> Iterator[list[int]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def agreed_stop(stop: list[int], world: int, device: torch.device) -> int:
+    """The signal that stops the run (0: none): this rank's, or under several processes
+    the largest any rank received (one all-reduce per step), so every rank saves at the
+    same step or none does (torchrun forwards a Ctrl-C to each worker)."""
+    local = stop[0] if stop else 0
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    flag = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

@@ -97,8 +97,8 @@ def compare(base: TrainConfig, out: Path, baseline_optimizer: str, baseline_lr: 
                                                 method="solve", **RC_TIMED)
     runs = {name: Run(cfg, out / name) for name, cfg in configs.items()}
     task = runs["baseline"].task
-    for run in runs.values():
-        run.train(progress=progress)
+    for name, run in runs.items():
+        run.train(progress=progress, label=f"compare: {name}")
     metric = next(k for k in runs["baseline"].metrics[0] if k.startswith("val_")
                   and k != "val_loss")
     kfac_method = runs["kfac"].pre.config.method  # the solver's default when not given
@@ -164,8 +164,12 @@ def _caption(hw, cfg: TrainConfig) -> str:
             f" RC = {hw.rc_s * 1e6:g} µs, {hw.input_bits}-bit input, {hw.output_bits}-bit "
             f"output, {hw.link_gbps:g} Gb/s link ({'shared' if hw.shared_link else 'per SPU'}),"
             f" {hw.n_spus} SPU(s). Simulated device: "
-            f"closed-form OU, input bits {cfg.input_bits}, output bits {cfg.output_bits}, "
-            f"target error {cfg.target_error:g}.")
+            f"{cfg.backend} OU, input {_bits(cfg.input_bits)}, output "
+            f"{_bits(cfg.output_bits)}, target error {cfg.target_error:g}.")
+
+
+def _bits(bits: int | None) -> str:
+    return "not quantized" if bits is None else f"{bits} bits"
 
 
 def table(summary: dict[str, Any]) -> str:

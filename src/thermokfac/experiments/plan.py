@@ -55,7 +55,7 @@ def _record(cfg: TrainConfig, out: Path, steps: int, progress: bool
     """Solve banks (n, k, α_min, t₀, T) of a short thermodynamic K-FAC run."""
     run = Run(replace(cfg, kfac=True, method="solve", solver="thermodynamic", steps=steps,
                       eval_every=steps, checkpoint_every=0), out / "recorded")
-    run.train(progress=progress, checkpoint=False)
+    run.train(progress=progress, checkpoint=False, label="plan: recording α_min")
     return solve_banks(run)
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..models import GPT, MLP
+from .progress import each
 
 PARTS = ("gradient", "curvature", "inversion", "update")
 
@@ -64,7 +64,7 @@ def _classification(logits, y):
 def mlp_sweep(widths: list[int], depth: int, batch: int, repeats: int, input_dim: int = 3072,
               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     rows = []
-    for width in tqdm(widths, desc="MLP width", leave=False):
+    for width in each(widths, "profile MLP", describe=lambda w: f"width {w}"):
         torch.manual_seed(0)
         model = MLP(input_dim, width, depth, 10).to(device)
         gen = torch.Generator().manual_seed(1)
@@ -79,7 +79,7 @@ def mlp_sweep(widths: list[int], depth: int, batch: int, repeats: int, input_dim
 def gpt_sweep(key: str, values: list[int], base: dict[str, int], batch: int, repeats: int,
               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     rows = []
-    for value in tqdm(values, desc=f"GPT {key}", leave=False):
+    for value in each(values, "profile GPT", describe=lambda v: f"{key} {v}"):
         cfg = {**base, key: value}
         torch.manual_seed(0)
         model = GPT(cfg["vocab"], cfg["context"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from ..distributed import DistributedKFACPreconditioner, run_workers
 from ..models import GPT, MLP
+from .progress import each
 
 PARTS = ("gradient", "curvature", "inversion", "update")
 
@@ -95,7 +95,8 @@ def profile_nproc(out: Path, *, nprocs: list[int], widths: list[int], depth: int
         models.append((f"gpt-{gpt['n_embd']}-v{gpt['vocab']}", None))
     jobs = [(name, w, n) for name, w in models for n in nprocs]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, width, n in tqdm(jobs, desc="model × processes", disable=not progress):
+        for name, width, n in each(jobs, "profile", progress,
+                                   lambda j: f"{j[0]} width {j[1]} on {j[2]} processes"):
             cfg = {"input_dim": input_dim, "width": width, "depth": depth, "batch": batch,
                    "repeats": repeats, "strategy": strategy, "solver": solver,
                    "method": method}

@@ -39,7 +39,8 @@ def quantize_sweep(base: TrainConfig, out: Path, bits: list[int], seeds: list[in
         runs[name] = []
         for seed in seeds:
             run = Run(replace(cfg, seed=seed), out / "runs" / f"{name}-seed{seed}")
-            run.train(progress=progress, checkpoint=False)
+            run.train(progress=progress, checkpoint=False, label=f"{name} bits, seed {seed}"
+                      if name != "adam" else f"adam, seed {seed}")
             runs[name].append(run)
     task = runs["adam"][0].task
     metric = "val_accuracy" if task.metric == "accuracy" else "val_rmse"

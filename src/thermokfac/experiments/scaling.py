@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..solvers import CGSolver, CholeskySolver, HardwareModel, ThermodynamicSolver
 from ..timing import median_seconds
+from .progress import each
 
 
 def _spd(n: int, seed: int = 0) -> torch.Tensor:
@@ -59,7 +59,7 @@ def scaling(out: Path, ns: list[int], repeats: int, batch: int) -> dict[str, Any
     hw = HardwareModel()
     chol, cg = CholeskySolver(), CGSolver(tol=1e-6)
     rows = []
-    for n in tqdm(ns, desc="n", leave=False):
+    for n in each(ns, "scaling", describe=lambda n: f"n = {n}"):
         m = _spd(n)
         b = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
         prepared = chol.prepare(m, 0.0)

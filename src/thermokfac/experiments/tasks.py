@@ -133,23 +133,31 @@ def _image_task(name: str, loader: Callable, limit: int | None, **kw) -> Task:
 
 def load_task(name: str, *, limit: int | None = None, data_dir: str | None = None,
               context: int = 64, seed: int = 0) -> Task:
-    """Build the task named ``name`` (see :data:`TASKS`); ``limit`` caps the examples."""
+    """Build the task named ``name`` (see :data:`TASKS`); ``limit`` caps the examples;
+    ``data_dir`` is a folder to read the data set's files from instead of its installed
+    copy (every data set; required for cifar10).
+
+    Raises:
+        FileNotFoundError: If the data is missing; the message names the install command
+            and ``--data-dir``.
+        ValueError: If ``name`` is not a data set.
+    """
     if name == "digits":
-        return _image_task(name, datasets.digits, limit, seed=seed)
+        return _image_task(name, datasets.digits, limit, seed=seed, root=data_dir)
     if name == "mnist5k":
-        return _image_task(name, datasets.mnist5k, limit, seed=seed)
+        return _image_task(name, datasets.mnist5k, limit, seed=seed, root=data_dir)
     if name == "fashion-mnist":
-        return _image_task(name, datasets.fashion_mnist, limit, seed=seed)
+        return _image_task(name, datasets.fashion_mnist, limit, root=data_dir, seed=seed)
     if name == "cifar10":
         if data_dir is None:
             raise FileNotFoundError("cifar10 needs --data-dir with cifar-10-batches-py")
         return _image_task(name, datasets.cifar10, limit, root=data_dir, seed=seed)
     if name == "shakespeare":
-        corpus = datasets.shakespeare(max_chars=limit)
+        corpus = datasets.shakespeare(max_chars=limit, root=data_dir)
         return Task(name, "text", ("gpt", "torch-gpt"), "accuracy", corpus.train, corpus.val,
                     {"vocab": corpus.vocab_size, "context": context})
     if name == "solubility":
-        train, val = datasets.solubility(limit=limit)
+        train, val = datasets.solubility(limit=limit, root=data_dir)
         return Task(name, "graph", ("gin",), "rmse", train, val, {})
     raise ValueError(f"unknown data set {name!r}; choose one of {sorted(TASKS)}")
 

@@ -14,86 +14,26 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
+from .config import TrainConfig
 from .processes import init_distributed, resolve_device
+from .progress import Progress
 from .tasks import Task, build_model, load_task
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
 STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
                "update_s", "solve_s", "modeled_s", "modeled_rc_s",
                "modeled_rc_over_alpha_min_s", "modeled_target_error_s")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run; every field is a command-line option of ``thermokfac train``."""
-
-    model: str = "mlp"
-    data: str = "digits"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    steps: int = 300
-    eval_every: int = 50
-    seed: int = 0
-    width: int = 256
-    depth: int = 2
-    heads: int = 4
-    context: int = 64
-    limit: int | None = None
-    data_dir: str | None = None
-    kfac: bool = False
-    solver: str = "cholesky"
-    method: str | None = None
-    damping: float = 1e-3
-    factor_decay: float = 0.95
-    factor_update_steps: int = 1
-    inv_update_steps: int = 10
-    kl_clip: float | None = 1e-3
-    kfac_approx: str | None = None
-    backend: str = "closed-form"
-    input_bits: int | None = None
-    output_bits: int | None = None
-    quantizer: str = "conservative"
-    settle_model: str = "rc"
-    n_spus: int = 1
-    target_error: float = 1e-3
-    t0_rc: float | None = None
-    window_rc: float | None = None
-    threads: int = 2
-    checkpoint_every: int = 0  # 0: at each evaluation
-    stop_at: float | None = None
-    device: str = "auto"
-    dist_strategy: str = "comm-opt"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not valid; choose one of "
-                             f"{list(OPTIMIZERS)}")
-        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
-            raise ValueError(f"limit={self.limit!r} must be a positive number of training "
-                             "examples, or None for all of them")
-        for name in ("steps", "batch_size", "eval_every", "threads", "width", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr!r} must be positive")
-        if self.stop_at is not None and not self.stop_at == self.stop_at:
-            raise ValueError("stop_at=nan is not a valid target")
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -169,6 +109,8 @@ class Run:
         self.train_s = 0.0
         self.steps: list[dict[str, float]] = []
         self.metrics: list[dict[str, float]] = []
+        #: Set to a :class:`~.tensorboard.TensorBoardLog` to log scalars (rank 0 only).
+        self.tensorboard: Any = None
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -251,22 +193,28 @@ class Run:
             return value <= self.cfg.stop_at
         return value >= self.cfg.stop_at
 
-    def train(self, progress: bool = True, checkpoint: bool = True) -> dict[str, Any]:
-        """Train to ``steps`` (or until ``stop_at`` is met); write the run's files."""
+    def train(self, progress: bool = True, checkpoint: bool = True,
+              label: str | None = None) -> dict[str, Any]:
+        """Train to ``steps`` (or until ``stop_at`` is met); write the run's files.
+
+        ``progress`` shows a bar named ``label`` (default: model/data) on a terminal, and
+        one line per evaluation on stderr otherwise (a log file, CI).
+        """
         cfg = self.cfg
+        label = label or f"{cfg.model}/{cfg.data}"
+        report = Progress(label, cfg.steps, self.step, progress and self.rank == 0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if not self.metrics:
             self.metrics.append({"step": 0, "train_s": 0.0, **self.evaluate()})
-        bar = tqdm(range(self.step, cfg.steps), desc=f"{cfg.model}/{cfg.data}",
-                   disable=not progress or self.rank != 0, initial=self.step,
-                   total=cfg.steps, leave=False)
-        with checkpoint_files.stop_on_signals(self.world == 1) as stop:
-            for _ in bar:
+        with checkpoint_files.stop_on_signals() as stop:
+            for _ in report.steps():
                 record = self._one_step()
                 self.steps.append(record)
                 self.step += 1
+                if self.tensorboard is not None:
+                    self.tensorboard.step(self.step, record)
                 if not all(map(_finite, [record["loss"]])):
                     raise FloatingPointError(f"training loss became {record['loss']} at "
                                              f"step {self.step}")
@@ -274,20 +222,23 @@ class Run:
                 if evaluated:
                     self.metrics.append({"step": self.step, "train_s": self.train_s,
                                          **self.evaluate()})
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    report.evaluated(self.step, record["loss"], self.metrics[-1])
+                    if self.tensorboard is not None:
+                        self.tensorboard.evaluation(self.step, self.metrics[-1])
                     self._write_logs()  # what a crash or Ctrl-C would otherwise lose
                     if self.reached():
                         break
                 every = cfg.checkpoint_every
                 if checkpoint and (self.step % every == 0 if every else evaluated):
                     self.save()
-                if stop:  # SIGINT/SIGTERM: save, write the files, leave cleanly
-                    bar.close()
+                signum = checkpoint_files.agreed_stop(stop, self.world, self.device)
+                if signum:  # SIGINT/SIGTERM on any rank: all save, write, leave cleanly
+                    report.close()
                     if checkpoint:
                         self.save()
                     self.write()
-                    raise SystemExit(128 + stop[0])
-        bar.close()
+                    raise SystemExit(128 + signum)
+        report.close()
         if checkpoint:
             self.save()
         return self.write()

@@ -92,6 +92,11 @@ class CurvatureCapture:
         self._inv_scale = 1.0
         self._scale_read = False
         self.counter = ExampleCounter()
+        #: Called at the first output gradient of each root call's backward, before it
+        #: is captured: the owner drops a skipped step's curvature there.
+        self.before_backward: Callable[[], None] | None = None
+        self.forward_id = 0  # root calls so far; each layer call carries its root call's
+        self._checked_forward = 0  # the last root call whose backward was checked
         self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
         self.forward_mark = -1  # param_gradients at the last captured forward of the root
         self.curvature_calls = 0
@@ -187,6 +192,7 @@ class CurvatureCapture:
             self.counter.skip()
             return
         self.root_calls += 1
+        self.forward_id += 1
         self.forward_mark = self.param_gradients
         self.fp16_autocast = self.fp16_autocast or _fp16_autocast()
         self._read_scale()
@@ -196,6 +202,17 @@ class CurvatureCapture:
         if module is not self.root:
             return
         self.counter.finish(output, lambda: self.paused)
+
+    def discard_earlier_backwards(self) -> None:
+        """Forget the sums of the backwards since the last step, keeping the forwards
+        still waiting for their backward (a skipped step's curvature: see
+        :meth:`~.guards.StepGuard.backward_begins`)."""
+        for record in self.records:
+            record.sums.reset()
+        self.counter.drop_counted()
+        self.param_gradients = 0
+        self.forward_mark = 0
+        self.repeated_gradients = 0
 
     def example_count(self) -> tuple[int, str | None]:
         """(N, None) for this step, or (0, why N is ambiguous): see :mod:`.examples`."""
@@ -227,7 +244,7 @@ class CurvatureCapture:
                     "passes of one step; change it between steps")
             self._check_batch(record, x)
             start = self.clock()
-            call = LayerCall(self.groups)
+            call = LayerCall(self.groups, forward_id=self.forward_id)
             self._add_activations(record, x.detach(), call)
             record.pending.append(call)
             self.elapsed_s += self.clock() - start
@@ -280,6 +297,10 @@ class CurvatureCapture:
                     self.repeated_gradients += 1
                     return
                 call.hits = 1
+                if call.forward_id != self._checked_forward and self.before_backward:
+                    # the first gradient of this forward's backward, before any is added
+                    self._checked_forward = call.forward_id
+                    self.before_backward()
                 self.add_gradient(record, grad, inv_scale, call.groups, call)
             output.register_hook(grad_hook)
         return hook

@@ -53,6 +53,14 @@ class ExampleCounter:
         self._pending.clear()
         self.current = None
 
+    def drop_counted(self) -> None:
+        """Forget the calls whose backward already ran (their curvature is being
+        discarded); the calls still waiting for theirs are kept, as made before any
+        backward of the step."""
+        self.calls = [c for c in self.calls if not c.counted]
+        for call in self.calls:
+            call.backward_at = 0
+
     def skip(self) -> None:
         """A root call that is not counted (inactive, transformed)."""
         self.current = None

@@ -67,21 +67,36 @@ class StepGuard:
 
     def unstepped_backward(self) -> bool:
         """Whether the curvature captured since the last step belongs only to gradients
-        that are being thrown away (``zero_grad`` with no step: a skipped step). A forward
-        after the last backward makes the split unknowable: then the curvature is kept,
-        warned about once and counted in ``stats['carried_curvature']``."""
+        that are being thrown away (``zero_grad`` with no step: a skipped step). After a
+        forward that follows the last backward, the split waits for that forward's
+        backward (:meth:`backward_begins`), which sees whether the gradients were reset."""
         if self.capture.param_gradients == 0:
             return False  # no backward since the last step
         if self.capture.forward_mark >= self.capture.param_gradients:
-            self.stats["carried_curvature"] += 1
-            self.warn_once("carried", (
-                "zero_grad() without a step() came after another forward: the curvature of "
-                "the discarded backward cannot be told apart and joins the next step's "
-                "(counted in stats['carried_curvature']); call zero_grad() before the "
-                "forward"))
-            return False
+            return False  # decided when the next backward begins
         self.stats["discarded_curvature"] += 1
         return True
+
+    def backward_begins(self) -> None:
+        """A forward's backward begins (its first output gradient, before it is
+        captured). If backwards ran since the last
+        step and every gradient they left has been reset since (``zero_grad`` without a
+        step: a step skipped by a GradScaler overflow, by Lightning or by the Hugging
+        Face Trainer, which zero the gradients themselves), their curvature is dropped,
+        counted in ``stats['discarded_curvature']``: it must not join the next step's."""
+        if self.capture.param_gradients == 0 or not self.gradients_reset():
+            return
+        self.capture.discard_earlier_backwards()
+        self.fresh.clear()
+        self._refused_at = None
+        self.stats["discarded_curvature"] += 1
+
+    def gradients_reset(self) -> bool:
+        """Whether no watched parameter holds a gradient (None or all zeros); stops at
+        the first that does (one tensor read in the usual accumulation case)."""
+        return all(p.grad is None or not bool(p.grad.any())
+                   for record in self.records.values() for p in record.helper.parameters
+                   if p.requires_grad)
 
     def check_amp(self, fp16_autocast: bool, grad_scaler: Any,
                   optimizer: torch.optim.Optimizer | None) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..timing import StepTimings
 from .layer_state import LayerState
-from .state import Snapshot, pack, unpack
+from .state import Snapshot, pack, solver_settings, unpack
 
 
 class Inspection:
@@ -76,5 +76,5 @@ class Inspection:
             steps=self.steps, layers=self._states,
             shapes={name: (r.helper.a_dim, r.helper.d_out) for name, r in self._records.items()},
             stats=self.stats, generator=self.generator, solver=self.solver.name,
-            method=self.config.method.value,
+            method=self.config.method.value, solver_settings=solver_settings(self.solver),
             layouts={name: r.helper.possible_shapes() for name, r in self._records.items()})

@@ -51,7 +51,7 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
              "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
              "discarded_curvature", "multi_rank_warnings", "layout_mismatches",
-             "fp16_without_grad_scaler", "carried_curvature")
+             "fp16_without_grad_scaler")
 
 
 class KFACPreconditioner(Inspection):
@@ -198,6 +198,7 @@ class KFACPreconditioner(Inspection):
         self._window: tuple[int, int] | None = None
         self._guard = StepGuard(self._records, self._capture, lambda: self.stats,
                                 averages_factors=self._averages_factors)
+        self._capture.before_backward = self._guard.backward_begins
         check_setup(records, self.config, optimizer)
         self._begin_step()
 

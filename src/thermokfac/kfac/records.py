@@ -22,6 +22,8 @@ class LayerCall:
 
     Attributes:
         groups: Row groups active at the call (``grouped_rows``).
+        forward_id: Which call of the root module it belongs to (its backward's first
+            gradient is where a skipped step's curvature is dropped).
         sums: This call's A sums (``a``, ``a_rows``, ``a_parts``) until committed.
         edge: Gradient edge of the output (``mc``/``type2``).
         hits: Output gradients received (empirical: more than one is reported).
@@ -29,6 +31,7 @@ class LayerCall:
     """
 
     groups: tuple[Tensor, int] | None
+    forward_id: int = 0
     sums: FactorSums | None = field(default_factory=FactorSums)
     edge: GradientEdge | None = None
     hits: int = 0

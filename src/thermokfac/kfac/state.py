@@ -7,6 +7,7 @@ random generator. Loading checks that the layers and factor shapes match the mod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,9 @@ class Snapshot:
         generator: Its random generator.
         solver: The solver's registry name.
         method: ``"inverse"`` or ``"solve"``.
+        solver_settings: The solver's configuration (its ``config`` dataclass, field by
+            field as text; empty for a solver without one), e.g. the thermodynamic
+            device's bits, backend and quantizer: a prepared state is only valid for it.
     """
 
     steps: int
@@ -43,6 +47,15 @@ class Snapshot:
     solver: str
     method: str
     layouts: dict[str, dict[tuple[bool, bool], tuple[int, int]]] = field(default_factory=dict)
+    solver_settings: dict[str, str] = field(default_factory=dict)
+
+
+def solver_settings(solver: Any) -> dict[str, str]:
+    """The fields of ``solver.config`` (a dataclass) as text; ``{}`` without one."""
+    config = getattr(solver, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return {}
+    return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def pack(snap: Snapshot) -> dict[str, Any]:
@@ -56,6 +69,7 @@ def pack(snap: Snapshot) -> dict[str, Any]:
         "generator": snap.generator.get_state(),
         "solver": snap.solver,
         "method": snap.method,
+        "solver_settings": dict(snap.solver_settings),
     }
 
 
@@ -99,9 +113,41 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
                          f"{snap.solver!r}, method={snap.method!r} (pass solver="
                          f"{state['solver']!r}, method={state['method']!r} to load it; the "
                          "default method of the digital solvers was 'solve' before 'inverse')")
+    saved_settings = state.get("solver_settings")  # absent in states of older versions
+    if saved_settings is not None and saved_settings != snap.solver_settings:
+        changed = sorted(k for k in set(saved_settings) | set(snap.solver_settings)
+                         if saved_settings.get(k) != snap.solver_settings.get(k))
+        raise ValueError("checkpoint was written with another solver configuration: " +
+                         "; ".join(f"{k} (checkpoint {saved_settings.get(k)}, this solver "
+                                   f"{snap.solver_settings.get(k)})" for k in changed) +
+                         " — build the solver with the checkpoint's settings to load it")
+    _check_tensor_shapes(state["layers"], expected)
     snap.generator.set_state(state["generator"])
     return Snapshot(
         steps=int(state["steps"]),
         layers={name: LayerState.from_state_dict(s) for name, s in state["layers"].items()},
         shapes=expected, stats=dict(state["stats"]), generator=snap.generator,
-        solver=snap.solver, method=snap.method, layouts=snap.layouts)
+        solver=snap.solver, method=snap.method, layouts=snap.layouts,
+        solver_settings=snap.solver_settings)
+
+
+def _check_tensor_shapes(layers: dict[str, Any], dims: dict[str, tuple[int, int]]) -> None:
+    """Each saved factor, inverse and row block has the shape its layer needs.
+
+    Raises:
+        ValueError: Naming the layer, the entry, its shape and the shape expected.
+    """
+    for name, layer in layers.items():
+        a_dim, g_dim = dims[name]
+        rules = {"a": ((a_dim, a_dim), (a_dim,)), "a_inv": ((a_dim, a_dim), (a_dim,)),
+                 "g": ((g_dim, g_dim),), "g_inv": ((g_dim, g_dim),)}
+        for key, shapes in rules.items():
+            t = layer.get(key)
+            if t is not None and tuple(t.shape) not in shapes:
+                raise ValueError(f"checkpoint entry {name}/{key} has shape {tuple(t.shape)}; "
+                                 f"this model's layer needs {' or '.join(map(str, shapes))}")
+        for key, width in (("a_rows", a_dim), ("g_rows", g_dim)):
+            t = layer.get(key)
+            if t is not None and (t.ndim != 2 or t.shape[1] != width):
+                raise ValueError(f"checkpoint entry {name}/{key} has shape {tuple(t.shape)}; "
+                                 f"this model's layer needs (rows, {width})")

@@ -1,0 +1,190 @@
+"""The settings of one training run (:class:`TrainConfig`), what each means and accepts,
+which commands take which of them, and config files (JSON or TOML) that set them.
+
+Every field carries its command-line help and, where the values are a fixed set, its
+choices (``metadata={"help": ..., "choices": ...}``), so ``thermokfac <command> --help``
+and this module say the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..distributed.assignment import Strategy
+from ..enums import KFACApprox, Method
+from ..solvers import available_solvers
+from ..solvers.hardware import SettleModel
+from ..solvers.thermo.config import Backend, Quantizer
+from .tasks import MODELS, TASKS
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
+
+
+def _values(enum) -> tuple[str, ...]:
+    return tuple(m.value for m in enum)
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; every field is a command-line option of ``thermokfac train``
+    (``--batch-size`` for ``batch_size``) and a key of a ``--config`` file."""
+
+    model: str = _opt("mlp", "network to train", MODELS)
+    data: str = _opt("digits", "data set", TASKS)
+    optimizer: str = _opt("adam", "base optimizer (K-FAC preconditions the gradients it "
+                          "steps with)", OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate of the base optimizer")
+    momentum: float = _opt(0.9, "momentum of sgd and nesterov, in [0, 1)")
+    weight_decay: float = _opt(0.0, "weight decay of the base optimizer")
+    batch_size: int = _opt(128, "examples per step (under torchrun: the global batch)")
+    steps: int = _opt(300, "optimizer steps")
+    eval_every: int = _opt(50, "steps between validation evaluations")
+    seed: int = _opt(0, "seed of every random source")
+    width: int = _opt(256, "hidden width (mlp), base channels (resnet), embedding width "
+                      "(gpt, torch-gpt, vit) or hidden width (gin)")
+    depth: int = _opt(2, "hidden layers (mlp, gin), blocks per stage (resnet) or "
+                      "transformer layers (gpt, torch-gpt, vit)")
+    heads: int = _opt(4, "attention heads (gpt, torch-gpt, vit)")
+    context: int = _opt(64, "characters per sequence (shakespeare)")
+    limit: int | None = _opt(None, "train on the first N examples only (none: all)")
+    data_dir: str | None = _opt(None, "folder holding the data set's files, read instead "
+                                "of the installed copy (cifar10: required)")
+    kfac: bool = _opt(False, "precondition the base optimizer with K-FAC")
+    solver: str = _opt("cholesky", "linear solver of K-FAC's inversions and solves",
+                       tuple(available_solvers()))
+    method: str | None = _opt(None, "inverse (Method 1: multiply by stored inverses) or "
+                              "solve (Method 2: solve two banks each step); none: the "
+                              "solver's default", (None, *_values(Method)))
+    damping: float = _opt(1e-3, "damping λ added to both Kronecker factors")
+    factor_decay: float = _opt(0.95, "moving-average decay of the Kronecker factors "
+                               "(Eqs. 16-17), in [0, 1)")
+    factor_update_steps: int = _opt(1, "steps between Kronecker-factor updates")
+    inv_update_steps: int = _opt(10, "steps between inversions (Method 1) or prepares "
+                                 "(Method 2)")
+    kl_clip: float | None = _opt(1e-3, "KL clip κ of the preconditioned step (none: off)")
+    kfac_approx: str | None = _opt(None, "weight-sharing approximation (Eqs. 18-21); none: "
+                                   "the task's", (None, *_values(KFACApprox)))
+    backend: str = _opt("closed-form", "how the thermodynamic device is simulated",
+                        _values(Backend))
+    input_bits: int | None = _opt(None, "DAC bits of the matrix and right-hand side loaded "
+                                  "into the device (none: exact)")
+    output_bits: int | None = _opt(None, "ADC bits of the device's read-out (none: exact)")
+    quantizer: str = _opt("conservative", "how the matrix is quantized (Sec. 4.5.1)",
+                          _values(Quantizer))
+    settle_model: str = _opt("rc", "how the device clock counts settling (App. E)",
+                             _values(SettleModel))
+    n_spus: int = _opt(1, "stochastic processing units of the device model")
+    target_error: float = _opt(1e-3, "relative error the simulated device runs for "
+                               "(sets its burn-in and averaging window)")
+    t0_rc: float | None = _opt(None, "device burn-in in RC (none: from --target-error)")
+    window_rc: float | None = _opt(None, "device averaging window in RC (none: from "
+                                   "--target-error)")
+    threads: int = _opt(2, "torch intra-op threads")
+    checkpoint_every: int = _opt(0, "steps between checkpoints (0: at each evaluation)")
+    stop_at: float | None = _opt(None, "stop at the first evaluation whose validation "
+                                 "metric reaches this (none: run every step)")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto (the rank's GPU under torchrun "
+                       "when there is one)")
+    dist_strategy: str = _opt("comm-opt", "how work is spread over torchrun ranks",
+                              _values(Strategy))
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not valid; choose one of "
+                             f"{list(OPTIMIZERS)}")
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"limit={self.limit!r} must be a positive number of training "
+                             "examples, or None for all of them")
+        for name in ("steps", "batch_size", "eval_every", "threads", "width", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+        if self.stop_at is not None and not self.stop_at == self.stop_at:
+            raise ValueError("stop_at=nan is not a valid target")
+
+
+#: Settings each command sets itself, and so does not accept (it would ignore them).
+NOT_TAKEN = {
+    "train": frozenset(),
+    "compare": frozenset({"kfac", "solver"}),
+    "quantize": frozenset({"kfac", "solver", "input_bits", "output_bits"}),
+    "plan": frozenset({"kfac", "solver", "method", "steps", "eval_every", "checkpoint_every",
+                       "stop_at", "input_bits", "output_bits"}),
+    "breakeven": frozenset({"kfac", "solver", "method", "eval_every", "checkpoint_every",
+                            "stop_at"}),
+}
+
+
+def taken_fields(command: str) -> list[str]:
+    """The :class:`TrainConfig` fields ``command`` takes (see :data:`NOT_TAKEN`)."""
+    return [f.name for f in fields(TrainConfig) if f.name not in NOT_TAKEN[command]]
+
+
+def read_config_file(path: Path, command: str = "train") -> dict[str, Any]:
+    """Settings from a JSON (``.json``) or TOML (``.toml``) file: a flat table whose keys
+    are :class:`TrainConfig` fields that ``command`` takes (``batch_size`` or
+    ``batch-size``).
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file cannot be parsed, is not a table, has another suffix, or
+            names a key that is not a field (or that ``command`` does not take); the
+            message names the file and the key.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        elif path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        else:
+            raise ValueError(f"--config {path}: the suffix must be .json or .toml")
+    except (json.JSONDecodeError, ValueError) as err:
+        if "suffix" in str(err):
+            raise
+        raise ValueError(f"--config {path} could not be parsed: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a table of settings, not "
+                         f"{type(values).__name__}")
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    taken = taken_fields(command)
+    kinds = {f.name: f for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in taken:
+            where = "is set by this command" if key in NOT_TAKEN[command] else "is not a setting"
+            raise ValueError(f"--config {path}: {key!r} {where}; {command} takes "
+                             f"{', '.join(taken)}")
+        _check_value(path, kinds[key], value)
+    return values
+
+
+_KINDS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_value(path: Path, f: Any, value: Any) -> None:
+    """A config-file value of the field's type (None where the field allows it) and
+    among its choices."""
+    text = str(f.type)
+    kinds = next(v for k, v in _KINDS.items() if text.startswith(k))
+    if value is None and "None" in text:
+        return
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ValueError(f"--config {path}: {f.name}={value!r} must be of type {text}")
+    choices = f.metadata["choices"]
+    if choices is not None and value not in choices:
+        raise ValueError(f"--config {path}: {f.name}={value!r} is not one of "
+                         f"{[c for c in choices if c is not None]}")
