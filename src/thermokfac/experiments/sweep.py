@@ -82,7 +82,9 @@ def load_spec(path: Path) -> dict[str, Any]:
         if clock not in CLOCKS:
             raise ValueError(f"arm {arm['name']!r}: clock={clock!r} is not one of {CLOCKS}")
         for key, kind in (("lrs", (int, float)), ("batch_sizes", int)):
-            values = arm.get(key, [1] if key == "batch_sizes" else None)
+            if key == "batch_sizes" and key not in arm:
+                continue  # the base (or set) batch size
+            values = arm.get(key)
             if not values or not all(isinstance(v, kind) and v > 0 for v in values):
                 raise ValueError(f"arm {arm['name']!r}: {key}={values!r} must be a "
                                  "non-empty list of positive numbers")
@@ -167,10 +169,9 @@ def _folder(arm: dict[str, Any], batch: int, lr: float, seed: int) -> str:
 
 
 def _check_resumable(out: Path, spec: dict[str, Any]) -> None:
-    saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() \
-        else None
-    if saved is None:
+    if not (out / "config.json").exists():
         raise ValueError(f"--resume: {out} holds no sweep (no config.json)")
+    saved = json.loads((out / "config.json").read_text())
     changed = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
     if changed:
         raise ValueError(f"--resume: the spec differs from the sweep saved in {out} in "
