@@ -142,16 +142,16 @@ def failing(out: str, how: str) -> None:
     model = nn.parallel.DistributedDataParallel(TokenNet().double())
     pre = DistributedKFACPreconditioner(model, strategy="mem-opt", **options(
         "solve", "cholesky", "empirical", "matrix"))
-    if rank == 1:
-        original = pre._prepare_due
+    if rank == 1:  # fails inside the solver's prepare of step 2 (rank 1 owns blocks)
+        original = pre.solver.prepare
 
-        def broken():
+        def broken(*args, **kwargs):
             if pre.steps == 2:
                 if how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError("injected failure")
-            return original()
-        pre._prepare_due = broken
+            return original(*args, **kwargs)
+        pre.solver.prepare = broken
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     train(model, pre, opt, rank, world)
 

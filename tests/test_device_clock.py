@@ -102,7 +102,7 @@ def test_step_clock_under_each_settle_model_uses_the_simulations_alpha_and_sched
     extra_alpha = extra_target = 0.0
     for prep in (state.g_prep, state.a_prep):  # one bank on each factor
         alpha = float(prep.tensors["alpha_min"])
-        sched = solver._schedule(prep)
+        sched = solver.schedule(prep)
         extra_alpha += hw.rc_s / alpha - hw.rc_s
         extra_target += hw.rc_s * (sched.t0 + sched.duration) - hw.rc_s
     assert t.modeled_rc_over_alpha_min_s == pytest.approx(t.modeled_rc_s + extra_alpha,

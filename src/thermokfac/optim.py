@@ -27,10 +27,10 @@ def _outside(pre: KFACPreconditioner, base: torch.optim.Optimizer) -> list[str]:
     stepped = {id(p) for group in base.param_groups for p in group["params"]}
     names = {id(m): n for n, m in pre.model.named_modules()}
     out = []
-    for record in pre._records.values():
-        params = record.helper.parameters
+    for block in pre.blocks.values():
+        params = block.helper.parameters
         if params and not any(id(p) in stepped for p in params):
-            name = names.get(id(record.helper.module))
+            name = names.get(id(block.helper.module))
             if name is not None and name not in out:
                 out.append(name)
     return out

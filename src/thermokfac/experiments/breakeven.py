@@ -46,14 +46,14 @@ def solve_banks(run: Run) -> list[dict[str, float]]:
     """Per Method 2 solve bank of every layer: its dimension n, right-hand sides k, and
     the α_min, t₀ and window T (RC units) of the device matrix the simulation used."""
     banks = []
-    for name, state in run.pre._states.items():
-        helper = run.pre._records[name].helper
-        for which, prep, k in (("g", state.g_prep, helper.a_dim),
-                               ("a", state.a_prep, helper.d_out)):
+    for name, block in run.pre.blocks.items():
+        helper = block.helper
+        for which, prep, k in (("g", block.g_prep, helper.a_dim),
+                               ("a", block.a_prep, helper.d_out)):
             if prep is None:  # a diagonal A (embeddings): no device work
                 continue
             t = prep.tensors
-            sched = run.pre.solver._schedule(prep)
+            sched = run.pre.solver.schedule(prep)
             banks.append({"layer": name, "factor": which, "n": prep.n, "k": k,
                           "alpha_min": float(t["alpha_min"]), "t0_rc": sched.t0,
                           "window_rc": sched.duration})

@@ -88,7 +88,7 @@ def plan(cfg: TrainConfig, out: Path, bits: list[int], rcs_us: list[float],
     pre = KFACPreconditioner(model, kl_clip=None, kfac_approx=task.kfac_approx)
     layers, cache = [], {}
     for name in pre.layer_names:
-        helper = pre._records[name].helper
+        helper = pre.block(name).helper
         a_dim = None if helper.diagonal_a else helper.a_dim
         layers.append({"layer": name, "a_dim": a_dim, "g_dim": helper.d_out,
                        "diagonal_a": helper.diagonal_a})

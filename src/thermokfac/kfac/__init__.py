@@ -9,8 +9,14 @@
 * :mod:`.guards` — the checks that make a step right or loud;
 * :mod:`.factors` — the sums themselves (expand/reduce, bias column, Eq. 12);
 * :mod:`.fisher` — backward vectors of the ``mc`` and ``type2`` Fisher types;
-* :mod:`.layer_state` — moving averages, damping, prepare and precondition (Eqs. 15–17);
-* :mod:`.factor_update`, :mod:`.solving` — the two halves of a step;
+* :mod:`.curvature` — this step's sums per block (Eq. 12's numerators and row counts);
+* :mod:`.estimates` — one factor's running estimate (matrix, diagonal, rows; Eqs. 16–17);
+* :mod:`.caches` — what a prepare makes of a damped factor (Method 1, Method 2, diagonal);
+* :mod:`.blocks` — :class:`~.blocks.KroneckerBlock`: a block's estimates, caches and phases
+  (update the estimate, update the cache, apply Eq. 15, checkpoint);
+* :mod:`.parallel` — the work assignment, communicator and gradient access the step asks
+  every rank-dependent question of (:mod:`.gradients`: reading DΘ, writing U);
+* :mod:`.report` — the :class:`~.report.StepReport` a step returns, and ``stats``;
 * :mod:`.kl_clip`, :mod:`.hyperparams`, :mod:`.config` — the KL clip, schedules and the
   validated configuration;
 * :mod:`.state` — the checkpoint format;
@@ -20,6 +26,12 @@ Dependencies point one way: ``preconditioner`` imports the others, ``layers`` im
 none of them, and nothing here imports ``preconditioner``.
 """
 
+from .blocks import KroneckerBlock
+from .config import ClipConfig, FactorConfig, FisherConfig, InverseConfig, KFACConfig
+from .parallel import Communicator, Parallelism, Plan, SingleProcess, Update, WorkAssignment
 from .preconditioner import KFACPreconditioner
+from .report import StepReport
 
-__all__ = ["KFACPreconditioner"]
+__all__ = ["ClipConfig", "Communicator", "FactorConfig", "FisherConfig", "InverseConfig",
+           "KFACConfig", "KFACPreconditioner", "KroneckerBlock", "Parallelism", "Plan",
+           "SingleProcess", "StepReport", "Update", "WorkAssignment"]

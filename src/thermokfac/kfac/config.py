@@ -1,8 +1,21 @@
-"""Validated, frozen configuration of a :class:`~thermokfac.KFACPreconditioner`."""
+"""Validated, frozen configuration of a :class:`~thermokfac.KFACPreconditioner`.
+
+The constructor's keywords are grouped by concern, each group checked in its own
+``__post_init__`` (a ``ValueError`` naming the value and its valid range):
+
+* :class:`FisherConfig` — which curvature G estimates and how the loss was reduced;
+* :class:`FactorConfig` — how the Kronecker factors are captured, stored and averaged;
+* :class:`InverseConfig` — the solver, Method 1 or 2, damping and its schedule;
+* :class:`ClipConfig` — the KL clip and the learning rate it reads.
+
+:class:`KFACConfig` holds the four; ``config.method``-style flat reads still work (the
+keyword's name finds its group).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,103 +46,228 @@ from .kl_clip import MOMENTUM
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
-class KFACConfig:
-    """Every hyperparameter, checked once; schedules are checked again when read."""
+def _set(obj: Any, name: str, value: Any) -> None:
+    """Normalise a field of a frozen dataclass in its ``__post_init__``."""
+    object.__setattr__(obj, name, value)
 
-    solver: LinearSolver
-    method: Method
-    damping: Schedule
-    factor_decay: Schedule
-    factor_update_steps: Schedule
-    inv_update_steps: Schedule
-    fisher_type: FisherType
-    kfac_approx: KFACApprox
-    loss_reduction: LossReduction
-    skip_layers: tuple[str, ...]
-    damping_split: DampingSplit
-    kl_clip: float | None
-    lr: Schedule | None
-    loss_type: LossType
-    num_per_example_loss_terms: int
-    mc_samples: int
-    factor_dtype: torch.dtype
-    momentum: float | None
-    factor_storage: FactorStorage
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """The curvature G estimates (Eq. 6, 12) and the loss behind it.
+
+    Attributes:
+        fisher_type: ``empirical``, ``mc`` or ``type2`` (:class:`~thermokfac.enums.FisherType`).
+        loss_type: The likelihood of ``mc``/``type2``.
+        loss_reduction: ``mean`` or ``sum`` over the loss terms.
+        num_per_example_loss_terms: Loss terms per example (empirical Fisher of a mean).
+        mc_samples: Sampled labels per prediction (``mc``).
+        class_dim: Where the classes lie in the outputs of ``mc``/``type2``, or None.
+    """
+
+    fisher_type: FisherType | str = FisherType.EMPIRICAL
+    loss_type: LossType | str = LossType.CROSS_ENTROPY
+    loss_reduction: LossReduction | str = LossReduction.MEAN
+    num_per_example_loss_terms: int = 1
+    mc_samples: int = 1
     class_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        cd = self.class_dim
+        if cd is not None and (isinstance(cd, bool) or not isinstance(cd, int)):
+            raise ValueError(f"class_dim={cd!r} must be an integer dimension (e.g. 1 for "
+                             "[N, C, T] outputs, -1 for [N, T, C]) or None")
+        _set(self, "fisher_type", parse_enum(FisherType, self.fisher_type, "fisher_type"))
+        _set(self, "loss_type", parse_enum(LossType, self.loss_type, "loss_type"))
+        _set(self, "loss_reduction", parse_enum(LossReduction, self.loss_reduction,
+                                                "loss_reduction"))
+        _set(self, "num_per_example_loss_terms", int(check_value(
+            "num_per_example_loss_terms", self.num_per_example_loss_terms, INTERVAL)))
+        _set(self, "mc_samples", int(check_value("mc_samples", self.mc_samples, INTERVAL)))
+
+
+@dataclass(frozen=True)
+class FactorConfig:
+    """How the Kronecker factors are captured, stored and averaged (Eqs. 12, 16–21).
+
+    Attributes:
+        factor_decay: β of the moving average (value or schedule), in [0, 1).
+        factor_update_steps: Capture every this many steps (value or schedule).
+        factor_dtype: float32 or float64.
+        factor_storage: ``matrix`` or ``rows`` (the resistor-array mode, App. E).
+        kfac_approx: ``expand`` or ``reduce`` (Sec. 3.3).
+        skip_layers: Module or class names left to the base optimizer.
+        separate_weight_and_bias: Weight and bias as two blocks.
+    """
+
+    factor_decay: Schedule = 0.95
+    factor_update_steps: Schedule = 1
+    factor_dtype: torch.dtype = torch.float32
+    factor_storage: FactorStorage | str = FactorStorage.MATRIX
+    kfac_approx: KFACApprox | str = KFACApprox.EXPAND
+    skip_layers: tuple[str, ...] = ()
     separate_weight_and_bias: bool = False
 
-    @classmethod
-    def build(cls, *, solver, method, damping, factor_decay, factor_update_steps,
-              inv_update_steps, fisher_type, kfac_approx, loss_reduction, skip_layers,
-              damping_split, kl_clip, lr, loss_type, num_per_example_loss_terms, mc_samples,
-              factor_dtype, momentum, factor_storage, model: nn.Module,
-              class_dim: int | None = None,
-              separate_weight_and_bias: bool = False) -> KFACConfig:
-        """Validate every argument (``ValueError`` naming the value and valid range)."""
-        if isinstance(skip_layers, str):
-            skip_layers = (skip_layers,)
-        skip = tuple(skip_layers)
+    def __post_init__(self) -> None:
+        skip = (self.skip_layers,) if isinstance(self.skip_layers, str) else \
+            tuple(self.skip_layers)
         if not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip_layers={skip!r} must be module names or class names")
-        if kl_clip is not None:
-            check_value("kl_clip", kl_clip, POSITIVE)
-        if lr is not None:
-            check_schedule("lr", lr, POSITIVE)
-        if class_dim is not None and (isinstance(class_dim, bool)
-                                      or not isinstance(class_dim, int)):
-            raise ValueError(f"class_dim={class_dim!r} must be an integer dimension (e.g. 1 "
-                             "for [N, C, T] outputs, -1 for [N, T, C]) or None")
-        if not isinstance(separate_weight_and_bias, bool):
-            raise ValueError(f"separate_weight_and_bias={separate_weight_and_bias!r} must be "
-                             "True or False")
-        storage = parse_enum(FactorStorage, factor_storage, "factor_storage")
-        solver = get_solver(solver)
-        if method is None:  # the solver's default; the rows mode can only solve
-            method = Method.SOLVE if storage is FactorStorage.ROWS else solver.default_method
-        if storage is FactorStorage.ROWS:
-            if callable(factor_decay) or factor_decay != 0:
-                raise ValueError(f"factor_storage='rows' needs factor_decay=0 (got "
-                                 f"{factor_decay!r}): a moving average needs the factors")
-            if parse_enum(Method, method, "method") is not Method.SOLVE:
-                raise ValueError("factor_storage='rows' needs method='solve': an explicit "
-                                 "inverse is an n×n matrix")
-        return cls(
-            solver=solver,
-            method=parse_enum(Method, method, "method"),
-            damping=check_schedule("damping", damping, NON_NEGATIVE),
-            factor_decay=check_schedule("factor_decay", factor_decay, DECAY),
-            factor_update_steps=check_schedule("factor_update_steps", factor_update_steps,
-                                               INTERVAL),
-            inv_update_steps=check_schedule("inv_update_steps", inv_update_steps, INTERVAL),
-            fisher_type=parse_enum(FisherType, fisher_type, "fisher_type"),
-            kfac_approx=parse_enum(KFACApprox, kfac_approx, "kfac_approx"),
-            loss_reduction=parse_enum(LossReduction, loss_reduction, "loss_reduction"),
-            skip_layers=skip,
-            damping_split=parse_enum(DampingSplit, damping_split, "damping_split"),
-            kl_clip=None if kl_clip is None else float(kl_clip),
-            lr=lr,
-            loss_type=parse_enum(LossType, loss_type, "loss_type"),
-            num_per_example_loss_terms=int(check_value(
-                "num_per_example_loss_terms", num_per_example_loss_terms, INTERVAL)),
-            mc_samples=int(check_value("mc_samples", mc_samples, INTERVAL)),
-            factor_dtype=_factor_dtype(factor_dtype, model),
-            momentum=None if momentum is None else float(check_value("momentum", momentum,
-                                                                      MOMENTUM)),
-            factor_storage=storage,
-            class_dim=class_dim,
-            separate_weight_and_bias=separate_weight_and_bias,
-        )
+        _set(self, "skip_layers", skip)
+        if not isinstance(self.separate_weight_and_bias, bool):
+            raise ValueError(f"separate_weight_and_bias={self.separate_weight_and_bias!r} "
+                             "must be True or False")
+        _set(self, "factor_storage", parse_enum(FactorStorage, self.factor_storage,
+                                                "factor_storage"))
+        if self.factor_storage is FactorStorage.ROWS and (
+                callable(self.factor_decay) or self.factor_decay != 0):
+            raise ValueError(f"factor_storage='rows' needs factor_decay=0 (got "
+                             f"{self.factor_decay!r}): a moving average needs the factors")
+        check_schedule("factor_decay", self.factor_decay, DECAY)
+        check_schedule("factor_update_steps", self.factor_update_steps, INTERVAL)
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype={self.factor_dtype!r} is not valid; choose "
+                             "torch.float32 or torch.float64")
+        _set(self, "kfac_approx", parse_enum(KFACApprox, self.kfac_approx, "kfac_approx"))
+
+    @property
+    def rows(self) -> bool:
+        """Whether the resistor-array mode keeps rows instead of factors."""
+        return self.factor_storage is FactorStorage.ROWS
+
+
+@dataclass(frozen=True)
+class InverseConfig:
+    """The solver and the periodic work it does (Sec. 4.1, Eq. 15).
+
+    Attributes:
+        solver: A :class:`~thermokfac.solvers.LinearSolver` (a registered name is
+            looked up).
+        method: ``inverse`` (Method 1) or ``solve`` (Method 2); None: the solver's
+            ``default_method``.
+        damping: λ ≥ 0 (value or schedule).
+        damping_split: ``equal`` or ``pi``.
+        inv_update_steps: Prepare/invert every this many steps (value or schedule).
+    """
+
+    solver: LinearSolver | str = "cholesky"
+    method: Method | str | None = None
+    damping: Schedule = 1e-3
+    damping_split: DampingSplit | str = DampingSplit.EQUAL
+    inv_update_steps: Schedule = 10
+
+    def __post_init__(self) -> None:
+        solver = get_solver(self.solver)
+        _set(self, "solver", solver)
+        method = solver.default_method if self.method is None else self.method
+        _set(self, "method", parse_enum(Method, method, "method"))
+        check_schedule("damping", self.damping, NON_NEGATIVE)
+        check_schedule("inv_update_steps", self.inv_update_steps, INTERVAL)
+        _set(self, "damping_split", parse_enum(DampingSplit, self.damping_split,
+                                               "damping_split"))
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The KL clip (Ba et al. 2017): κ, and the rate and momentum it assumes.
+
+    Attributes:
+        kl_clip: κ > 0, or None to disable.
+        lr: Learning rate (value or schedule), or None to read the optimizer's.
+        momentum: μ in [0, 1), or None to read the optimizer's SGD momentum.
+    """
+
+    kl_clip: float | None = 1e-3
+    lr: Schedule | None = None
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kl_clip is not None:
+            _set(self, "kl_clip", float(check_value("kl_clip", self.kl_clip, POSITIVE)))
+        if self.lr is not None:
+            check_schedule("lr", self.lr, POSITIVE)
+        if self.momentum is not None:
+            _set(self, "momentum", float(check_value("momentum", self.momentum, MOMENTUM)))
+
+
+_GROUPS = ("fisher", "factors", "inverse", "clip")
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """Every hyperparameter, checked once; schedules are checked again when read.
+
+    Attributes:
+        fisher, factors, inverse, clip: The four groups. A keyword's name reads its
+            value from its group (``config.method`` is ``config.inverse.method``).
+    """
+
+    fisher: FisherConfig
+    factors: FactorConfig
+    inverse: InverseConfig
+    clip: ClipConfig
+
+    def __post_init__(self) -> None:
+        if self.factors.rows and self.inverse.method is not Method.SOLVE:
+            raise ValueError("factor_storage='rows' needs method='solve': an explicit "
+                             "inverse is an n×n matrix")
+
+    def __getattr__(self, name: str) -> Any:
+        group = _GROUP_OF.get(name)
+        if group is None:
+            raise AttributeError(f"KFACConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, group), name)
+
+    @classmethod
+    def from_keywords(cls, model: nn.Module, *, solver: LinearSolver | str = "cholesky",
+                      method: Method | str | None = None, damping: Schedule = 1e-3,
+                      factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
+                      inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
+                      kfac_approx: str = "expand", loss_reduction: str = "mean",
+                      skip_layers: Any = (), damping_split: str = "equal",
+                      kl_clip: float | None = 1e-3, lr: Schedule | None = None,
+                      momentum: float | None = None, loss_type: str = "cross_entropy",
+                      num_per_example_loss_terms: int = 1, mc_samples: int = 1,
+                      factor_dtype: torch.dtype | None = None,
+                      factor_storage: str = "matrix", class_dim: int | None = None,
+                      separate_weight_and_bias: bool = False) -> KFACConfig:
+        """The preconditioner's keywords, validated into the four groups.
+
+        ``factor_dtype=None`` is float64 for a model with float64 parameters, else
+        float32; ``method=None`` is the solver's default (Method 2 in the rows mode).
+
+        Raises:
+            ValueError: Naming the first invalid value and its valid range or choices.
+        """
+        clip = ClipConfig(kl_clip=kl_clip, lr=lr, momentum=momentum)
+        fisher = FisherConfig(fisher_type=fisher_type, loss_type=loss_type,
+                              loss_reduction=loss_reduction,
+                              num_per_example_loss_terms=num_per_example_loss_terms,
+                              mc_samples=mc_samples, class_dim=class_dim)
+        factors = FactorConfig(factor_decay=factor_decay,
+                               factor_update_steps=factor_update_steps,
+                               factor_dtype=_factor_dtype(factor_dtype, model),
+                               factor_storage=factor_storage, kfac_approx=kfac_approx,
+                               skip_layers=skip_layers,
+                               separate_weight_and_bias=separate_weight_and_bias)
+        if method is None and factors.rows:
+            method = Method.SOLVE  # the rows mode can only solve
+        inverse = InverseConfig(solver=solver, method=method, damping=damping,
+                                damping_split=damping_split, inv_update_steps=inv_update_steps)
+        return cls(fisher=fisher, factors=factors, inverse=inverse, clip=clip)
+
+
+#: Setting name ↦ the group that holds it (``config.method`` reads ``config.inverse``).
+_GROUP_OF = {f.name: group for group, cls in zip(_GROUPS, (FisherConfig, FactorConfig,
+                                                           InverseConfig, ClipConfig))
+             for f in fields(cls)}
 
 
 def _factor_dtype(requested: torch.dtype | None, model: nn.Module) -> torch.dtype:
-    if requested is None:
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        return torch.float64 if torch.float64 in dtypes else torch.float32
-    if requested not in FACTOR_DTYPES:
-        raise ValueError(f"factor_dtype={requested!r} is not valid; choose torch.float32 or "
-                         "torch.float64")
-    return requested
+    if requested is not None:
+        return requested
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-__all__ = ["KFACConfig", "Range"]
+__all__ = ["ClipConfig", "FactorConfig", "FisherConfig", "InverseConfig", "KFACConfig",
+           "Range"]

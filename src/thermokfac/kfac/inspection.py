@@ -1,5 +1,5 @@
-"""What a preconditioner lets you read and save: factors, layer states, memory,
-timings, and its whole state for a checkpoint."""
+"""What a preconditioner lets you read and save: factors, blocks, memory, timings, and
+its whole state for a checkpoint."""
 
 from __future__ import annotations
 
@@ -8,32 +8,38 @@ from typing import Any
 from torch import Tensor
 
 from ..timing import StepTimings
-from .layer_state import LayerState
+from .blocks import KroneckerBlock
 from .state import Snapshot, pack, solver_settings, unpack
 
 
 class Inspection:
     """Read-only views and checkpoint state of :class:`KFACPreconditioner` (a mixin:
-    it reads the preconditioner's layers, capture, timing log and configuration)."""
+    it reads the preconditioner's blocks, capture, timing log and configuration)."""
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Moving-average factors ``{name: (A, G)}`` (symmetric copies).
 
         A is ``[a_dim, a_dim]`` with the bias as last row/column, or the diagonal as a
-        vector ``[V]`` for an embedding; G is ``[d_out, d_out]``. Layers without factors
-        yet are absent.
+        vector ``[V]`` for an embedding; G is ``[d_out, d_out]``. Blocks without factors
+        yet (or in the rows mode, which never forms them) are absent.
         """
-        return {name: s.symmetric_factors() for name, s in self._states.items()
-                if s.a is not None and s.g is not None}
+        out = {}
+        for name, block in self._blocks.items():
+            pair = block.factors()
+            if pair is not None:
+                out[name] = pair
+        return out
 
-    def layer_state(self, name: str) -> LayerState:
-        """The full state of one layer (factors, prepared solver state, damping used)."""
-        return self._states[name]
+    def layer_state(self, name: str) -> KroneckerBlock:
+        """The Kronecker block ``name`` (its estimates, prepared state and the damping
+        in effect: ``damping``, ``a_prep``/``g_prep``, ``a_inv``/``g_inv``); the same as
+        :meth:`block`."""
+        return self.block(name)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes the preconditioner holds between steps: ``factors`` (moving averages),
         ``prepared`` (factorisations or inverses) and their ``total``."""
-        parts = [s.memory_bytes() for s in self._states.values()]
+        parts = [b.memory_bytes() for b in self._blocks.values()]
         out = {k: sum(p[k] for p in parts) for k in ("factors", "prepared")}
         return {**out, "total": out["factors"] + out["prepared"]}
 
@@ -52,29 +58,44 @@ class Inspection:
         return self.timing.summary()
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors, prepared states, counters, statistics and the generator state."""
-        return pack(self._snapshot())
+        """Estimates, prepared states, counters, statistics and the generator state.
+
+        Under data parallelism this is a collective when ranks hold only their own
+        blocks' prepared state (``mem-opt``): call it on every rank.
+        """
+        state = pack(self._snapshot())
+        state["layers"] = self.plan.communicator.gather_states(state["layers"],
+                                                               self.plan.assignment)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`, moved to the model's device and, for the moving
         averages, cast to ``factor_dtype`` (a state saved on another device or from a
-        float64 model loads as ``torch.optim`` state does).
+        float64 model loads as ``torch.optim`` state does). States of the previous
+        format version are migrated; nothing changes unless the whole state loads.
 
         Raises:
             ValueError: The state is from another model (naming the mismatched layers),
-                solver or method.
+                solver or method, or of an unknown format version.
         """
         restored = unpack(self._snapshot(), state)
         device = next(self.model.parameters()).device
-        for layer in restored.layers.values():
-            layer.to_(device, self.config.factor_dtype)
-        self._states, self.steps, self.stats = restored.layers, restored.steps, restored.stats
+        blocks = self._new_blocks()
+        for name, block in blocks.items():
+            block.load_state_dict(restored.layers[name])
+            block.to_(device, self.config.factor_dtype)
+            if not self.plan.assignment.holds_cache(name):
+                block.drop_cache()
+        self.generator.set_state(restored.generator_state)
+        self._blocks, self.steps = blocks, restored.steps
+        self._ledger.restore(restored.stats)
         self._begin_step()
 
     def _snapshot(self) -> Snapshot:
         return Snapshot(
-            steps=self.steps, layers=self._states,
-            shapes={name: (r.helper.a_dim, r.helper.d_out) for name, r in self._records.items()},
-            stats=self.stats, generator=self.generator, solver=self.solver.name,
-            method=self.config.method.value, solver_settings=solver_settings(self.solver),
-            layouts={name: r.helper.possible_shapes() for name, r in self._records.items()})
+            steps=self.steps, layers={n: b.state_dict() for n, b in self._blocks.items()},
+            shapes={name: (b.helper.a_dim, b.helper.d_out) for name, b in self._blocks.items()},
+            stats=self.stats, generator_state=self.generator.get_state(),
+            solver=self.solver.name, method=self.config.method.value,
+            solver_settings=solver_settings(self.solver),
+            layouts={name: b.helper.possible_shapes() for name, b in self._blocks.items()})

@@ -5,53 +5,58 @@
 ``step()`` rewrites each supported layer's ``.grad`` from DΘ to
 U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (paper Eq. 15), so SGD turns into (damped) natural
 gradient descent (Eq. 14) and Nesterov, Adam, AdamW... run on the preconditioned
-gradient (the paper's Table 3 combinations).
+gradient (the paper's Table 3 combinations). The step is a loop over Kronecker blocks
+(:mod:`.blocks`); which rank does what, and every collective, are asked of the
+injected :mod:`parallel plan <.parallel>`, so one process and data-parallel ranks run
+this same step.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..enums import FactorStorage, FisherType
-from ..solvers import LinearSolver, TimeBreakdown
-from ..timing import StepTimings, TimingLog
+from ..enums import FisherType
+from ..solvers import LinearSolver, SolverError, all_finite
+from ..timing import TimedSolves, TimingLog
+from .blocks import KroneckerBlock
 from .capture import CurvatureCapture
 from .config import KFACConfig
+from .curvature import CurvatureSums, close_step, g_multiplier
 from .curvature_backward import curvature
 from .discovery import Discovery, announce, discover, unwrap
-from .factor_update import commit_factors, follow_layouts, fresh_factors, g_multiplier
+from .fisher import check_class_dim
 from .guards import StepGuard, check_model, check_setup, refuse_sharded
-from .hyperparams import DECAY, INTERVAL, Schedule, resolve
+from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .inspection import Inspection
-from .layer_state import LayerState
+from .kl_clip import LayerRates, kl_clip_scale, trainable_params
+from .parallel import Parallelism, Plan, SingleProcess, Update
 from .records import LayerRecord
-from .solving import (
-    NOISE_PARTS,
-    modeled_time,
-    noise_generator,
-    precondition_all,
-    prepare_due,
-    warn_fallbacks,
-)
+from .report import STAT_KEYS, StatsLedger, StepReport, device_time
 from .spectra import SpectrumLog
 
 logger = logging.getLogger("thermokfac")
 
+#: Each factor's noise stream: preparing/inverting A or G, and the solves of U.
+NOISE_PARTS = {"a": 0, "g": 1, "u": 2}
+#: A block's prepare statistic ↦ the counter of ``stats`` it adds to.
+PREPARE_STATS = (("float64_retries", "float64_retries"),
+                 ("damping_increases", "damping_increases"), ("failed", "prepare_failures"),
+                 ("solver_errors", "solver_errors"), ("ill_conditioned", "ill_conditioned_solves"))
 
 
-STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_skips",
-             "nonfinite_update_skips", "solver_errors", "passthrough_layers",
-             "float64_retries", "damping_increases", "prepare_failures", "kl_clip_scale",
-             "transformed_passes", "trainable_changes", "ill_conditioned_solves",
-             "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
-             "discarded_curvature", "multi_rank_warnings", "layout_mismatches",
-             "fp16_without_grad_scaler")
+def noise_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of draw ``index`` (3·block + part) at ``step``: a function of
+    (seed, step, index) alone, so every rank, one process and a resumed run agree."""
+    value = seed * 1_000_003 + step * 7919 + index
+    return torch.Generator(device=device).manual_seed(value % (2**63 - 1))
 
 
 class KFACPreconditioner(Inspection):
@@ -123,6 +128,12 @@ class KFACPreconditioner(Inspection):
             inputs alone (no column of ones) and ``<layer>.bias`` with A = 1, both with the
             layer's G. Default False: one block [W | b] with the bias as A's last column
             (Eq. 4).
+        parallel: How the work is spread over processes (:mod:`thermokfac.kfac.parallel`);
+            default one process. :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
+            passes its data-parallel plan; the step itself is the same.
+
+    The keywords are validated into :attr:`config`, a frozen
+    :class:`~thermokfac.kfac.config.KFACConfig` grouped by concern.
 
     Raises:
         ValueError: On any invalid argument (naming it and its valid values/range), or
@@ -139,13 +150,13 @@ class KFACPreconditioner(Inspection):
         >>> pre = KFACPreconditioner(model, optimizer=opt)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> nn.functional.cross_entropy(model(x), y).backward()
-        >>> pre.step(); opt.step()
+        >>> report = pre.step(); opt.step()
+        >>> report.prepared  # the first step prepares (here: inverts) every block
+        ('0', '2')
         >>> a, g = pre.factors()["0"]
         >>> tuple(a.shape), tuple(g.shape)  # bias column appended to A (Eq. 4)
         ((5, 5), (8, 8))
     """
-
-    _averages_factors = False  # the distributed subclass averages factors over ranks
 
     def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
                  method: str | None = None, damping: Schedule = 1e-3,
@@ -159,19 +170,21 @@ class KFACPreconditioner(Inspection):
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
                  factor_storage: str = "matrix", class_dim: int | None = None,
-                 separate_weight_and_bias: bool = False) -> None:
+                 separate_weight_and_bias: bool = False,
+                 parallel: Parallelism | None = None) -> None:
+        parallel = SingleProcess() if parallel is None else parallel
         self.model = unwrap(model)
-        check_model(model, self.model, self._averages_factors)
-        self.config = KFACConfig.build(
-            solver=solver, method=method, damping=damping, factor_decay=factor_decay,
-            factor_update_steps=factor_update_steps, inv_update_steps=inv_update_steps,
-            fisher_type=fisher_type, kfac_approx=kfac_approx, loss_reduction=loss_reduction,
-            skip_layers=skip_layers, damping_split=damping_split, kl_clip=kl_clip, lr=lr,
+        check_model(model, self.model, parallel.averages_factors)
+        self.config = KFACConfig.from_keywords(
+            self.model, solver=solver, method=method, damping=damping,
+            factor_decay=factor_decay, factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps, fisher_type=fisher_type,
+            kfac_approx=kfac_approx, loss_reduction=loss_reduction, skip_layers=skip_layers,
+            damping_split=damping_split, kl_clip=kl_clip, lr=lr, momentum=momentum,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
-            mc_samples=mc_samples, factor_dtype=factor_dtype, momentum=momentum,
-            factor_storage=factor_storage, model=self.model, class_dim=class_dim,
-            separate_weight_and_bias=separate_weight_and_bias)
-        self.solver = self.config.solver
+            mc_samples=mc_samples, factor_dtype=factor_dtype, factor_storage=factor_storage,
+            class_dim=class_dim, separate_weight_and_bias=separate_weight_and_bias)
+        self.solver: LinearSolver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
         self.discovery: Discovery = discover(self.model, self.config.skip_layers,
@@ -179,45 +192,68 @@ class KFACPreconditioner(Inspection):
         announce(self.discovery, logger)
         records = [LayerRecord(name, helper) for name, helper in self.discovery.layers]
         self._records = {r.name: r for r in records}
-        self._states = {r.name: LayerState() for r in records}
+        self._blocks = self._new_blocks()
         self._capture = CurvatureCapture(
             self.model, records, self.config.kfac_approx, self.config.factor_dtype,
             keep_outputs=self.config.fisher_type is not FisherType.EMPIRICAL,
-            grad_scale=self._loss_scale,
-            keep_rows=self.config.factor_storage is FactorStorage.ROWS)
+            grad_scale=self._loss_scale, keep_rows=self.config.factors.rows)
         device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
-        self._index = {name: i for i, name in enumerate(self._records)}
         #: Per prepare and factor, the spectrum a thermodynamic solver's device matrix had
         #: (:class:`~thermokfac.kfac.spectra.SpectrumLog`; ``spectra.history`` rows).
         self.spectra = SpectrumLog(timing_history)
         self.timing = TimingLog(timing_history)
         self.timing.sync_cuda = self._capture.sync_cuda = device.type == "cuda"
-        self.stats: dict[str, float] = {**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0}
+        self._ledger = StatsLedger()
         self.steps = 0
-        self._window: tuple[int, int] | None = None
-        self._guard = StepGuard(self._records, self._capture, lambda: self.stats,
-                                averages_factors=self._averages_factors)
+        #: The :class:`~thermokfac.kfac.report.StepReport` of the latest step.
+        self.last_report: StepReport | None = None
+        self._guard = StepGuard(self._records, self._capture, lambda: self._ledger.pending,
+                                averages_factors=parallel.averages_factors)
         self._capture.before_backward = self._guard.backward_begins
         check_setup(records, self.config, optimizer)
+        #: The work assignment, communicator and gradient access of the step
+        #: (:class:`~thermokfac.kfac.parallel.Plan`).
+        self.plan: Plan = parallel.plan(list(self._blocks.values()), self.config, device)
         self._begin_step()
 
     # ------------------------------------------------------------------ public
     @property
     def layer_names(self) -> list[str]:
-        """Names of the preconditioned modules, in model order."""
-        return list(self._records)
+        """Names of the preconditioned blocks, in model order."""
+        return list(self._blocks)
+
+    @property
+    def blocks(self) -> Mapping[str, KroneckerBlock]:
+        """The Kronecker blocks by name, in model order (read-only mapping)."""
+        return MappingProxyType(self._blocks)
+
+    def block(self, name: str) -> KroneckerBlock:
+        """One Kronecker block: its estimates, caches, damping and helper.
+
+        Raises:
+            KeyError: Naming the valid block names.
+        """
+        if name not in self._blocks:
+            raise KeyError(f"no block {name!r}; the blocks are {list(self._blocks)}")
+        return self._blocks[name]
 
     @property
     def unsupported_layers(self) -> dict[str, str]:
         """Modules with parameters left to the base optimizer, with the reason."""
         return dict(self.discovery.unsupported)
 
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters of every event so far (the sums of the step reports' ``counts``
+        and of events since the last step), and the last step's ``kl_clip_scale``."""
+        return self._ledger.view()
+
     def step(self, outputs: Tensor | None = None, *, lr: float | None = None,
-             num_examples: int | None = None) -> None:
+             num_examples: int | None = None) -> StepReport:
         """Precondition every supported layer's ``.grad`` (call after the backward).
 
-        1. Factors: this step's A and G join their moving averages (Eqs. 12, 16–17).
+        1. Estimates: this step's A and G join their moving averages (Eqs. 12, 16–17).
         2. Every ``inv_update_steps``: prepare (Method 2) or invert (Method 1).
         3. U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15), scaled by the KL clip, into ``.grad``.
 
@@ -230,47 +266,46 @@ class KFACPreconditioner(Inspection):
                 empirical Fisher (default: counted from the root module's calls, see
                 :mod:`thermokfac.capture`; required when that count is ambiguous).
 
+        Returns:
+            The step's :class:`~thermokfac.kfac.report.StepReport` (also kept as
+            :attr:`last_report`).
+
         Raises:
             NotImplementedError: At the first step, if the model has been sharded (FSDP,
                 DTensor parameters) since the preconditioner was built.
             RuntimeError: If no backward pass reached a preconditioned parameter since
                 the previous step (``step()`` before ``backward()``, or twice after one
                 backward), or if gradients arrived but no module hook ran at all (a
-                ``torch.compile`` backend or tracer that bypasses module hooks).
+                ``torch.compile`` backend or tracer that bypasses module hooks); under
+                data parallelism, if a collective failed (naming the step and rank).
             ValueError: If the number of examples is needed and cannot be counted
                 unambiguously, or ``num_examples`` is not a positive integer. The
                 step's curvature is kept for a retry on the same backward; if another
                 backward comes first, it is discarded (warned, counted in
                 ``stats["discarded_curvature"]``) rather than mixed in.
         """
-        if self.steps == 0:  # a framework may shard the model after building the optimizer
-            refuse_sharded(self.model, self.model)
-        if outputs is not None:
-            self.curvature_backward(outputs)
-        self._guard.before_step(self.steps)
-        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler, self.optimizer)
-        update = self._capture.enabled and not self._guard.refused_then_new_backward()
-        timings = StepTimings(step=self.steps, curvature_s=self._capture.elapsed_s)
-        with self.timing.measure(timings, "curvature_s"):
-            if update:
-                self._guard.refusing(lambda: self._update_factors(num_examples))
-        with self.timing.measure(timings, "inversion_s"):
-            jobs = self._prepare_due()
-        self.spectra.record(self.steps, self._states)
-        with self.timing.measure(timings, "update_s"):
-            more, timings.solve_s = self._precondition_all(lr)
-            jobs += more
-        (timings.modeled_hardware_s, timings.modeled_rc_s, timings.modeled_rc_over_alpha_min_s,
-         timings.modeled_target_error_s) = self._modeled_time(jobs)
-        self.timing.append(timings)
-        self.steps += 1
-        self._begin_step()
+        report = StepReport(self.steps)
+        clock = self.timing.clock
+        with self.plan.communicator.failing(self.steps):
+            update = self._checked(outputs)                          # right or loud
+            report.timings.curvature_s = self._capture.elapsed_s    # the hooks' share
+            with report.timed("curvature_s", clock):                 # Eqs. 12, 16–17
+                if update:
+                    self._guard.refusing(lambda: self._update_estimates(num_examples, report))
+            with report.timed("inversion_s", clock):                 # Sec. 4.1, periodic
+                self._update_caches(report)
+            with report.timed("update_s", clock):                    # Eq. 15, KL clip
+                self._precondition(lr, report)
+            self._model_device_time(report)
+        return self._finish(report)
 
     def curvature_backward(self, outputs: Tensor) -> None:
         """Back-propagate the ``mc``/``type2`` vectors through ``outputs`` (no ``.grad``).
 
         Call it once per micro-batch, before or after ``loss.backward(retain_graph=True)``;
-        the graph is kept for the user's own backward.
+        the graph is kept for the user's own backward. Under data parallelism the ``mc``
+        labels are drawn for the global batch (ranks' rows in rank order) and sliced, so
+        each depends only on its global example index.
 
         Raises:
             ValueError: With ``fisher_type="empirical"`` (it uses the user's backward).
@@ -281,7 +316,10 @@ class KFACPreconditioner(Inspection):
         if self.config.fisher_type is FisherType.EMPIRICAL:
             raise ValueError("outputs are only used with fisher_type 'mc' or 'type2'; the "
                              "empirical Fisher reads the gradients of your own backward")
-        curvature(self._capture, outputs, self.config, self.generator, self._window)
+        class_dim = check_class_dim(outputs, self.config.class_dim)
+        window = self.plan.communicator.example_window(
+            outputs.numel() // max(outputs.shape[class_dim], 1))
+        curvature(self._capture, outputs, self.config, self.generator, window)
 
     def discard_unstepped(self) -> bool:
         """Forget the curvature of backwards whose gradients are dropped without a step
@@ -310,7 +348,8 @@ class KFACPreconditioner(Inspection):
             >>> with pre.paused():  # the pass that crafts the example
             ...     (g,) = torch.autograd.grad(model(x).sum(), x)
             >>> model(x + 0.1 * g.sign()).pow(2).mean().backward()
-            >>> pre.step()
+            >>> pre.step().factors_updated
+            True
         """
         return self._capture.pausing()
 
@@ -335,7 +374,151 @@ class KFACPreconditioner(Inspection):
         self._guard.remove()
         self._capture.remove()
 
+    def noise(self, name: str, part: str) -> torch.Generator:
+        """The generator of one (step, block, part) for a stochastic solver: ``part`` is
+        ``"a"`` or ``"g"`` (preparing or inverting that factor) or ``"u"`` (the solves of
+        U). Seeded from (``seed``, step, block index, part) alone, so the same on every
+        rank and in one process, whoever does the work, and after a resume."""
+        return noise_generator(self.generator.initial_seed(), self.steps,
+                               3 * self._blocks[name].index + NOISE_PARTS[part],
+                               self.generator.device)
+
+    # -------------------------------------------------------------- the phases
+    def _checked(self, outputs: Tensor | None) -> bool:
+        """Refuse a step that cannot be right; whether its curvature is to be used."""
+        if self.steps == 0:  # a framework may shard the model after building the optimizer
+            refuse_sharded(self.model, self.model)
+        if outputs is not None:
+            self.curvature_backward(outputs)
+        self._guard.before_step(self.steps)
+        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler, self.optimizer)
+        return self._capture.enabled and not self._guard.refused_then_new_backward()
+
+    def _update_estimates(self, num_examples: int | None, report: StepReport) -> None:
+        """This step's A and G over the global batch (Eq. 12) into every block's moving
+        averages (Eqs. 16–17)."""
+        sums = self.plan.communicator.reduce_curvature(self._close_step(num_examples),
+                                                       list(self._blocks.values()))
+        decay = resolve("factor_decay", self.config.factor_decay, self.steps, DECAY)
+        for name, block in self._blocks.items():
+            if name in sums and not block.update_estimate(sums[name], decay):
+                self._guard.nonfinite(name, self.steps)
+        report.factors_updated = True
+
+    def _close_step(self, num_examples: int | None) -> dict[str, CurvatureSums]:
+        """This rank's sums, G scaled by c (examples and loss terms of the step)."""
+        self._guard.after_capture(self.steps)
+        self._capture.require_curvature(self.config.fisher_type)
+        captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
+        multiplier = g_multiplier(self.config, self._capture.loss_terms, num_examples,
+                                  self._capture.example_count, self.steps) if captured else 1.0
+        for name, block in self._blocks.items():
+            if block.follow_layout(self._records[name].layout):
+                self._ledger.count("trainable_changes")
+        return close_step(self._records, multiplier, self.config.factors.rows,
+                          lambda name: self._guard.missing(name, self.steps))
+
+    def _update_caches(self, report: StepReport) -> None:
+        """Damp and prepare (or invert) every block due — all every ``inv_update_steps``,
+        and any never prepared — each factor by the rank the assignment names."""
+        cfg, k, assignment = self.config, self.steps, self.plan.assignment
+        due = k % int(resolve("inv_update_steps", cfg.inv_update_steps, k, INTERVAL)) == 0
+        damping = resolve("damping", cfg.damping, k, NON_NEGATIVE)
+        todo = [b for b in self._blocks.values() if b.has_estimate and (due or not b.prepared)]
+        for block in todo:
+            before = dict(block.stats)
+            report.jobs += block.update_cache(
+                self.solver, cfg.method, damping, cfg.damping_split,
+                assignment.prepares(block.name),
+                lambda part, name=block.name: self.noise(name, part))
+            for key, stat in PREPARE_STATS:
+                self._ledger.count(stat, block.stats.get(key, 0.0) - before.get(key, 0.0))
+        self.plan.communicator.share_caches(todo, assignment)
+        for block in todo:
+            block.settle_cache()
+            if not assignment.holds_cache(block.name):
+                block.drop_cache()
+        report.prepared = tuple(b.name for b in todo)
+        self._warn_fallbacks()
+        self.spectra.record(k, self._blocks)
+
+    def _precondition(self, lr: float | None, report: StepReport) -> None:
+        """U of every block this rank computes (Eq. 15), every block's U on every rank,
+        scaled by the KL clip ν, into ``.grad``."""
+        solver = TimedSolves(self.solver, self.timing.clock)
+        if lr is None and self.config.lr is not None:
+            lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
+        rates = LayerRates(lr, self.optimizer, self.config.momentum)  # each block's group's η
+        updates: dict[str, Update] = {}
+        for name, block in self._blocks.items():
+            if self.plan.assignment.computes_update(name):
+                update = self._apply(block, solver, rates, report)
+                if update is not None:
+                    updates[name] = update
+        updates, vg = self.plan.communicator.share_updates(
+            updates, list(self._blocks.values()), self.plan.assignment)
+        nu = 1.0 if vg is None else kl_clip_scale(self.config.kl_clip, vg, 1.0)
+        for name, update in updates.items():
+            self.plan.gradients.write(self._blocks[name].helper,
+                                      update.u.mul_(nu) if nu != 1.0 else update.u)
+        self._guard.remember_updates([self._records[name] for name in updates])
+        report.kl_clip_scale, report.timings.solve_s = nu, solver.seconds
+
+    def _apply(self, block: KroneckerBlock, solver: LinearSolver, rates: LayerRates,
+               report: StepReport) -> Update | None:
+        """One block's U, or None (its gradient passes through, counted in the report)."""
+        grads, helper = self.plan.gradients, block.helper
+        if not grads.has_grad(helper):
+            return None
+        if not (block.layout_matches and block.ready):  # nothing prepared, or other params
+            return self._skip(block, "passthrough_layers", report)
+        d_theta = grads.read(helper)
+        if not all_finite(d_theta):
+            return self._skip(block, "nonfinite_grad_skips", report)
+        try:
+            u, jobs = block.apply(d_theta, solver, self.noise(block.name, "u"))
+        except SolverError:
+            self._guard.warn_once("solver_errors", (
+                f"the solver failed on layer {block.name!r} (non-finite or unconverged "
+                "solve): its gradient passes through unchanged, counted in "
+                "stats['solver_errors']"))
+            return self._skip(block, "solver_errors", report)
+        # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks U
+        # and feeds the KL clip.
+        inner = grads.inner(helper, u)
+        if not math.isfinite(inner):
+            return self._skip(block, "nonfinite_update_skips", report)
+        report.jobs += jobs
+        return Update(u, inner, rates(*trainable_params(helper)))
+
+    def _skip(self, block: KroneckerBlock, why: str, report: StepReport) -> None:
+        report.skipped[block.name] = why
+        self._ledger.count(why)
+
+    def _model_device_time(self, report: StepReport) -> None:
+        """The step's modelled device time (the busiest rank's) under every settle model."""
+        times = device_time(self.solver, report.jobs)
+        report.local_modeled_s = times[0]
+        if getattr(self.solver, "hardware", None) is not None:
+            times = self.plan.communicator.max_over_ranks(times)
+        t = report.timings
+        (t.modeled_hardware_s, t.modeled_rc_s, t.modeled_rc_over_alpha_min_s,
+         t.modeled_target_error_s) = times
+
+    def _finish(self, report: StepReport) -> StepReport:
+        self.timing.append(report.timings)
+        self._ledger.close(report)
+        self.last_report = report
+        self.steps += 1
+        self._begin_step()
+        return report
+
     # ----------------------------------------------------------------- private
+    def _new_blocks(self) -> dict[str, KroneckerBlock]:
+        rows = self.config.factors.rows
+        return {name: KroneckerBlock(name, i, r.helper, rows=rows)
+                for i, (name, r) in enumerate(self._records.items())}
+
     def _loss_scale(self) -> float:
         return 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
 
@@ -343,55 +526,27 @@ class KFACPreconditioner(Inspection):
         self._capture.reset()
         self._guard.new_step()
         name = "factor_update_steps"
-        if self.config.factor_storage is FactorStorage.ROWS:
+        if self.config.factors.rows:
             name = "inv_update_steps"  # rows are only needed where a prepare uses them
         every = int(resolve(name, getattr(self.config, name), self.steps, INTERVAL))
         self._capture.enabled = self.steps % every == 0
 
-    def _update_factors(self, num_examples: int | None) -> None:
-        cfg = self.config
-        self._guard.after_capture(self.steps)
-        self._capture.require_curvature(cfg.fisher_type)
-        decay = resolve("factor_decay", cfg.factor_decay, self.steps, DECAY)
-        captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
-        multiplier = g_multiplier(cfg, self._capture.loss_terms, num_examples,
-                                  self._capture.example_count, self.steps) if captured else 1.0
-        follow_layouts(self._records, self._states, self.stats)
-        commit_factors(self._records, self._states, multiplier, decay,
-                       cfg.factor_storage is FactorStorage.ROWS, self._fresh_factors,
-                       lambda name: self._guard.missing(name, self.steps),
-                       lambda name: self._guard.nonfinite(name, self.steps))
+    def _warn_fallbacks(self) -> None:
+        """One-time warnings for the failure policy's events."""
+        stats = self.stats
+        if stats["damping_increases"] or stats["prepare_failures"]:
+            self._guard.warn_once("fallback", (
+                "a damped factor could not be factorised as given (singular or too "
+                "ill-conditioned even in float64): its damping was raised ×10 until it could "
+                "(counted in stats['damping_increases']) or its gradient passes through "
+                "(stats['prepare_failures']); the damping in effect is in "
+                "pre.layer_state(name).damping — use more damping"))
+        if stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
+            self._guard.warn_once("ill_conditioned", (
+                "a float32 factorisation was ill-conditioned (its solves could be far off a "
+                "float64 solve): it was prepared and solved in float64 from the stored "
+                "factor instead, counted in stats['ill_conditioned_solves']; "
+                "factor_dtype=torch.float64 (or more damping) is the remedy"))
 
-    def _fresh_factors(self, multiplier: float) -> dict[str, tuple[Tensor, Tensor]]:
-        """This step's A and G per layer (Eq. 12); a layer without rows is skipped."""
-        return fresh_factors(self._records, multiplier,
-                             lambda name: self._guard.missing(name, self.steps))
 
-    def _modeled_time(self, jobs: list[TimeBreakdown]) -> list[float]:
-        """The step's device time: its own settle model's, then rc, rc/α_min, target."""
-        return modeled_time(self.solver, jobs)
-
-    def _prepare_due(self) -> list[TimeBreakdown]:
-        return prepare_due(self._states, self.solver, self.config, self.steps,
-                           self.noise, self.stats, self._guard.warn_once)
-
-    def _warn_ill_conditioned(self) -> None:
-        warn_fallbacks(self.stats, self.config.factor_dtype, self._guard.warn_once)
-
-    def noise(self, name: str, part: str) -> torch.Generator:
-        """The generator of one (step, layer, part) for a stochastic solver: ``part`` is
-        ``"a"`` or ``"g"`` (preparing or inverting that factor) or ``"u"`` (the solves of
-        U). Seeded from (``seed``, step, layer index, part) alone, so the same on every
-        rank and in one process, whoever does the work, and after a resume."""
-        return noise_generator(self.generator.initial_seed(), self.steps,
-                               3 * self._index[name] + NOISE_PARTS[part],
-                               self.generator.device)
-
-    def _precondition_all(self, lr: float | None) -> tuple[list[TimeBreakdown], float]:
-        """(device jobs, seconds inside the solver's solves) of preconditioning."""
-        jobs, written, solve_s = precondition_all(
-            self._records, self._states, self.solver, self.config, self.steps,
-            self.noise, self.stats, lr, self.optimizer, self._guard.warn_once,
-            self.timing.clock)
-        self._guard.remember_updates(written)
-        return jobs, solve_s
+__all__ = ["STAT_KEYS", "KFACPreconditioner"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .layer_state import LayerState
+if TYPE_CHECKING:
+    from .blocks import KroneckerBlock
+
 
 
 class SpectrumLog:
@@ -30,12 +32,12 @@ class SpectrumLog:
         self.history: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._seen: dict[str, dict] = {}
 
-    def record(self, step: int, states: Mapping[str, LayerState]) -> None:
+    def record(self, step: int, blocks: Mapping[str, KroneckerBlock]) -> None:
         """Append what the prepares of ``step`` reported (each prepare once)."""
-        for name, state in states.items():
-            if not state.spectra or self._seen.get(name) is state.spectra:
+        for name, block in blocks.items():
+            if not block.spectra or self._seen.get(name) is block.spectra:
                 continue
-            self._seen[name] = state.spectra
-            for which, found in state.spectra.items():
+            self._seen[name] = block.spectra
+            for which, found in block.spectra.items():
                 self.history.append({"step": step, "layer": name, "factor": which, **found,
                                      "kappa": found["alpha_max"] / found["alpha_min"]})

@@ -3,6 +3,14 @@
 The state holds what is needed to continue bit-exactly: the moving-average factors,
 what the solver prepared (or the inverses), the step counter, the statistics and the
 random generator. Loading checks that the layers and factor shapes match the model.
+
+Format versions: **2** (current) — one flat entry per block (:meth:`KroneckerBlock.state_dict
+<thermokfac.kfac.blocks.KroneckerBlock.state_dict>`: ``a``, ``g``, ``a_prep``/``g_prep``,
+``a_inv``/``g_inv``, ``a_rows``/``g_rows`` with their scales, ``damping``, ``failed``,
+``stats``, ``layout``, ``prepared``); **1** — the same without ``prepared`` (derived on
+load: a block was prepared if it holds a prepared state or an inverse, or failed; under
+data parallelism from the ``distributed.prepared_once`` list it carried). Any other
+version is refused, naming it.
 """
 
 from __future__ import annotations
@@ -13,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .layer_state import LayerState
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`unpack` reads (older ones are migrated).
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -24,14 +32,14 @@ class Snapshot:
 
     Attributes:
         steps: Steps taken.
-        layers: Per-layer state, in model order.
+        layers: Per-block state (:meth:`KroneckerBlock.state_dict`), in model order.
         shapes: ``name -> (A dimension, G dimension)`` of the model's layers now.
         layouts: ``name -> {(weight, bias) trainable: shape}``: the shape a layer's
             factors have under each trainable-parameter layout (a checkpoint saved with
             a frozen bias loads into the unfrozen model; the layer's factors restart at
             its next factor update).
         stats: The preconditioner's counters.
-        generator: Its random generator.
+        generator_state: The state of its random generator.
         solver: The solver's registry name.
         method: ``"inverse"`` or ``"solve"``.
         solver_settings: The solver's configuration (its ``config`` dataclass, field by
@@ -40,10 +48,10 @@ class Snapshot:
     """
 
     steps: int
-    layers: dict[str, LayerState]
+    layers: dict[str, dict[str, Any]]
     shapes: dict[str, tuple[int, int]]
     stats: dict[str, float]
-    generator: torch.Generator
+    generator_state: torch.Tensor
     solver: str
     method: str
     layouts: dict[str, dict[tuple[bool, bool], tuple[int, int]]] = field(default_factory=dict)
@@ -63,10 +71,10 @@ def pack(snap: Snapshot) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "steps": snap.steps,
-        "layers": {name: state.state_dict() for name, state in snap.layers.items()},
+        "layers": dict(snap.layers),
         "shapes": dict(snap.shapes),
         "stats": dict(snap.stats),
-        "generator": snap.generator.get_state(),
+        "generator": snap.generator_state,
         "solver": snap.solver,
         "method": snap.method,
         "solver_settings": dict(snap.solver_settings),
@@ -74,17 +82,19 @@ def pack(snap: Snapshot) -> dict[str, Any]:
 
 
 def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
-    """Check ``state`` against the live preconditioner ``snap`` and return the restored
-    snapshot (``snap.generator`` is set to the saved state).
+    """Check ``state`` against the live preconditioner ``snap`` and return the snapshot
+    to restore (migrated to the current format version; nothing is changed).
 
     Raises:
-        ValueError: If ``state`` is not a preconditioner state, comes from a model with
-            other layers or factor shapes, or from another solver or method.
+        ValueError: If ``state`` is not a preconditioner state of a readable format
+            version, comes from a model with other layers or factor shapes, or from
+            another solver or method.
     """
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format_version") not in READABLE_VERSIONS:
         raise ValueError("not a thermokfac preconditioner state (format_version "
                          f"{state.get('format_version') if isinstance(state, dict) else None!r}"
-                         f", expected {FORMAT_VERSION})")
+                         f", expected one of {READABLE_VERSIONS})")
+    state = migrate(state)
     expected = {name: tuple(shape) for name, shape in snap.shapes.items()}
     saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
     missing = sorted(set(expected) - set(saved))
@@ -122,13 +132,28 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
                                    f"{snap.solver_settings.get(k)})" for k in changed) +
                          " — build the solver with the checkpoint's settings to load it")
     _check_tensor_shapes(state["layers"], expected)
-    snap.generator.set_state(state["generator"])
     return Snapshot(
-        steps=int(state["steps"]),
-        layers={name: LayerState.from_state_dict(s) for name, s in state["layers"].items()},
-        shapes=expected, stats=dict(state["stats"]), generator=snap.generator,
-        solver=snap.solver, method=snap.method, layouts=snap.layouts,
-        solver_settings=snap.solver_settings)
+        steps=int(state["steps"]), layers=dict(state["layers"]), shapes=expected,
+        stats=dict(state["stats"]), generator_state=state["generator"], solver=snap.solver,
+        method=snap.method, layouts=snap.layouts, solver_settings=snap.solver_settings)
+
+
+def migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """A state of format version 1 as version 2 (a new dict; version 2 is returned as
+    it is): each layer gains ``prepared``, as the version-1 code decided it."""
+    if state["format_version"] == FORMAT_VERSION:
+        return state
+    once = state.get("distributed", {}).get("prepared_once")
+    layers = {}
+    for name, layer in state["layers"].items():
+        if once is not None:
+            prepared = name in once
+        else:
+            prepared = bool(layer.get("failed")) or layer.get("a_prep") is not None \
+                or layer.get("a_inv") is not None
+        layers[name] = {**layer, "prepared": prepared}
+    out = {k: v for k, v in state.items() if k != "distributed"}
+    return {**out, "layers": layers, "format_version": FORMAT_VERSION}
 
 
 def _check_tensor_shapes(layers: dict[str, Any], dims: dict[str, tuple[int, int]]) -> None:

@@ -264,7 +264,10 @@ class ThermodynamicSolver(LinearSolver):
                 out.append(None)
         return out
 
-    def _schedule(self, prepared: Prepared) -> Schedule:
+    def schedule(self, prepared: Prepared) -> Schedule:
+        """The burn-in t₀, averaging window T (RC units), samples and their spacing
+        that this solver's solves with ``prepared`` use (set by its target error and
+        the device matrix's α_min at the prepare)."""
         return self._schedule_from(prepared.tensors)
 
     def _schedule_from(self, t: dict[str, Tensor]) -> Schedule:
@@ -286,7 +289,7 @@ class ThermodynamicSolver(LinearSolver):
         full_scale = max(float(hi), -float(lo))  # the DAC's full scale
         if full_scale == 0.0:
             return torch.zeros_like(b), 0.0, {}
-        sched = self._schedule(prepared)
+        sched = self.schedule(prepared)
         timing = self._solve_time(prepared, b.shape[0], b.shape[1], sched)
         stats = _time_stats(timing)
         if self._plain_closed_form(prepared):
@@ -372,7 +375,7 @@ class ThermodynamicSolver(LinearSolver):
                              "inverse_mode='solves' with hardware.max_dim")
 
         return covariance_inverse(self.config, self.hardware, prepared,
-                                  self._spectra(prepared), self._schedule(prepared), generator)
+                                  self._spectra(prepared), self.schedule(prepared), generator)
 
 
 def _weights(values: np.ndarray, like: Tensor) -> Tensor:

@@ -1,0 +1,209 @@
+"""The seam between the K-FAC step and how its work is spread over processes.
+
+:meth:`KFACPreconditioner.step <thermokfac.KFACPreconditioner.step>` is one function
+for every kind of parallelism. It asks each rank-dependent question of a
+:class:`WorkAssignment` (who prepares a factor, who computes a block's U), does each
+collective through a :class:`Communicator`, and reads and writes gradients through a
+:class:`~.gradients.GradientAccess`. A :class:`Parallelism` builds the three for a
+preconditioner; one process gets :class:`SingleProcess`: the trivial assignment (rank 0
+does everything) and a communicator whose collectives do nothing. Data parallelism
+(:mod:`thermokfac.distributed`) is another :class:`Parallelism`, with the step
+untouched — as kfac-pytorch's assignment and distributed_shampoo's distributors do.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocks import FACTORS, KroneckerBlock
+from .config import KFACConfig
+from .curvature import CurvatureSums
+from .gradients import GradientAccess, WholeGradients
+
+
+class WorkAssignment(ABC):
+    """Which rank does which work of a step: a pure function of the blocks and ranks,
+    the same on every rank.
+
+    Attributes:
+        rank: This process's rank in the group.
+        world_size: Ranks in the group.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @abstractmethod
+    def inv_worker(self, block: str, factor: str) -> int:
+        """The rank that prepares (and for Method 1 inverts) ``factor`` (``"a"`` or
+        ``"g"``) of ``block``."""
+
+    @abstractmethod
+    def grad_worker(self, block: str) -> int | None:
+        """The rank that computes U of ``block``, or None when every rank does."""
+
+    @property
+    @abstractmethod
+    def broadcasts_caches(self) -> bool:
+        """Whether each factor's owner sends its prepared state to every rank."""
+
+    def prepares(self, block: str) -> tuple[str, ...]:
+        """The factors of ``block`` this rank prepares."""
+        return tuple(f for f in FACTORS if self.inv_worker(block, f) == self.rank)
+
+    def holds_cache(self, block: str) -> bool:
+        """Whether this rank keeps ``block``'s prepared state between steps."""
+        return self.broadcasts_caches or bool(self.prepares(block))
+
+    def computes_update(self, block: str) -> bool:
+        """Whether this rank computes U of ``block``."""
+        worker = self.grad_worker(block)
+        return worker is None or worker == self.rank
+
+    @property
+    def broadcasts_updates(self) -> bool:
+        """Whether U is computed by one rank per block and sent to the others."""
+        return False
+
+
+class LocalAssignment(WorkAssignment):
+    """One process does everything."""
+
+    def inv_worker(self, block: str, factor: str) -> int:
+        return 0
+
+    def grad_worker(self, block: str) -> int | None:
+        return None
+
+    @property
+    def broadcasts_caches(self) -> bool:
+        return False
+
+
+@dataclass
+class Update:
+    """One block's preconditioned gradient: U, ⟨U, DΘ⟩ and η of its parameter group
+    (None when unknown: then no KL clip)."""
+
+    u: Tensor
+    inner: float
+    rate: float | None
+
+
+class Communicator(ABC):
+    """The collectives of a K-FAC step (all no-ops in one process).
+
+    Attributes:
+        collectives: Collectives issued so far by this rank.
+    """
+
+    collectives: int = 0
+
+    @abstractmethod
+    def reduce_curvature(self, sums: dict[str, CurvatureSums],
+                         blocks: Sequence[KroneckerBlock]) -> dict[str, CurvatureSums]:
+        """This step's sums over the global batch: A's numerators and row counts summed
+        over ranks, G (already scaled by each rank's c) averaged over ranks with zeros
+        where a rank saw no rows; rows all-gathered in the rows mode. Returns the sums
+        of every block that some rank captured."""
+
+    @abstractmethod
+    def share_caches(self, blocks: Sequence[KroneckerBlock],
+                     assignment: WorkAssignment) -> None:
+        """Complete each block's caches with the factors other ranks prepared."""
+
+    @abstractmethod
+    def share_updates(self, updates: dict[str, Update], blocks: Sequence[KroneckerBlock],
+                      assignment: WorkAssignment) -> tuple[dict[str, Update], float | None]:
+        """Every block's U on every rank, and Σ η²⟨U, DΘ⟩ over all blocks (None when a
+        rate is unknown)."""
+
+    @abstractmethod
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        """The element-wise maximum over ranks."""
+
+    @abstractmethod
+    def example_window(self, rows: int) -> tuple[int, int] | None:
+        """(offset of this rank's first prediction, predictions of the global batch)
+        for drawing ``mc`` labels by global index; None in one process."""
+
+    @abstractmethod
+    def gather_states(self, states: dict[str, dict[str, Any]],
+                      holder: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
+        """Every block's checkpoint state, each from a rank where ``holder(name)``."""
+
+    def failing(self, step: int) -> AbstractContextManager[None]:
+        """A context in which a failed collective becomes an error naming ``step``."""
+        return nullcontext()
+
+
+def clip_sum(updates: Mapping[str, Update]) -> float | None:
+    """Σ η²⟨U, DΘ⟩ (None when some η is unknown: no KL clip then)."""
+    total = 0.0
+    for update in updates.values():
+        if update.rate is None:
+            return None
+        total += update.rate * update.rate * update.inner
+    return total
+
+
+class LocalCommunicator(Communicator):
+    """One process: every collective is the identity."""
+
+    def reduce_curvature(self, sums, blocks):
+        return sums
+
+    def share_caches(self, blocks, assignment):
+        pass
+
+    def share_updates(self, updates, blocks, assignment):
+        return updates, clip_sum(updates)
+
+    def max_over_ranks(self, values):
+        return values
+
+    def example_window(self, rows):
+        return None
+
+    def gather_states(self, states, holder):
+        return states
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a :class:`Parallelism` builds for one preconditioner."""
+
+    assignment: WorkAssignment
+    communicator: Communicator
+    gradients: GradientAccess
+
+
+class Parallelism(ABC):
+    """How a preconditioner's work is spread: builds its :class:`Plan`.
+
+    Attributes:
+        averages_factors: Several ranks share one set of factors (a data-parallel
+            model is then expected; a plain one-process preconditioner refuses it).
+    """
+
+    averages_factors: bool = False
+
+    @abstractmethod
+    def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
+             device: torch.device) -> Plan:
+        """The assignment, communicator and gradient access for these blocks."""
+
+
+class SingleProcess(Parallelism):
+    """One process: :class:`LocalAssignment`, :class:`LocalCommunicator`, whole
+    ``.grad`` tensors."""
+
+    def plan(self, blocks, config, device):
+        return Plan(LocalAssignment(), LocalCommunicator(), WholeGradients())
