@@ -145,8 +145,8 @@ def test_eval_mode_runs_pytorchs_forward_and_captures_nothing():
     q, _, _ = inputs(True)
     with torch.no_grad():
         assert torch.equal(tapped(q, q, q)[0], plain(q, q, q)[0])
-    assert pre._capture.hook_calls == 0 and all(
-        not r.sums.a_rows for r in pre._capture.records)
+    pending = pre.pending_step()
+    assert pending.hook_calls == 0 and all(not a for a, _ in pending.rows.values())
 
 
 # ------------------------------------------------- reference: four nn.Linear layers
@@ -345,7 +345,7 @@ def test_remove_restores_the_class_and_a_tapped_model_pickles_and_copies():
     x = torch.randn(N, L, E, dtype=torch.float64)
     clone = copy.deepcopy(net)  # a copy (hooks copied too) is not captured
     clone(x, torch.randn(N, S, 3, dtype=torch.float64)).sum().backward()
-    assert all(not r.sums.a_rows for r in pre._capture.records)
+    assert all(not a for a, _ in pre.pending_step().rows.values())
     pre.remove()
     assert type(net.attn) is nn.MultiheadAttention
 

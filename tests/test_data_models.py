@@ -108,7 +108,7 @@ def test_reference_models_train_under_kfac(model, dataset, limit):
     if model == "gpt":
         assert pre.discovery.tied == {"lm_head": "wte"}
     if model == "gin":  # examples are graphs, not atoms
-        assert pre._capture.example_count()[0] == 0  # reset after the step
+        assert pre.pending_step().examples == 0  # reset after the step
     metrics = task.evaluate(net)
     assert all(np.isfinite(v) for v in metrics.values())
 
@@ -120,6 +120,7 @@ def test_gin_reduce_counts_graphs_as_examples():
     pre = KFACPreconditioner(net, kfac_approx="reduce", kl_clip=None, loss_type="mse")
     inputs, targets = task.batch(torch.Generator().manual_seed(1))
     nn.functional.mse_loss(task.forward(net, inputs, pre), targets).backward()
-    assert pre._capture.example_count() == (8, None)
-    assert pre._records["head"].sums.a_rows == 8
-    assert pre._records["layers.0.fc1"].sums.a_rows == 8  # atoms averaged per molecule
+    pending = pre.pending_step()
+    assert (pending.examples, pending.examples_problem) == (8, None)
+    assert pending.rows["head"][0] == 8
+    assert pending.rows["layers.0.fc1"][0] == 8  # atoms averaged per molecule

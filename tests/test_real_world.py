@@ -494,7 +494,7 @@ def test_tokens_flattened_before_the_head_count_examples_not_rows():
     nn.functional.cross_entropy(model(x), y).backward()
     raw = model.head.weight.grad.clone()
     pre.step()
-    assert pre._capture.example_count()[0] == 0  # reset after the step
+    assert pre.pending_step().examples == 0  # reset after the step
     # G of the head = N·T · Σ ĝĝᵀ with ĝ the rows of the mean-loss gradient (42 rows)
     out_grad = torch.autograd.functional.jacobian(
         lambda o: nn.functional.cross_entropy(o, y), model(x).detach())

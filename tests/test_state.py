@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from thermokfac import KFACPreconditioner
 
 from .cases import kfac_step, mlp
+
+V1 = Path(__file__).parent / "data" / "state_v1.pt"
 
 BATCHES = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)),
             torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(100 + i)))
@@ -137,3 +141,74 @@ def test_a_state_from_another_thermodynamic_device_is_refused():
     with pytest.raises(ValueError, match=r"another solver configuration: input_bits "
                                          r"\(checkpoint 8, this solver 12\)"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ["solve", "inverse", "pi_eigh"])
+def test_a_format_1_checkpoint_loads_and_continues_as_the_code_that_wrote_it(name):
+    """``tests/data/state_v1.pt`` was written by the code before the block redesign
+    (format version 1; ``tests/data/make_state_v1.py``): it loads, continues as that code
+    continued (float64, to round-off across machines), and a save → load → continue
+    across the two formats is bit-exact."""
+    from .data import make_state_v1 as v1
+
+    saved = torch.load(V1, weights_only=False)[name]
+    assert saved["pre"]["format_version"] == 1
+
+    def resumed():  # (a copy: loaded states share tensors with the dict, as torch.optim's)
+        state = copy.deepcopy(saved)
+        net, opt, pre = v1.build(v1.CONFIGS[name])
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        pre.load_state_dict(state["pre"])
+        return net, opt, pre
+
+    whole = resumed()
+    v1.train(*whole, range(4, 7))
+    for key, value in whole[0].named_parameters():
+        torch.testing.assert_close(value, saved["params_at_7"][key], rtol=1e-12, atol=1e-14)
+        assert not torch.equal(value, saved["model"][key])  # it trained
+
+    first = resumed()
+    v1.train(*first, range(4, 5))
+    buffer = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(),
+                "pre": first[2].state_dict()}, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert again["pre"]["format_version"] == 2
+    net, opt, pre = v1.build(v1.CONFIGS[name])
+    net.load_state_dict(again["model"])
+    opt.load_state_dict(again["opt"])
+    pre.load_state_dict(again["pre"])
+    v1.train(net, opt, pre, range(5, 7))
+    for (key, value), (_, ref) in zip(net.named_parameters(), whole[0].named_parameters()):
+        assert torch.equal(value, ref), key
+    assert pre.steps == whole[2].steps == 7
+
+
+def test_an_unknown_format_version_is_refused_naming_it():
+    model, opt, pre = _fresh({})
+    _train(model, opt, pre, BATCHES[:1], "empirical")
+    state = {**pre.state_dict(), "format_version": 3}
+    with pytest.raises(ValueError, match=r"format_version 3, expected one of \(1, 2\)"):
+        pre.load_state_dict(state)
+
+
+def test_format_1_migration_marks_the_blocks_that_code_had_prepared():
+    """Format 1 kept no 'prepared' flag: one process prepared a layer that held a
+    prepared state or an inverse, or had failed; the distributed code listed them."""
+    from thermokfac.kfac.state import migrate
+
+    empty = dict.fromkeys(("a", "g", "a_prep", "g_prep", "a_inv", "g_inv"))
+    layers = {"x": {**empty, "failed": False}, "y": {**empty, "a_inv": torch.eye(2),
+                                                      "failed": False},
+              "z": {**empty, "failed": True}}
+    one = migrate({"format_version": 1, "layers": layers})
+    assert {n: s["prepared"] for n, s in one["layers"].items()} == {
+        "x": False, "y": True, "z": True}
+    ranks = migrate({"format_version": 1, "layers": layers,
+                     "distributed": {"strategy": "mem-opt", "prepared_once": ["x"]}})
+    assert {n: s["prepared"] for n, s in ranks["layers"].items()} == {
+        "x": True, "y": False, "z": False}
+    assert ranks["format_version"] == 2 and "distributed" not in ranks
+    assert "prepared" not in layers["x"]  # the given state is left as it was

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..timing import StepTimings
 from .blocks import KroneckerBlock
+from .records import PendingStep, pending_step
 from .state import Snapshot, pack, solver_settings, unpack
 
 
@@ -42,6 +43,12 @@ class Inspection:
         parts = [b.memory_bytes() for b in self._blocks.values()]
         out = {k: sum(p[k] for p in parts) for k in ("factors", "prepared")}
         return {**out, "total": out["factors"] + out["prepared"]}
+
+    def pending_step(self) -> PendingStep:
+        """What the hooks captured for the coming ``step()``: the example count, the
+        rows per block, the layers' hook calls (a read-only snapshot)."""
+        return pending_step(self._records.values(), self._capture.example_count(),
+                            self._capture.hook_calls)
 
     @property
     def pending_curvature_s(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -56,3 +57,35 @@ class LayerRecord:
     outputs: list[LayerCall] = field(default_factory=list)
     layout: tuple[bool, bool] | None = None
     pending: list[LayerCall | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """What the capture holds for the coming ``step()``: a read-only view.
+
+    Attributes:
+        examples: The example count of the step so far (0 when ambiguous or none).
+        examples_problem: Why the count is ambiguous, or None.
+        rows: ``{block: (activation rows, gradient rows)}`` captured so far.
+        hook_calls: Forward pre-hook calls of the preconditioned layers (captured or
+            not: eval mode and ``no_grad`` passes count).
+        buffers: Blocks holding factor-sum buffers (released at every ``step()``).
+    """
+
+    examples: int
+    examples_problem: str | None
+    rows: dict[str, tuple[int, int]]
+    hook_calls: int
+    buffers: tuple[str, ...]
+
+
+def pending_step(records: Iterable[LayerRecord], count: tuple[int, str | None],
+                 hook_calls: int) -> PendingStep:
+    """The :class:`PendingStep` of these records."""
+    records = list(records)
+    return PendingStep(
+        examples=count[0], examples_problem=count[1],
+        rows={r.name: (int(r.sums.a_rows), int(r.sums.g_rows)) for r in records},
+        hook_calls=hook_calls,
+        buffers=tuple(r.name for r in records if r.sums.a is not None or r.sums.g is not None
+                      or r.sums.a_parts or r.sums.g_parts))

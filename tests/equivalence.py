@@ -1,0 +1,190 @@
+"""The equivalence suite's cases, models and training loop, shared by the one-process
+reference (in the test process) and the gloo workers (``worker``, one group per world
+size, every case in turn).
+
+A case varies one factor from the base case (matrix storage, Method 2, Cholesky,
+``comm-opt``, empirical Fisher, float64). Every run trains ``STEPS`` steps on the same
+global batches — a rank takes its contiguous share — with
+:meth:`KFACPreconditioner.step` itself: the one-process run uses
+:class:`~thermokfac.KFACPreconditioner`, the ranks
+:class:`~thermokfac.distributed.DistributedKFACPreconditioner` (on a
+``DistributedDataParallel`` model), whose ``step`` is the same function object.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from thermokfac import KFACPreconditioner
+from thermokfac.solvers import CholeskySolver, SolverError, ThermodynamicSolver
+
+STEPS, BATCH = 6, 16
+BASE = {"damping": 0.05, "factor_decay": 0.5, "inv_update_steps": 2, "kl_clip": 1e-2,
+        "lr": 0.2, "method": "solve", "solver": "cholesky"}
+
+#: name ↦ the one factor it changes: keyword overrides, the model, an event, a strategy.
+CASES: dict[str, dict] = {
+    "base": {},
+    "method_inverse": {"kw": {"method": "inverse"}},
+    "storage_rows": {"kw": {"factor_storage": "rows", "factor_decay": 0.0}},
+    "storage_diagonal": {"model": "tokens"},
+    "solver_eigh": {"kw": {"solver": "eigh"}},
+    "solver_cg": {"kw": {"solver": "cg"}},
+    "solver_thermodynamic": {"kw": {"solver": "thermodynamic"}},
+    "separate_weight_and_bias": {"kw": {"separate_weight_and_bias": True}},
+    "strategy_mem_opt": {"strategy": "mem-opt"},
+    "fisher_mc": {"kw": {"fisher_type": "mc"}},
+    "trainable_layout_change": {"event": "freeze"},
+    "solver_error": {"kw": {"solver": "flaky"}},
+    "skipped_step": {"event": "skip"},
+    "call_order_misuse": {"event": "misuse"},
+    "layer_on_one_rank": {"model": "routed"},
+}
+
+#: Combinations refused at construction: (keywords, the ValueError's message part).
+INVALID = [
+    ({"factor_storage": "rows", "factor_decay": 0.0, "method": "inverse"},
+     "needs method='solve'"),
+    ({"factor_storage": "rows", "factor_decay": 0.9}, "needs factor_decay=0"),
+    ({"factor_storage": "rows", "factor_decay": lambda step: 0.0}, "needs factor_decay=0"),
+    ({"fisher_type": "type3"}, "fisher_type='type3' is not valid"),
+    ({"method": "invert"}, "method='invert' is not valid"),
+]
+#: Refused by the distributed preconditioner only (checked on the ranks).
+INVALID_DISTRIBUTED = [
+    ({"strategy": "fastest"}, "strategy='fastest' is not valid"),
+    ({"bucket_mb": 0}, "bucket_mb=0 must be positive"),
+    ({"parallel": None}, "builds its own plan"),
+]
+
+FLAKY_STEP, FLAKY_N = 3, 4
+
+
+class FlakySolver(CholeskySolver):
+    """Cholesky whose solves with a 4×4 factor (the head's G) fail at one step: a
+    solver error the same on every rank, whoever solves."""
+
+    name = "cholesky"
+    failing = False
+
+    def _solve(self, prepared, b, generator, overwrite_b=False):
+        if FlakySolver.failing and prepared.n == FLAKY_N:
+            raise SolverError("injected solve failure")
+        return super()._solve(prepared, b, generator, overwrite_b)
+
+
+class Net(nn.Module):
+    """Linear → tanh → Linear head; ``tokens``: an embedding (diagonal A) first;
+    ``routed``: two heads, the first half of the global batch through ``head`` and the
+    second through ``other`` (on two ranks each head is used on one rank only)."""
+
+    def __init__(self, kind: str = "base") -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(12, 3) if kind == "tokens" else None
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 4)
+        self.other = nn.Linear(8, 4) if kind == "routed" else None
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x).flatten(1)
+        h = torch.tanh(self.fc(x))
+        if self.other is None:
+            return self.head(h)
+        out = h.new_zeros(h.shape[0], 4)
+        for value, head in ((0, self.head), (1, self.other)):
+            rows = route == value
+            if bool(rows.any()):  # a head with no rows here is not called at all
+                out = out.index_put((rows,), head(h[rows]))
+        return out
+
+
+def data(kind: str, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, 12, (BATCH, 2), generator=g) if kind == "tokens" else \
+        torch.randn(BATCH, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (BATCH,), generator=g)
+    route = (torch.arange(BATCH) >= BATCH // 2).long()
+    return x, y, route
+
+
+def options(case: dict) -> dict:
+    kw = {**BASE, **case.get("kw", {})}
+    if kw["solver"] == "thermodynamic":
+        kw["solver"], kw["seed"] = ThermodynamicSolver(target_error=1e-3), 3
+    elif kw["solver"] == "flaky":
+        kw["solver"] = FlakySolver()
+    return kw
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return Net(CASES[name].get("model", "base")).double()
+
+
+def train(name: str, model: nn.Module, pre: KFACPreconditioner, rank: int, world: int,
+          bare: nn.Module) -> dict:
+    """``STEPS`` steps of case ``name`` on this rank's share; what happened."""
+    case = CASES[name]
+    event, kind = case.get("event"), case.get("model", "base")
+    mc = case.get("kw", {}).get("fisher_type") == "mc"
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    share = BATCH // world
+    mine = slice(rank * share, (rank + 1) * share)
+    events = {"refused": 0, "discarded": 0}
+    for step in range(STEPS):
+        x, y, route = (t[mine] for t in data(kind, step))
+        if event == "freeze" and step == 3:
+            bare.fc.bias.requires_grad_(False)
+        FlakySolver.failing = step == FLAKY_STEP
+        opt.zero_grad()
+        out = model(x, route)
+        nn.functional.cross_entropy(out, y).backward(retain_graph=mc)
+        if event == "skip" and step == 2:  # gradients dropped without a step
+            events["discarded"] += int(pre.discard_unstepped())
+            continue
+        pre.step(outputs=out if mc else None)
+        if event == "misuse" and step == 1:
+            try:
+                pre.step()  # a second step() after one backward
+            except RuntimeError:
+                events["refused"] += 1
+        opt.step()
+    FlakySolver.failing = False
+    return {"params": {k: v.detach().clone() for k, v in bare.named_parameters()},
+            "stats": pre.stats, "events": events,
+            "same_step": type(pre).step is KFACPreconditioner.step}
+
+
+def one_process(name: str) -> dict:
+    """The reference: one process, the whole batch."""
+    model = build(name)
+    pre = KFACPreconditioner(model, **options(CASES[name]))
+    return train(name, model, pre, 0, 1, model)
+
+
+def worker(out: str) -> None:
+    """Every case on this rank (DDP model, distributed preconditioner), then the
+    distributed-only invalid combinations; saved to ``out.<rank>``."""
+    from thermokfac.distributed import DistributedKFACPreconditioner
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, case in CASES.items():
+        bare = build(name)
+        model = nn.parallel.DistributedDataParallel(bare, find_unused_parameters=True)
+        pre = DistributedKFACPreconditioner(model, strategy=case.get("strategy", "comm-opt"),
+                                            **options(case))
+        results[name] = train(name, model, pre, rank, world, bare)
+    refused = []
+    for kw, _ in INVALID_DISTRIBUTED:
+        try:
+            DistributedKFACPreconditioner(build("base"), **{**BASE, **kw})
+        except ValueError as err:
+            refused.append(str(err))
+        else:
+            refused.append("accepted")
+    torch.save({"results": results, "refused": refused}, f"{out}.{rank}")
