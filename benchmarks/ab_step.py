@@ -40,6 +40,15 @@ def run(src: Path, rounds: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def describe(src: Path) -> str:
+    """The commit a source tree is at (``+`` when it has uncommitted changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True,
+                              text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+" if git("status", "--porcelain", "--", ".") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", type=Path, required=True, help="src folder of tree A")
@@ -71,19 +80,27 @@ def main() -> None:
                             "a": a, "b": b,
                             "b_over_a": statistics.median(b) / statistics.median(a)}
         summary[config] = entry
-    payload = {"a": str(args.a), "b": str(args.b), "pairs": args.pairs, "rounds": args.rounds,
+    payload = {"a": describe(args.a), "b": describe(args.b), "pairs": args.pairs,
+               "rounds": args.rounds,
                "load_average_1_5_15": {"before": load_before, "after": load_after},
                "quiet": load_before[0] < 0.5, "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
+    print(f"A = {payload['a']}, B = {payload['b']}; medians over {args.pairs} runs each "
+          "[min–max]\n")
     print("| configuration | × Adam A | × Adam B | B/A | held MB A / B | extra peak RSS "
           "MB A / B |\n|---|---:|---:|---:|---:|---:|")
     for config, e in summary.items():
         r, h, p = e["ratio_to_adam"], e["held_mb"], e["peak_rss_over_sgd_mb"]
-        print(f"| {config} | {r['a_median']:.3f} | {r['b_median']:.3f} | "
-              f"{r['b_over_a']:.3f} | {h['a_median']:.1f} / {h['b_median']:.1f} | "
-              f"{p['a_median']:.0f} / {p['b_median']:.0f} |")
+        print(f"| {config} | {_span(r, 'a')} | {_span(r, 'b')} | {r['b_over_a']:.3f} | "
+              f"{h['a_median']:.1f} / {h['b_median']:.1f} | "
+              f"{_span(p, 'a', '.0f')} / {_span(p, 'b', '.0f')} |")
     print(f"\nwrote {args.out}")
+
+
+def _span(entry: dict, tree: str, fmt: str = ".3f") -> str:
+    values = entry[tree]
+    return (f"{entry[f'{tree}_median']:{fmt}} [{min(values):{fmt}}–{max(values):{fmt}}]")
 
 
 if __name__ == "__main__":

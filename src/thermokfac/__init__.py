@@ -1,7 +1,7 @@
 """thermokfac: K-FAC with pluggable digital and simulated thermodynamic linear solvers."""
 
 from .enums import DampingSplit, FisherType, KFACApprox, LossReduction, LossType, Method
-from .kfac import KFACPreconditioner
+from .kfac import KFACPreconditioner, StepReport
 from .optim import KFACOptimizer
 from .solvers import LinearSolver, Prepared, SolverError, SolveResult, get_solver
 from .timing import StepTimings
@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 
 __all__ = ["DampingSplit", "FisherType", "KFACApprox", "KFACOptimizer", "KFACPreconditioner",
            "LinearSolver", "LossReduction", "LossType", "Method", "Prepared", "SolveResult",
-           "SolverError", "StepTimings", "get_solver"]
+           "SolverError", "StepReport", "StepTimings", "get_solver"]

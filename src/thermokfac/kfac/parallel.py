@@ -9,6 +9,19 @@ preconditioner; one process gets :class:`SingleProcess`: the trivial assignment 
 does everything) and a communicator whose collectives do nothing. Data parallelism
 (:mod:`thermokfac.distributed`) is another :class:`Parallelism`, with the step
 untouched — as kfac-pytorch's assignment and distributed_shampoo's distributors do.
+
+What a new kind of parallelism supplies, and where each answer lives:
+
+* *who owns a block's work* — :meth:`WorkAssignment.inv_worker` (per factor) and
+  :meth:`WorkAssignment.grad_worker` (U), with :meth:`WorkAssignment.holds_cache` for
+  where the prepared state stays between steps;
+* *where the estimates live* — on every rank: :meth:`Communicator.reduce_curvature`
+  turns each rank's sums into the global batch's (A and G come from layer inputs and
+  output gradients, which every rank holds whole for its own examples);
+* *how DΘ is read and U written* — the :class:`~.gradients.GradientAccess`: whole
+  ``.grad`` tensors today; a sharded engine (FSDP2) reads each rank's shard of DΘ's
+  rows, and its assignment names the rank that gathers a block's rows, applies Eq. 15
+  and scatters U back.
 """
 
 from __future__ import annotations
