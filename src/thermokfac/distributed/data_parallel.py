@@ -140,22 +140,23 @@ class ProcessGroupCommunicator(Communicator):
             return out
         dtype, device = self.factor_dtype, self.device
         tensors: list[torch.Tensor] = []
-        counts = torch.zeros(len(blocks), dtype=torch.float64, device=device)
-        for i, block in enumerate(blocks):
+        rows: list[float] = []
+        for block in blocks:
             mine = sums.get(block.name)
+            rows.append(0.0 if mine is None else float(mine.a_rows))
             if mine is not None:
-                counts[i] = mine.a_rows
                 tensors += [mine.a, mine.g]
                 continue
             h = block.helper
             a_shape = (h.a_dim,) if h.diagonal_a else (h.a_dim, h.a_dim)
             tensors += [torch.zeros(a_shape, dtype=dtype, device=device),
                         torch.zeros(h.d_out, h.d_out, dtype=dtype, device=device)]
+        counts = torch.tensor(rows, dtype=torch.float64, device=device)
         self.collectives += all_reduce_mean([*tensors, counts], self.group, self.bucket_bytes)
         out = {}
-        for i, (block, rows) in enumerate(zip(blocks, counts.tolist())):
-            if rows > 0:  # mean(Σ āāᵀ) / mean(#rows) = Σ āāᵀ / #rows of the global batch
-                out[block.name] = CurvatureSums(a=tensors[2 * i], a_rows=rows,
+        for i, (block, mean_rows) in enumerate(zip(blocks, counts.tolist())):
+            if mean_rows > 0:  # mean(Σ āāᵀ)/mean(#rows) = Σ āāᵀ/#rows of the global batch
+                out[block.name] = CurvatureSums(a=tensors[2 * i], a_rows=mean_rows,
                                                 g=tensors[2 * i + 1], g_rows=1.0)
         return out
 
@@ -194,13 +195,11 @@ class ProcessGroupCommunicator(Communicator):
         if not assignment.broadcasts_updates:
             return updates, clip_sum(updates)
         n = len(blocks)
-        flags = torch.zeros(n + 2, dtype=torch.float64, device=self.device)
-        for i, block in enumerate(blocks):
-            if block.name in updates:
-                flags[i] = 1.0
         partial = clip_sum(updates)
-        flags[n] = 0.0 if partial is None else partial
-        flags[n + 1] = 1.0 if partial is None else 0.0  # a rate is unknown
+        flags = torch.tensor([float(b.name in updates) for b in blocks]
+                             + [0.0 if partial is None else partial,
+                                1.0 if partial is None else 0.0],  # a rate is unknown
+                             dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, group=self.group)
         present = flags.tolist()
         pairs: list[tuple[torch.Tensor, int]] = []

@@ -306,7 +306,7 @@ class KroneckerBlock:
             prep, inv = state.get(f"{which}_prep"), state.get(f"{which}_inv")
             if prep is not None:
                 self.caches[which] = PreparedCache(Prepared.from_state_dict(prep))
-            elif inv is not None and inv.ndim == 1:
+            elif inv is not None and getattr(self, which).diagonal:
                 self.caches[which] = DiagonalCache(inv, self.damping[i])
             elif inv is not None:
                 self.caches[which] = InverseCache(inv, self.damping[i])

@@ -295,7 +295,8 @@ class KFACPreconditioner(Inspection):
             with report.timed("inversion_s", clock):                 # Sec. 4.1, periodic
                 self._update_caches(report)
             with report.timed("update_s", clock):                    # Eq. 15, KL clip
-                self._precondition(lr, report)
+                updates, vg = self._precondition(lr, report)          # U, Σ η²⟨U, DΘ⟩
+                self._write(updates, self._kl_clip_scale(vg), report)
             self._model_device_time(report)
         return self._finish(report)
 
@@ -442,9 +443,10 @@ class KFACPreconditioner(Inspection):
         self._warn_fallbacks()
         self.spectra.record(k, self._blocks)
 
-    def _precondition(self, lr: float | None, report: StepReport) -> None:
-        """U of every block this rank computes (Eq. 15), every block's U on every rank,
-        scaled by the KL clip ν, into ``.grad``."""
+    def _precondition(self, lr: float | None, report: StepReport
+                      ) -> tuple[dict[str, Update], float | None]:
+        """U of every block this rank computes (Eq. 15), then every block's U on every
+        rank, and Σ η²⟨U, DΘ⟩ over them (None when a rate is unknown)."""
         solver = TimedSolves(self.solver, self.timing.clock)
         if lr is None and self.config.lr is not None:
             lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
@@ -455,14 +457,21 @@ class KFACPreconditioner(Inspection):
                 update = self._apply(block, solver, rates, report)
                 if update is not None:
                     updates[name] = update
-        updates, vg = self.plan.communicator.share_updates(
-            updates, list(self._blocks.values()), self.plan.assignment)
-        nu = 1.0 if vg is None else kl_clip_scale(self.config.kl_clip, vg, 1.0)
+        report.timings.solve_s = solver.seconds
+        return self.plan.communicator.share_updates(updates, list(self._blocks.values()),
+                                                    self.plan.assignment)
+
+    def _kl_clip_scale(self, vg: float | None) -> float:
+        """ν = min(1, √(κ / Σ η²⟨U, DΘ⟩)) (Ba et al. 2017); 1 when off or undefined."""
+        return 1.0 if vg is None else kl_clip_scale(self.config.kl_clip, vg, 1.0)
+
+    def _write(self, updates: dict[str, Update], nu: float, report: StepReport) -> None:
+        """ν·U into each block's gradient."""
         for name, update in updates.items():
             self.plan.gradients.write(self._blocks[name].helper,
                                       update.u.mul_(nu) if nu != 1.0 else update.u)
         self._guard.remember_updates([self._records[name] for name in updates])
-        report.kl_clip_scale, report.timings.solve_s = nu, solver.seconds
+        report.kl_clip_scale = nu
 
     def _apply(self, block: KroneckerBlock, solver: LinearSolver, rates: LayerRates,
                report: StepReport) -> Update | None:
