@@ -167,3 +167,25 @@ def test_pi_split_and_the_local_assignment():
     ones = torch.ones(1)
     assert clip_sum({"x": Update(ones, 2.0, 0.5), "y": Update(ones, 4.0, 1.0)}) == 4.5
     assert clip_sum({"x": Update(ones, 2.0, None)}) is None
+
+
+def test_method_1_inverts_only_after_every_prepare_succeeded_and_stops_at_a_failure():
+    """As the one-process code always did: one solver error per block, and G is not
+    inverted once A's inversion failed (no work, no modelled device time wasted)."""
+    from thermokfac.solvers import CholeskySolver, SolverError
+
+    calls = []
+
+    class NoInverse(CholeskySolver):
+        def inverse(self, prepared, generator=None, lower_only=False):
+            calls.append(prepared.n)
+            raise SolverError("inverse did not converge")
+
+    block = _block(nn.Linear(5, 3).double())
+    rows = torch.cat([_rows(30, 5), torch.ones(30, 1, dtype=torch.float64)], dim=1)
+    block.update_estimate(_sums(rows, _rows(30, 3), 1.0, False), 0.0)
+    jobs = block.update_cache(NoInverse(), Method.INVERSE, 0.1, DampingSplit.EQUAL,
+                              ("a", "g"), lambda part: None)
+    block.settle_cache()
+    assert calls == [6] and len(jobs) == 2  # A's inverse only; two prepares
+    assert block.failed and block.stats["solver_errors"] == 1.0

@@ -212,3 +212,54 @@ def test_format_1_migration_marks_the_blocks_that_code_had_prepared():
         "x": True, "y": False, "z": False}
     assert ranks["format_version"] == 2 and "distributed" not in ranks
     assert "prepared" not in layers["x"]  # the given state is left as it was
+
+
+@pytest.mark.parametrize("config", [{"factor_update_steps": 2}, {"factor_update_steps": 2,
+                                                                  "method": "inverse"}])
+def test_a_checkpoint_saved_before_a_trainable_change_takes_effect_loads(config):
+    """A bias frozen between two factor updates: the factors still have the bias column
+    when the state is saved; it loads into the same model and continues exactly."""
+    def build():
+        model = mlp((6, 8, 4), dtype=torch.float64, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, KFACPreconditioner(model, optimizer=opt, seed=7, **config)
+
+    batches = [(x.double(), y) for x, y in BATCHES]
+    whole, split = build(), build()
+    for run in (whole, split):
+        _train(*run, batches[:3], "empirical")
+        run[0][0].bias.requires_grad_(False)  # next factor update: step 4
+    saved = copy.deepcopy({"model": split[0].state_dict(), "opt": split[1].state_dict(),
+                           "pre": split[2].state_dict()})
+    resumed = build()
+    resumed[0][0].bias.requires_grad_(False)
+    resumed[0].load_state_dict(saved["model"])
+    resumed[1].load_state_dict(saved["opt"])
+    resumed[2].load_state_dict(saved["pre"])
+    _train(*whole, batches[3:], "empirical")
+    _train(*resumed, batches[3:], "empirical")
+    for a, b in zip(whole[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)
+    assert resumed[2].stats["trainable_changes"] == whole[2].stats["trainable_changes"] == 1
+
+
+def test_a_loaded_state_is_copied_and_stats_stay_one_live_dict():
+    """Later steps do not write into the loaded state dict (its tensors are copied),
+    and ``pre.stats`` is one dict, restored in place."""
+    model, opt, pre = _fresh({})
+    _train(model, opt, pre, BATCHES[:4], "empirical")
+    saved = pre.state_dict()
+    frozen = copy.deepcopy(saved)
+    model2, opt2, resumed = _fresh({})
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    handle = resumed.stats
+    resumed.load_state_dict(saved)
+    assert handle is resumed.stats and handle == pre.stats
+    _train(model2, opt2, resumed, BATCHES[4:], "empirical")
+    assert handle is resumed.stats
+    assert handle["kl_clip_scale"] == resumed.last_report.kl_clip_scale < 1.0
+    for name, layer in saved["layers"].items():
+        for key, value in layer.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, frozen["layers"][name][key]), (name, key)

@@ -278,3 +278,43 @@ def test_kl_clip_uses_momentum_effective_learning_rate():
         pre.step()
         nus[momentum] = pre.stats["kl_clip_scale"]
     assert nus[0.9] == pytest.approx(nus[0.0] * (1 - 0.9), rel=1e-9)
+
+
+def test_a_prepare_that_raised_is_retried_at_the_next_step():
+    """A solver that raises inside a due prepare (a lost device): the step raises
+    without advancing, the block it failed on holds nothing prepared, and the next
+    step prepares every block again from its own batch's factors alone."""
+    model = mlp(dtype=torch.float64)
+    pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=2, factor_decay=0.0)
+    original, calls = pre.solver.prepare, []
+
+    def flaky(*args, **kwargs):
+        calls.append(pre.steps)
+        if pre.steps == 2 and calls.count(2) == 1:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    pre.solver.prepare = flaky
+    x, y = classification_batch(dtype=torch.float64)
+    for step in range(4):
+        model.zero_grad()
+        batch = slice(0, 8 - step)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        if step == 2:
+            with pytest.raises(RuntimeError, match="device lost"):
+                pre.step()
+            assert not pre.block("0").ready and pre.steps == 2
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            continue
+        report = pre.step()
+    assert report.step == 2 and report.prepared == tuple(pre.layer_names)
+    assert not report.skipped and all(b.ready for b in pre.blocks.values())
+    reference = mlp(dtype=torch.float64)
+    ref = KFACPreconditioner(reference, kl_clip=None, factor_decay=0.0)
+    reference.load_state_dict(model.state_dict())
+    nn.functional.cross_entropy(reference(x[:5]), y[:5]).backward()
+    ref.step()
+    for (a, g), (ra, rg) in zip(pre.factors().values(), ref.factors().values()):
+        torch.testing.assert_close(a, ra, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, rg, rtol=1e-12, atol=1e-14)

@@ -64,11 +64,10 @@ class KAISAAssignment(WorkAssignment):
         self.greedy, self.strategy = greedy, strategy
         self.rank, self.world_size = rank, greedy.world_size
 
-    def inv_worker(self, block: str, factor: str) -> int:
+    def inv_worker(self, block: str, factor: str) -> int | None:
         if self.strategy is Strategy.MEM_OPT:
             return self.greedy.owner(block)
-        # a diagonal A is no work item: every rank inverts it
-        return self.greedy.owners.get((block, factor), self.rank)
+        return self.greedy.owners.get((block, factor))  # a diagonal A is no work item
 
     def grad_worker(self, block: str) -> int | None:
         return self.greedy.owner(block) if self.strategy is Strategy.MEM_OPT else None

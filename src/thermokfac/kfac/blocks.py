@@ -14,8 +14,8 @@ weight or bias part of a layer (``separate_weight_and_bias``). It holds two
    (Eq. 15);
 
 and its checkpoint (:meth:`state_dict`). The kinds of estimate (matrix, diagonal, rows)
-and cache (inverse, prepared, diagonal) are separate classes; the block never tests
-which it holds.
+and cache (inverse, prepared, diagonal, failed) are separate classes behind one
+interface each; the block holds no optional field per mode and tests no tensor shape.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..solvers import LinearSolver, Prepared, TimeBreakdown
 from .caches import (
     DiagonalCache,
     FactorCache,
+    FailedCache,
     InverseCache,
     PreparedCache,
     build_cache,
@@ -81,9 +82,13 @@ class KroneckerBlock:
         caches: ``{"a"|"g": FactorCache}`` after a prepare (:mod:`.caches`); a rank
             that owns no part of the block's work under a distributed assignment
             holds none.
-        prepared: Whether a prepare ran (on some rank) since the estimates started.
-        damping: (λ_A, λ_G) of the last prepare, after any fallback increase.
-        failed: The last prepare failed: the block's gradient passes through.
+        prepared: Whether a prepare completed (on some rank) since the estimates started
+            (a block not prepared yet is prepared at the next step, due or not).
+        damping: (λ_A, λ_G) of the last prepare, after any fallback increase (of the
+            factors this rank prepared or received: under ``mem-opt`` a rank knows its
+            own blocks').
+        failed: The last prepare (on this rank) failed: the block's gradient passes
+            through.
         layout: (weight, bias) trainable when the estimates were captured; None before.
         stats: Prepare statistics summed over this block's prepares on this rank.
         spectra: ``{"a"|"g": {"alpha_min", "alpha_max", ...}}`` of the last prepare's
@@ -176,21 +181,29 @@ class KroneckerBlock:
         means = (self.a.mean_diagonal(), self.g.mean_diagonal()) \
             if split is DampingSplit.PI else (0.0, 0.0)
         lam = dict(zip(FACTORS, split_damping(*means, damping, split)))
-        self.caches = {}
+        self.caches, self.prepared = {}, False  # prepared again once settled
         jobs: list[TimeBreakdown] = []
-        owned = set(owned)
+        prepared: dict[str, tuple[Prepared, torch.Generator | None]] = {}
         for which in FACTORS:
             estimate = getattr(self, which)
             if estimate.diagonal:
                 self.caches[which] = DiagonalCache.of(estimate.value, lam[which])
             elif which in owned:
                 generator = noise(which)
-                prepared = estimate.prepare(solver, lam[which], generator)
-                jobs.append(job(prepared))
-                cache = build_cache(prepared, method, solver, generator, jobs)
-                for key in PREPARE_KEYS:
-                    self.stats[key] = self.stats.get(key, 0.0) + cache.stats.get(key, 0.0)
-                self.caches[which] = cache
+                prepared[which] = (estimate.prepare(solver, lam[which], generator), generator)
+                jobs.append(job(prepared[which][0]))
+        # Method 1 inverts once every prepare here succeeded, and stops at a failure.
+        failed = any(p.failed for p, _ in prepared.values())
+        for which, (prep, generator) in prepared.items():
+            cache = FailedCache(prep.damping, prep.stats) if failed else \
+                build_cache(prep, method, solver, generator, jobs)
+            failed = failed or cache.failed
+            self.caches[which] = cache
+        new = [self.caches[w] for w in prepared]
+        for key in PREPARE_KEYS:  # a block's solver error counts once
+            total = sum(c.stats.get(key, 0.0) for c in new)
+            self.stats[key] = self.stats.get(key, 0.0) + (min(total, 1.0)
+                                                          if key == "solver_errors" else total)
         return jobs
 
     def settle_cache(self) -> None:
@@ -315,8 +328,10 @@ class KroneckerBlock:
         self.prepared = bool(state["prepared"])
 
     def to_(self, device: torch.device, factor_dtype: torch.dtype) -> KroneckerBlock:
-        """Move in place (returns self): the estimates also to ``factor_dtype``; caches
-        keep their dtype (a float64 prepare of an ill-conditioned factor stays float64)."""
+        """Copy every tensor to ``device`` (returns self): the estimates also to
+        ``factor_dtype``; caches keep their dtype (a float64 prepare of an
+        ill-conditioned factor stays float64). The copies leave the tensors of a loaded
+        state dict untouched by later steps."""
         self.a.to_(device, factor_dtype)
         self.g.to_(device, factor_dtype)
         for cache in self.caches.values():

@@ -109,7 +109,7 @@ class FactorCache(ABC):
 
     @abstractmethod
     def to_(self, device: torch.device) -> None:
-        """Move to ``device`` (keeping the dtype)."""
+        """Replace the tensors by copies on ``device`` (keeping the dtype)."""
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -158,7 +158,7 @@ class InverseCache(FactorCache):
         return {f"{which}_inv": self.inverse}
 
     def to_(self, device: torch.device) -> None:
-        self.inverse = self.inverse.to(device)
+        self.inverse = self.inverse.to(device, copy=True)
 
 
 class PreparedCache(FactorCache):
@@ -209,7 +209,8 @@ class PreparedCache(FactorCache):
     def to_(self, device: torch.device) -> None:
         # 0-d bookkeeping scalars stay where the solver keeps them
         p = self.prepared
-        p.tensors = {k: v.to(device) if v.ndim else v for k, v in p.tensors.items()}
+        p.tensors = {k: v.to(device, copy=True) if v.ndim else v.clone()
+                     for k, v in p.tensors.items()}
 
 
 class DiagonalCache(FactorCache):
@@ -246,7 +247,7 @@ class DiagonalCache(FactorCache):
         return {f"{which}_inv": self.reciprocal}
 
     def to_(self, device: torch.device) -> None:
-        self.reciprocal = self.reciprocal.to(device)
+        self.reciprocal = self.reciprocal.to(device, copy=True)
 
 
 class FailedCache(FactorCache):

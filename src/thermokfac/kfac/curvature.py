@@ -78,8 +78,8 @@ def close_step(records: Mapping[str, LayerRecord], multiplier: float, rows: bool
     """Each block's sums of this step, G scaled by ``multiplier``; a block without rows
     (of A or of G) is reported to ``missing`` and left out.
 
-    The capture's buffers are handed over (no copy): the capture starts the next step
-    with new ones.
+    The capture's buffers are handed over (no copy) and the records emptied: whatever
+    happens later in the step, the next backward starts new buffers.
     """
     out: dict[str, CurvatureSums] = {}
     for name, record in records.items():
@@ -96,4 +96,5 @@ def close_step(records: Mapping[str, LayerRecord], multiplier: float, rows: bool
             out[name] = CurvatureSums(
                 a=sums.a, a_rows=sums.a_rows, g_rows=sums.g_rows,
                 g=sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
+        sums.reset()
     return out

@@ -86,7 +86,7 @@ class FactorEstimate(ABC):
 
     @abstractmethod
     def to_(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move (and cast) in place."""
+        """Replace the tensors by copies on ``device`` in ``dtype``."""
 
     @abstractmethod
     def nbytes(self) -> int:
@@ -142,7 +142,7 @@ class MovingAverage(FactorEstimate):
 
     def to_(self, device: torch.device, dtype: torch.dtype) -> None:
         if self.value is not None:
-            self.value = self.value.to(device=device, dtype=dtype)
+            self.value = self.value.to(device=device, dtype=dtype, copy=True)
 
     def nbytes(self) -> int:
         return _nbytes(self.value)
@@ -218,7 +218,7 @@ class RowsEstimate(FactorEstimate):
 
     def to_(self, device: torch.device, dtype: torch.dtype) -> None:
         if self.rows is not None:
-            self.rows = self.rows.to(device=device, dtype=dtype)
+            self.rows = self.rows.to(device=device, dtype=dtype, copy=True)
 
     def nbytes(self) -> int:
         return _nbytes(self.rows)

@@ -101,8 +101,18 @@ class Inspection:
     def _snapshot(self) -> Snapshot:
         return Snapshot(
             steps=self.steps, layers={n: b.state_dict() for n, b in self._blocks.items()},
-            shapes={name: (b.helper.a_dim, b.helper.d_out) for name, b in self._blocks.items()},
+            shapes={name: _shape(b) for name, b in self._blocks.items()},
             stats=self.stats, generator_state=self.generator.get_state(),
             solver=self.solver.name, method=self.config.method.value,
             solver_settings=solver_settings(self.solver),
             layouts={name: b.helper.possible_shapes() for name, b in self._blocks.items()})
+
+
+def _shape(block: KroneckerBlock) -> tuple[int, int]:
+    """(A, G) dimensions of the block's estimates: those of the trainable layout they
+    were captured with (a ``requires_grad`` change takes effect at the next factor
+    update), else of the parameters trainable now."""
+    shapes = block.helper.possible_shapes()
+    if block.layout is not None and block.layout in shapes:
+        return shapes[block.layout]
+    return block.helper.a_dim, block.helper.d_out

@@ -27,7 +27,7 @@ What a new kind of parallelism supplies, and where each answer lives:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +54,10 @@ class WorkAssignment(ABC):
     world_size: int = 1
 
     @abstractmethod
-    def inv_worker(self, block: str, factor: str) -> int:
+    def inv_worker(self, block: str, factor: str) -> int | None:
         """The rank that prepares (and for Method 1 inverts) ``factor`` (``"a"`` or
-        ``"g"``) of ``block``."""
+        ``"g"``) of ``block``; None when every rank does (a diagonal A: no solver
+        work)."""
 
     @abstractmethod
     def grad_worker(self, block: str) -> int | None:
@@ -69,7 +70,7 @@ class WorkAssignment(ABC):
 
     def prepares(self, block: str) -> tuple[str, ...]:
         """The factors of ``block`` this rank prepares."""
-        return tuple(f for f in FACTORS if self.inv_worker(block, f) == self.rank)
+        return tuple(f for f in FACTORS if self.inv_worker(block, f) in (None, self.rank))
 
     def holds_cache(self, block: str) -> bool:
         """Whether this rank keeps ``block``'s prepared state between steps."""
@@ -149,8 +150,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def gather_states(self, states: dict[str, dict[str, Any]],
-                      holder: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
-        """Every block's checkpoint state, each from a rank where ``holder(name)``."""
+                      assignment: WorkAssignment) -> dict[str, dict[str, Any]]:
+        """Every block's checkpoint state, each from a rank that holds its prepared
+        state (:meth:`WorkAssignment.holds_cache`)."""
 
     def failing(self, step: int) -> AbstractContextManager[None]:
         """A context in which a failed collective becomes an error naming ``step``."""
@@ -185,7 +187,7 @@ class LocalCommunicator(Communicator):
     def example_window(self, rows):
         return None
 
-    def gather_states(self, states, holder):
+    def gather_states(self, states, assignment):
         return states
 
 

@@ -208,7 +208,7 @@ class KFACPreconditioner(Inspection):
         self.steps = 0
         #: The :class:`~thermokfac.kfac.report.StepReport` of the latest step.
         self.last_report: StepReport | None = None
-        self._guard = StepGuard(self._records, self._capture, lambda: self._ledger.pending,
+        self._guard = StepGuard(self._records, self._capture, lambda: self._ledger.stats,
                                 averages_factors=parallel.averages_factors)
         self._capture.before_backward = self._guard.backward_begins
         check_setup(records, self.config, optimizer)
@@ -245,9 +245,14 @@ class KFACPreconditioner(Inspection):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Counters of every event so far (the sums of the step reports' ``counts``
-        and of events since the last step), and the last step's ``kl_clip_scale``."""
-        return self._ledger.view()
+        """Counters of every event so far (a live dict; restored from a checkpoint by
+        :meth:`load_state_dict`), and the last step's ``kl_clip_scale``; each step
+        report's ``counts`` are their increments over that step."""
+        return self._ledger.stats
+
+    @stats.setter
+    def stats(self, value: dict[str, float]) -> None:
+        self._ledger.restore(dict(value))
 
     def step(self, outputs: Tensor | None = None, *, lr: float | None = None,
              num_examples: int | None = None) -> StepReport:

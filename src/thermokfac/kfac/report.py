@@ -3,8 +3,9 @@
 :meth:`KFACPreconditioner.step <thermokfac.KFACPreconditioner.step>` returns a
 :class:`StepReport`: its timings, its modelled device time, which blocks were prepared,
 which passed their gradient through and why, and the events it counted.
-``pre.stats`` is the :class:`StatsLedger`'s view: the counts of every report so far,
-plus those of events between steps (a discarded backward, a warning at a hook).
+``pre.stats`` is the :class:`StatsLedger`'s live dict of counters; each report's
+``counts`` are its increments since the previous step (events between steps — a
+discarded backward, a warning at a hook — go to the next report).
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ class StepReport:
         timings: Wall-clock seconds of its parts and modelled device seconds
             (:class:`~thermokfac.timing.StepTimings`).
         factors_updated: Whether this step's curvature joined the estimates.
-        prepared: Blocks prepared (Method 2) or inverted (Method 1) this step.
+        prepared: Blocks whose factors were prepared (Method 2) or inverted (Method 1)
+            this step, failed attempts included (those pass their gradient through,
+            counted in ``prepare_failures`` or ``solver_errors``).
         skipped: Blocks whose gradient passed through unchanged, with the counter that
             says why (``passthrough_layers``: nothing prepared or another trainable
             layout; ``nonfinite_grad_skips``; ``solver_errors``;
             ``nonfinite_update_skips``).
-        counts: Events counted during the step and since the previous one (the keys of
-            ``pre.stats``).
+        counts: Events counted since the previous step closed, during this step
+            included (the increments of ``pre.stats``' counters).
         kl_clip_scale: ν applied to every U (1 when the clip did not bind).
         local_modeled_s: This rank's modelled device seconds (``timings`` holds the
             step's: the busiest rank's under data parallelism).
@@ -83,43 +86,34 @@ class StepReport:
 
 
 class StatsLedger:
-    """Running totals of the reports' counts, plus events not yet in a report.
+    """The running counters (one live dict) and each step's share of them.
 
     Attributes:
-        pending: Events counted since the last report (the guards add to it).
-        totals: Counts of every report so far.
-        kl_clip_scale: ν of the latest step.
+        stats: Every event counted so far, ``kl_clip_scale`` the last step's ν — the
+            dict ``pre.stats`` returns (the guards count into it between steps too).
     """
 
     def __init__(self) -> None:
-        self.pending: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
-        self.totals: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
-        self.kl_clip_scale = 1.0
+        self.stats: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        self.stats["kl_clip_scale"] = 1.0
+        self._closed = dict(self.stats)
 
     def count(self, key: str, amount: float = 1.0) -> None:
         """Count an event."""
-        self.pending[key] += amount
+        self.stats[key] += amount
 
     def close(self, report: StepReport) -> None:
-        """Move the pending events into ``report.counts`` and the totals."""
-        report.counts = {k: v for k, v in self.pending.items() if v and k != "kl_clip_scale"}
-        for key, value in report.counts.items():
-            self.totals[key] += value
-            self.pending[key] = 0.0
-        self.kl_clip_scale = report.kl_clip_scale
-
-    def view(self) -> dict[str, float]:
-        """Totals with the pending events, and the last ν as ``kl_clip_scale``."""
-        out = {k: self.totals[k] + self.pending[k] for k in STAT_KEYS}
-        out["kl_clip_scale"] = self.kl_clip_scale
-        return out
+        """``report.counts``: what was counted since the previous step closed."""
+        self.stats["kl_clip_scale"] = report.kl_clip_scale
+        report.counts = {k: v - self._closed.get(k, 0.0) for k, v in self.stats.items()
+                         if k != "kl_clip_scale" and v != self._closed.get(k, 0.0)}
+        self._closed = dict(self.stats)
 
     def restore(self, stats: dict[str, float]) -> None:
-        """Continue from a checkpoint's counters."""
-        self.totals = {**dict.fromkeys(STAT_KEYS, 0.0), **stats}
-        self.pending = dict.fromkeys(STAT_KEYS, 0.0)
-        self.kl_clip_scale = float(stats.get("kl_clip_scale", 1.0))
-        self.totals["kl_clip_scale"] = 0.0
+        """Continue from a checkpoint's counters (in the same live dict)."""
+        self.stats.clear()
+        self.stats.update({**dict.fromkeys(STAT_KEYS, 0.0), "kl_clip_scale": 1.0, **stats})
+        self._closed = dict(self.stats)
 
 
 def device_time(solver: LinearSolver, jobs: list[TimeBreakdown]) -> list[float]:
