@@ -18,7 +18,7 @@ the same on every rank). The K-FAC step itself is
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -113,12 +113,12 @@ class ProcessGroupCommunicator(Communicator):
         group: The process group (None: the world).
         device: Where the buffers of the collectives live.
         bucket_bytes: Size of the flattened buffers of the curvature all-reduce.
-        factor_dtype: dtype of the factors.
+        factor_dtype: Returns the dtype of the factors now.
         rows: The resistor-array mode (rows all-gathered instead of sums reduced).
     """
 
     def __init__(self, group: Any, device: torch.device, bucket_bytes: int,
-                 factor_dtype: torch.dtype, rows: bool = False) -> None:
+                 factor_dtype: Callable[[], torch.dtype], rows: bool = False) -> None:
         self.group, self.device = group, device
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.bucket_bytes, self.factor_dtype, self.rows = bucket_bytes, factor_dtype, rows
@@ -133,11 +133,11 @@ class ProcessGroupCommunicator(Communicator):
         """Σ over ranks of A's numerators and row counts, the mean of G (a rank without
         rows adds zeros), in bucketed all-reduces; rows all-gathered in the rows mode."""
         if self.rows:
-            out, issued = gather_rows(sums, blocks, self.group, self.device,
-                                      self.factor_dtype)
+            out, issued = gather_rows(sums, blocks, self.group, self._device(sums),
+                                      self._dtype(sums))
             self.collectives += issued
             return out
-        dtype, device = self.factor_dtype, self.device
+        dtype, device = self._dtype(sums), self._device(sums)
         tensors: list[torch.Tensor] = []
         rows: list[float] = []
         for block in blocks:
@@ -158,6 +158,13 @@ class ProcessGroupCommunicator(Communicator):
                 out[block.name] = CurvatureSums(a=tensors[2 * i], a_rows=mean_rows,
                                                 g=tensors[2 * i + 1], g_rows=1.0)
         return out
+
+    def _dtype(self, sums: dict[str, CurvatureSums]) -> torch.dtype:
+        """The step's factor dtype (every rank resolves the same from the model)."""
+        return next(iter(sums.values())).dtype if sums else self.factor_dtype()
+
+    def _device(self, sums: dict[str, CurvatureSums]) -> torch.device:
+        return next(iter(sums.values())).device if sums else self.device
 
     # ------------------------------------------------------------------ caches
     def share_caches(self, blocks: Sequence[KroneckerBlock],
@@ -278,7 +285,7 @@ class DataParallel(Parallelism):
         self.bucket_bytes = int(bucket_mb * 2**20)
 
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
-             device: torch.device) -> Plan:
+             device: torch.device, factor_dtype: Callable[[], torch.dtype]) -> Plan:
         """Check that every rank built the same setup (one all-gather), then assign the
         work greedily (cost n³ digital, the hardware model's time thermodynamic)."""
         solver = config.solver
@@ -293,6 +300,6 @@ class DataParallel(Parallelism):
                 for b in blocks]
         world = dist.get_world_size(self.group)
         greedy = Assignment.greedy(work_items(dims, self.strategy, cost), world)
-        comm = ProcessGroupCommunicator(self.group, device, self.bucket_bytes,
-                                        config.factor_dtype, rows=config.factors.rows)
+        comm = ProcessGroupCommunicator(self.group, device, self.bucket_bytes, factor_dtype,
+                                        rows=config.factors.rows)
         return Plan(KAISAAssignment(greedy, self.strategy, comm.rank), comm, WholeGradients())

@@ -133,6 +133,20 @@ class KroneckerBlock:
         self.g.update(g, decay)
         return True
 
+    def follow(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Move the estimates to where (and the dtype in which) the step's factors now
+        come, when the model was moved or cast; the caches are prepared again.
+
+        Returns:
+            Whether anything moved.
+        """
+        held = self.g.held
+        if held is None or (held.device == device and held.dtype == dtype):
+            return False
+        self.to_(device, dtype)
+        self.prepared = False
+        return True
+
     def follow_layout(self, captured: tuple[bool, bool] | None) -> bool:
         """Restart if the trainable parameters differ from those of the estimates.
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,9 @@ class CurvatureCapture:
         root: The model (unwrapped from DDP); its forward counts the examples.
         records: The layers to capture.
         approx: Expand or reduce.
-        factor_dtype: dtype of the sums (float32 under autocast/half models).
+        factor_dtype: Returns the dtype of the sums (float32 under autocast/half models);
+            read at the first forward of each step, so a model cast after building is
+            followed.
         keep_outputs: Keep layer outputs for a preconditioner-owned backward instead of
             capturing the user's output gradients.
         keep_rows: Keep the rows themselves instead of summing their outer products
@@ -66,12 +69,13 @@ class CurvatureCapture:
     """
 
     def __init__(self, root: nn.Module, records: list[LayerRecord], approx: KFACApprox,
-                 factor_dtype: torch.dtype, keep_outputs: bool,
+                 factor_dtype: Callable[[], torch.dtype], keep_outputs: bool,
                  grad_scale: Callable[[], float], keep_rows: bool = False) -> None:
         self.root = root
         self.records = records
         self.approx = approx
-        self.factor_dtype = factor_dtype
+        self._dtype_source = factor_dtype
+        self.factor_dtype = factor_dtype()
         self.keep_outputs = keep_outputs
         self.grad_scale = grad_scale
         self.keep_rows = keep_rows
@@ -86,6 +90,9 @@ class CurvatureCapture:
         self.unbatched_calls: dict[str, str] = {}
         self.group_mismatches: dict[str, str] = {}
         self.layout_mismatches: dict[str, str] = {}
+        #: Layers whose call could not be read (an input layout K-FAC cannot take, or an
+        #: error inside a hook): refused at the step, never raised inside a hook.
+        self.problems: dict[str, str] = {}
         self.paused = False
         self.elapsed_s = 0.0
         self.sync_cuda = False
@@ -128,6 +135,7 @@ class CurvatureCapture:
         self.counter.reset()
         self.group_mismatches.clear()
         self.layout_mismatches.clear()
+        self.problems.clear()
         self.curvature_calls = 0
         self.curvature_outputs = []
         self.loss_terms = 0
@@ -191,6 +199,8 @@ class CurvatureCapture:
             self.transformed_passes += 1
             self.counter.skip()
             return
+        if self.root_calls == 0:  # the first forward of the step: the model's dtype now
+            self.factor_dtype = self._dtype_source()
         self.root_calls += 1
         self.forward_id += 1
         self.forward_mark = self.param_gradients
@@ -224,31 +234,44 @@ class CurvatureCapture:
         self._scale_read = True
 
     def _input_hook(self, record: LayerRecord):
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, x: Any) -> None:
             if module is not record.helper.module:
                 return  # a copy of the model
             self.hook_calls += 1
             if not self.active(module) or not record.helper.trainable:
                 return
-            helper = record.helper
-            x = args[0]
-            if transformed(x) or not isinstance(x, Tensor) or x.numel() == 0 \
-                    or not self._batched(record, x):
-                record.pending.append(None)
-                return
-            if record.layout is None:
-                record.layout = helper.layout
-            elif record.layout != helper.layout:
-                raise RuntimeError(
-                    f"requires_grad of layer {record.name!r} changed between two forward "
-                    "passes of one step; change it between steps")
-            self._check_batch(record, x)
-            start = self.clock()
-            call = LayerCall(self.groups, forward_id=self.forward_id)
-            self._add_activations(record, x.detach(), call)
+            try:
+                call = self._begin_call(record, x)
+            except Exception as err:  # never break the user's pass: refused at step()
+                self.problems.setdefault(record.name, _describe(err))
+                call = None
             record.pending.append(call)
-            self.elapsed_s += self.clock() - start
         return hook
+
+    def _begin_call(self, record: LayerRecord, x: Any) -> LayerCall | None:
+        """One call's A contribution (or None when the call is not captured)."""
+        unreadable = _unreadable(x)
+        if unreadable is not None:
+            self.problems.setdefault(record.name, unreadable)
+            return None
+        if isinstance(x, Tensor) and x.layout is not torch.strided:
+            x = x.to_dense()  # a sparse input: its rows are those of the dense one
+        if x is None or transformed(x) or x.numel() == 0 or not self._batched(record, x):
+            return None
+        helper = record.helper
+        if record.layout is None:
+            record.layout = helper.layout
+        elif record.layout != helper.layout:
+            self.problems.setdefault(record.name, (
+                "its requires_grad changed between two forward passes of one step (change "
+                "it between steps)"))
+            return None
+        self._check_batch(record, x)
+        start = self.clock()
+        call = LayerCall(self.groups, forward_id=self.forward_id)
+        self._add_activations(record, x.detach(), call)
+        self.elapsed_s += self.clock() - start
+        return call
 
     def _check_batch(self, record: LayerRecord, x: Tensor) -> None:
         """A layer that knows its batch (attention) and sees another one than the model's
@@ -273,7 +296,7 @@ class CurvatureCapture:
         return why is None
 
     def _output_hook(self, record: LayerRecord):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, x: Any, output: Any) -> None:
             if module is not record.helper.module or not self.active(module) \
                     or not record.helper.trainable:
                 return
@@ -281,29 +304,39 @@ class CurvatureCapture:
             if call is None or not isinstance(output, Tensor) or not output.requires_grad \
                     or transformed(output):
                 return
-            if self.keep_outputs:
-                call.edge = get_gradient_edge(output)
-                record.outputs.append(call)
-                return
-            if not self._scale_read:
-                self._read_scale()
-            inv_scale = self._inv_scale
-
-            def grad_hook(grad: Tensor) -> None:
-                if self.paused:  # a backward inside paused(): not the step's loss
-                    return
-                if call.hits:
-                    call.hits += 1
-                    self.repeated_gradients += 1
-                    return
-                call.hits = 1
-                if call.forward_id != self._checked_forward and self.before_backward:
-                    # the first gradient of this forward's backward, before any is added
-                    self._checked_forward = call.forward_id
-                    self.before_backward()
-                self.add_gradient(record, grad, inv_scale, call.groups, call)
-            output.register_hook(grad_hook)
+            try:
+                self._follow_output(record, call, output)
+            except Exception as err:  # never break the user's pass: refused at step()
+                self.problems.setdefault(record.name, _describe(err))
         return hook
+
+    def _follow_output(self, record: LayerRecord, call: LayerCall, output: Tensor) -> None:
+        """Keep the output's gradient edge (``mc``/``type2``), or hook its gradient."""
+        if self.keep_outputs:
+            call.edge = get_gradient_edge(output)
+            record.outputs.append(call)
+            return
+        if not self._scale_read:
+            self._read_scale()
+        inv_scale = self._inv_scale
+
+        def grad_hook(grad: Tensor) -> None:
+            if self.paused:  # a backward inside paused(): not the step's loss
+                return
+            if call.hits:
+                call.hits += 1
+                self.repeated_gradients += 1
+                return
+            call.hits = 1
+            if call.forward_id != self._checked_forward and self.before_backward:
+                # the first gradient of this forward's backward, before any is added
+                self._checked_forward = call.forward_id
+                self.before_backward()
+            try:
+                self.add_gradient(record, grad, inv_scale, call.groups, call)
+            except Exception as err:  # never break the user's pass: refused at step()
+                self.problems.setdefault(record.name, _describe(err))
+        output.register_hook(grad_hook)
 
     def _add_activations(self, record: LayerRecord, x: Tensor, call: LayerCall) -> None:
         """A of one call into ``call.sums``: Σ āāᵀ of its rows (only the row count when
@@ -372,6 +405,24 @@ class CurvatureCapture:
         if self.sync_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def _unreadable(x: Any) -> str | None:
+    """Why a layer input cannot be captured (None if it can, or if it is not a tensor:
+    such a call is not captured and its layer's gradient is reported as missing)."""
+    if not isinstance(x, Tensor):
+        return None
+    if x.is_nested:
+        return f"a nested (jagged) tensor input ({x.dtype})"
+    if x.is_complex():
+        return f"a complex input ({x.dtype})"
+    return None
+
+
+def _describe(err: Exception) -> str:
+    """A one-line description of an error raised inside a hook."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"its input could not be read ({type(err).__name__}: {first[:200]})"
 
 
 def _fp16_autocast() -> bool:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..enums import (
     DampingSplit,
@@ -92,7 +91,9 @@ class FactorConfig:
     Attributes:
         factor_decay: β of the moving average (value or schedule), in [0, 1).
         factor_update_steps: Capture every this many steps (value or schedule).
-        factor_dtype: float32 or float64.
+        factor_dtype: float32 or float64; None follows the model (float64 when a
+            preconditioned parameter is float64, else float32), cast after building
+            included.
         factor_storage: ``matrix`` or ``rows`` (the resistor-array mode, App. E).
         kfac_approx: ``expand`` or ``reduce`` (Sec. 3.3).
         skip_layers: Module or class names left to the base optimizer.
@@ -101,7 +102,7 @@ class FactorConfig:
 
     factor_decay: Schedule = 0.95
     factor_update_steps: Schedule = 1
-    factor_dtype: torch.dtype = torch.float32
+    factor_dtype: torch.dtype | None = None
     factor_storage: FactorStorage | str = FactorStorage.MATRIX
     kfac_approx: KFACApprox | str = KFACApprox.EXPAND
     skip_layers: tuple[str, ...] = ()
@@ -124,7 +125,7 @@ class FactorConfig:
                              f"{self.factor_decay!r}): a moving average needs the factors")
         check_schedule("factor_decay", self.factor_decay, DECAY)
         check_schedule("factor_update_steps", self.factor_update_steps, INTERVAL)
-        if self.factor_dtype not in FACTOR_DTYPES:
+        if self.factor_dtype is not None and self.factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype={self.factor_dtype!r} is not valid; choose "
                              "torch.float32 or torch.float64")
         _set(self, "kfac_approx", parse_enum(KFACApprox, self.kfac_approx, "kfac_approx"))
@@ -218,7 +219,7 @@ class KFACConfig:
         return getattr(object.__getattribute__(self, group), name)
 
     @classmethod
-    def from_keywords(cls, model: nn.Module, *, solver: LinearSolver | str = "cholesky",
+    def from_keywords(cls, *, solver: LinearSolver | str = "cholesky",
                       method: Method | str | None = None, damping: Schedule = 1e-3,
                       factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
                       inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
@@ -232,8 +233,8 @@ class KFACConfig:
                       separate_weight_and_bias: bool = False) -> KFACConfig:
         """The preconditioner's keywords, validated into the four groups.
 
-        ``factor_dtype=None`` is float64 for a model with float64 parameters, else
-        float32; ``method=None`` is the solver's default (Method 2 in the rows mode).
+        ``factor_dtype=None`` follows the model (:class:`FactorConfig`); ``method=None``
+        is the solver's default (Method 2 in the rows mode).
 
         Raises:
             ValueError: Naming the first invalid value and its valid range or choices.
@@ -245,7 +246,7 @@ class KFACConfig:
                               mc_samples=mc_samples, class_dim=class_dim)
         factors = FactorConfig(factor_decay=factor_decay,
                                factor_update_steps=factor_update_steps,
-                               factor_dtype=_factor_dtype(factor_dtype, model),
+                               factor_dtype=factor_dtype,
                                factor_storage=factor_storage, kfac_approx=kfac_approx,
                                skip_layers=skip_layers,
                                separate_weight_and_bias=separate_weight_and_bias)
@@ -260,13 +261,6 @@ class KFACConfig:
 _GROUP_OF = {f.name: group for group, cls in zip(_GROUPS, (FisherConfig, FactorConfig,
                                                            InverseConfig, ClipConfig))
              for f in fields(cls)}
-
-
-def _factor_dtype(requested: torch.dtype | None, model: nn.Module) -> torch.dtype:
-    if requested is not None:
-        return requested
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 __all__ = ["ClipConfig", "FactorConfig", "FisherConfig", "InverseConfig", "KFACConfig",

@@ -45,6 +45,16 @@ class CurvatureSums:
     g_parts: Tensor | None = None
     g_scale: float = 1.0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the step's G (and A)."""
+        return (self.g if self.g is not None else self.g_parts).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the step's G (and A) live."""
+        return (self.g if self.g is not None else self.g_parts).device
+
 
 def g_multiplier(cfg: KFACConfig, loss_terms: int, num_examples: int | None,
                  count: Callable[[], tuple[int, str | None]], step: int) -> float:

@@ -72,6 +72,11 @@ class FactorEstimate(ABC):
     def release(self) -> None:  # noqa: B027 - most estimates keep everything
         """Drop what is only needed by a prepare (nothing, except for rows)."""
 
+    @property
+    @abstractmethod
+    def held(self) -> Tensor | None:
+        """The tensor the estimate keeps (for its device and dtype), or None."""
+
     @abstractmethod
     def matrix(self) -> Tensor | None:
         """The symmetric factor (a copy; a vector when diagonal), or None."""
@@ -123,6 +128,10 @@ class MovingAverage(FactorEstimate):
     @property
     def present(self) -> bool:
         return self.value is not None
+
+    @property
+    def held(self) -> Tensor | None:
+        return self.value
 
     def mean_diagonal(self) -> float:
         return float(self.value.diagonal().sum()) / self.value.shape[0]
@@ -195,6 +204,10 @@ class RowsEstimate(FactorEstimate):
     @property
     def present(self) -> bool:
         return self.rows is not None
+
+    @property
+    def held(self) -> Tensor | None:
+        return self.rows
 
     def mean_diagonal(self) -> float:
         return self.scale * float(self.rows.pow(2).sum()) / self.rows.shape[1]

@@ -46,10 +46,10 @@ class StepGuard:
         self.removed = False
         self._warned: set[str] = set()
         self._hooks: dict[int, Any] = {}
-        # .grad tensors U was written into, with their version counters then: a backward
-        # that adds onto U (no zero_grad in between) bumps the counter by exactly one;
-        # zero_grad(set_to_none=False) adds a bump, and the default zero_grad() replaces
-        # the tensor.
+        # .grad tensors U was written into, with their version counters then. A backward
+        # about to accumulate into the same tensor at the same version, still non-zero,
+        # adds onto U: zero_grad() replaces the tensor, .zero_() bumps the version, and
+        # .data.zero_() (no bump) leaves zeros.
         self._written: dict[int, tuple[Tensor, int]] = {}
         self._added_onto_update: str | None = None
         self._refused_at: int | None = None  # param_gradients when a step was refused
@@ -152,8 +152,9 @@ class StepGuard:
 
     def remove(self) -> None:
         self.removed = True
-        for handle in self._hooks.values():
-            handle.remove()
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
         self._hooks.clear()
 
     def watch(self) -> bool:
@@ -169,16 +170,23 @@ class StepGuard:
             for param in record.helper.parameters:
                 if param.requires_grad and param.is_leaf and id(param) not in self._hooks:
                     sharing = tuple(names[id(param)])
-                    self._hooks[id(param)] = param.register_post_accumulate_grad_hook(
-                        lambda param, sharing=sharing: self._note_gradient(sharing, param))
+                    self._hooks[id(param)] = (
+                        param.register_hook(
+                            lambda grad, param=param, sharing=sharing:
+                            self._before_accumulation(sharing, param)),
+                        param.register_post_accumulate_grad_hook(
+                            lambda param, sharing=sharing: self._note_gradient(sharing)))
                     unseen = unseen or param.grad is not None
         return unseen
 
-    def _note_gradient(self, names: tuple[str, ...], param: Tensor) -> None:
+    def _before_accumulation(self, names: tuple[str, ...], param: Tensor) -> None:
+        """A gradient is about to accumulate into ``param.grad``: is that still U?"""
         written = self._written.get(id(param))
         if written is not None and param.grad is written[0] \
-                and param.grad._version == written[1] + 1:
+                and param.grad._version == written[1] and bool(param.grad.any()):
             self._added_onto_update = names[0]
+
+    def _note_gradient(self, names: tuple[str, ...]) -> None:
         self.fresh.update(names)
         self.capture.param_gradients += 1
 
@@ -255,6 +263,12 @@ class StepGuard:
                 "forward passes under a torch.func transform (vmap/grad/jvp...) are not "
                 "captured by K-FAC and not counted as examples; counted in "
                 "stats['transformed_passes']"))
+        if capture.problems:
+            listing = "; ".join(f"{n}: {why}" for n, why in capture.problems.items())
+            names = sorted(capture.problems)
+            raise ValueError(
+                f"K-FAC cannot capture layers {names} at step {step}: {listing}. Pass "
+                f"skip_layers={names} to leave them to the base optimizer")
         if self.fresh and not capture.hooks_ran():
             raise RuntimeError(
                 f"K-FAC captured nothing at step {step} although the backward reached "

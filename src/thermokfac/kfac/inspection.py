@@ -90,7 +90,7 @@ class Inspection:
         blocks = self._new_blocks()
         for name, block in blocks.items():
             block.load_state_dict(restored.layers[name])
-            block.to_(device, self.config.factor_dtype)
+            block.to_(device, self.factor_dtype)
             if not self.plan.assignment.holds_cache(name):
                 block.drop_cache()
         self.generator.set_state(restored.generator_state)

@@ -27,7 +27,7 @@ What a new kind of parallelism supplies, and where each answer lives:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -212,13 +212,14 @@ class Parallelism(ABC):
 
     @abstractmethod
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
-             device: torch.device) -> Plan:
-        """The assignment, communicator and gradient access for these blocks."""
+             device: torch.device, factor_dtype: Callable[[], torch.dtype]) -> Plan:
+        """The assignment, communicator and gradient access for these blocks
+        (``factor_dtype()``: the factors' dtype now)."""
 
 
 class SingleProcess(Parallelism):
     """One process: :class:`LocalAssignment`, :class:`LocalCommunicator`, whole
     ``.grad`` tensors."""
 
-    def plan(self, blocks, config, device):
+    def plan(self, blocks, config, device, factor_dtype):
         return Plan(LocalAssignment(), LocalCommunicator(), WholeGradients())

@@ -176,7 +176,7 @@ class KFACPreconditioner(Inspection):
         self.model = unwrap(model)
         check_model(model, self.model, parallel.averages_factors)
         self.config = KFACConfig.from_keywords(
-            self.model, solver=solver, method=method, damping=damping,
+            solver=solver, method=method, damping=damping,
             factor_decay=factor_decay, factor_update_steps=factor_update_steps,
             inv_update_steps=inv_update_steps, fisher_type=fisher_type,
             kfac_approx=kfac_approx, loss_reduction=loss_reduction, skip_layers=skip_layers,
@@ -194,7 +194,7 @@ class KFACPreconditioner(Inspection):
         self._records = {r.name: r for r in records}
         self._blocks = self._new_blocks()
         self._capture = CurvatureCapture(
-            self.model, records, self.config.kfac_approx, self.config.factor_dtype,
+            self.model, records, self.config.kfac_approx, lambda: self.factor_dtype,
             keep_outputs=self.config.fisher_type is not FisherType.EMPIRICAL,
             grad_scale=self._loss_scale, keep_rows=self.config.factors.rows)
         device = next(self.model.parameters()).device
@@ -214,7 +214,8 @@ class KFACPreconditioner(Inspection):
         check_setup(records, self.config, optimizer)
         #: The work assignment, communicator and gradient access of the step
         #: (:class:`~thermokfac.kfac.parallel.Plan`).
-        self.plan: Plan = parallel.plan(list(self._blocks.values()), self.config, device)
+        self.plan: Plan = parallel.plan(list(self._blocks.values()), self.config, device,
+                                        lambda: self.factor_dtype)
         self._begin_step()
 
     # ------------------------------------------------------------------ public
@@ -237,6 +238,18 @@ class KFACPreconditioner(Inspection):
         if name not in self._blocks:
             raise KeyError(f"no block {name!r}; the blocks are {list(self._blocks)}")
         return self._blocks[name]
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of factors and solves now: ``factor_dtype`` if given, else that of
+        the model (float64 when a preconditioned parameter is float64, else float32; a
+        model cast after building is followed from its next step, its factors cast and
+        prepared again)."""
+        requested = self.config.factors.factor_dtype
+        if requested is not None:
+            return requested
+        return torch.float64 if any(p.dtype == torch.float64 for b in self._blocks.values()
+                                    for p in b.helper.parameters) else torch.float32
 
     @property
     def unsupported_layers(self) -> dict[str, str]:
@@ -407,7 +420,10 @@ class KFACPreconditioner(Inspection):
                                                        list(self._blocks.values()))
         decay = resolve("factor_decay", self.config.factor_decay, self.steps, DECAY)
         for name, block in self._blocks.items():
-            if name in sums and not block.update_estimate(sums[name], decay):
+            if name not in sums:
+                continue
+            block.follow(sums[name].device, sums[name].dtype)  # a model cast or moved
+            if not block.update_estimate(sums[name], decay):
                 self._guard.nonfinite(name, self.steps)
         report.factors_updated = True
 
@@ -555,7 +571,7 @@ class KFACPreconditioner(Inspection):
                 "(counted in stats['damping_increases']) or its gradient passes through "
                 "(stats['prepare_failures']); the damping in effect is in "
                 "pre.layer_state(name).damping — use more damping"))
-        if stats["ill_conditioned_solves"] and self.config.factor_dtype != torch.float64:
+        if stats["ill_conditioned_solves"] and self.factor_dtype != torch.float64:
             self._guard.warn_once("ill_conditioned", (
                 "a float32 factorisation was ill-conditioned (its solves could be far off a "
                 "float64 solve): it was prepared and solved in float64 from the stored "

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 BLOCKS = (*PROJECTIONS, "out_proj")
 
-PreProbe = Callable[[nn.Module, tuple], None]
-PostProbe = Callable[[nn.Module, tuple, Tensor], None]
+PreProbe = Callable[[nn.Module, Tensor], None]
+PostProbe = Callable[[nn.Module, Tensor, Tensor], None]
 
 
 class AttentionTap:
@@ -42,11 +42,11 @@ class AttentionTap:
 
     def pre(self, block: str, module: nn.Module, x: Tensor) -> None:
         for pre, _ in self.probes[block]:
-            pre(module, (x,))
+            pre(module, x)
 
     def post(self, block: str, module: nn.Module, x: Tensor, out: Tensor) -> None:
         for _, post in self.probes[block]:
-            post(module, (x,), out)
+            post(module, x, out)
 
     def empty(self) -> bool:
         return not any(self.probes.values())

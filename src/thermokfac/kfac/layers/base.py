@@ -13,10 +13,12 @@ With this one format, K-FAC-expand and K-FAC-reduce (Eqs. 18–21) are one branc
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from functools import cache
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,13 +64,28 @@ class LayerHelper(ABC):
         matrices (``nn.MultiheadAttention``: its Q, K, V and output projections)."""
         return [("", cls(module))]
 
-    def attach(self, pre_hook: Callable[[nn.Module, tuple], None],
-               post_hook: Callable[[nn.Module, tuple, Tensor], None]) -> list[RemovableHandle]:
-        """Make ``pre_hook(module, (x,))`` run before each application of this block's
-        weight to its input ``x`` and ``post_hook(module, (x,), output)`` after it; by
-        default these are the module's forward hooks. Returns handles to remove them."""
-        return [self.module.register_forward_pre_hook(pre_hook),
-                self.module.register_forward_hook(post_hook)]
+    def attach(self, pre_hook: Callable[[nn.Module, Any], None],
+               post_hook: Callable[[nn.Module, Any, Any], None]) -> list[RemovableHandle]:
+        """Make ``pre_hook(module, x)`` run before each application of this block's
+        weight to its input ``x`` and ``post_hook(module, x, output)`` after it; by
+        default through the module's forward hooks, with ``x`` from :meth:`layer_input`
+        (positional or keyword). Returns handles to remove them."""
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            pre_hook(module, self.layer_input(args, kwargs))
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            post_hook(module, self.layer_input(args, kwargs), output)
+
+        return [self.module.register_forward_pre_hook(pre, with_kwargs=True),
+                self.module.register_forward_hook(post, with_kwargs=True)]
+
+    def layer_input(self, args: tuple, kwargs: dict) -> Any:
+        """The input this block's weight applies to, however the module was called: the
+        first positional argument, or its forward's first parameter given by keyword
+        (``self.fc(input=x)``); None when neither is there."""
+        if args:
+            return args[0]
+        return kwargs.get(_first_parameter(type(self.module)))
 
     @property
     def submodule(self) -> nn.Module | None:
@@ -253,3 +270,17 @@ class LayerHelper(ABC):
             weight.copy_(self.weight_grad_from_matrix(u[:, :d]))
         if bias is not None:
             bias.copy_(u[:, d])
+
+
+@cache
+def _first_parameter(module_type: type[nn.Module]) -> str | None:
+    """The name of the first parameter of ``module_type.forward`` after ``self``."""
+    try:
+        params = list(inspect.signature(module_type.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for param in params[1:]:
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD,
+                          param.KEYWORD_ONLY):
+            return param.name
+    return None

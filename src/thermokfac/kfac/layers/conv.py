@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -173,12 +173,16 @@ class ConvTransposeHelper(ConvHelper):
 
     def attach(self, pre_hook: Callable, post_hook: Callable) -> list[RemovableHandle]:
         def read_output_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = self.layer_input(args, kwargs)
             size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
-            self._output_padding = self._padding_after(args[0], size)
-            pre_hook(module, args)
+            self._output_padding = self._padding_after(x, size)
+            pre_hook(module, x)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            post_hook(module, self.layer_input(args, kwargs), output)
 
         return [self.module.register_forward_pre_hook(read_output_size, with_kwargs=True),
-                self.module.register_forward_hook(post_hook)]
+                self.module.register_forward_hook(post, with_kwargs=True)]
 
     def _padding_after(self, x: Tensor, output_size) -> tuple[int, ...]:
         """``output_padding`` of this call (from ``output_size`` when given)."""

@@ -1,0 +1,186 @@
+"""Every way a module is called, changed or zeroed is captured right or refused loudly.
+
+Each kind against an independent reference: the same model written another way
+(positional calls, the stacked form), a dense float64 damped Kronecker solve, curvlinops
+3.0.1, or the exact error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from thermokfac import KFACPreconditioner
+
+from .cases import dense_kfac_direction, grad_matrix, rel_err
+
+# --------------------------------------------------------------- call forms
+
+
+class Calls(nn.Module):
+    """Embedding → Conv1d → ConvTranspose1d → Linear, each called positionally or by
+    keyword (``input=``, and ``output_size=`` for the transposed convolution)."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.emb = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 5, 3, padding=1)
+        self.up = nn.ConvTranspose1d(5, 3, 2, stride=2)
+        self.fc = nn.Linear(3 * 13, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.keyword:
+            h = self.emb(input=tokens).transpose(1, 2)
+            h = torch.tanh(self.conv(input=h))
+            h = self.up(input=h, output_size=[13])
+            return self.fc(input=torch.tanh(h).flatten(1))
+        h = torch.tanh(self.conv(self.emb(tokens).transpose(1, 2)))
+        return self.fc(torch.tanh(self.up(h, [13])).flatten(1))
+
+
+def _tokens(n: int = 6):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 7, (n, 6), generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_keyword_called_layers_equal_positional_calls(approx):
+    runs = {}
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = Calls(keyword).double()
+        pre = KFACPreconditioner(model, kl_clip=None, kfac_approx=approx, damping=1e-2)
+        x, y = _tokens()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        runs[keyword] = (pre.factors(), {n: p.grad for n, p in model.named_parameters()},
+                         pre.stats)
+    (f0, u0, s0), (f1, u1, s1) = runs[False], runs[True]
+    assert s0["missing_factor_skips"] == 0
+    assert list(f0) == list(f1) == ["emb", "conv", "up", "fc"]
+    for name in f0:
+        for a, b in zip(f0[name], f1[name]):
+            assert torch.equal(a, b), name
+    for name in u0:
+        assert torch.equal(u0[name], u1[name]), name
+    assert s1["missing_factor_skips"] == 0
+
+
+def test_an_input_capture_cannot_read_is_refused_in_one_line_after_the_forward():
+    model = nn.Sequential(nn.Linear(4, 3))
+    pre = KFACPreconditioner(model, kl_clip=None)
+    jagged = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)],
+                                        layout=torch.jagged)
+    out = model(jagged)  # the forward runs as PyTorch's
+    out.values().sum().backward()
+    with pytest.raises(ValueError, match=r"cannot capture layers \['0'\] at step 0: 0: a "
+                                         r"nested \(jagged\) tensor input.*skip_layers"):
+        pre.step()
+
+
+def test_a_sparse_input_is_captured_as_its_dense_values():
+    torch.manual_seed(0)
+    dense = torch.randn(8, 5).relu()
+    y = torch.randint(0, 3, (8,))
+    factors = []
+    for x in (dense, dense.to_sparse()):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 3))
+        pre = KFACPreconditioner(model, kl_clip=None)
+        nn.functional.cross_entropy(model(x), y).backward()
+        pre.step()
+        factors.append(pre.factors()["0"])
+    for a, b in zip(*factors):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- zeroing
+
+ZEROING = {
+    "zero_grad": lambda model: model.zero_grad(),
+    "set_to_none": lambda model: [setattr(p, "grad", None) for p in model.parameters()],
+    "zero_": lambda model: [p.grad.zero_() for p in model.parameters()],
+    "data.zero_": lambda model: [p.grad.data.zero_() for p in model.parameters()],
+    "mul_(0)": lambda model: [p.grad.mul_(0) for p in model.parameters()],
+}
+
+
+def _zeroed_run(zero):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = KFACPreconditioner(model, kl_clip=None, inv_update_steps=2)
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        if step:
+            zero(model)
+        x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=g)).backward()
+        pre.step()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_every_way_of_zeroing_gradients_is_accepted_and_trains_alike():
+    reference = _zeroed_run(ZEROING["zero_grad"])
+    for name, zero in ZEROING.items():
+        for got, want in zip(_zeroed_run(zero), reference):
+            assert torch.equal(got, want), name
+
+
+def test_a_backward_onto_the_preconditioned_gradient_is_still_refused():
+    with pytest.raises(RuntimeError, match="added to the preconditioned gradient"):
+        _zeroed_run(lambda model: None)
+
+
+# ------------------------------------------------------- cast and moved model
+
+def test_a_model_cast_to_float64_after_building_gets_float64_factors_and_solves():
+    """Built on float32, cast before training: the update is the float64 dense damped
+    Kronecker solve (a float32 factorisation would be ~1e-4 off at damping 1e-2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    pre = KFACPreconditioner(model, kl_clip=None, damping=1e-2, factor_decay=0.0)
+    model.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    nn.functional.cross_entropy(model(x), torch.randint(0, 3, (32,), generator=g)).backward()
+    raw = {n: grad_matrix(model.get_submodule(n)) for n in pre.layer_names}
+    pre.step()
+    assert pre.factor_dtype == torch.float64
+    for name, (a, g_) in pre.factors().items():
+        assert a.dtype == g_.dtype == torch.float64
+        expected = dense_kfac_direction(a, g_, raw[name], 1e-2, 1e-2)
+        assert rel_err(grad_matrix(model.get_submodule(name)), expected) < 1e-10, name
+
+
+def test_a_cast_mid_training_moves_the_factors_and_prepares_again():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    pre = KFACPreconditioner(model, kl_clip=None, damping=1e-2, inv_update_steps=10)
+    g = torch.Generator().manual_seed(6)
+    for step in range(3):
+        if step == 2:
+            model.double()
+        dtype = torch.float64 if step == 2 else torch.float32
+        x = torch.randn(16, 6, generator=g).to(dtype)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=g)).backward()
+        report = pre.step()
+    assert report.prepared == ("0", "2")  # not due (every 10), prepared after the cast
+    for name in pre.layer_names:
+        block = pre.block(name)
+        assert block.a.value.dtype == block.g.value.dtype == block.g_inv.dtype == torch.float64
+
+
+def test_an_explicit_factor_dtype_is_kept_when_the_model_is_cast():
+    model = nn.Sequential(nn.Linear(4, 3))
+    pre = KFACPreconditioner(model, kl_clip=None, factor_dtype=torch.float32)
+    model.double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+    pre.step()
+    assert pre.factor_dtype == torch.float32
+    assert pre.factors()["0"][0].dtype == torch.float32
