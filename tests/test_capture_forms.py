@@ -184,3 +184,128 @@ def test_an_explicit_factor_dtype_is_kept_when_the_model_is_cast():
     pre.step()
     assert pre.factor_dtype == torch.float32
     assert pre.factors()["0"][0].dtype == torch.float32
+
+
+# ------------------------------------------------ a layer applied k times per forward
+
+curvlinops = pytest.importorskip("curvlinops")
+
+
+class Cell(nn.Module):
+    """One Linear over T time steps: unrolled (T calls on ``[N, d]``, an RNN cell written
+    by hand) or stacked (one call on ``[N, T, d]``) — the same function."""
+
+    def __init__(self, unrolled: bool) -> None:
+        super().__init__()
+        self.unrolled = unrolled
+        self.cell = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unrolled:
+            h = torch.stack([torch.tanh(self.cell(x[:, t])) for t in range(x.shape[1])], 1)
+        else:
+            h = torch.tanh(self.cell(x))
+        return self.head(h.mean(1))
+
+
+def _seq(n: int = 8, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def _cell_factors(unrolled: bool, approx: str, fisher: str = "empirical", **kw):
+    torch.manual_seed(1)
+    model = Cell(unrolled).double()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx=approx, fisher_type=fisher, **kw)
+    x, y = _seq()
+    out = model(x)
+    nn.functional.cross_entropy(out, y).backward(retain_graph=fisher != "empirical")
+    pre.step(outputs=None if fisher == "empirical" else out)
+    return pre.factors()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "type2"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_layer_called_per_time_step_equals_curvlinops_on_the_stacked_network(approx, fisher):
+    """T calls on ``[N, d]`` within one forward form one shared dimension of size T
+    (reduce: activations averaged, gradients summed over the calls), as one call on
+    ``[N, T, d]``: curvlinops on that stacked network is the reference."""
+    ours = _cell_factors(True, approx, fisher)
+    torch.manual_seed(1)
+    stacked = Cell(False).double()
+    x, y = _seq()
+    op = curvlinops.KFACLinearOperator(
+        stacked, nn.CrossEntropyLoss(), list(stacked.parameters()), [(x, y)],
+        fisher_type=getattr(curvlinops.FisherType, fisher.upper()),
+        kfac_approx=getattr(curvlinops.KFACType, approx.upper()), check_deterministic=False,
+        num_data=x.shape[0], separate_weight_and_bias=False)
+    op.compute_kronecker_factors()
+    for name in ("cell", "head"):
+        a, g = ours[name]
+        assert rel_err(a, op._input_covariances[name]) < 1e-12, (name, "A")
+        assert rel_err(g, op._gradient_covariances[name]) < 1e-12, (name, "G")
+
+
+def test_the_override_treats_every_call_as_examples_of_its_own():
+    """``repeated_calls="separate"``: each ``[N, d]`` call's rows are examples, which
+    for 2-D inputs is expand's A and G."""
+    separate = _cell_factors(True, "reduce", repeated_calls="separate")
+    expand = _cell_factors(False, "expand")
+    for name in ("cell", "head"):
+        for got, want in zip(separate[name], expand[name]):
+            assert rel_err(got, want) < 1e-12, name
+    with pytest.raises(ValueError, match="repeated_calls='stacked' is not valid"):
+        KFACPreconditioner(Cell(True), repeated_calls="stacked")
+
+
+def test_shared_calls_of_micro_batches_equal_the_whole_batch():
+    """Two forwards (micro-batches), each calling the cell T times, back-propagated one
+    by one: each forward is its own shared dimension."""
+    torch.manual_seed(1)
+    model = Cell(True).double()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+    x, y = _seq()
+    for part in (slice(0, 4), slice(4, 8)):
+        (nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum") / 8).backward()
+    pre.step()
+    whole = _cell_factors(False, "reduce")
+    for name in ("cell", "head"):
+        for got, want in zip(pre.factors()[name], whole[name]):
+            assert rel_err(got, want) < 1e-12, name
+
+
+class Siamese(nn.Module):
+    """One encoder applied to both halves of a pair (the k = 2 case), or once on the
+    pair stacked ``[N, 2, d]``."""
+
+    def __init__(self, stacked: bool) -> None:
+        super().__init__()
+        self.stacked = stacked
+        self.enc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            z = torch.tanh(self.enc(pair))
+            return self.head(z[:, 0] - z[:, 1])
+        return self.head(torch.tanh(self.enc(pair[:, 0])) - torch.tanh(self.enc(pair[:, 1])))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_siamese_encoder_equals_its_stacked_form(approx):
+    g = torch.Generator().manual_seed(9)
+    pair = torch.randn(6, 2, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,), generator=g)
+    found = []
+    for stacked in (False, True):
+        torch.manual_seed(2)
+        model = Siamese(stacked).double()
+        pre = KFACPreconditioner(model, kl_clip=None, kfac_approx=approx)
+        nn.functional.cross_entropy(model(pair), y).backward()
+        pre.step()
+        found.append(pre.factors())
+    for name in ("enc", "head"):
+        for got, want in zip(found[0][name], found[1][name]):
+            assert rel_err(got, want) < 1e-12, name

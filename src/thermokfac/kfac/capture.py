@@ -47,7 +47,7 @@ from .factors import (
     gradient_rows,
     group_mismatch,
 )
-from .records import LayerCall, LayerRecord
+from .records import LayerCall, LayerRecord, SharedCalls
 from .tracing import eager, transformed
 
 
@@ -66,11 +66,14 @@ class CurvatureCapture:
         keep_rows: Keep the rows themselves instead of summing their outer products
             (resistor-array mode).
         grad_scale: Returns the current loss scale (GradScaler) to undo, or 1.
+        share_calls: Under reduce, a layer's calls within one forward of the model with
+            the model call's batch as leading dimension form one shared dimension.
     """
 
     def __init__(self, root: nn.Module, records: list[LayerRecord], approx: KFACApprox,
                  factor_dtype: Callable[[], torch.dtype], keep_outputs: bool,
-                 grad_scale: Callable[[], float], keep_rows: bool = False) -> None:
+                 grad_scale: Callable[[], float], keep_rows: bool = False,
+                 share_calls: bool = True) -> None:
         self.root = root
         self.records = records
         self.approx = approx
@@ -79,6 +82,7 @@ class CurvatureCapture:
         self.keep_outputs = keep_outputs
         self.grad_scale = grad_scale
         self.keep_rows = keep_rows
+        self.share_calls = share_calls
         self.groups: tuple[Tensor, int] | None = None
         self.enabled = False
         self.root_calls = 0
@@ -129,6 +133,7 @@ class CurvatureCapture:
             record.sums.reset()
             record.outputs.clear()
             record.pending.clear()
+            record.shared.clear()
             record.layout = None
         self.root_calls = self.hook_calls = self.repeated_gradients = 0
         self.unbatched_calls.clear()
@@ -219,6 +224,7 @@ class CurvatureCapture:
         :meth:`~.guards.StepGuard.backward_begins`)."""
         for record in self.records:
             record.sums.reset()
+            record.shared = {k: s for k, s in record.shared.items() if not s.reached}
         self.counter.drop_counted()
         self.param_gradients = 0
         self.forward_mark = 0
@@ -351,7 +357,46 @@ class CurvatureCapture:
             mismatch = group_mismatch(shared, call.groups)
             if mismatch is not None:
                 self.group_mismatches.setdefault(record.name, mismatch)
-        rows = activation_rows(shared, self.approx, call.groups)
+            if self._sharing(call, shared):
+                self._share(record, call, shared)
+                return
+        self._add_activation_rows(record, activation_rows(shared, self.approx, call.groups),
+                                  sums)
+
+    def _sharing(self, call: LayerCall, shared: Tensor) -> bool:
+        """Whether a reduce call joins its forward's shared dimension: its leading
+        dimension is the model call's batch (:class:`~.records.SharedCalls`)."""
+        return self.share_calls and call.groups is None \
+            and self.counter.current is not None and shared.shape[0] == self.counter.current
+
+    def _share(self, record: LayerRecord, call: LayerCall, shared: Tensor) -> None:
+        """Add a call's activations to its forward's shared dimension."""
+        total = shared.sum(dim=1).to(self.factor_dtype)  # [N, d_in]
+        group = record.shared.get(call.forward_id)
+        if group is None:
+            group = record.shared[call.forward_id] = SharedCalls(total)
+        else:
+            group.a_sum = group.a_sum + total
+        group.positions += shared.shape[1]
+        call.shared, call.sums = group, None
+
+    def flush_shared(self) -> None:
+        """Each forward's shared calls into the step's sums: ā = the activations' mean
+        over all their positions, ĝ = the output gradients' sum (per backward vector),
+        one row per example (Eqs. 20–21 on the stacked calls)."""
+        for record in self.records:
+            for group in record.shared.values():
+                if not group.reached:
+                    continue
+                self._add_activation_rows(record, group.a_sum / group.positions, record.sums)
+                for rows in group.g_sum.values():
+                    self._add_gradient_rows(record, rows)
+            record.shared.clear()
+
+    def _add_activation_rows(self, record: LayerRecord, rows: Tensor, sums) -> None:
+        """Σ āāᵀ of activation rows ``[k, d_in]`` into ``sums`` (with the bias column;
+        only the row count when the weight is frozen)."""
+        helper = record.helper
         if not helper.weight_trainable:  # bias only: ā = [1]
             rows = rows[:, :0]
         if self.keep_rows:
@@ -379,12 +424,13 @@ class CurvatureCapture:
 
     def add_gradient(self, record: LayerRecord, grad: Tensor, row_scale: float = 1.0,
                      groups: tuple[Tensor, int] | None = None,
-                     call: LayerCall | None = None) -> None:
+                     call: LayerCall | None = None, key: Any = 0) -> None:
         """Accumulate the rows of G from a gradient w.r.t. one call's output (and the
         call's A, the first time its gradient arrives).
 
         ``row_scale`` multiplies the gradient (so G by its square): 1/S undoes a loss
-        scale S, √w weights a sampled or Hessian-root backward.
+        scale S, √w weights a sampled or Hessian-root backward. ``key`` names the
+        backward vector (calls sharing a dimension sum their gradients per vector).
         """
         start = self.clock()
         if call is not None:
@@ -395,11 +441,19 @@ class CurvatureCapture:
         rows = rows.to(self.factor_dtype)
         if row_scale != 1.0:
             rows = rows * row_scale
+        group = None if call is None else call.shared
+        if group is not None:  # summed over the forward's calls; G formed at the step
+            group.reached = True
+            group.g_sum[key] = rows if key not in group.g_sum else group.g_sum[key] + rows
+        else:
+            self._add_gradient_rows(record, rows)
+        self.elapsed_s += self.clock() - start
+
+    def _add_gradient_rows(self, record: LayerRecord, rows: Tensor) -> None:
         if self.keep_rows:
             record.sums.g_rows += append_rows(record.sums.g_parts, rows, False, self.factor_dtype)
         else:
             accumulate_g(record.sums, rows, self.factor_dtype)
-        self.elapsed_s += self.clock() - start
 
     def clock(self) -> float:
         if self.sync_cuda:

@@ -27,6 +27,7 @@ from ..enums import (
     LossReduction,
     LossType,
     Method,
+    RepeatedCalls,
     parse_enum,
 )
 from ..solvers import LinearSolver, get_solver
@@ -98,6 +99,9 @@ class FactorConfig:
         kfac_approx: ``expand`` or ``reduce`` (Sec. 3.3).
         skip_layers: Module or class names left to the base optimizer.
         separate_weight_and_bias: Weight and bias as two blocks.
+        repeated_calls: A layer called k times per forward under reduce: ``shared``
+            (one shared dimension, the default) or ``separate`` examples
+            (:class:`~thermokfac.enums.RepeatedCalls`).
     """
 
     factor_decay: Schedule = 0.95
@@ -107,8 +111,11 @@ class FactorConfig:
     kfac_approx: KFACApprox | str = KFACApprox.EXPAND
     skip_layers: tuple[str, ...] = ()
     separate_weight_and_bias: bool = False
+    repeated_calls: RepeatedCalls | str = RepeatedCalls.SHARED
 
     def __post_init__(self) -> None:
+        _set(self, "repeated_calls", parse_enum(RepeatedCalls, self.repeated_calls,
+                                                "repeated_calls"))
         skip = (self.skip_layers,) if isinstance(self.skip_layers, str) else \
             tuple(self.skip_layers)
         if not all(isinstance(s, str) for s in skip):
@@ -230,7 +237,8 @@ class KFACConfig:
                       num_per_example_loss_terms: int = 1, mc_samples: int = 1,
                       factor_dtype: torch.dtype | None = None,
                       factor_storage: str = "matrix", class_dim: int | None = None,
-                      separate_weight_and_bias: bool = False) -> KFACConfig:
+                      separate_weight_and_bias: bool = False,
+                      repeated_calls: str = "shared") -> KFACConfig:
         """The preconditioner's keywords, validated into the four groups.
 
         ``factor_dtype=None`` follows the model (:class:`FactorConfig`); ``method=None``
@@ -249,7 +257,8 @@ class KFACConfig:
                                factor_dtype=factor_dtype,
                                factor_storage=factor_storage, kfac_approx=kfac_approx,
                                skip_layers=skip_layers,
-                               separate_weight_and_bias=separate_weight_and_bias)
+                               separate_weight_and_bias=separate_weight_and_bias,
+                               repeated_calls=repeated_calls)
         if method is None and factors.rows:
             method = Method.SOLVE  # the rows mode can only solve
         inverse = InverseConfig(solver=solver, method=method, damping=damping,

@@ -62,7 +62,7 @@ def backward_through(capture: CurvatureCapture, outputs: Tensor,
         return
     index = capture.curvature_calls
     capture.curvature_calls += 1
-    for v, weight in vectors:
+    for i, (v, weight) in enumerate(vectors):
         start = capture.clock()
         grads = grad_or_explain(outputs, [call.edge for _, call in pairs], v)
         capture.elapsed_s += capture.clock() - start  # add_gradient times its own part
@@ -77,4 +77,5 @@ def backward_through(capture: CurvatureCapture, outputs: Tensor,
                     "of the step assumes disjoint examples: use loss_reduction='sum' "
                     "(the curvatures then add; scale each loss's terms yourself)")
             call.reached_by = index
-            capture.add_gradient(record, grad, math.sqrt(weight), call.groups, call)
+            capture.add_gradient(record, grad, math.sqrt(weight), call.groups, call,
+                                 key=(index, i))

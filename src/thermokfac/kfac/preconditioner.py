@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..enums import FisherType
+from ..enums import FisherType, RepeatedCalls
 from ..solvers import LinearSolver, SolverError, all_finite
 from ..timing import TimedSolves, TimingLog
 from .blocks import KroneckerBlock
@@ -128,6 +128,13 @@ class KFACPreconditioner(Inspection):
             inputs alone (no column of ones) and ``<layer>.bias`` with A = 1, both with the
             layer's G. Default False: one block [W | b] with the bias as A's last column
             (Eq. 4).
+        repeated_calls: A layer applied k times within one forward of the model, under
+            ``kfac_approx="reduce"``: ``"shared"`` (default) — calls whose leading
+            dimension is the model call's batch N form one weight-sharing dimension of
+            size k·R (activations averaged, output gradients summed over all of them,
+            exactly as one call on the stacked inputs); ``"separate"`` — every call's
+            rows are examples of their own. Calls with another leading dimension, and
+            expand, take every call's rows either way.
         parallel: How the work is spread over processes (:mod:`thermokfac.kfac.parallel`);
             default one process. :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
             passes its data-parallel plan; the step itself is the same.
@@ -170,7 +177,7 @@ class KFACPreconditioner(Inspection):
                  mc_samples: int = 1, factor_dtype: torch.dtype | None = None,
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
                  factor_storage: str = "matrix", class_dim: int | None = None,
-                 separate_weight_and_bias: bool = False,
+                 separate_weight_and_bias: bool = False, repeated_calls: str = "shared",
                  parallel: Parallelism | None = None) -> None:
         parallel = SingleProcess() if parallel is None else parallel
         self.model = unwrap(model)
@@ -183,7 +190,8 @@ class KFACPreconditioner(Inspection):
             damping_split=damping_split, kl_clip=kl_clip, lr=lr, momentum=momentum,
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
             mc_samples=mc_samples, factor_dtype=factor_dtype, factor_storage=factor_storage,
-            class_dim=class_dim, separate_weight_and_bias=separate_weight_and_bias)
+            class_dim=class_dim, separate_weight_and_bias=separate_weight_and_bias,
+            repeated_calls=repeated_calls)
         self.solver: LinearSolver = self.config.solver
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
@@ -196,7 +204,8 @@ class KFACPreconditioner(Inspection):
         self._capture = CurvatureCapture(
             self.model, records, self.config.kfac_approx, lambda: self.factor_dtype,
             keep_outputs=self.config.fisher_type is not FisherType.EMPIRICAL,
-            grad_scale=self._loss_scale, keep_rows=self.config.factors.rows)
+            grad_scale=self._loss_scale, keep_rows=self.config.factors.rows,
+            share_calls=self.config.repeated_calls is RepeatedCalls.SHARED)
         device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         #: Per prepare and factor, the spectrum a thermodynamic solver's device matrix had
@@ -431,6 +440,7 @@ class KFACPreconditioner(Inspection):
         """This rank's sums, G scaled by c (examples and loss terms of the step)."""
         self._guard.after_capture(self.steps)
         self._capture.require_curvature(self.config.fisher_type)
+        self._capture.flush_shared()
         captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
         multiplier = g_multiplier(self.config, self._capture.loss_terms, num_examples,
                                   self._capture.example_count, self.steps) if captured else 1.0

@@ -13,6 +13,27 @@ from .layers import LayerHelper
 
 
 @dataclass(eq=False)
+class SharedCalls:
+    """The calls of one layer within one forward of the model whose leading dimension
+    is the model call's batch N, under reduce: one weight-sharing dimension over all of
+    them (the calls stacked; :class:`~thermokfac.enums.RepeatedCalls`).
+
+    Attributes:
+        a_sum: ``[N, d_in]`` Σ of the activations over every call's positions.
+        positions: The positions summed (Σ R over the calls).
+        g_sum: Per backward vector (``0`` for the user's backward; (call, vector) of a
+            ``curvature_backward``): ``[N, d_out]`` Σ of the output gradients over the
+            calls' positions, already scaled.
+        reached: An output gradient of one of the calls arrived.
+    """
+
+    a_sum: Tensor
+    positions: int = 0
+    g_sum: dict = field(default_factory=dict)
+    reached: bool = False
+
+
+@dataclass(eq=False)
 class LayerCall:
     """One captured forward call of a layer, waiting for its output gradient.
 
@@ -29,6 +50,8 @@ class LayerCall:
         edge: Gradient edge of the output (``mc``/``type2``).
         hits: Output gradients received (empirical: more than one is reported).
         reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
+        shared: The forward's :class:`SharedCalls` this call belongs to (its A and G go
+            there instead of ``sums``), or None.
     """
 
     groups: tuple[Tensor, int] | None
@@ -37,6 +60,7 @@ class LayerCall:
     edge: GradientEdge | None = None
     hits: int = 0
     reached_by: int = -1
+    shared: SharedCalls | None = None
 
 
 @dataclass
@@ -49,6 +73,7 @@ class LayerRecord:
         outputs: This step's calls with their gradient edges (``mc``/``type2``).
         pending: Calls whose forward started and whose output hook has not run yet
             (``None`` for a call that is not captured).
+        shared: This step's :class:`SharedCalls` by root forward.
     """
 
     name: str
@@ -57,6 +82,7 @@ class LayerRecord:
     outputs: list[LayerCall] = field(default_factory=list)
     layout: tuple[bool, bool] | None = None
     pending: list[LayerCall | None] = field(default_factory=list)
+    shared: dict[int, SharedCalls] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
