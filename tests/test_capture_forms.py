@@ -309,3 +309,74 @@ def test_a_siamese_encoder_equals_its_stacked_form(approx):
     for name in ("enc", "head"):
         for got, want in zip(found[0][name], found[1][name]):
             assert rel_err(got, want) < 1e-12, name
+
+
+# ------------------------------------------------------ modules changed after building
+
+def test_a_layer_replaced_after_building_is_found_again():
+    """Model surgery (``model[2] = nn.Linear(...)``): warned once and counted; the new
+    layer passes its gradient through at that step, is preconditioned from the next (its
+    update the dense float64 damped solve of its own factors), and the old module is
+    no longer listed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    pre = KFACPreconditioner(model, kl_clip=None, damping=1e-2, inv_update_steps=1)
+    g = torch.Generator().manual_seed(8)
+    old = model[2]
+    for step in range(3):
+        if step == 1:
+            model[2] = nn.Linear(6, 3).double()
+        model.zero_grad()
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=g)).backward()
+        raw = grad_matrix(model[2])
+        if step == 1:
+            with pytest.warns(UserWarning, match=r"layers changed after the preconditioner "
+                                                 r"was built \(added or replaced: \['2'\]"):
+                report = pre.step()
+            assert report.skipped == {"2": "passthrough_layers"}
+            assert torch.equal(grad_matrix(model[2]), raw)
+        else:
+            pre.step()
+    assert pre.layer_names == ["0", "2"] and pre.block("2").helper.module is model[2]
+    assert pre.block("2").helper.module is not old and pre.stats["changed_layers"] == 1
+    a, g_ = pre.factors()["2"]
+    expected = dense_kfac_direction(a, g_, raw, 1e-2, 1e-2)
+    assert rel_err(grad_matrix(model[2]), expected) < 1e-10
+
+
+def test_a_layer_added_or_removed_after_building_is_followed():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    pre = KFACPreconditioner(model, kl_clip=None)
+    x = torch.randn(8, 4)
+    for step, change in enumerate([None, "add", None, "remove", None]):
+        if change == "add":
+            model.append(nn.Linear(4, 4))
+        elif change == "remove":
+            del model[2]
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pre.step()
+        assert [str(w.message)[:26] for w in caught] == (
+            ["the model's layers changed"] if change else []), step
+        assert pre.layer_names == (["0", "2"] if 1 <= step < 3 else ["0"]), step
+    assert pre.stats["changed_layers"] == 2
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_its_parameters():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"parameters 0.weight, 0.bias, 2.weight, 2.bias are "
+                                         r"on the meta device.*to_empty"):
+        KFACPreconditioner(model, kl_clip=None)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.3)
+    pre = KFACPreconditioner(model, kl_clip=None)  # materialised: it builds and steps
+    nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    assert pre.step().prepared == ("0", "2")

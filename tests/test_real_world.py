@@ -776,16 +776,27 @@ def test_pruning_after_construction_raises_before_touching_gradients():
     assert torch.equal(model[0].bias.grad, raw)
 
 
-def test_model_compiled_and_run_before_building_is_captured():
+def test_model_compiled_and_run_before_building_is_refused_at_the_first_step():
+    """Its compiled graph has no hooks and nothing public invalidates one model's graphs
+    (the process-wide ``torch.compiler.reset()`` is the user's to call): refused in one
+    line at the first step, and captured once the user resets."""
     torch._dynamo.reset()
     ref = eager_reference()
     model = tiny()
     compiled = torch.compile(model, backend="aot_eager")
-    x, _ = data()
+    x, y = data()
     with torch.no_grad():
         compiled(x)
     compiled(x).sum().backward()  # a compiled graph without hooks exists now
     model.zero_grad()
+    pre = KFACPreconditioner(compiled, kl_clip=None)
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"captured nothing at step 0.*compiled and run "
+                                           r"before the preconditioner was built"):
+        pre.step()
+    pre.remove()
+    model.zero_grad()
+    torch.compiler.reset()
     assert_same(train(model, KFACPreconditioner(compiled, kl_clip=None), compiled), ref)
 
 

@@ -117,9 +117,22 @@ class CurvatureCapture:
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(eager(self._count), with_kwargs=True),
             root.register_forward_hook(eager(self._root_done))]
+        self._layer_handles: dict[int, list[RemovableHandle]] = {}
+        self.set_records(records)
+
+    def set_records(self, records: list[LayerRecord]) -> None:
+        """Capture exactly these layers (hooks removed from layers no longer listed,
+        added to new ones; the others keep this step's sums)."""
+        keep = {id(r) for r in records}
+        for record in self.records:
+            if id(record) not in keep:
+                for handle in self._layer_handles.pop(id(record), []):
+                    handle.remove()
         for record in records:
-            self._handles.extend(record.helper.attach(eager(self._input_hook(record)),
-                                                      eager(self._output_hook(record))))
+            if id(record) not in self._layer_handles:
+                self._layer_handles[id(record)] = record.helper.attach(
+                    eager(self._input_hook(record)), eager(self._output_hook(record)))
+        self.records = records
 
     # ----------------------------------------------------------------- control
     def active(self, module: nn.Module) -> bool:
@@ -188,9 +201,10 @@ class CurvatureCapture:
             r.sums.a_rows or r.sums.g_rows or r.outputs for r in self.records)
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in [*self._handles, *(h for hs in self._layer_handles.values() for h in hs)]:
             handle.remove()
         self._handles.clear()
+        self._layer_handles.clear()
         self.reset()
 
     # ------------------------------------------------------------------- hooks
@@ -241,7 +255,7 @@ class CurvatureCapture:
 
     def _input_hook(self, record: LayerRecord):
         def hook(module: nn.Module, x: Any) -> None:
-            if module is not record.helper.module:
+            if module is not record.helper.hook_module:
                 return  # a copy of the model
             self.hook_calls += 1
             if not self.active(module) or not record.helper.trainable:
@@ -303,7 +317,7 @@ class CurvatureCapture:
 
     def _output_hook(self, record: LayerRecord):
         def hook(module: nn.Module, x: Any, output: Any) -> None:
-            if module is not record.helper.module or not self.active(module) \
+            if module is not record.helper.hook_module or not self.active(module) \
                     or not record.helper.trainable:
                 return
             call = record.pending.pop() if record.pending else None

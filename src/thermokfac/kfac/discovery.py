@@ -86,15 +86,6 @@ def is_ddp(model: nn.Module) -> bool:
         model = inner
 
 
-def was_compiled(wrapper: nn.Module, model: nn.Module) -> bool:
-    """Whether ``torch.compile`` wraps ``wrapper`` (or DDP does: cheap to retrace), or
-    a module of ``model`` was compiled (``nn.Module.compile`` or a compiled child)."""
-    if wrapper is not model:
-        return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None
-               or isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
-
-
 def _add_block(found: Discovery, owners: dict[int, tuple[str, nn.Module]], name: str,
                module: nn.Module, helper: LayerHelper) -> None:
     """Add one Kronecker block, unless its parameters are computed or another module
@@ -163,6 +154,8 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = (),
                   if isinstance(parent, FUNCTIONAL_PARENTS)
                   for child, _ in parent.named_children()}
     handled: set[str] = set()  # functional parents whose blocks K-FAC took over
+    wrappers = {id(m._orig_mod): m for m in model.modules()  # torch.compile(submodule)
+                if isinstance(getattr(m, "_orig_mod", None), nn.Module)}
     for name, module in model.named_modules():
         kind = untapped(type(module)).__name__
         hit = {name, kind} & set(skip_layers)
@@ -202,6 +195,7 @@ def discover(model: nn.Module, skip_layers: tuple[str, ...] = (),
         if separate_weight_and_bias:
             blocks = [split for suffix, helper in blocks for split in _split(suffix, helper)]
         for suffix, helper in blocks:
+            helper.hook_module = wrappers.get(id(module), helper.hook_module)
             block = (name + suffix).lstrip(".")
             named = _block_hits(name, suffix, helper, skip_layers)
             if named:

@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 from .._stack import user_stacklevel
 from .capture import CurvatureCapture
 from .config import KFACConfig
-from .discovery import is_ddp, was_compiled
+from .discovery import is_ddp
 from .kl_clip import effective_learning_rate
 from .records import LayerRecord
 
@@ -98,24 +98,8 @@ class StepGuard:
                    for record in self.records.values() for p in record.helper.parameters
                    if p.requires_grad)
 
-    def check_amp(self, fp16_autocast: bool, grad_scaler: Any,
-                  optimizer: torch.optim.Optimizer | None) -> None:
-        """Unscale the gradients if the user has not (``GradScaler.unscale_`` may run once
-        per optimizer step: a second call raises, which means it was done); warn (once)
-        and count a float16-autocast forward without ``grad_scaler=``.
-
-        Raises:
-            RuntimeError: The scaler already stepped this optimizer (``pre.step()`` must
-                come before ``scaler.step(optimizer)``).
-        """
-        if grad_scaler is not None and optimizer is not None:
-            try:
-                grad_scaler.unscale_(optimizer)
-            except RuntimeError as err:
-                if "already been called" not in str(err):
-                    raise RuntimeError(f"{err} K-FAC preconditions before the optimizer "
-                                       "step: call pre.step() before scaler.step(optimizer)"
-                                       ) from err
+    def check_amp(self, fp16_autocast: bool, grad_scaler: Any) -> None:
+        """Warn (once) and count a float16-autocast forward without ``grad_scaler=``."""
         if fp16_autocast and grad_scaler is None:
             self.stats["fp16_without_grad_scaler"] += 1
             self.warn_once("fp16", (
@@ -156,6 +140,16 @@ class StepGuard:
             for handle in handles:
                 handle.remove()
         self._hooks.clear()
+
+    def set_records(self, records: dict[str, LayerRecord]) -> None:
+        """Watch these layers (after a change of the model's layers): hooks of
+        parameters no longer preconditioned are removed, new ones added."""
+        self.records = records
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
+        self.watch()
 
     def watch(self) -> bool:
         """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
@@ -351,13 +345,17 @@ def refuse_sharded(wrapper: nn.Module, model: nn.Module) -> None:
 
 
 def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) -> None:
-    """Refuse a DDP model on several ranks for a preconditioner that keeps each rank's
-    own factors, and reset compile caches traced before the hooks existed.
+    """Refuse what cannot be preconditioned: a DDP model on several ranks for a
+    preconditioner that keeps each rank's own factors, a sharded model, lazy or meta
+    parameters. (Nothing else happens at construction but registering hooks: a model
+    compiled *and run* before building has graphs without them, refused at the first
+    step; a compiled submodule reports through its wrapper's hooks.)
 
     Raises:
         NotImplementedError: The model is FSDP-wrapped or has DTensor parameters.
         RuntimeError: DDP-wrapped, more than one rank, and not ``averages_factors``.
-        ValueError: Lazy parameters not yet materialised.
+        ValueError: Lazy parameters not yet materialised, or parameters on the meta
+            device.
     """
     refuse_sharded(wrapper, model)
     if is_ddp(wrapper) and not averages_factors and world_size() > 1:
@@ -365,13 +363,16 @@ def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) ->
             f"the model is DistributedDataParallel-wrapped on {world_size()} ranks: "
             "KFACPreconditioner would use each rank's own factors and the replicas "
             "would drift apart; use thermokfac.distributed.DistributedKFACPreconditioner")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        shown = ", ".join(meta[:4]) + (f" and {len(meta) - 4} more" if len(meta) > 4 else "")
+        raise ValueError(f"parameters {shown} are on the meta device (no values yet): "
+                         "materialise the model first (model.to_empty(device=...), then "
+                         "initialise or load its weights) and build the preconditioner after")
     if any(is_lazy(p) for p in model.parameters()):
         raise ValueError("the model has uninitialised lazy parameters (nn.LazyLinear, "
                          "nn.LazyConv2d, ...): run one forward pass to materialise them, "
                          "then build the preconditioner")
-    if was_compiled(wrapper, model):
-        # Graphs traced before the hooks existed would run without them.
-        torch.compiler.reset()
 
 
 def check_setup(records: list[LayerRecord], cfg: KFACConfig,

@@ -52,6 +52,11 @@ PREPARE_STATS = (("float64_retries", "float64_retries"),
                  ("solver_errors", "solver_errors"), ("ill_conditioned", "ill_conditioned_solves"))
 
 
+def _structure(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """The model's modules by name and identity (a changed layer changes it)."""
+    return tuple((name, id(module)) for name, module in model.named_modules())
+
+
 def noise_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
     """The generator of draw ``index`` (3·block + part) at ``step``: a function of
     (seed, step, index) alone, so every rank, one process and a resumed run agree."""
@@ -223,8 +228,10 @@ class KFACPreconditioner(Inspection):
         check_setup(records, self.config, optimizer)
         #: The work assignment, communicator and gradient access of the step
         #: (:class:`~thermokfac.kfac.parallel.Plan`).
+        self._parallel = parallel
         self.plan: Plan = parallel.plan(list(self._blocks.values()), self.config, device,
                                         lambda: self.factor_dtype)
+        self._structure = _structure(self.model)
         self._begin_step()
 
     # ------------------------------------------------------------------ public
@@ -418,9 +425,30 @@ class KFACPreconditioner(Inspection):
             refuse_sharded(self.model, self.model)
         if outputs is not None:
             self.curvature_backward(outputs)
+        if self._structure != _structure(self.model):
+            self._rediscover()
         self._guard.before_step(self.steps)
-        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler, self.optimizer)
+        self._unscale_gradients()
+        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler)
         return self._capture.enabled and not self._guard.refused_then_new_backward()
+
+    def _unscale_gradients(self) -> None:
+        """With ``grad_scaler=`` and ``optimizer=``: divide the loss scale out of the
+        gradients if the user has not (``GradScaler.unscale_`` runs once per optimizer
+        step; a second call raises, which means it was done).
+
+        Raises:
+            RuntimeError: The scaler already stepped this optimizer (``pre.step()`` must
+                come before ``scaler.step(optimizer)``).
+        """
+        if self.grad_scaler is None or self.optimizer is None:
+            return
+        try:
+            self.grad_scaler.unscale_(self.optimizer)
+        except RuntimeError as err:
+            if "already been called" not in str(err):
+                raise RuntimeError(f"{err} K-FAC preconditions before the optimizer step: "
+                                   "call pre.step() before scaler.step(optimizer)") from err
 
     def _update_estimates(self, num_examples: int | None, report: StepReport) -> None:
         """This step's A and G over the global batch (Eq. 12) into every block's moving
@@ -554,6 +582,43 @@ class KFACPreconditioner(Inspection):
         return report
 
     # ----------------------------------------------------------------- private
+    def _rediscover(self) -> None:
+        """The model's modules changed since the last step (a layer replaced, added or
+        removed: model surgery, pruning tools): find the layers again. Blocks whose
+        module is unchanged keep their state and this step's capture; a new block starts
+        empty — its gradient passes through this step, it is preconditioned from the
+        next — and the change is warned about (once) and counted."""
+        self._structure = _structure(self.model)
+        discovery = discover(self.model, self.config.skip_layers,
+                             self.config.separate_weight_and_bias)
+        old = {(name, id(r.helper.module), r.helper.part): r
+               for name, r in self._records.items()}
+        records = {name: old.get((name, id(helper.module), helper.part),
+                                 LayerRecord(name, helper))
+                   for name, helper in discovery.layers}
+        added = [n for n, r in records.items() if r is not self._records.get(n)]
+        removed = [n for n, r in self._records.items() if records.get(n) is not r]
+        self.discovery, self._records = discovery, records
+        self._capture.set_records(list(records.values()))
+        self._guard.set_records(records)
+        rows = self.config.factors.rows
+        blocks = {}
+        for i, (name, record) in enumerate(records.items()):
+            block = self._blocks.get(name) if name not in added else None
+            blocks[name] = block or KroneckerBlock(name, i, record.helper, rows=rows)
+            blocks[name].index = i
+        self._blocks = blocks
+        self.plan = self._parallel.plan(list(blocks.values()), self.config,
+                                        next(self.model.parameters()).device,
+                                        lambda: self.factor_dtype)
+        if added or removed:
+            self._ledger.count("changed_layers", len(set(added) | set(removed)))
+            self._guard.warn_once(f"changed_layers {added} {removed}", (
+                f"the model's layers changed after the preconditioner was built (added or "
+                f"replaced: {added}; removed or replaced: {removed}): they were found "
+                "again; a new layer's gradient passes through until its factors are "
+                "captured at the next factor update, counted in stats['changed_layers']"))
+
     def _new_blocks(self) -> dict[str, KroneckerBlock]:
         rows = self.config.factors.rows
         return {name: KroneckerBlock(name, i, r.helper, rows=rows)

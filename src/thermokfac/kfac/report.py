@@ -25,7 +25,7 @@ STAT_KEYS = ("nonfinite_factor_skips", "missing_factor_skips", "nonfinite_grad_s
              "transformed_passes", "trainable_changes", "ill_conditioned_solves",
              "repeated_gradients", "unbatched_layer_calls", "group_mismatches",
              "discarded_curvature", "multi_rank_warnings", "layout_mismatches",
-             "fp16_without_grad_scaler")
+             "fp16_without_grad_scaler", "changed_layers")
 
 #: Why a block's gradient passed through unchanged ↦ the counter it adds to.
 SKIP_COUNTERS = {"passthrough_layers", "nonfinite_grad_skips", "solver_errors",

@@ -43,6 +43,10 @@ class LayerHelper(ABC):
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        #: The module whose forward hooks see this block's calls: the module itself, or
+        #: the ``torch.compile`` wrapper around it (whose hooks run outside the compiled
+        #: graph, so a wrapper compiled and run before the preconditioner still reports).
+        self.hook_module: nn.Module = module
 
     def only(self, part: str) -> LayerHelper:
         """A copy of this block restricted to ``part`` (``"weight"`` or ``"bias"``)."""
@@ -76,8 +80,8 @@ class LayerHelper(ABC):
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             post_hook(module, self.layer_input(args, kwargs), output)
 
-        return [self.module.register_forward_pre_hook(pre, with_kwargs=True),
-                self.module.register_forward_hook(post, with_kwargs=True)]
+        return [self.hook_module.register_forward_pre_hook(pre, with_kwargs=True),
+                self.hook_module.register_forward_hook(post, with_kwargs=True)]
 
     def layer_input(self, args: tuple, kwargs: dict) -> Any:
         """The input this block's weight applies to, however the module was called: the

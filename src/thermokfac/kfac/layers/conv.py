@@ -181,8 +181,8 @@ class ConvTransposeHelper(ConvHelper):
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             post_hook(module, self.layer_input(args, kwargs), output)
 
-        return [self.module.register_forward_pre_hook(read_output_size, with_kwargs=True),
-                self.module.register_forward_hook(post, with_kwargs=True)]
+        return [self.hook_module.register_forward_pre_hook(read_output_size, with_kwargs=True),
+                self.hook_module.register_forward_hook(post, with_kwargs=True)]
 
     def _padding_after(self, x: Tensor, output_size) -> tuple[int, ...]:
         """``output_padding`` of this call (from ``output_size`` when given)."""
