@@ -307,8 +307,10 @@ class StepGuard:
         self.warn_once("missing", (
             f"layer {name!r} received a gradient at step {step} but its factors were "
             "not captured (its forward ran outside the model's forward hooks, under "
-            "no_grad/eval, or its output was not used through autograd); its factor update "
-            "is skipped, counted in stats['missing_factor_skips']"))
+            "no_grad/eval, or its output was not used through autograd; with fisher_type "
+            "'mc'/'type2', inside a reentrant activation checkpoint: use "
+            "use_reentrant=False); its factor update is skipped, counted in "
+            "stats['missing_factor_skips']"))
 
 
 def world_size() -> int:
