@@ -6,7 +6,9 @@
 * :mod:`.capture` — forward/output hooks that accumulate this step's factor sums
   (:mod:`.records` what it keeps, :mod:`.tracing` compile and ``torch.func``);
 * :mod:`.examples` — the example count of a step;
-* :mod:`.guards` — the checks that make a step right or loud;
+* :mod:`.checks` — the checks that make a step right or loud, pure functions of the
+  step record (:class:`~.records.StepRecord`); :mod:`.guards` — the reporter they go
+  through, and the construction-time checks;
 * :mod:`.factors` — the sums themselves (expand/reduce, bias column, Eq. 12);
 * :mod:`.fisher` — backward vectors of the ``mc`` and ``type2`` Fisher types;
 * :mod:`.curvature` — this step's sums per block (Eq. 12's numerators and row counts);

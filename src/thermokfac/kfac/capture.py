@@ -16,7 +16,7 @@ that do not update the factors.
 Every hook runs eagerly under ``torch.compile`` (``torch.compiler.disable``: a graph
 break at each hook), so compiled models are captured exactly as eager ones. Passes under
 a ``torch.func`` transform (e.g. a per-example ``vmap(grad(...))``) are not captured and
-not counted as examples; they are counted in :attr:`CurvatureCapture.transformed_passes`.
+not counted as examples; they are counted in the step record's ``transformed_passes``.
 
 **Examples of a step** are counted by the root module's hooks (:mod:`.examples`). A
 layer input whose shape shows no batch (embedding indices that are not a whole number
@@ -47,7 +47,7 @@ from .factors import (
     gradient_rows,
     group_mismatch,
 )
-from .records import LayerCall, LayerRecord, SharedCalls
+from .records import LayerCall, LayerRecord, SharedCalls, StepRecord
 from .tracing import eager, transformed
 
 
@@ -85,20 +85,9 @@ class CurvatureCapture:
         self.share_calls = share_calls
         self.groups: tuple[Tensor, int] | None = None
         self.enabled = False
-        self.root_calls = 0
-        self.transformed_passes = 0
-        #: A captured forward ran under float16 autocast (a GradScaler is then likely).
-        self.fp16_autocast = False
-        self.hook_calls = 0
-        self.repeated_gradients = 0
-        self.unbatched_calls: dict[str, str] = {}
-        self.group_mismatches: dict[str, str] = {}
-        self.layout_mismatches: dict[str, str] = {}
-        #: Layers whose call could not be read (an input layout K-FAC cannot take, or an
-        #: error inside a hook): refused at the step, never raised inside a hook.
-        self.problems: dict[str, str] = {}
+        #: What the hooks observed since the last step (:class:`~.records.StepRecord`).
+        self.step_record = StepRecord()
         self.paused = False
-        self.elapsed_s = 0.0
         self.sync_cuda = False
         self._inv_scale = 1.0
         self._scale_read = False
@@ -108,16 +97,19 @@ class CurvatureCapture:
         self.before_backward: Callable[[], None] | None = None
         self.forward_id = 0  # root calls so far; each layer call carries its root call's
         self._checked_forward = 0  # the last root call whose backward was checked
-        self.param_gradients = 0  # gradients accumulated into parameters (the owner counts)
-        self.forward_mark = -1  # param_gradients at the last captured forward of the root
-        self.curvature_calls = 0
-        self.curvature_outputs: list[Tensor] = []  # given to curvature_backward this step
-        self.loss_terms = 0  # their loss terms, for a mean-reduced loss
-        self.curvature_done = False
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(eager(self._count), with_kwargs=True),
             root.register_forward_hook(eager(self._root_done))]
         self._layer_handles: dict[int, list[RemovableHandle]] = {}
+        # Per preconditioned parameter: a hook before its gradient accumulates (is
+        # .grad still U?) and one after (which blocks a backward reached).
+        self._param_handles: dict[int, tuple[RemovableHandle, RemovableHandle]] = {}
+        # .grad tensors U was written into, with their version counters then. A backward
+        # about to accumulate into the same tensor at the same version, still non-zero,
+        # adds onto U: zero_grad() replaces the tensor, .zero_() bumps the version, and
+        # .data.zero_() (no bump) leaves zeros.
+        self._written: dict[int, tuple[Tensor, int]] = {}
+        self.removed = False
         self.set_records(records)
 
     def set_records(self, records: list[LayerRecord]) -> None:
@@ -133,6 +125,56 @@ class CurvatureCapture:
                 self._layer_handles[id(record)] = record.helper.attach(
                     eager(self._input_hook(record)), eager(self._output_hook(record)))
         self.records = records
+        for handles in self._param_handles.values():
+            for handle in handles:
+                handle.remove()
+        self._param_handles.clear()
+        self.watch()
+
+    def watch(self) -> bool:
+        """Hook every trainable parameter of the layers (hooks are added as parameters
+        become trainable or are replaced). Returns whether a newly watched parameter
+        already holds a gradient (it was replaced since: ``load_state_dict(assign=True)``)."""
+        unseen = False
+        names: dict[int, list[str]] = {}  # blocks of one module share a packed weight
+        for record in self.records:
+            for param in record.helper.parameters:
+                names.setdefault(id(param), []).append(record.name)
+        for record in self.records:
+            for param in record.helper.parameters:
+                if param.requires_grad and param.is_leaf and id(param) not in self._param_handles:
+                    sharing = tuple(names[id(param)])
+                    self._param_handles[id(param)] = (
+                        param.register_hook(
+                            lambda grad, param=param, sharing=sharing:
+                            self._before_accumulation(sharing, param)),
+                        param.register_post_accumulate_grad_hook(
+                            lambda param, sharing=sharing: self._reached(sharing)))
+                    unseen = unseen or param.grad is not None
+        return unseen
+
+    def _before_accumulation(self, names: tuple[str, ...], param: Tensor) -> None:
+        """A gradient is about to accumulate into ``param.grad``: is that still U?"""
+        written = self._written.get(id(param))
+        if written is not None and param.grad is written[0] \
+                and param.grad._version == written[1] and bool(param.grad.any()):
+            self.step_record.added_onto_update = names[0]
+
+    def _reached(self, names: tuple[str, ...]) -> None:
+        self.step_record.reached.update(names)
+        self.step_record.param_gradients += 1
+
+    def remember_updates(self, records: list[LayerRecord]) -> None:
+        """Note the ``.grad`` tensors the step just wrote U into."""
+        self._written = {id(p): (p.grad, p.grad._version) for record in records
+                         for p in record.helper.parameters if p.grad is not None}
+
+    def gradients_reset(self) -> bool:
+        """Whether no watched parameter holds a gradient (None or all zeros); stops at
+        the first that does (one tensor read in the usual accumulation case)."""
+        return all(p.grad is None or not bool(p.grad.any())
+                   for record in self.records for p in record.helper.parameters
+                   if p.requires_grad)
 
     # ----------------------------------------------------------------- control
     def active(self, module: nn.Module) -> bool:
@@ -148,19 +190,8 @@ class CurvatureCapture:
             record.pending.clear()
             record.shared.clear()
             record.layout = None
-        self.root_calls = self.hook_calls = self.repeated_gradients = 0
-        self.unbatched_calls.clear()
         self.counter.reset()
-        self.group_mismatches.clear()
-        self.layout_mismatches.clear()
-        self.problems.clear()
-        self.curvature_calls = 0
-        self.curvature_outputs = []
-        self.loss_terms = 0
-        self.curvature_done = False
-        self.param_gradients = 0
-        self.forward_mark = -1
-        self.elapsed_s = 0.0
+        self.step_record = StepRecord()
         self._scale_read = False
 
     @contextmanager
@@ -187,7 +218,7 @@ class CurvatureCapture:
 
     def require_curvature(self, fisher_type: FisherType) -> None:
         """Raise if ``mc``/``type2`` kept layer outputs but no outputs were given."""
-        if fisher_type is not FisherType.EMPIRICAL and not self.curvature_done and any(
+        if fisher_type is not FisherType.EMPIRICAL and not self.step_record.curvature_done and any(
                 r.outputs for r in self.records):
             raise RuntimeError(
                 f"fisher_type={fisher_type.value!r} needs the model outputs: call "
@@ -197,14 +228,18 @@ class CurvatureCapture:
     def hooks_ran(self) -> bool:
         """Whether a layer's forward hook ran this step (active or not: eval mode and
         ``no_grad`` passes count), or anything was captured."""
-        return self.hook_calls > 0 or self.root_calls > 0 or any(
+        return self.step_record.hook_calls > 0 or self.step_record.root_calls > 0 or any(
             r.sums.a_rows or r.sums.g_rows or r.outputs for r in self.records)
 
     def remove(self) -> None:
-        for handle in [*self._handles, *(h for hs in self._layer_handles.values() for h in hs)]:
+        """Remove every hook; a later step is refused."""
+        for handle in [*self._handles, *(h for hs in self._layer_handles.values() for h in hs),
+                       *(h for hs in self._param_handles.values() for h in hs)]:
             handle.remove()
         self._handles.clear()
         self._layer_handles.clear()
+        self._param_handles.clear()
+        self.removed = True
         self.reset()
 
     # ------------------------------------------------------------------- hooks
@@ -215,17 +250,17 @@ class CurvatureCapture:
             self.counter.skip()
             return
         if transformed((args, kwargs)):
-            self.transformed_passes += 1
+            self.step_record.transformed_passes += 1
             self.counter.skip()
             return
-        if self.root_calls == 0:  # the first forward of the step: the model's dtype now
+        if self.step_record.root_calls == 0:  # the first forward of the step: the model's dtype now
             self.factor_dtype = self._dtype_source()
-        self.root_calls += 1
+        self.step_record.root_calls += 1
         self.forward_id += 1
-        self.forward_mark = self.param_gradients
-        self.fp16_autocast = self.fp16_autocast or _fp16_autocast()
+        self.step_record.forward_mark = self.step_record.param_gradients
+        self.step_record.fp16_autocast = self.step_record.fp16_autocast or _fp16_autocast()
         self._read_scale()
-        self.counter.start(args, kwargs, self.groups, self.param_gradients)
+        self.counter.start(args, kwargs, self.groups, self.step_record.param_gradients)
 
     def _root_done(self, module: nn.Module, args: tuple, output) -> None:
         if module is not self.root:
@@ -234,15 +269,15 @@ class CurvatureCapture:
 
     def discard_earlier_backwards(self) -> None:
         """Forget the sums of the backwards since the last step, keeping the forwards
-        still waiting for their backward (a skipped step's curvature: see
-        :meth:`~.guards.StepGuard.backward_begins`)."""
+        still waiting for their backward (a skipped step's curvature)."""
         for record in self.records:
             record.sums.reset()
             record.shared = {k: s for k, s in record.shared.items() if not s.reached}
         self.counter.drop_counted()
-        self.param_gradients = 0
-        self.forward_mark = 0
-        self.repeated_gradients = 0
+        record = self.step_record
+        record.param_gradients = record.forward_mark = record.repeated_gradients = 0
+        record.reached.clear()
+        record.refused_at = None
 
     def example_count(self) -> tuple[int, str | None]:
         """(N, None) for this step, or (0, why N is ambiguous): see :mod:`.examples`."""
@@ -257,13 +292,13 @@ class CurvatureCapture:
         def hook(module: nn.Module, x: Any) -> None:
             if module is not record.helper.hook_module:
                 return  # a copy of the model
-            self.hook_calls += 1
+            self.step_record.hook_calls += 1
             if not self.active(module) or not record.helper.trainable:
                 return
             try:
                 call = self._begin_call(record, x)
             except Exception as err:  # never break the user's pass: refused at step()
-                self.problems.setdefault(record.name, _describe(err))
+                self.step_record.problems.setdefault(record.name, _describe(err))
                 call = None
             record.pending.append(call)
         return hook
@@ -272,7 +307,7 @@ class CurvatureCapture:
         """One call's A contribution (or None when the call is not captured)."""
         unreadable = _unreadable(x)
         if unreadable is not None:
-            self.problems.setdefault(record.name, unreadable)
+            self.step_record.problems.setdefault(record.name, unreadable)
             return None
         if isinstance(x, Tensor) and x.layout is not torch.strided:
             x = x.to_dense()  # a sparse input: its rows are those of the dense one
@@ -282,7 +317,7 @@ class CurvatureCapture:
         if record.layout is None:
             record.layout = helper.layout
         elif record.layout != helper.layout:
-            self.problems.setdefault(record.name, (
+            self.step_record.problems.setdefault(record.name, (
                 "its requires_grad changed between two forward passes of one step (change "
                 "it between steps)"))
             return None
@@ -290,7 +325,7 @@ class CurvatureCapture:
         start = self.clock()
         call = LayerCall(self.groups, forward_id=self.forward_id)
         self._add_activations(record, x.detach(), call)
-        self.elapsed_s += self.clock() - start
+        self.step_record.elapsed_s += self.clock() - start
         return call
 
     def _check_batch(self, record: LayerRecord, x: Tensor) -> None:
@@ -305,14 +340,14 @@ class CurvatureCapture:
                "model, [T, N, ...] inputs, or an unbatched sequence?)")
         self.counter.contradict(why)
         if self.approx is KFACApprox.REDUCE:
-            self.layout_mismatches.setdefault(record.name, why)
+            self.step_record.layout_mismatches.setdefault(record.name, why)
 
     def _batched(self, record: LayerRecord, x: Tensor) -> bool:
         """Whether the input carries the root call's batch (else reported, not captured:
         see :meth:`~.examples.ExampleCounter.batchless`)."""
         why = self.counter.batchless(record.helper, x, grouped=self.groups is not None)
         if why is not None:
-            self.unbatched_calls.setdefault(record.name, why)
+            self.step_record.unbatched_calls.setdefault(record.name, why)
         return why is None
 
     def _output_hook(self, record: LayerRecord):
@@ -327,7 +362,7 @@ class CurvatureCapture:
             try:
                 self._follow_output(record, call, output)
             except Exception as err:  # never break the user's pass: refused at step()
-                self.problems.setdefault(record.name, _describe(err))
+                self.step_record.problems.setdefault(record.name, _describe(err))
         return hook
 
     def _follow_output(self, record: LayerRecord, call: LayerCall, output: Tensor) -> None:
@@ -345,7 +380,7 @@ class CurvatureCapture:
                 return
             if call.hits:
                 call.hits += 1
-                self.repeated_gradients += 1
+                self.step_record.repeated_gradients += 1
                 return
             call.hits = 1
             if call.forward_id != self._checked_forward and self.before_backward:
@@ -355,7 +390,7 @@ class CurvatureCapture:
             try:
                 self.add_gradient(record, grad, inv_scale, call.groups, call)
             except Exception as err:  # never break the user's pass: refused at step()
-                self.problems.setdefault(record.name, _describe(err))
+                self.step_record.problems.setdefault(record.name, _describe(err))
         output.register_hook(grad_hook)
 
     def _add_activations(self, record: LayerRecord, x: Tensor, call: LayerCall) -> None:
@@ -370,7 +405,7 @@ class CurvatureCapture:
         if self.approx is KFACApprox.REDUCE:
             mismatch = group_mismatch(shared, call.groups)
             if mismatch is not None:
-                self.group_mismatches.setdefault(record.name, mismatch)
+                self.step_record.group_mismatches.setdefault(record.name, mismatch)
             if self._sharing(call, shared):
                 self._share(record, call, shared)
                 return
@@ -461,7 +496,7 @@ class CurvatureCapture:
             group.g_sum[key] = rows if key not in group.g_sum else group.g_sum[key] + rows
         else:
             self._add_gradient_rows(record, rows)
-        self.elapsed_s += self.clock() - start
+        self.step_record.elapsed_s += self.clock() - start
 
     def _add_gradient_rows(self, record: LayerRecord, rows: Tensor) -> None:
         if self.keep_rows:

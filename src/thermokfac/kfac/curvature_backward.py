@@ -20,21 +20,21 @@ def curvature(capture: CurvatureCapture, outputs: Tensor, cfg: KFACConfig,
               generator: torch.Generator | None, window: tuple[int, int] | None = None
               ) -> None:
     """The ``mc``/``type2`` backward of one output: the vectors of the *summed* loss
-    (a mean divides G by all loss terms of the step, ``capture.loss_terms``).
+    (a mean divides G by all loss terms of the step, ``capture.step_record.loss_terms``).
 
     Raises:
         ValueError: If ``outputs`` need a ``class_dim`` or came before in this step.
     """
     class_dim = check_class_dim(outputs, cfg.class_dim)
-    if any(o is outputs for o in capture.curvature_outputs):
+    if any(o is outputs for o in capture.step_record.curvature_outputs):
         raise ValueError(
             "these outputs were already given to curvature_backward in this step (by "
             "curvature_backward or step(outputs=...)): pass each output once")
-    capture.curvature_outputs.append(outputs)
-    capture.curvature_done = True
+    capture.step_record.curvature_outputs.append(outputs)
+    capture.step_record.curvature_done = True
     if not capture.enabled:
         return
-    capture.loss_terms += num_loss_terms(outputs, cfg.loss_type, class_dim)
+    capture.step_record.loss_terms += num_loss_terms(outputs, cfg.loss_type, class_dim)
     vectors = backward_vectors(outputs, cfg.fisher_type, cfg.loss_type, LossReduction.SUM,
                                generator, cfg.mc_samples, window=window,
                                class_dim=class_dim)
@@ -60,12 +60,12 @@ def backward_through(capture: CurvatureCapture, outputs: Tensor,
     pairs = [(r, call) for r in capture.records for call in r.outputs]
     if not pairs:
         return
-    index = capture.curvature_calls
-    capture.curvature_calls += 1
+    index = capture.step_record.curvature_calls
+    capture.step_record.curvature_calls += 1
     for i, (v, weight) in enumerate(vectors):
         start = capture.clock()
         grads = grad_or_explain(outputs, [call.edge for _, call in pairs], v)
-        capture.elapsed_s += capture.clock() - start  # add_gradient times its own part
+        capture.step_record.elapsed_s += capture.clock() - start  # add_gradient times its own part
         for (record, call), grad in zip(pairs, grads):
             if grad is None:
                 continue

@@ -1,316 +1,60 @@
-"""The checks that make a K-FAC step right or loud (never silently wrong).
+"""Right or loud: where a step's findings are reported, and the construction-time
+checks of a model (sharded, DDP on several ranks, lazy or meta parameters, the setup).
 
-:class:`StepGuard` watches which layers a backward reaches (post-accumulate-grad hooks),
-refuses steps that cannot be right (no backward since the last step, a backward added
-onto the preconditioned gradient, layers changed after the preconditioner was built),
-and turns what the capture noticed into one-time warnings and counts in the
-preconditioner's ``stats``.
+The per-step checks are pure functions of the step record (:mod:`.checks`); the
+:class:`Reporter` counts, warns or raises what they find.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .._stack import user_stacklevel
-from .capture import CurvatureCapture
+from .checks import Finding
 from .config import KFACConfig
 from .discovery import is_ddp
 from .kl_clip import effective_learning_rate
 from .records import LayerRecord
 
 
-class StepGuard:
-    """Guards of one preconditioner.
+class Reporter:
+    """The one place a step's findings go (:mod:`.checks`): counted in ``stats``,
+    warned once per kind, or raised.
 
     Args:
-        records: The preconditioned layers by name.
-        capture: Their hooks.
-        stats: Returns the preconditioner's ``stats`` dict (it is replaced on load).
-        averages_factors: The preconditioner averages factors over ranks (distributed).
+        stats: Returns the preconditioner's live ``stats`` dict.
     """
 
-    def __init__(self, records: dict[str, LayerRecord], capture: CurvatureCapture,
-                 stats: Callable[[], dict[str, float]], averages_factors: bool = False
-                 ) -> None:
-        self.averages_factors = averages_factors
-        self.records = records
-        self.capture = capture
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
         self._stats = stats
-        self.fresh: set[str] = set()  # layers whose parameters a backward reached
-        self.removed = False
         self._warned: set[str] = set()
-        self._hooks: dict[int, Any] = {}
-        # .grad tensors U was written into, with their version counters then. A backward
-        # about to accumulate into the same tensor at the same version, still non-zero,
-        # adds onto U: zero_grad() replaces the tensor, .zero_() bumps the version, and
-        # .data.zero_() (no bump) leaves zeros.
-        self._written: dict[int, tuple[Tensor, int]] = {}
-        self._added_onto_update: str | None = None
-        self._refused_at: int | None = None  # param_gradients when a step was refused
-        self._checked_ranks = False
-        self.watch()
 
-    @property
-    def stats(self) -> dict[str, float]:
-        return self._stats()
-
-    def new_step(self) -> None:
-        self.fresh.clear()
-        self._refused_at = None
-        self.watch()
-
-    def unstepped_backward(self) -> bool:
-        """Whether the curvature captured since the last step belongs only to gradients
-        that are being thrown away (``zero_grad`` with no step: a skipped step). After a
-        forward that follows the last backward, the split waits for that forward's
-        backward (:meth:`backward_begins`), which sees whether the gradients were reset."""
-        if self.capture.param_gradients == 0:
-            return False  # no backward since the last step
-        if self.capture.forward_mark >= self.capture.param_gradients:
-            return False  # decided when the next backward begins
-        self.stats["discarded_curvature"] += 1
-        return True
-
-    def backward_begins(self) -> None:
-        """A forward's backward begins (its first output gradient, before it is
-        captured). If backwards ran since the last
-        step and every gradient they left has been reset since (``zero_grad`` without a
-        step: a step skipped by a GradScaler overflow, by Lightning or by the Hugging
-        Face Trainer, which zero the gradients themselves), their curvature is dropped,
-        counted in ``stats['discarded_curvature']``: it must not join the next step's."""
-        if self.capture.param_gradients == 0 or not self.gradients_reset():
-            return
-        self.capture.discard_earlier_backwards()
-        self.fresh.clear()
-        self._refused_at = None
-        self.stats["discarded_curvature"] += 1
-
-    def gradients_reset(self) -> bool:
-        """Whether no watched parameter holds a gradient (None or all zeros); stops at
-        the first that does (one tensor read in the usual accumulation case)."""
-        return all(p.grad is None or not bool(p.grad.any())
-                   for record in self.records.values() for p in record.helper.parameters
-                   if p.requires_grad)
-
-    def check_amp(self, fp16_autocast: bool, grad_scaler: Any) -> None:
-        """Warn (once) and count a float16-autocast forward without ``grad_scaler=``."""
-        if fp16_autocast and grad_scaler is None:
-            self.stats["fp16_without_grad_scaler"] += 1
-            self.warn_once("fp16", (
-                "the forward ran under float16 autocast but no grad_scaler= was given: if "
-                "the loss is scaled (torch.amp.GradScaler), G carries the scale squared, "
-                "which shrinks the damping; pass grad_scaler=scaler (counted in "
-                "stats['fp16_without_grad_scaler'])"))
-
-    def refusing(self, update: Callable[[], None]) -> None:
-        """Run the factor update; if it refuses the step (``ValueError``), remember when,
-        so that a later backward does not mix into this step's curvature."""
-        try:
-            update()
-        except ValueError:
-            self._refused_at = self.capture.param_gradients
-            raise
-
-    def refused_then_new_backward(self) -> bool:
-        """After a refused step, whether another backward came before this ``step()``:
-        then the captured curvature mixes two backwards and is discarded (warned)."""
-        if self._refused_at is None or self.capture.param_gradients == self._refused_at:
-            return False
-        self.stats["discarded_curvature"] += 1
-        self.warn_once("discarded", (
-            "a step() was refused and another backward followed before the next step(): "
-            "the curvature captured since then mixes both backwards and is discarded (no "
-            "factor update this step), counted in stats['discarded_curvature']"))
-        return True
-
-    def remember_updates(self, layers: Iterable[LayerRecord]) -> None:
-        """Note the ``.grad`` tensors the step just wrote U into."""
-        self._written = {id(p): (p.grad, p.grad._version) for record in layers
-                         for p in record.helper.parameters if p.grad is not None}
-
-    def remove(self) -> None:
-        self.removed = True
-        for handles in self._hooks.values():
-            for handle in handles:
-                handle.remove()
-        self._hooks.clear()
-
-    def set_records(self, records: dict[str, LayerRecord]) -> None:
-        """Watch these layers (after a change of the model's layers): hooks of
-        parameters no longer preconditioned are removed, new ones added."""
-        self.records = records
-        for handles in self._hooks.values():
-            for handle in handles:
-                handle.remove()
-        self._hooks.clear()
-        self.watch()
-
-    def watch(self) -> bool:
-        """Note which layers a backward pass reaches (post-accumulate-grad hooks on every
-        trainable parameter; hooks are added as parameters become trainable or are
-        replaced). Returns whether a newly watched parameter already holds a gradient."""
-        unseen = False
-        names: dict[int, list[str]] = {}  # blocks of one module share a packed weight
-        for name, record in self.records.items():
-            for param in record.helper.parameters:
-                names.setdefault(id(param), []).append(name)
-        for record in self.records.values():
-            for param in record.helper.parameters:
-                if param.requires_grad and param.is_leaf and id(param) not in self._hooks:
-                    sharing = tuple(names[id(param)])
-                    self._hooks[id(param)] = (
-                        param.register_hook(
-                            lambda grad, param=param, sharing=sharing:
-                            self._before_accumulation(sharing, param)),
-                        param.register_post_accumulate_grad_hook(
-                            lambda param, sharing=sharing: self._note_gradient(sharing)))
-                    unseen = unseen or param.grad is not None
-        return unseen
-
-    def _before_accumulation(self, names: tuple[str, ...], param: Tensor) -> None:
-        """A gradient is about to accumulate into ``param.grad``: is that still U?"""
-        written = self._written.get(id(param))
-        if written is not None and param.grad is written[0] \
-                and param.grad._version == written[1] and bool(param.grad.any()):
-            self._added_onto_update = names[0]
-
-    def _note_gradient(self, names: tuple[str, ...]) -> None:
-        self.fresh.update(names)
-        self.capture.param_gradients += 1
-
-    def before_step(self, step: int) -> None:
-        """Refuse a step that cannot be right: after ``remove()``, with a layer changed
-        after building (pruned, parametrized, tied), a backward added onto the
-        preconditioned gradient, or no backward since the last step.
+    def report(self, *findings: Finding | None) -> None:
+        """Count, warn or raise each finding, in order.
 
         Raises:
-            RuntimeError: Naming the problem and what to do.
+            ValueError, RuntimeError: The first finding that refuses the step.
         """
-        if self.removed:
-            raise RuntimeError("this preconditioner was removed (pre.remove()): build a new "
-                               "one to precondition again")
-        if not self._checked_ranks:
-            self._checked_ranks = True
-            if self.averages_factors is False and world_size() > 1:
-                self.stats["multi_rank_warnings"] += 1
-                self.warn_once("ranks", (
-                    f"torch.distributed runs {world_size()} ranks but this "
-                    "KFACPreconditioner uses only this rank's factors: if the model is "
-                    "DistributedDataParallel-wrapped the replicas drift apart; use "
-                    "thermokfac.distributed.DistributedKFACPreconditioner"))
-        owners: dict[int, tuple[str, nn.Module]] = {}
-        for name, record in self.records.items():
-            problem = record.helper.leaf_problem()
-            module = record.helper.module
-            for param in record.helper.parameters:
-                owner, holder = owners.setdefault(id(param), (name, module))
-                if holder is not module:  # blocks of one module share its packed weights
-                    problem = f"a parameter shared with layer {owner!r} (tied)"
-            if problem is not None:
-                raise RuntimeError(
-                    f"layer {name!r} now has {problem}; it changed after the preconditioner "
-                    "was built (pruning, a parametrization, tying weights): build the "
-                    "preconditioner after such changes")
-        if self._added_onto_update is not None:
-            name, self._added_onto_update = self._added_onto_update, None
-            raise RuntimeError(
-                f"step() at step {step}: the backward added to the preconditioned "
-                f"gradient that the previous step left in layer {name!r}'s .grad (no "
-                "zero_grad() since). Under gradient accumulation call pre.step() once, "
-                "after the last micro-batch's backward, then optimizer.step() and "
-                "zero_grad()")
-        if self.fresh or not any(r.helper.trainable for r in self.records.values()):
-            return
-        if self.watch():  # parameters replaced (load_state_dict(assign=True))
-            return
-        raise RuntimeError(
-            f"step() at step {step} found no gradient from a backward pass since the "
-            "previous step: call loss.backward() before pre.step(), and pre.step() once per "
-            "optimizer step, after all backwards of that step (a second step() would "
-            "precondition the gradient twice)")
-
-    def nonfinite(self, name: str, step: int) -> None:
-        """Non-finite factors of one layer: its update is skipped, counted, warned once."""
-        self.stats["nonfinite_factor_skips"] += 1
-        self.warn_once("nonfinite", (
-            f"non-finite activations or gradients in layer {name!r} at step {step}: its "
-            "factor update is skipped (counted in stats['nonfinite_factor_skips'])"))
+        for found in findings:
+            if found is None:
+                continue
+            if found.error is not None:
+                raise found.error(found.message)
+            if found.counter is not None:
+                self._stats()[found.counter] += found.count
+            if found.key is not None:
+                self.warn_once(found.key, found.message)
 
     def warn_once(self, key: str, message: str) -> None:
+        """Warn about ``key`` the first time only."""
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message + " (warned once)", stacklevel=user_stacklevel())
-
-    def after_capture(self, step: int) -> None:
-        """Loud, never silent: transformed passes, hooks that did not run."""
-        capture = self.capture
-        if capture.transformed_passes:
-            self.stats["transformed_passes"] += capture.transformed_passes
-            capture.transformed_passes = 0
-            self.warn_once("transformed", (
-                "forward passes under a torch.func transform (vmap/grad/jvp...) are not "
-                "captured by K-FAC and not counted as examples; counted in "
-                "stats['transformed_passes']"))
-        if capture.problems:
-            listing = "; ".join(f"{n}: {why}" for n, why in capture.problems.items())
-            names = sorted(capture.problems)
-            raise ValueError(
-                f"K-FAC cannot capture layers {names} at step {step}: {listing}. Pass "
-                f"skip_layers={names} to leave them to the base optimizer")
-        if self.fresh and not capture.hooks_ran():
-            raise RuntimeError(
-                f"K-FAC captured nothing at step {step} although the backward reached "
-                f"{len(self.fresh)} preconditioned layers: the module hooks did not run (a "
-                "tracer or exported program that bypasses nn.Module hooks, or a model "
-                "compiled and run before the preconditioner was built: call "
-                "torch.compiler.reset() after building it)")
-        if capture.repeated_gradients:
-            self.stats["repeated_gradients"] += capture.repeated_gradients
-            self.warn_once("repeated", (
-                "a layer's output was back-propagated more than once in one step (e.g. "
-                "torch.autograd.grad before loss.backward, or two backwards through one "
-                "forward): only the first gradient enters G, which is right only when they "
-                "are the same loss's; counted in stats['repeated_gradients']"))
-        for key, found, text in (
-                ("unbatched_layer_calls", capture.unbatched_calls,
-                 "received an input whose leading dimension is not the model call's batch "
-                 "(a batch-less input broadcast afterwards, e.g. a position embedding of "
-                 "arange(T): only batch-summed gradients reach it — expand it to the batch "
-                 "with pos.expand(N, T); or a sequence-first model: use batch-first inputs); "
-                 "those calls are not captured"),
-                ("group_mismatches", capture.group_mismatches,
-                 "inside grouped_rows saw rows that do not match the membership; they were "
-                 "treated one row per example"),
-                ("layout_mismatches", capture.layout_mismatches,
-                 "saw another batch than the model's call (the example count then needs "
-                 "pre.step(num_examples=N); under kfac_approx='reduce' the Linear layers of "
-                 "a sequence-first model average over the batch, not the sequence: use "
-                 "batch-first inputs or kfac_approx='expand')")):
-            if found:
-                self.stats[key] += len(found)
-                listing = "; ".join(f"{n}: {why}" for n, why in found.items())
-                self.warn_once(key, f"layers {text}: {listing}; counted in stats[{key!r}]")
-
-    def missing(self, name: str, step: int) -> None:
-        """A layer the backward reached but whose factors were not captured: counted and
-        warned once (it keeps its previous factors, or passes its gradient through)."""
-        record = self.records[name]
-        if name not in self.fresh or (record.sums.a_rows and record.sums.g_rows):
-            return
-        self.stats["missing_factor_skips"] += 1
-        self.warn_once("missing", (
-            f"layer {name!r} received a gradient at step {step} but its factors were "
-            "not captured (its forward ran outside the model's forward hooks, under "
-            "no_grad/eval, or its output was not used through autograd; with fisher_type "
-            "'mc'/'type2', inside a reentrant activation checkpoint: use "
-            "use_reentrant=False); its factor update is skipped, counted in "
-            "stats['missing_factor_skips']"))
 
 
 def world_size() -> int:

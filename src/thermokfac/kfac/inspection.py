@@ -48,12 +48,12 @@ class Inspection:
         """What the hooks captured for the coming ``step()``: the example count, the
         rows per block, the layers' hook calls (a read-only snapshot)."""
         return pending_step(self._records.values(), self._capture.example_count(),
-                            self._capture.hook_calls)
+                            self._capture.step_record.hook_calls)
 
     @property
     def pending_curvature_s(self) -> float:
         """Seconds the hooks spent on this step's factors so far (before :meth:`step`)."""
-        return self._capture.elapsed_s
+        return self._capture.step_record.elapsed_s
 
     @property
     def last_timings(self) -> StepTimings | None:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..enums import FisherType, RepeatedCalls
 from ..solvers import LinearSolver, SolverError, all_finite
 from ..timing import TimedSolves, TimingLog
+from . import checks
 from .blocks import KroneckerBlock
 from .capture import CurvatureCapture
 from .config import KFACConfig
@@ -33,7 +34,7 @@ from .curvature import CurvatureSums, close_step, g_multiplier
 from .curvature_backward import curvature
 from .discovery import Discovery, announce, discover, unwrap
 from .fisher import check_class_dim
-from .guards import StepGuard, check_model, check_setup, refuse_sharded
+from .guards import Reporter, check_model, check_setup, refuse_sharded, world_size
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .inspection import Inspection
 from .kl_clip import LayerRates, kl_clip_scale, trainable_params
@@ -222,9 +223,9 @@ class KFACPreconditioner(Inspection):
         self.steps = 0
         #: The :class:`~thermokfac.kfac.report.StepReport` of the latest step.
         self.last_report: StepReport | None = None
-        self._guard = StepGuard(self._records, self._capture, lambda: self._ledger.stats,
-                                averages_factors=parallel.averages_factors)
-        self._capture.before_backward = self._guard.backward_begins
+        self._reporter = Reporter(lambda: self._ledger.stats)
+        self._ranks_checked = False
+        self._capture.before_backward = self._backward_begins
         check_setup(records, self.config, optimizer)
         #: The work assignment, communicator and gradient access of the step
         #: (:class:`~thermokfac.kfac.parallel.Plan`).
@@ -322,10 +323,10 @@ class KFACPreconditioner(Inspection):
         clock = self.timing.clock
         with self.plan.communicator.failing(self.steps):
             update = self._checked(outputs)                          # right or loud
-            report.timings.curvature_s = self._capture.elapsed_s    # the hooks' share
+            report.timings.curvature_s = self._capture.step_record.elapsed_s  # hooks' share
             with report.timed("curvature_s", clock):                 # Eqs. 12, 16–17
                 if update:
-                    self._guard.refusing(lambda: self._update_estimates(num_examples, report))
+                    self._update_estimates(num_examples, report)
             with report.timed("inversion_s", clock):                 # Sec. 4.1, periodic
                 self._update_caches(report)
             with report.timed("update_s", clock):                    # Eq. 15, KL clip
@@ -361,8 +362,9 @@ class KFACPreconditioner(Inspection):
         (a step skipped by a GradScaler overflow, or by a framework), so it does not join
         the next step's factors; counted in ``stats['discarded_curvature']``. Called by
         :meth:`KFACOptimizer.zero_grad`. Returns whether anything was discarded."""
-        if not self._guard.unstepped_backward():
+        if not checks.unstepped(self._capture.step_record):
             return False
+        self._ledger.count("discarded_curvature")
         self._begin_step()
         return True
 
@@ -406,7 +408,6 @@ class KFACPreconditioner(Inspection):
     def remove(self) -> None:
         """Detach every hook; the preconditioner stops capturing (a later ``step()``
         raises)."""
-        self._guard.remove()
         self._capture.remove()
 
     def noise(self, name: str, part: str) -> torch.Generator:
@@ -427,10 +428,32 @@ class KFACPreconditioner(Inspection):
             self.curvature_backward(outputs)
         if self._structure != _structure(self.model):
             self._rediscover()
-        self._guard.before_step(self.steps)
+        record = self._capture.step_record
+        ranks = None
+        if not self._ranks_checked:
+            self._ranks_checked = True
+            ranks = checks.multi_rank(self._parallel.averages_factors, world_size())
+        order = checks.call_order(record, self.steps, self._capture.removed,
+                                  any(b.helper.trainable for b in self._blocks.values()),
+                                  unseen=not record.reached and self._capture.watch())
+        record.added_onto_update = None  # refused once: the user zeroes and redoes it
+        self._reporter.report(ranks, checks.changed_parameters(self._records), order)
         self._unscale_gradients()
-        self._guard.check_amp(self._capture.fp16_autocast, self.grad_scaler)
-        return self._capture.enabled and not self._guard.refused_then_new_backward()
+        self._reporter.report(checks.fp16_without_scaler(record, self.grad_scaler is not None))
+        refused = checks.refused_then_new_backward(record)
+        self._reporter.report(refused)
+        return self._capture.enabled and refused is None
+
+    def _backward_begins(self) -> None:
+        """A forward's backward begins (its first output gradient, before it is
+        captured). If backwards ran since the last step and every gradient they left has
+        been reset since (``zero_grad`` without a step: a step skipped by a GradScaler
+        overflow, by Lightning or by the Hugging Face Trainer), their curvature is
+        dropped, counted in ``stats['discarded_curvature']``: it must not join the next
+        step's."""
+        if self._capture.step_record.param_gradients and self._capture.gradients_reset():
+            self._capture.discard_earlier_backwards()
+            self._ledger.count("discarded_curvature")
 
     def _unscale_gradients(self) -> None:
         """With ``grad_scaler=`` and ``optimizer=``: divide the loss scale out of the
@@ -452,31 +475,41 @@ class KFACPreconditioner(Inspection):
 
     def _update_estimates(self, num_examples: int | None, report: StepReport) -> None:
         """This step's A and G over the global batch (Eq. 12) into every block's moving
-        averages (Eqs. 16–17)."""
-        sums = self.plan.communicator.reduce_curvature(self._close_step(num_examples),
-                                                       list(self._blocks.values()))
+        averages (Eqs. 16–17). A refused step (``ValueError``: an ambiguous example
+        count) is noted, so that a later backward does not mix into its curvature."""
+        record = self._capture.step_record
+        try:
+            sums = self._close_step(num_examples)
+        except ValueError:
+            record.refused_at = record.param_gradients
+            raise
+        sums = self.plan.communicator.reduce_curvature(sums, list(self._blocks.values()))
         decay = resolve("factor_decay", self.config.factor_decay, self.steps, DECAY)
         for name, block in self._blocks.items():
             if name not in sums:
                 continue
             block.follow(sums[name].device, sums[name].dtype)  # a model cast or moved
             if not block.update_estimate(sums[name], decay):
-                self._guard.nonfinite(name, self.steps)
+                self._reporter.report(checks.nonfinite(name, self.steps))
         report.factors_updated = True
 
     def _close_step(self, num_examples: int | None) -> dict[str, CurvatureSums]:
         """This rank's sums, G scaled by c (examples and loss terms of the step)."""
-        self._guard.after_capture(self.steps)
+        record = self._capture.step_record
+        self._reporter.report(*checks.after_capture(record, self.steps,
+                                                    self._capture.hooks_ran()))
+        record.transformed_passes = record.repeated_gradients = 0  # reported once
         self._capture.require_curvature(self.config.fisher_type)
         self._capture.flush_shared()
         captured = any(r.sums.a_rows and r.sums.g_rows for r in self._records.values())
-        multiplier = g_multiplier(self.config, self._capture.loss_terms, num_examples,
+        multiplier = g_multiplier(self.config, record.loss_terms, num_examples,
                                   self._capture.example_count, self.steps) if captured else 1.0
         for name, block in self._blocks.items():
             if block.follow_layout(self._records[name].layout):
                 self._ledger.count("trainable_changes")
         return close_step(self._records, multiplier, self.config.factors.rows,
-                          lambda name: self._guard.missing(name, self.steps))
+                          lambda name: self._reporter.report(
+                              checks.missing(record, self._records[name], self.steps)))
 
     def _update_caches(self, report: StepReport) -> None:
         """Damp and prepare (or invert) every block due — all every ``inv_update_steps``,
@@ -529,7 +562,7 @@ class KFACPreconditioner(Inspection):
         for name, update in updates.items():
             self.plan.gradients.write(self._blocks[name].helper,
                                       update.u.mul_(nu) if nu != 1.0 else update.u)
-        self._guard.remember_updates([self._records[name] for name in updates])
+        self._capture.remember_updates([self._records[name] for name in updates])
         report.kl_clip_scale = nu
 
     def _apply(self, block: KroneckerBlock, solver: LinearSolver, rates: LayerRates,
@@ -546,7 +579,7 @@ class KFACPreconditioner(Inspection):
         try:
             u, jobs = block.apply(d_theta, solver, self.noise(block.name, "u"))
         except SolverError:
-            self._guard.warn_once("solver_errors", (
+            self._reporter.warn_once("solver_errors", (
                 f"the solver failed on layer {block.name!r} (non-finite or unconverged "
                 "solve): its gradient passes through unchanged, counted in "
                 "stats['solver_errors']"))
@@ -600,7 +633,6 @@ class KFACPreconditioner(Inspection):
         removed = [n for n, r in self._records.items() if records.get(n) is not r]
         self.discovery, self._records = discovery, records
         self._capture.set_records(list(records.values()))
-        self._guard.set_records(records)
         rows = self.config.factors.rows
         blocks = {}
         for i, (name, record) in enumerate(records.items()):
@@ -613,7 +645,7 @@ class KFACPreconditioner(Inspection):
                                         lambda: self.factor_dtype)
         if added or removed:
             self._ledger.count("changed_layers", len(set(added) | set(removed)))
-            self._guard.warn_once(f"changed_layers {added} {removed}", (
+            self._reporter.warn_once(f"changed_layers {added} {removed}", (
                 f"the model's layers changed after the preconditioner was built (added or "
                 f"replaced: {added}; removed or replaced: {removed}): they were found "
                 "again; a new layer's gradient passes through until its factors are "
@@ -629,7 +661,7 @@ class KFACPreconditioner(Inspection):
 
     def _begin_step(self) -> None:
         self._capture.reset()
-        self._guard.new_step()
+        self._capture.watch()  # parameters that became trainable
         name = "factor_update_steps"
         if self.config.factors.rows:
             name = "inv_update_steps"  # rows are only needed where a prepare uses them
@@ -640,14 +672,14 @@ class KFACPreconditioner(Inspection):
         """One-time warnings for the failure policy's events."""
         stats = self.stats
         if stats["damping_increases"] or stats["prepare_failures"]:
-            self._guard.warn_once("fallback", (
+            self._reporter.warn_once("fallback", (
                 "a damped factor could not be factorised as given (singular or too "
                 "ill-conditioned even in float64): its damping was raised ×10 until it could "
                 "(counted in stats['damping_increases']) or its gradient passes through "
                 "(stats['prepare_failures']); the damping in effect is in "
                 "pre.layer_state(name).damping — use more damping"))
         if stats["ill_conditioned_solves"] and self.factor_dtype != torch.float64:
-            self._guard.warn_once("ill_conditioned", (
+            self._reporter.warn_once("ill_conditioned", (
                 "a float32 factorisation was ill-conditioned (its solves could be far off a "
                 "float64 solve): it was prepared and solved in float64 from the stored "
                 "factor instead, counted in stats['ill_conditioned_solves']; "

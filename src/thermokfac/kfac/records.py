@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
@@ -115,3 +116,53 @@ def pending_step(records: Iterable[LayerRecord], count: tuple[int, str | None],
         hook_calls=hook_calls,
         buffers=tuple(r.name for r in records if r.sums.a is not None or r.sums.g is not None
                       or r.sums.a_parts or r.sums.g_parts))
+
+
+@dataclass
+class StepRecord:
+    """Everything the hooks observed since the last step — the one record the step's
+    example count, factor sums and checks are derived from (:mod:`.checks`).
+
+    Attributes:
+        root_calls: Captured calls of the model itself.
+        hook_calls: Calls of the preconditioned layers' hooks (captured or not).
+        transformed_passes: Passes under a ``torch.func`` transform (not captured).
+        fp16_autocast: A captured forward ran under float16 autocast.
+        repeated_gradients: Layer outputs back-propagated again after their first.
+        unbatched_calls: ``{layer: why}`` calls whose input shows no batch.
+        group_mismatches: ``{layer: why}`` rows not matching ``grouped_rows``.
+        layout_mismatches: ``{layer: why}`` a layer saw another batch than the model.
+        problems: ``{layer: why}`` calls that could not be read (refused at the step).
+        param_gradients: Gradient arrivals into preconditioned parameters.
+        reached: Blocks whose parameters a backward reached.
+        added_onto_update: A block whose gradient was about to accumulate onto the
+            preconditioned gradient of the previous step (no zeroing in between).
+        forward_mark: ``param_gradients`` at the last captured forward of the model.
+        discarded: Backwards whose curvature was dropped (their gradients were reset
+            without a step: a skipped step).
+        refused_at: ``param_gradients`` when a step was refused, or None.
+        curvature_calls, curvature_outputs, loss_terms, curvature_done: The
+            ``mc``/``type2`` backwards of the step and their loss terms.
+        elapsed_s: Seconds the hooks spent on this step's factors.
+    """
+
+    root_calls: int = 0
+    hook_calls: int = 0
+    transformed_passes: int = 0
+    fp16_autocast: bool = False
+    repeated_gradients: int = 0
+    unbatched_calls: dict[str, str] = field(default_factory=dict)
+    group_mismatches: dict[str, str] = field(default_factory=dict)
+    layout_mismatches: dict[str, str] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    param_gradients: int = 0
+    reached: set[str] = field(default_factory=set)
+    added_onto_update: str | None = None
+    forward_mark: int = -1
+    discarded: int = 0
+    refused_at: int | None = None
+    curvature_calls: int = 0
+    curvature_outputs: list[torch.Tensor] = field(default_factory=list)
+    loss_terms: int = 0
+    curvature_done: bool = False
+    elapsed_s: float = 0.0
