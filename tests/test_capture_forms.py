@@ -434,3 +434,153 @@ def test_a_reentrant_checkpoint_under_the_preconditioners_backward_is_reported()
     with pytest.warns(UserWarning, match="reentrant activation checkpoint"):
         pre = _checkpointed("reentrant", "type2", "expand")
     assert pre.stats["missing_factor_skips"] == 2 and list(pre.factors()) == ["head"]
+
+
+# ------------------------------------------------ cases found by trying to break it
+
+class Target(nn.Module):
+    """A SimSiam-style model: the encoder's second call is a target, detached or run
+    without gradients — the same function, the same gradients."""
+
+    def __init__(self, detach: bool) -> None:
+        super().__init__()
+        self.detach = detach
+        self.enc = nn.Linear(4, 5)
+        self.pred = nn.Linear(5, 5)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        p1 = self.pred(torch.tanh(self.enc(x1)))
+        if self.detach:
+            z2 = torch.tanh(self.enc(x2)).detach()
+        else:
+            with torch.no_grad():
+                z2 = torch.tanh(self.enc(x2))
+        return (p1 - z2).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_call_whose_output_gets_no_gradient_adds_nothing_when_calls_share(approx):
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    x2 = 3 + torch.randn(8, 4, generator=g, dtype=torch.float64)
+    found = []
+    for detach in (True, False):
+        torch.manual_seed(0)
+        model = Target(detach).double()
+        pre = KFACPreconditioner(model, kl_clip=None, kfac_approx=approx)
+        model(x1, x2).mean().backward()
+        pre.step()
+        found.append(pre.factors()["enc"])
+    for got, want in zip(*found):
+        assert rel_err(got, want) < 1e-12
+
+
+class WeightedCell(Cell):
+    """The cell with a second model input of another shape (a per-step weighting)."""
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.unrolled:
+            h = torch.stack([torch.tanh(self.cell(x[:, t])) for t in range(x.shape[1])], 1)
+        else:
+            h = torch.tanh(self.cell(x))
+        return self.head((h * w[None, :, None]).mean(1))
+
+
+def test_calls_share_without_a_readable_example_count():
+    """The model's inputs have two leading dimensions (8 examples, a [4] weighting): the
+    count needs num_examples, and the cell's calls still share, as in the stacked form."""
+    x, y = _seq()
+    w = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    found = []
+    for unrolled in (True, False):
+        torch.manual_seed(1)
+        model = WeightedCell(unrolled).double()
+        pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+        nn.functional.cross_entropy(model(x, w), y).backward()
+        with pytest.raises(ValueError, match="num_examples"):
+            pre.step()
+        pre.step(num_examples=8)
+        found.append(pre.factors()["cell"])
+    for got, want in zip(*found):
+        assert rel_err(got, want) < 1e-12
+
+
+class CheckpointedCell(Cell):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def body(x):
+            return torch.stack([torch.tanh(self.cell(x[:, t])) for t in range(x.shape[1])], 1)
+        return self.head(torch.utils.checkpoint.checkpoint(body, x, use_reentrant=True).mean(1))
+
+
+def test_calls_recomputed_by_a_reentrant_checkpoint_share_as_well():
+    x, y = _seq()
+    torch.manual_seed(1)
+    model = CheckpointedCell(True).double()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+    nn.functional.cross_entropy(model(x.requires_grad_()), y).backward()
+    pre.step()
+    stacked = _cell_factors(False, "reduce")
+    for got, want in zip(pre.factors()["cell"], stacked["cell"]):
+        assert rel_err(got, want) < 1e-12
+
+
+def test_gradients_taken_with_autograd_grad_before_zeroing_are_not_a_misuse():
+    """``torch.autograd.grad`` with respect to the parameters (a gradient-norm probe)
+    computes gradients without accumulating them: not a backward onto U."""
+    def run(probe: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        pre = KFACPreconditioner(model, kl_clip=None)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 3, (8,), generator=g)
+            if probe:
+                with pre.paused():
+                    torch.autograd.grad(model(x).pow(2).mean(), list(model.parameters()))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+            opt.step()
+        return list(model.parameters())
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
+def test_shared_calls_of_a_half_precision_model_sum_in_the_factor_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    pre = KFACPreconditioner(model, kl_clip=None, kfac_approx="reduce")
+    x = (10 + torch.randn(2, 8192, 4)).half()  # finite; its float16 sum over 8192 is not
+    model(x).float().pow(2).mean().backward()
+    pre.step()
+    a, g = pre.factors()["0"]
+    assert pre.stats["nonfinite_factor_skips"] == 0 and bool(torch.isfinite(g).all())
+    torch.testing.assert_close(a[:4, :4], (x.float().mean(1).mT @ x.float().mean(1)) / 2,
+                               rtol=1e-3, atol=1e-3)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_a_custom_model_compiled_and_run_before_building_is_refused():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    compiled = torch.compile(model, backend="eager")
+    compiled(x)
+    pre = KFACPreconditioner(compiled, kl_clip=None)
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    with pytest.raises(RuntimeError, match="compiled and run before the preconditioner"):
+        pre.step()
+    torch._dynamo.reset()

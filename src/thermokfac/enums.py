@@ -89,11 +89,11 @@ class RepeatedCalls(str, Enum):
     """A layer applied k times within one forward of the model (an unrolled RNN cell,
     a siamese branch, a shared block), under ``kfac_approx="reduce"``.
 
-    ``SHARED``: calls whose leading dimension is the model call's batch N form one
+    ``SHARED``: the calls with the same leading dimension N (the batch) form one
     weight-sharing dimension of size k·R per example — activations averaged and output
     gradients summed over every call's positions, as one call on the calls stacked
-    along the shared dimension (Eqs. 20–21); a call with another leading dimension is
-    examples of its own. ``SEPARATE``: every call's rows are examples of their own.
+    along the shared dimension (Eqs. 20–21); calls with other leading dimensions are
+    groups of their own. ``SEPARATE``: every call's rows are examples of their own.
     Expand is the same under both (every call's positions are rows).
     """
 

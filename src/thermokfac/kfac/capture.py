@@ -67,7 +67,7 @@ class CurvatureCapture:
             (resistor-array mode).
         grad_scale: Returns the current loss scale (GradScaler) to undo, or 1.
         share_calls: Under reduce, a layer's calls within one forward of the model with
-            the model call's batch as leading dimension form one shared dimension.
+            the same leading dimension (the batch) form one shared dimension.
     """
 
     def __init__(self, root: nn.Module, records: list[LayerRecord], approx: KFACApprox,
@@ -109,6 +109,7 @@ class CurvatureCapture:
         # adds onto U: zero_grad() replaces the tensor, .zero_() bumps the version, and
         # .data.zero_() (no bump) leaves zeros.
         self._written: dict[int, tuple[Tensor, int]] = {}
+        self._onto_update: dict[int, bool] = {}
         self.removed = False
         self.set_records(records)
 
@@ -149,18 +150,20 @@ class CurvatureCapture:
                             lambda grad, param=param, sharing=sharing:
                             self._before_accumulation(sharing, param)),
                         param.register_post_accumulate_grad_hook(
-                            lambda param, sharing=sharing: self._reached(sharing)))
+                            lambda param, sharing=sharing: self._reached(sharing, param)))
                     unseen = unseen or param.grad is not None
         return unseen
 
     def _before_accumulation(self, names: tuple[str, ...], param: Tensor) -> None:
-        """A gradient is about to accumulate into ``param.grad``: is that still U?"""
+        """A gradient of ``param`` was computed: is ``param.grad`` still U? Confirmed by
+        the accumulation that follows (``torch.autograd.grad`` computes without one)."""
         written = self._written.get(id(param))
-        if written is not None and param.grad is written[0] \
-                and param.grad._version == written[1] and bool(param.grad.any()):
-            self.step_record.added_onto_update = names[0]
+        self._onto_update[id(param)] = written is not None and param.grad is written[0] \
+            and param.grad._version == written[1] and bool(param.grad.any())
 
-    def _reached(self, names: tuple[str, ...]) -> None:
+    def _reached(self, names: tuple[str, ...], param: Tensor) -> None:
+        if self._onto_update.pop(id(param), False):
+            self.step_record.added_onto_update = names[0]
         self.step_record.reached.update(names)
         self.step_record.param_gradients += 1
 
@@ -227,8 +230,9 @@ class CurvatureCapture:
 
     def hooks_ran(self) -> bool:
         """Whether a layer's forward hook ran this step (active or not: eval mode and
-        ``no_grad`` passes count), or anything was captured."""
-        return self.step_record.hook_calls > 0 or self.step_record.root_calls > 0 or any(
+        ``no_grad`` passes count), or anything was captured (the model's own hook does
+        not count: it may run around a compiled graph whose layers' hooks do not)."""
+        return self.step_record.hook_calls > 0 or any(
             r.sums.a_rows or r.sums.g_rows or r.outputs for r in self.records)
 
     def remove(self) -> None:
@@ -413,20 +417,21 @@ class CurvatureCapture:
                                   sums)
 
     def _sharing(self, call: LayerCall, shared: Tensor) -> bool:
-        """Whether a reduce call joins its forward's shared dimension: its leading
-        dimension is the model call's batch (:class:`~.records.SharedCalls`)."""
-        return self.share_calls and call.groups is None \
-            and self.counter.current is not None and shared.shape[0] == self.counter.current
+        """Whether a reduce call joins a shared dimension: calls of a layer within one
+        forward of the model with the same leading dimension (its batch) do
+        (:class:`~.records.SharedCalls`)."""
+        return self.share_calls and call.groups is None
 
     def _share(self, record: LayerRecord, call: LayerCall, shared: Tensor) -> None:
-        """Add a call's activations to its forward's shared dimension."""
-        total = shared.sum(dim=1).to(self.factor_dtype)  # [N, d_in]
-        group = record.shared.get(call.forward_id)
+        """Keep a call's activations for its forward's shared dimension; they join it
+        when the call's output gradient arrives (a call never back-propagated adds
+        nothing)."""
+        key = (call.forward_id, shared.shape[0])
+        group = record.shared.get(key)
         if group is None:
-            group = record.shared[call.forward_id] = SharedCalls(total)
-        else:
-            group.a_sum = group.a_sum + total
-        group.positions += shared.shape[1]
+            group = record.shared[key] = SharedCalls()
+        # summed in the factor dtype: a long sequence of half-precision inputs overflows
+        call.shared_a = (shared.sum(dim=1, dtype=self.factor_dtype), shared.shape[1])
         call.shared, call.sums = group, None
 
     def flush_shared(self) -> None:
@@ -437,7 +442,8 @@ class CurvatureCapture:
             for group in record.shared.values():
                 if not group.reached:
                     continue
-                self._add_activation_rows(record, group.a_sum / group.positions, record.sums)
+                self._add_activation_rows(record, group.a_sum / group.positions,
+                                          record.sums)
                 for rows in group.g_sum.values():
                     self._add_gradient_rows(record, rows)
             record.shared.clear()
@@ -492,6 +498,11 @@ class CurvatureCapture:
             rows = rows * row_scale
         group = None if call is None else call.shared
         if group is not None:  # summed over the forward's calls; G formed at the step
+            if call.shared_a is not None:  # the call's activations join at its gradient
+                total, positions = call.shared_a
+                group.a_sum = total if group.a_sum is None else group.a_sum + total
+                group.positions += positions
+                call.shared_a = None
             group.reached = True
             group.g_sum[key] = rows if key not in group.g_sum else group.g_sum[key] + rows
         else:

@@ -135,12 +135,12 @@ class KFACPreconditioner(Inspection):
             layer's G. Default False: one block [W | b] with the bias as A's last column
             (Eq. 4).
         repeated_calls: A layer applied k times within one forward of the model, under
-            ``kfac_approx="reduce"``: ``"shared"`` (default) — calls whose leading
-            dimension is the model call's batch N form one weight-sharing dimension of
-            size k·R (activations averaged, output gradients summed over all of them,
-            exactly as one call on the stacked inputs); ``"separate"`` — every call's
-            rows are examples of their own. Calls with another leading dimension, and
-            expand, take every call's rows either way.
+            ``kfac_approx="reduce"``: ``"shared"`` (default) — its calls with the same
+            leading dimension N (the batch) form one weight-sharing dimension of size
+            k·R (activations averaged, output gradients summed over all of them, exactly
+            as one call on the stacked inputs; a call whose output gets no gradient adds
+            nothing); ``"separate"`` — every call's rows are examples of their own.
+            Expand takes every call's rows either way.
         parallel: How the work is spread over processes (:mod:`thermokfac.kfac.parallel`);
             default one process. :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
             passes its data-parallel plan; the step itself is the same.
@@ -454,6 +454,13 @@ class KFACPreconditioner(Inspection):
         if self._capture.step_record.param_gradients and self._capture.gradients_reset():
             self._capture.discard_earlier_backwards()
             self._ledger.count("discarded_curvature")
+            self._reporter.warn_once("reset", (
+                "a backward began while every preconditioned gradient was zero or unset "
+                "since the previous backward, without a step: taken as a skipped step (a "
+                "GradScaler overflow, a framework zeroing the gradients) and its curvature "
+                "dropped, counted in stats['discarded_curvature'] — if it was a micro-batch "
+                "whose gradient is exactly zero (every label ignored), its examples are "
+                "dropped too"))
 
     def _unscale_gradients(self) -> None:
         """With ``grad_scaler=`` and ``optimizer=``: divide the loss scale out of the

@@ -15,20 +15,21 @@ from .layers import LayerHelper
 
 @dataclass(eq=False)
 class SharedCalls:
-    """The calls of one layer within one forward of the model whose leading dimension
-    is the model call's batch N, under reduce: one weight-sharing dimension over all of
+    """The calls of one layer within one forward of the model with the same leading
+    dimension N (its batch), under reduce: one weight-sharing dimension over all of
     them (the calls stacked; :class:`~thermokfac.enums.RepeatedCalls`).
 
     Attributes:
-        a_sum: ``[N, d_in]`` Σ of the activations over every call's positions.
-        positions: The positions summed (Σ R over the calls).
+        a_sum: ``[N, d_in]`` Σ of the activations over the positions of every call
+            whose output gradient arrived.
+        positions: The positions summed (Σ R over those calls).
         g_sum: Per backward vector (``0`` for the user's backward; (call, vector) of a
             ``curvature_backward``): ``[N, d_out]`` Σ of the output gradients over the
             calls' positions, already scaled.
         reached: An output gradient of one of the calls arrived.
     """
 
-    a_sum: Tensor
+    a_sum: Tensor | None = None
     positions: int = 0
     g_sum: dict = field(default_factory=dict)
     reached: bool = False
@@ -53,6 +54,8 @@ class LayerCall:
         reached_by: Index of the ``curvature_backward`` call that reached it, or -1.
         shared: The forward's :class:`SharedCalls` this call belongs to (its A and G go
             there instead of ``sums``), or None.
+        shared_a: The call's activations summed over its positions ``[N, d_in]`` and
+            their number, until its output gradient arrives.
     """
 
     groups: tuple[Tensor, int] | None
@@ -62,6 +65,7 @@ class LayerCall:
     hits: int = 0
     reached_by: int = -1
     shared: SharedCalls | None = None
+    shared_a: tuple[Tensor, int] | None = None
 
 
 @dataclass
@@ -74,7 +78,7 @@ class LayerRecord:
         outputs: This step's calls with their gradient edges (``mc``/``type2``).
         pending: Calls whose forward started and whose output hook has not run yet
             (``None`` for a call that is not captured).
-        shared: This step's :class:`SharedCalls` by root forward.
+        shared: This step's :class:`SharedCalls` by (root forward, leading dimension).
     """
 
     name: str
@@ -83,7 +87,7 @@ class LayerRecord:
     outputs: list[LayerCall] = field(default_factory=list)
     layout: tuple[bool, bool] | None = None
     pending: list[LayerCall | None] = field(default_factory=list)
-    shared: dict[int, SharedCalls] = field(default_factory=dict)
+    shared: dict[tuple[int, int], SharedCalls] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
