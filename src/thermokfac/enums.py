@@ -50,11 +50,14 @@ class DampingSplit(str, Enum):
     """How the damping λ is shared between the two factors.
 
     ``EQUAL`` adds λ to both (Eq. 15 with App. E's damping); ``PI`` uses
-    λ_A = √λ·π and λ_G = √λ/π with π² = (tr A / dim A) / (tr G / dim G).
+    λ_A = √λ·π and λ_G = √λ/π with π² = (tr A / dim A) / (tr G / dim G); ``RELATIVE``
+    adds λ times each factor's mean eigenvalue, λ_A = λ·tr A / dim A and
+    λ_G = λ·tr G / dim G (scale-free: λ is a fraction of the factor's own size).
     """
 
     EQUAL = "equal"
     PI = "pi"
+    RELATIVE = "relative"
 
 
 class LossReduction(str, Enum):
@@ -83,6 +86,23 @@ class FactorStorage(str, Enum):
 
     MATRIX = "matrix"
     ROWS = "rows"
+
+
+class Grafting(str, Enum):
+    """The scale of each block's preconditioned gradient U.
+
+    ``NONE``: U as Eq. 15 gives it (the KL clip bounds the step). ``GRADIENT``: U
+    rescaled to the norm of the block's raw gradient DΘ — K-FAC's direction at the
+    gradient's scale, the grafting of Distributed Shampoo (onto the gradient), which an
+    Adam-type base optimizer needs: its per-coordinate normalisation follows the scale
+    of what it is given, and the first inverses can swing it by orders of magnitude.
+    ``AUTO``: ``GRADIENT`` in front of an Adam-type optimizer (parameter groups with
+    ``betas``), else ``NONE``.
+    """
+
+    AUTO = "auto"
+    NONE = "none"
+    GRADIENT = "gradient"
 
 
 class RepeatedCalls(str, Enum):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed.assignment import Strategy
-from ..enums import KFACApprox, Method
+from ..enums import DampingSplit, Grafting, KFACApprox, Method
 from ..solvers import available_solvers
 from ..solvers.hardware import SettleModel
 from ..solvers.thermo.config import Backend, Quantizer
@@ -63,13 +63,25 @@ class TrainConfig:
     method: str | None = _opt(None, "inverse (Method 1: multiply by stored inverses) or "
                               "solve (Method 2: solve two banks each step); none: the "
                               "solver's default", (None, *_values(Method)))
-    damping: float = _opt(1e-3, "damping λ added to both Kronecker factors")
+    damping: float | None = _opt(None, "damping λ of the Kronecker factors (none: the base "
+                                 "optimizer's recipe — 0.001 on both for sgd/nesterov, 3 "
+                                 "relative for the adam family)")
+    damping_split: str | None = _opt(None, "how λ reaches the two factors: equal (λ on "
+                                     "both), pi (π-split), relative (λ times each "
+                                     "factor's mean eigenvalue); none: the recipe's",
+                                     (None, *_values(DampingSplit)))
     factor_decay: float = _opt(0.95, "moving-average decay of the Kronecker factors "
                                "(Eqs. 16-17), in [0, 1)")
     factor_update_steps: int = _opt(1, "steps between Kronecker-factor updates")
     inv_update_steps: int = _opt(10, "steps between inversions (Method 1) or prepares "
                                  "(Method 2)")
     kl_clip: float | None = _opt(1e-3, "KL clip κ of the preconditioned step (none: off)")
+    grafting: str = _opt("auto", "scale of each block's update: gradient (the raw "
+                         "gradient's norm), none (Eq. 15's), auto (gradient in front of an "
+                         "Adam-type optimizer)", _values(Grafting))
+    start_preconditioning_step: int | None = _opt(
+        None, "first preconditioned step, the factors accumulating before it (none: the "
+        "base optimizer's recipe)")
     kfac_approx: str | None = _opt(None, "weight-sharing approximation (Eqs. 18-21); none: "
                                    "the task's", (None, *_values(KFACApprox)))
     backend: str = _opt("closed-form", "how the thermodynamic device is simulated",

@@ -71,8 +71,10 @@ def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
         cls, extra = DistributedKFACPreconditioner, {"strategy": cfg.dist_strategy}
     return cls(
         model, **extra, solver=make_solver(cfg), method=cfg.method, damping=cfg.damping,
+        damping_split=cfg.damping_split,
         factor_decay=cfg.factor_decay, factor_update_steps=cfg.factor_update_steps,
         inv_update_steps=cfg.inv_update_steps, kl_clip=cfg.kl_clip, optimizer=opt,
+        grafting=cfg.grafting, start_preconditioning_step=cfg.start_preconditioning_step,
         kfac_approx=cfg.kfac_approx or task.kfac_approx,
         loss_type="mse" if task.kind == "graph" else "cross_entropy",
         num_per_example_loss_terms=task.loss_terms_per_example, seed=cfg.seed)

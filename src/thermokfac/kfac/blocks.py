@@ -53,14 +53,17 @@ PREPARE_KEYS = ("float64_retries", "damping_increases", "failed", "ill_condition
 
 def split_damping(mean_a: float, mean_g: float, damping: float, split: DampingSplit
                   ) -> tuple[float, float]:
-    """(λ_A, λ_G): both λ (equal), or √λ·π and √λ/π with π² = (tr A/n_A)/(tr G/n_G),
-    from the mean diagonals ``mean_a`` = tr A/n_A and ``mean_g`` = tr G/n_G.
+    """(λ_A, λ_G): both λ (equal); √λ·π and √λ/π with π² = (tr A/n_A)/(tr G/n_G) (pi);
+    or λ·tr A/n_A and λ·tr G/n_G (relative), from the mean diagonals ``mean_a`` =
+    tr A/n_A and ``mean_g`` = tr G/n_G.
 
     >>> split_damping(4.0, 1.0, 1e-2, DampingSplit.PI)
     (0.2, 0.05)
     """
     if split is DampingSplit.EQUAL:
         return damping, damping
+    if split is DampingSplit.RELATIVE:
+        return damping * max(mean_a, 0.0), damping * max(mean_g, 0.0)
     pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
     if not math.isfinite(pi) or pi == 0.0:
         pi = 1.0
@@ -192,8 +195,8 @@ class KroneckerBlock:
         Returns:
             The device jobs the solver modelled.
         """
-        means = (self.a.mean_diagonal(), self.g.mean_diagonal()) \
-            if split is DampingSplit.PI else (0.0, 0.0)
+        means = (0.0, 0.0) if split is DampingSplit.EQUAL else \
+            (self.a.mean_diagonal(), self.g.mean_diagonal())
         lam = dict(zip(FACTORS, split_damping(*means, damping, split)))
         self.caches, self.prepared = {}, False  # prepared again once settled
         jobs: list[TimeBreakdown] = []

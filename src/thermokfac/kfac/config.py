@@ -23,6 +23,7 @@ from ..enums import (
     DampingSplit,
     FactorStorage,
     FisherType,
+    Grafting,
     KFACApprox,
     LossReduction,
     LossType,
@@ -44,6 +45,7 @@ from .hyperparams import (
 from .kl_clip import MOMENTUM
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
+NON_NEGATIVE_INT = Range(0.0, integer=True)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -152,15 +154,16 @@ class InverseConfig:
             looked up).
         method: ``inverse`` (Method 1) or ``solve`` (Method 2); None: the solver's
             ``default_method``.
-        damping: λ ≥ 0 (value or schedule).
-        damping_split: ``equal`` or ``pi``.
+        damping: λ ≥ 0 (value or schedule); None: the base optimizer's recipe
+            (:mod:`~thermokfac.kfac.recipes`).
+        damping_split: ``equal``, ``pi`` or ``relative``; None: the recipe's.
         inv_update_steps: Prepare/invert every this many steps (value or schedule).
     """
 
     solver: LinearSolver | str = "cholesky"
     method: Method | str | None = None
-    damping: Schedule = 1e-3
-    damping_split: DampingSplit | str = DampingSplit.EQUAL
+    damping: Schedule | None = None
+    damping_split: DampingSplit | str | None = None
     inv_update_steps: Schedule = 10
 
     def __post_init__(self) -> None:
@@ -168,27 +171,42 @@ class InverseConfig:
         _set(self, "solver", solver)
         method = solver.default_method if self.method is None else self.method
         _set(self, "method", parse_enum(Method, method, "method"))
-        check_schedule("damping", self.damping, NON_NEGATIVE)
+        if self.damping is not None:
+            check_schedule("damping", self.damping, NON_NEGATIVE)
         check_schedule("inv_update_steps", self.inv_update_steps, INTERVAL)
-        _set(self, "damping_split", parse_enum(DampingSplit, self.damping_split,
-                                               "damping_split"))
+        if self.damping_split is not None:
+            _set(self, "damping_split", parse_enum(DampingSplit, self.damping_split,
+                                                   "damping_split"))
 
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """The KL clip (Ba et al. 2017): κ, and the rate and momentum it assumes.
+    """The scale of the step: the KL clip (Ba et al. 2017) with the rate and momentum it
+    assumes, grafting, and the first preconditioned step.
 
     Attributes:
         kl_clip: κ > 0, or None to disable.
         lr: Learning rate (value or schedule), or None to read the optimizer's.
         momentum: μ in [0, 1), or None to read the optimizer's SGD momentum.
+        grafting: Each block's U rescaled to its raw gradient's norm
+            (:class:`~thermokfac.enums.Grafting`; ``auto`` decides by the optimizer).
+        start_preconditioning_step: Steps whose gradients pass through unchanged while
+            the factors accumulate (None: decided by the optimizer, see
+            :func:`~thermokfac.kfac.recipes.defaults`).
     """
 
     kl_clip: float | None = 1e-3
     lr: Schedule | None = None
     momentum: float | None = None
+    grafting: Grafting | str = Grafting.AUTO
+    start_preconditioning_step: int | None = None
 
     def __post_init__(self) -> None:
+        _set(self, "grafting", parse_enum(Grafting, self.grafting, "grafting"))
+        if self.start_preconditioning_step is not None:
+            _set(self, "start_preconditioning_step", int(check_value(
+                "start_preconditioning_step", self.start_preconditioning_step,
+                NON_NEGATIVE_INT)))
         if self.kl_clip is not None:
             _set(self, "kl_clip", float(check_value("kl_clip", self.kl_clip, POSITIVE)))
         if self.lr is not None:
@@ -227,18 +245,19 @@ class KFACConfig:
 
     @classmethod
     def from_keywords(cls, *, solver: LinearSolver | str = "cholesky",
-                      method: Method | str | None = None, damping: Schedule = 1e-3,
+                      method: Method | str | None = None, damping: Schedule | None = None,
                       factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
                       inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
                       kfac_approx: str = "expand", loss_reduction: str = "mean",
-                      skip_layers: Any = (), damping_split: str = "equal",
+                      skip_layers: Any = (), damping_split: str | None = None,
                       kl_clip: float | None = 1e-3, lr: Schedule | None = None,
                       momentum: float | None = None, loss_type: str = "cross_entropy",
                       num_per_example_loss_terms: int = 1, mc_samples: int = 1,
                       factor_dtype: torch.dtype | None = None,
                       factor_storage: str = "matrix", class_dim: int | None = None,
                       separate_weight_and_bias: bool = False,
-                      repeated_calls: str = "shared") -> KFACConfig:
+                      repeated_calls: str = "shared", grafting: str = "auto",
+                      start_preconditioning_step: int | None = None) -> KFACConfig:
         """The preconditioner's keywords, validated into the four groups.
 
         ``factor_dtype=None`` follows the model (:class:`FactorConfig`); ``method=None``
@@ -247,7 +266,8 @@ class KFACConfig:
         Raises:
             ValueError: Naming the first invalid value and its valid range or choices.
         """
-        clip = ClipConfig(kl_clip=kl_clip, lr=lr, momentum=momentum)
+        clip = ClipConfig(kl_clip=kl_clip, lr=lr, momentum=momentum, grafting=grafting,
+                          start_preconditioning_step=start_preconditioning_step)
         fisher = FisherConfig(fisher_type=fisher_type, loss_type=loss_type,
                               loss_reduction=loss_reduction,
                               num_per_example_loss_terms=num_per_example_loss_terms,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..enums import FisherType, RepeatedCalls
+from ..enums import FisherType, Grafting, RepeatedCalls
 from ..solvers import LinearSolver, SolverError, all_finite
 from ..timing import TimedSolves, TimingLog
 from . import checks
@@ -39,6 +39,7 @@ from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, reso
 from .inspection import Inspection
 from .kl_clip import LayerRates, kl_clip_scale, trainable_params
 from .parallel import Parallelism, Plan, SingleProcess, Update
+from .recipes import Recipe, defaults
 from .records import LayerRecord
 from .report import STAT_KEYS, StatsLedger, StepReport, device_time
 from .spectra import SpectrumLog
@@ -81,7 +82,10 @@ class KFACPreconditioner(Inspection):
             (``cholesky``, ``eigh``: faster per step on CPU, see the README's step-time
             benchmark), Method 2 for ``cg`` and ``thermodynamic`` (the device solves);
             Method 2 whenever ``factor_storage="rows"``.
-        damping: λ ≥ 0, a value or a function of the step.
+        damping: λ ≥ 0, a value or a function of the step. None (default): the base
+            optimizer's recipe — 10⁻³ on both factors in front of SGD; in front of an
+            Adam-type optimizer 3 with ``damping_split="relative"`` (each factor damped
+            by three times its own mean eigenvalue; :mod:`thermokfac.kfac.recipes`).
         factor_decay: Weight of the *old* average in Eqs. 16–17, in [0, 1); 0 keeps only
             the current batch. (ASDL's ``ema_decay`` is the weight of the new factor:
             the paper's Table 3 value 0.999 is ``factor_decay=0.001`` here.)
@@ -94,7 +98,9 @@ class KFACPreconditioner(Inspection):
             ``"sum"``. With ``"mean"``, G = (1/K) Σ ggᵀ over the rows of the step, with
             g the gradient of the *summed* loss and K = examples × loss terms per example.
         skip_layers: Module names or class names to leave to the base optimizer.
-        damping_split: ``"equal"`` (λ on both factors) or ``"pi"`` (π-split).
+        damping_split: ``"equal"`` (λ on both factors), ``"pi"`` (π-split) or
+            ``"relative"`` (λ times each factor's mean eigenvalue, tr F/dim F). None
+            (default): the recipe's when ``damping`` is not given either, else equal.
         kl_clip: Bound on the step of the local quadratic model, κ: every U is scaled by
             ν = min(1, √(κ / (η² Σ⟨U, DΘ⟩))) (Ba et al. 2017), with η the effective
             learning rate lr/(1 − μ) under heavy-ball momentum μ (the steady-state step of
@@ -141,6 +147,15 @@ class KFACPreconditioner(Inspection):
             as one call on the stacked inputs; a call whose output gets no gradient adds
             nothing); ``"separate"`` — every call's rows are examples of their own.
             Expand takes every call's rows either way.
+        grafting: ``"gradient"``: each block's U rescaled to the norm of its raw gradient
+            DΘ (K-FAC's direction at the gradient's scale, as Distributed Shampoo
+            grafts); ``"none"``: U as Eq. 15 gives it; ``"auto"`` (default): gradient in
+            front of an Adam-type optimizer (``betas`` in its groups), else none
+            (:mod:`thermokfac.kfac.recipes`).
+        start_preconditioning_step: The first step whose gradient is preconditioned;
+            earlier ones pass through unchanged while the factors accumulate (their
+            curvature is captured). None (default): the base optimizer's recipe — 0 for
+            SGD, more for Adam-type optimizers (:mod:`thermokfac.kfac.recipes`).
         parallel: How the work is spread over processes (:mod:`thermokfac.kfac.parallel`);
             default one process. :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
             passes its data-parallel plan; the step itself is the same.
@@ -172,11 +187,11 @@ class KFACPreconditioner(Inspection):
     """
 
     def __init__(self, model: nn.Module, *, solver: str | LinearSolver = "cholesky",
-                 method: str | None = None, damping: Schedule = 1e-3,
+                 method: str | None = None, damping: Schedule | None = None,
                  factor_decay: Schedule = 0.95, factor_update_steps: Schedule = 1,
                  inv_update_steps: Schedule = 10, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", loss_reduction: str = "mean",
-                 skip_layers: Iterable[str] = (), damping_split: str = "equal",
+                 skip_layers: Iterable[str] = (), damping_split: str | None = None,
                  kl_clip: float | None = 1e-3, lr: Schedule | None = None,
                  optimizer: torch.optim.Optimizer | None = None, momentum: float | None = None,
                  loss_type: str = "cross_entropy", num_per_example_loss_terms: int = 1,
@@ -184,6 +199,7 @@ class KFACPreconditioner(Inspection):
                  grad_scaler: Any = None, seed: int = 0, timing_history: int = 10_000,
                  factor_storage: str = "matrix", class_dim: int | None = None,
                  separate_weight_and_bias: bool = False, repeated_calls: str = "shared",
+                 grafting: str = "auto", start_preconditioning_step: int | None = None,
                  parallel: Parallelism | None = None) -> None:
         parallel = SingleProcess() if parallel is None else parallel
         self.model = unwrap(model)
@@ -197,9 +213,15 @@ class KFACPreconditioner(Inspection):
             loss_type=loss_type, num_per_example_loss_terms=num_per_example_loss_terms,
             mc_samples=mc_samples, factor_dtype=factor_dtype, factor_storage=factor_storage,
             class_dim=class_dim, separate_weight_and_bias=separate_weight_and_bias,
-            repeated_calls=repeated_calls)
+            repeated_calls=repeated_calls, grafting=grafting,
+            start_preconditioning_step=start_preconditioning_step)
         self.solver: LinearSolver = self.config.solver
         self.optimizer = optimizer
+        #: The grafting and first preconditioned step in effect (given, or the base
+        #: optimizer's defaults: :mod:`thermokfac.kfac.recipes`).
+        self.recipe: Recipe = defaults(optimizer, self.config.grafting,
+                                       self.config.start_preconditioning_step,
+                                       self.config.damping, self.config.damping_split)
         self.grad_scaler = grad_scaler
         self.discovery: Discovery = discover(self.model, self.config.skip_layers,
                                              self.config.separate_weight_and_bias)
@@ -522,13 +544,15 @@ class KFACPreconditioner(Inspection):
         """Damp and prepare (or invert) every block due — all every ``inv_update_steps``,
         and any never prepared — each factor by the rank the assignment names."""
         cfg, k, assignment = self.config, self.steps, self.plan.assignment
+        if k < self.recipe.start_preconditioning_step:
+            return  # the factors accumulate; nothing is applied yet
         due = k % int(resolve("inv_update_steps", cfg.inv_update_steps, k, INTERVAL)) == 0
-        damping = resolve("damping", cfg.damping, k, NON_NEGATIVE)
+        damping = resolve("damping", self.recipe.damping, k, NON_NEGATIVE)
         todo = [b for b in self._blocks.values() if b.has_estimate and (due or not b.prepared)]
         for block in todo:
             before = dict(block.stats)
             report.jobs += block.update_cache(
-                self.solver, cfg.method, damping, cfg.damping_split,
+                self.solver, cfg.method, damping, self.recipe.damping_split,
                 assignment.prepares(block.name),
                 lambda part, name=block.name: self.noise(name, part))
             for key, stat in PREPARE_STATS:
@@ -551,8 +575,9 @@ class KFACPreconditioner(Inspection):
             lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
         rates = LayerRates(lr, self.optimizer, self.config.momentum)  # each block's group's η
         updates: dict[str, Update] = {}
+        warming = self.steps < self.recipe.start_preconditioning_step
         for name, block in self._blocks.items():
-            if self.plan.assignment.computes_update(name):
+            if not warming and self.plan.assignment.computes_update(name):
                 update = self._apply(block, solver, rates, report)
                 if update is not None:
                     updates[name] = update
@@ -583,6 +608,8 @@ class KFACPreconditioner(Inspection):
         d_theta = grads.read(helper)
         if not all_finite(d_theta):
             return self._skip(block, "nonfinite_grad_skips", report)
+        graft = self.recipe.grafting is Grafting.GRADIENT
+        norm = d_theta.norm() if graft else None  # before the solves work in d_theta
         try:
             u, jobs = block.apply(d_theta, solver, self.noise(block.name, "u"))
         except SolverError:
@@ -591,6 +618,8 @@ class KFACPreconditioner(Inspection):
                 "solve): its gradient passes through unchanged, counted in "
                 "stats['solver_errors']"))
             return self._skip(block, "solver_errors", report)
+        if graft:  # K-FAC's direction at the raw gradient's norm
+            u.mul_(norm / u.norm().clamp_min(torch.finfo(u.dtype).tiny))
         # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks U
         # and feeds the KL clip.
         inner = grads.inner(helper, u)
