@@ -268,6 +268,11 @@ class KroneckerBlock:
         q = g.left(d_theta.to(work), solver, generator, jobs)
         return a.right(q, solver, generator, jobs).to(d_theta.dtype), jobs
 
+    @property
+    def keeps_input(self) -> bool:
+        """Whether :meth:`apply` leaves its DΘ buffer as it was (Method 1, diagonal)."""
+        return not any(c.overwrites for c in self.caches.values())
+
     # -------------------------------------------------------------- inspection
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """(A, G), symmetric copies (A a vector when diagonal); None without both."""

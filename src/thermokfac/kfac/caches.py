@@ -61,6 +61,8 @@ class FactorCache(ABC):
 
     kind: ClassVar[str]
     failed: ClassVar[bool] = False
+    #: Whether applying it may write into its input (a solve working in its buffer).
+    overwrites: ClassVar[bool] = False
 
     def __init__(self, damping: float, stats: dict[str, float] | None = None) -> None:
         self.damping = float(damping)
@@ -165,6 +167,7 @@ class PreparedCache(FactorCache):
     """Method 2: the solver's prepared state, applied by a bank of linear solves."""
 
     kind = "prepared"
+    overwrites = True
 
     def __init__(self, prepared: Prepared) -> None:
         super().__init__(prepared.damping, prepared.stats)

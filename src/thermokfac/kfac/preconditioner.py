@@ -59,6 +59,16 @@ def _structure(model: nn.Module) -> tuple[tuple[str, int], ...]:
     return tuple((name, id(module)) for name, module in model.named_modules())
 
 
+def _dot(u: Tensor, d: Tensor) -> float:
+    """⟨U, DΘ⟩ of two contiguous matrices, in their dtype and again in float64 when that
+    overflows (a huge but finite gradient must reach the KL clip, not count as
+    non-finite)."""
+    total = float(torch.dot(u.reshape(-1), d.reshape(-1)))
+    if not math.isfinite(total):
+        total = float(torch.dot(u.reshape(-1).double(), d.reshape(-1).double()))
+    return total
+
+
 def noise_generator(seed: int, step: int, index: int, device: torch.device) -> torch.Generator:
     """The generator of draw ``index`` (3·block + part) at ``step``: a function of
     (seed, step, index) alone, so every rank, one process and a resumed run agree."""
@@ -621,8 +631,8 @@ class KFACPreconditioner(Inspection):
         if graft:  # K-FAC's direction at the raw gradient's norm
             u.mul_(norm / u.norm().clamp_min(torch.finfo(u.dtype).tiny))
         # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks U
-        # and feeds the KL clip.
-        inner = grads.inner(helper, u)
+        # and feeds the KL clip — one dot with DΘ's buffer when the solves left it alone.
+        inner = _dot(u, d_theta) if block.keeps_input else grads.inner(helper, u)
         if not math.isfinite(inner):
             return self._skip(block, "nonfinite_update_skips", report)
         report.jobs += jobs
