@@ -63,6 +63,7 @@ def main() -> None:
         for pair in range(args.pairs):
             for tree in ("a", "b"):
                 payload = run(getattr(args, tree), args.rounds, Path(tmp) / f"{tree}.json")
+                machine = payload["machine"]
                 runs[tree].append({c: {f: payload["results"][c].get(f) for f in FIELDS}
                                    | {"load_before": payload["load_average_1_5_15"]["before"][0]}
                                    for c in CONFIGS})
@@ -81,7 +82,7 @@ def main() -> None:
                             "b_over_a": statistics.median(b) / statistics.median(a)}
         summary[config] = entry
     payload = {"a": describe(args.a), "b": describe(args.b), "pairs": args.pairs,
-               "rounds": args.rounds,
+               "rounds": args.rounds, "machine": machine,
                "load_average_1_5_15": {"before": load_before, "after": load_after},
                "quiet": load_before[0] < 0.5, "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
