@@ -10,12 +10,18 @@ last 10% of the steps, and the validation loss at the end.
 (grafting, first preconditioned step) at the absolute damping 10⁻³.
 ``--grid``: one seed of K-FAC + AdamW with the damping relative to each factor's mean
 eigenvalue (λ, grafting, first preconditioned step), which chose the defaults.
+``--tune``: one seed of Adam, AdamW and NAdamW alone at four rates (is 10⁻³ their best
+rate on these budgets?).
 ``--final``: three seeds of Adam, AdamW and NAdamW, alone and with K-FAC at its
-defaults.
+defaults, at the rate 10⁻³; ``--final --tuned``: the same at each base's best rate of
+``--tune`` on each workload (its score: the same training loss).
 
 Run by hand:  python benchmarks/adam_recipes.py --pilot      (≈ 10 minutes on 2 cores)
               python benchmarks/adam_recipes.py --grid       (≈ 15 minutes)
+              python benchmarks/adam_recipes.py --tune       (≈ 5 minutes)
               python benchmarks/adam_recipes.py --final      (≈ 30 minutes)
+              python benchmarks/adam_recipes.py --final --tuned   (≈ 30 minutes)
+Add ``--resume`` to keep the runs an interrupted sitting already wrote.
 Writes ``benchmarks/results/adam_recipes_<mode>.json`` and prints a Markdown table.
 """
 
@@ -44,6 +50,7 @@ WORKLOADS = {
                         "heads": 4, "context": 64, "batch_size": 64, "steps": 200},
 }
 BASE_LR = {"adam": 1e-3, "adamw": 1e-3, "nadamw": 1e-3}
+TUNE_LR = (3e-4, 1e-3, 3e-3, 1e-2)  # --tune: the base alone, one seed, at each rate
 PILOT = {  # name: K-FAC settings (None: the base alone)
     "adamw": None,
     "kfac none/0": {"grafting": "none", "start_preconditioning_step": 0},
@@ -63,8 +70,9 @@ for arm in PILOT.values():
         arm.update(damping=1e-3, damping_split="equal")
 
 
-def run(workload: str, optimizer: str, kfac: dict | None, seed: int) -> dict:
-    settings = {**WORKLOADS[workload], "optimizer": optimizer, "lr": BASE_LR[optimizer],
+def run(workload: str, optimizer: str, kfac: dict | None, seed: int,
+        lr: float | None = None) -> dict:
+    settings = {**WORKLOADS[workload], "optimizer": optimizer, "lr": lr or BASE_LR[optimizer],
                 "seed": seed, "threads": 2, "eval_every": WORKLOADS[workload]["steps"],
                 "kfac": kfac is not None, **(kfac or {})}
     if optimizer == "adamw":
@@ -90,30 +98,52 @@ def main() -> None:
     mode.add_argument("--pilot", action="store_true")
     mode.add_argument("--grid", action="store_true")
     mode.add_argument("--final", action="store_true")
+    mode.add_argument("--tune", action="store_true")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--tuned", action="store_true",
+                        help="with --final: each base optimizer at its best rate of "
+                             "adam_recipes_tune.json on each workload, alone and with K-FAC")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the JSON and do only the missing ones")
     args = parser.parse_args()
     torch.set_num_threads(2)
     workloads = args.workloads.split(",")
-    if args.pilot or args.grid:
-        arms = {name: ("adamw", kfac) for name, kfac in (PILOT if args.pilot else GRID).items()}
+    if args.tune:
+        arms = {f"{opt} lr {lr:g}": (opt, None, lr) for opt in BASE_LR for lr in TUNE_LR}
+        seeds = [0]
+    elif args.pilot or args.grid:
+        arms = {name: ("adamw", kfac, None)
+                for name, kfac in (PILOT if args.pilot else GRID).items()}
         seeds = [0]
     else:
         arms = {}
         for opt in BASE_LR:
-            arms[opt] = (opt, None)
-            arms[f"kfac + {opt}"] = (opt, {})
+            arms[opt] = (opt, None, None)
+            arms[f"kfac + {opt}"] = (opt, {}, None)
         seeds = [0, 1, 2]
+    tuned = best_rates() if args.tuned else None
     load_before = os.getloadavg()
     results: dict = {}
-    mode_name = "pilot" if args.pilot else "grid" if args.grid else "final"
+    mode_name = ("pilot" if args.pilot else "grid" if args.grid else
+                 "tune" if args.tune else "final_tuned" if args.tuned else "final")
     out = HERE / "results" / f"adam_recipes_{mode_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"mode": mode_name, "workloads": WORKLOADS, "base_lr": BASE_LR, "seeds": seeds,
+    payload = {"mode": mode_name, "workloads": WORKLOADS, "base_lr": tuned or BASE_LR,
+               "seeds": seeds,
                "load_average_1_5_15": {"before": load_before}, "results": results}
+    if args.resume and out.exists():  # the losses do not depend on the load: keep them
+        earlier = json.loads(out.read_text())
+        results.update(earlier["results"])
+        payload["load_average_1_5_15"] = {"before": earlier["load_average_1_5_15"]["before"],
+                                          "resumed_before": load_before}
     for workload in workloads:
-        for name, (opt, kfac) in arms.items():
+        for name, (opt, kfac, lr) in arms.items():
+            if args.tuned:
+                lr = tuned[workload][opt]
             for seed in seeds:
-                r = run(workload, opt, kfac, seed)
+                if len(results.get(workload, {}).get(name, [])) > seeds.index(seed):
+                    continue  # resumed: this seed is done
+                r = run(workload, opt, kfac, seed, lr)
                 results.setdefault(workload, {}).setdefault(name, []).append(r)
                 print(f"{workload} {name} seed {seed}: train loss {r['train_loss']:.4f}, "
                       f"val {r['val']}", file=sys.stderr, flush=True)
@@ -121,6 +151,17 @@ def main() -> None:
                 out.write_text(json.dumps(payload, indent=2))  # so far
     print(table(payload))
     print(f"\nwrote {out}")
+
+
+def best_rates() -> dict[str, dict[str, float]]:
+    """workload ↦ base optimizer ↦ the rate of ``--tune`` with the lowest score."""
+    tune = json.loads((HERE / "results" / "adam_recipes_tune.json").read_text())
+    best: dict[str, dict[str, float]] = {}
+    for workload, arms in tune["results"].items():
+        for opt in BASE_LR:
+            scores = {lr: arms[f"{opt} lr {lr:g}"][0]["train_loss"] for lr in TUNE_LR}
+            best.setdefault(workload, {})[opt] = min(scores, key=scores.get)
+    return best
 
 
 def table(payload: dict) -> str:
