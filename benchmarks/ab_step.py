@@ -79,7 +79,8 @@ def main() -> None:
             b = [r[config][field] for r in runs["b"]]
             entry[field] = {"a_median": statistics.median(a), "b_median": statistics.median(b),
                             "a": a, "b": b,
-                            "b_over_a": statistics.median(b) / statistics.median(a)}
+                            "b_over_a": (statistics.median(b) / statistics.median(a)
+                                         if statistics.median(a) else None)}
         summary[config] = entry
     payload = {"a": describe(args.a), "b": describe(args.b), "pairs": args.pairs,
                "rounds": args.rounds, "machine": machine,

@@ -155,7 +155,9 @@ def train(name: str, model: nn.Module, pre: KFACPreconditioner, rank: int, world
         opt.step()
     FlakySolver.failing = False
     return {"params": {k: v.detach().clone() for k, v in bare.named_parameters()},
-            "stats": pre.stats, "events": events,
+            "stats": pre.stats, "events": events, "held": pre.memory_bytes()["total"],
+            "largest": max((b.memory_bytes()["factors"] + b.memory_bytes()["prepared"]
+                            for b in pre.blocks.values()), default=0),
             "same_step": type(pre).step is KFACPreconditioner.step}
 
 
@@ -188,3 +190,72 @@ def worker(out: str) -> None:
         else:
             refused.append("accepted")
     torch.save({"results": results, "refused": refused}, f"{out}.{rank}")
+
+
+#: The cases an FSDP2 model runs (the rows storage is refused there; strategies are DDP's;
+#: a layer called on one rank only is refused: FSDP2 leaves its gradient unset on the
+#: other ranks, so their rows would miss their step whatever K-FAC did).
+FSDP_CASES = [name for name in CASES
+              if name not in ("storage_rows", "strategy_mem_opt", "layer_on_one_rank")]
+
+
+def fsdp_worker(out: str) -> None:
+    """Every FSDP2 case on this rank (``fully_shard`` on the root, the distributed
+    preconditioner built after it: owner-rank blocks), with what the ranks held: K-FAC's
+    bytes, the largest block's, and whether a rank ever gathered a gradient of a block
+    it does not own. Saved to ``out.<rank>``."""
+    from torch.distributed.fsdp import fully_shard
+
+    from thermokfac.distributed import DistributedKFACPreconditioner
+    from thermokfac.distributed.fully_shard import OwnerCommunicator
+
+    gathered_foreign = []
+    gather = OwnerCommunicator.gather_gradients
+
+    def watched(self, blocks, assignment, gradients):
+        gather(self, blocks, assignment, gradients)
+        owned = {id(p) for b in blocks if assignment.owns(b.name) for p in b.helper.parameters}
+        gathered_foreign.extend(id(p) for p in gradients.whole if id(p) not in owned)
+
+    OwnerCommunicator.gather_gradients = watched
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name in FSDP_CASES:
+        bare = build(name)
+        fully_shard(bare)
+        pre = DistributedKFACPreconditioner(bare, **options(CASES[name]))
+        run = train(name, bare, pre, rank, world, bare)
+        run["params"] = {k: v.full_tensor() for k, v in run["params"].items()}
+        run["owners"] = dict(pre.assignment.owners)
+        results[name] = run
+    bare = build("base")
+    fully_shard(bare)
+    adamw = train_kfac_adamw(bare, rank, world)
+    bare = build("layer_on_one_rank")
+    fully_shard(bare)
+    pre = DistributedKFACPreconditioner(bare, **options(CASES["layer_on_one_rank"]))
+    try:
+        train("layer_on_one_rank", bare, pre, rank, world, bare)
+        routed = "accepted"
+    except RuntimeError as err:
+        routed = str(err)
+    torch.save({"results": results, "gathered_foreign": len(gathered_foreign),
+                "routed": routed,
+                "adamw": {k: v.full_tensor() for k, v in adamw.items()}}, f"{out}.{rank}")
+
+
+def train_kfac_adamw(model: nn.Module, rank: int, world: int) -> dict:
+    """``STEPS`` steps of :class:`~thermokfac.optim.KFACOptimizer` over AdamW (its
+    default recipe: relative damping, grafting) on this rank's share; the parameters."""
+    from thermokfac.optim import KFACOptimizer
+
+    opt = KFACOptimizer(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                        inv_update_steps=2)
+    share = BATCH // world
+    mine = slice(rank * share, (rank + 1) * share)
+    for step in range(STEPS):
+        x, y, route = (t[mine] for t in data("base", step))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x, route), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -165,8 +165,8 @@ def test_pi_split_and_the_local_assignment():
     assert local.prepares("x") == ("a", "g") and local.holds_cache("x")
     assert local.computes_update("x") and not local.broadcasts_updates
     ones = torch.ones(1)
-    assert clip_sum({"x": Update(ones, 2.0, 0.5), "y": Update(ones, 4.0, 1.0)}) == 4.5
-    assert clip_sum({"x": Update(ones, 2.0, None)}) is None
+    assert clip_sum({"x": Update(2.0, 0.5, ones), "y": Update(4.0, 1.0)}) == 4.5
+    assert clip_sum({"x": Update(2.0, None)}) is None
 
 
 def test_method_1_inverts_only_after_every_prepare_succeeded_and_stops_at_a_failure():

@@ -41,8 +41,9 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: The network whose parameters ``base_optimizer`` updates (bare,
-            ``torch.compile``'d or DDP-wrapped; with DDP on several ranks the
-            :class:`~thermokfac.distributed.DistributedKFACPreconditioner` is used).
+            ``torch.compile``'d, DDP-wrapped or FSDP2-sharded; with DDP on several ranks
+            or FSDP2 the :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
+            is used).
         base_optimizer: A ``torch.optim.Optimizer`` over the model's parameters (not
             LBFGS, whose closure would overwrite the preconditioned gradient). Layers
             whose parameters it does not step are left out (``skip_layers``).
@@ -84,7 +85,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
-        if is_ddp(model) and world_size() > 1:
+        from .distributed.fully_shard import is_fully_sharded
+
+        if (is_ddp(model) and world_size() > 1) or is_fully_sharded(model):
             from .distributed import DistributedKFACPreconditioner
             preconditioner_cls: type[KFACPreconditioner] = DistributedKFACPreconditioner
         else:

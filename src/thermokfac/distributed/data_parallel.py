@@ -30,7 +30,7 @@ from ..kfac.blocks import FACTORS, KroneckerBlock
 from ..kfac.caches import receive_cache
 from ..kfac.config import KFACConfig
 from ..kfac.curvature import CurvatureSums
-from ..kfac.gradients import WholeGradients
+from ..kfac.gradients import GradientAccess, WholeGradients
 from ..kfac.parallel import (
     Communicator,
     Parallelism,
@@ -195,9 +195,11 @@ class ProcessGroupCommunicator(Communicator):
 
     # ----------------------------------------------------------------- updates
     def share_updates(self, updates: dict[str, Update], blocks: Sequence[KroneckerBlock],
-                      assignment: WorkAssignment) -> tuple[dict[str, Update], float | None]:
+                      assignment: WorkAssignment, gradients: GradientAccess
+                      ) -> tuple[dict[str, Update], float | None]:
         """``mem-opt``: each block's owner broadcasts U; Σ η²⟨U, DΘ⟩ is summed over the
-        owners. ``comm-opt``: every rank computed every U already."""
+        owners. ``comm-opt``: every rank computed every U
+        already."""
         if not assignment.broadcasts_updates:
             return updates, clip_sum(updates)
         n = len(blocks)
@@ -217,12 +219,12 @@ class ProcessGroupCommunicator(Communicator):
             mine = updates.get(block.name)
             if mine is not None:
                 u = mine.u.contiguous()  # a broadcast sends memory order
+                out[block.name] = Update(mine.inner, mine.rate, u)
             else:
                 h = block.helper
                 u = torch.empty(h.d_out, h.a_dim, dtype=h.weight_param.dtype,
                                 device=self.device)
-            out[block.name] = Update(u, 0.0 if mine is None else mine.inner,
-                                     None if mine is None else mine.rate)
+                out[block.name] = Update(0.0, None, u)
             pairs.append((u, self._src(owner)))
         broadcast_from_owners(pairs, self.group)
         self.collectives += 1 + len(pairs)
@@ -256,6 +258,8 @@ class ProcessGroupCommunicator(Communicator):
         group's timeout) becomes a ``RuntimeError`` naming the step and this rank."""
         try:
             yield
+        except NotImplementedError:  # a refusal (a RuntimeError subclass), not a failure
+            raise
         except RuntimeError as err:
             raise RuntimeError(f"distributed K-FAC step {step} failed on rank {self.rank} "
                                f"of {self.world_size} (where a collective failed: a peer "

@@ -25,7 +25,10 @@ itself; this class only builds its data-parallel plan (:mod:`.data_parallel`):
    modelled time is the busiest rank's (all-reduce max).
 
 The gradients must already be averaged over ranks (``DistributedDataParallel``), so
-that DΘ is the same everywhere. Stochastic solvers draw from generators seeded by
+that DΘ is the same everywhere. A model sharded with FSDP2 (``fully_shard`` applied
+before building) gets the owner-rank plan of :mod:`.fully_shard` instead: each block's
+estimates and prepared state on one rank, its gradient rows gathered there and U's rows
+scattered back. Stochastic solvers draw from generators seeded by
 (seed, step, block, factor), identical on every rank and independent of the assignment.
 ``stats`` count this rank's work.
 """
@@ -40,6 +43,7 @@ from torch import nn
 from ..kfac.preconditioner import KFACPreconditioner
 from .assignment import Strategy
 from .data_parallel import DataParallel, KAISAAssignment
+from .fully_shard import FullyShard, is_fully_sharded
 
 
 class DistributedKFACPreconditioner(KFACPreconditioner):
@@ -48,9 +52,11 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     Args:
         model: The ``DistributedDataParallel``-wrapped model (or the bare one, whose
             gradients you average yourself).
-        strategy: ``"comm-opt"`` (factor owners broadcast prepared factors; every rank
-            preconditions every block) or ``"mem-opt"`` (block owners precondition and
-            broadcast the gradient).
+        strategy: For a DDP model, ``"comm-opt"`` (the default: factor owners broadcast
+            prepared factors; every rank preconditions every block) or ``"mem-opt"``
+            (block owners precondition and broadcast the gradient). An FSDP2 model
+            (``fully_shard`` applied before building) always uses owner-rank blocks
+            (:mod:`.fully_shard`); ``strategy`` must then be left unset.
         group: Process group (default: the world).
         bucket_mb: Size of the flattened buffers of the curvature all-reduce.
         **kwargs: Everything :class:`~thermokfac.KFACPreconditioner` takes, but
@@ -58,11 +64,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     Raises:
         RuntimeError: If torch.distributed is not initialised.
-        ValueError: On a bad ``strategy`` or ``bucket_mb``, if ``parallel`` is given, or
+        ValueError: On a bad ``strategy`` or ``bucket_mb``, a ``strategy`` for an FSDP2
+            model, if ``parallel`` is given, or
             (on every rank) if the ranks built different models or setups.
     """
 
-    def __init__(self, model: nn.Module, *, strategy: Strategy | str = "comm-opt",
+    def __init__(self, model: nn.Module, *, strategy: Strategy | str | None = None,
                  group: Any = None, bucket_mb: float = 32.0, **kwargs: Any) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedKFACPreconditioner needs torch.distributed: call "
@@ -71,14 +78,28 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         if "parallel" in kwargs:
             raise ValueError("DistributedKFACPreconditioner builds its own plan: pass "
                              "strategy=, group= and bucket_mb=, not parallel=")
-        #: The data-parallel plan builder (strategy, group, bucket size).
-        self.data_parallel = DataParallel(strategy, group, bucket_mb)
-        super().__init__(model, parallel=self.data_parallel, **kwargs)
+        #: The plan builder: :class:`~.fully_shard.FullyShard` for an FSDP2 model,
+        #: else :class:`~.data_parallel.DataParallel` (strategy, group, bucket size).
+        self.parallelism: DataParallel | FullyShard
+        if is_fully_sharded(model):
+            if strategy is not None:
+                raise ValueError(f"strategy={strategy!r} is for DistributedDataParallel "
+                                 "models; an FSDP2 model's blocks each have one owner rank "
+                                 "(leave strategy unset)")
+            self.parallelism = FullyShard(group)
+        else:
+            self.parallelism = DataParallel(strategy or "comm-opt", group, bucket_mb)
+        super().__init__(model, parallel=self.parallelism, **kwargs)
 
     @property
-    def strategy(self) -> Strategy:
-        """``comm-opt`` or ``mem-opt``."""
-        return self.data_parallel.strategy
+    def data_parallel(self) -> DataParallel | FullyShard:
+        """The plan builder (alias of :attr:`parallelism`)."""
+        return self.parallelism
+
+    @property
+    def strategy(self) -> Strategy | None:
+        """``comm-opt`` or ``mem-opt`` (None on an FSDP2 model: owner-rank blocks)."""
+        return getattr(self.parallelism, "strategy", None)
 
     @property
     def group(self) -> Any:

@@ -31,6 +31,9 @@ class GradientAccess(Protocol):
     def write(self, helper: LayerHelper, u: Tensor) -> None:
         """Replace the gradient by U ``[d_out, a_dim]``."""
 
+    def scale(self, helper: LayerHelper, factor: float) -> None:
+        """Multiply the (written) gradient by ``factor``."""
+
     def parameters(self, helper: LayerHelper) -> list[nn.Parameter]:
         """The parameters whose gradients the block reads and writes."""
 
@@ -49,6 +52,9 @@ class WholeGradients:
 
     def write(self, helper: LayerHelper, u: Tensor) -> None:
         helper.set_grad_matrix(u)
+
+    def scale(self, helper: LayerHelper, factor: float) -> None:
+        helper.scale_grad(factor)
 
     def parameters(self, helper: LayerHelper) -> list[nn.Parameter]:
         return helper.parameters

@@ -72,25 +72,60 @@ def sharded(wrapper: nn.Module, model: nn.Module) -> str | None:
     except ImportError:  # a torch built without distributed support
         return None
     for module in (wrapper, *model.modules()):
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
-            return f"module {type(module).__name__} is FSDP-wrapped"
+        if isinstance(module, FullyShardedDataParallel):
+            return f"module {type(module).__name__} is FSDP1-wrapped"
+        if isinstance(module, FSDPModule):
+            return f"module {type(module).__name__} is FSDP2-sharded (fully_shard)"
     for name, p in model.named_parameters():
         if isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor):
             return f"parameter {name!r} is a DTensor (sharded)"
     return None
 
 
-def refuse_sharded(wrapper: nn.Module, model: nn.Module) -> None:
-    """Raise NotImplementedError for a sharded model (see :func:`sharded`)."""
+def fully_shard_problem(model: nn.Module) -> str | None:
+    """Why ``model`` is not one that owner-rank K-FAC preconditions exactly — FSDP1
+    (``FullyShardedDataParallel``), a 2-D mesh (HSDP), a placement other than row
+    shards (tensor parallelism) — or None for an FSDP2 model (every DTensor parameter
+    ``Shard(0)`` on a 1-D mesh) or an unsharded one."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor, Shard
+
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return f"module {type(module).__name__} is FSDP1 (FullyShardedDataParallel)"
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            continue
+        if p.device_mesh.ndim != 1:
+            return (f"parameter {name!r} lives on a {p.device_mesh.ndim}-D device mesh "
+                    "(HSDP or tensor parallelism)")
+        if tuple(p.placements) != (Shard(0),):
+            return (f"parameter {name!r} has placements {tuple(p.placements)}, not "
+                    "FSDP2's (Shard(0),)")
+    return None
+
+
+def refuse_sharded(wrapper: nn.Module, model: nn.Module, shards: bool = False) -> None:
+    """Raise NotImplementedError for a sharded model (see :func:`sharded`) unless
+    ``shards`` (the FSDP2 plan) — and then for a sharding other than FSDP2's (see
+    :func:`fully_shard_problem`)."""
+    path = ("the supported sharded path is FSDP2 (torch.distributed.fsdp.fully_shard) "
+            "with thermokfac.distributed.DistributedKFACPreconditioner built after "
+            "fully_shard; or DistributedDataParallel with DistributedKFACPreconditioner")
+    if shards:
+        reason = fully_shard_problem(model)
+        if reason is not None:
+            raise NotImplementedError(f"this sharding is not supported ({reason}): {path}")
+        return
     reason = sharded(wrapper, model)
     if reason is not None:
         raise NotImplementedError(
-            f"FSDP / sharded parameters are not supported yet ({reason}): K-FAC needs each "
-            "layer's whole weight gradient and input on one rank. Use DistributedDataParallel "
-            "with thermokfac.distributed.DistributedKFACPreconditioner instead")
+            f"FSDP / sharded parameters are not supported here ({reason}): K-FAC needs each "
+            f"layer's whole weight gradient on the rank that preconditions it — {path}")
 
 
-def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) -> None:
+def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool,
+                shards: bool = False) -> None:
     """Refuse what cannot be preconditioned: a DDP model on several ranks for a
     preconditioner that keeps each rank's own factors, a sharded model, lazy or meta
     parameters. (Nothing else happens at construction but registering hooks: a model
@@ -103,7 +138,7 @@ def check_model(wrapper: nn.Module, model: nn.Module, averages_factors: bool) ->
         ValueError: Lazy parameters not yet materialised, or parameters on the meta
             device.
     """
-    refuse_sharded(wrapper, model)
+    refuse_sharded(wrapper, model, shards)
     if is_ddp(wrapper) and not averages_factors and world_size() > 1:
         raise RuntimeError(
             f"the model is DistributedDataParallel-wrapped on {world_size()} ranks: "

@@ -103,12 +103,13 @@ class LocalAssignment(WorkAssignment):
 
 @dataclass
 class Update:
-    """One block's preconditioned gradient: U, ⟨U, DΘ⟩ and η of its parameter group
-    (None when unknown: then no KL clip)."""
+    """One block's preconditioned gradient: ⟨U, DΘ⟩, η of its parameter group (None
+    when unknown: then no KL clip), and U itself when it is not in ``.grad`` yet (None:
+    written already; the KL clip then scales it there)."""
 
-    u: Tensor
     inner: float
     rate: float | None
+    u: Tensor | None = None
 
 
 class Communicator(ABC):
@@ -133,11 +134,20 @@ class Communicator(ABC):
                      assignment: WorkAssignment) -> None:
         """Complete each block's caches with the factors other ranks prepared."""
 
+    def gather_gradients(self, blocks: Sequence[KroneckerBlock],
+                         assignment: WorkAssignment, gradients: GradientAccess) -> None:
+        """Bring each block's gradient to the rank that computes its U, before any U is
+        computed (a sharded engine's rows; nothing to do when every rank holds whole
+        gradients, the default)."""
+        return None
+
     @abstractmethod
     def share_updates(self, updates: dict[str, Update], blocks: Sequence[KroneckerBlock],
-                      assignment: WorkAssignment) -> tuple[dict[str, Update], float | None]:
-        """Every block's U on every rank, and Σ η²⟨U, DΘ⟩ over all blocks (None when a
-        rate is unknown)."""
+                      assignment: WorkAssignment, gradients: GradientAccess
+                      ) -> tuple[dict[str, Update], float | None]:
+        """Every block's U for this rank — as ``u``, or written into ``.grad`` through
+        ``gradients`` already (``u`` None: a sharded engine's rows) — and Σ η²⟨U, DΘ⟩
+        over all blocks (None when a rate is unknown)."""
 
     @abstractmethod
     def max_over_ranks(self, values: list[float]) -> list[float]:
@@ -178,7 +188,7 @@ class LocalCommunicator(Communicator):
     def share_caches(self, blocks, assignment):
         pass
 
-    def share_updates(self, updates, blocks, assignment):
+    def share_updates(self, updates, blocks, assignment, gradients):
         return updates, clip_sum(updates)
 
     def max_over_ranks(self, values):
@@ -206,9 +216,13 @@ class Parallelism(ABC):
     Attributes:
         averages_factors: Several ranks share one set of factors (a data-parallel
             model is then expected; a plain one-process preconditioner refuses it).
+        shards_parameters: The plan works on an FSDP2 model's row shards.
     """
 
     averages_factors: bool = False
+    #: Whether the plan reads and writes FSDP2's row shards of the gradients (a sharded
+    #: model is refused otherwise).
+    shards_parameters: bool = False
 
     @abstractmethod
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,

@@ -213,7 +213,7 @@ class KFACPreconditioner(Inspection):
                  parallel: Parallelism | None = None) -> None:
         parallel = SingleProcess() if parallel is None else parallel
         self.model = unwrap(model)
-        check_model(model, self.model, parallel.averages_factors)
+        check_model(model, self.model, parallel.averages_factors, parallel.shards_parameters)
         self.config = KFACConfig.from_keywords(
             solver=solver, method=method, damping=damping,
             factor_decay=factor_decay, factor_update_steps=factor_update_steps,
@@ -455,7 +455,7 @@ class KFACPreconditioner(Inspection):
     def _checked(self, outputs: Tensor | None) -> bool:
         """Refuse a step that cannot be right; whether its curvature is to be used."""
         if self.steps == 0:  # a framework may shard the model after building the optimizer
-            refuse_sharded(self.model, self.model)
+            refuse_sharded(self.model, self.model, self._parallel.shards_parameters)
         if outputs is not None:
             self.curvature_backward(outputs)
         if self._structure != _structure(self.model):
@@ -586,6 +586,9 @@ class KFACPreconditioner(Inspection):
         rates = LayerRates(lr, self.optimizer, self.config.momentum)  # each block's group's η
         updates: dict[str, Update] = {}
         warming = self.steps < self.recipe.start_preconditioning_step
+        if not warming:
+            self.plan.communicator.gather_gradients(list(self._blocks.values()),
+                                                    self.plan.assignment, self.plan.gradients)
         for name, block in self._blocks.items():
             if not warming and self.plan.assignment.computes_update(name):
                 update = self._apply(block, solver, rates, report)
@@ -593,17 +596,22 @@ class KFACPreconditioner(Inspection):
                     updates[name] = update
         report.timings.solve_s = solver.seconds
         return self.plan.communicator.share_updates(updates, list(self._blocks.values()),
-                                                    self.plan.assignment)
+                                                    self.plan.assignment, self.plan.gradients)
 
     def _kl_clip_scale(self, vg: float | None) -> float:
         """ν = min(1, √(κ / Σ η²⟨U, DΘ⟩)) (Ba et al. 2017); 1 when off or undefined."""
         return 1.0 if vg is None else kl_clip_scale(self.config.kl_clip, vg, 1.0)
 
     def _write(self, updates: dict[str, Update], nu: float, report: StepReport) -> None:
-        """ν·U into each block's gradient."""
+        """ν·U in each block's gradient: U written there (unless the communicator wrote
+        it already: a sharded engine's rows), then scaled by ν."""
+        grads = self.plan.gradients
         for name, update in updates.items():
-            self.plan.gradients.write(self._blocks[name].helper,
-                                      update.u.mul_(nu) if nu != 1.0 else update.u)
+            helper = self._blocks[name].helper
+            if update.u is not None:
+                grads.write(helper, update.u.mul_(nu) if nu != 1.0 else update.u)
+            elif nu != 1.0:
+                grads.scale(helper, nu)
         self._capture.remember_updates([self._records[name] for name in updates])
         report.kl_clip_scale = nu
 
@@ -636,7 +644,7 @@ class KFACPreconditioner(Inspection):
         if not math.isfinite(inner):
             return self._skip(block, "nonfinite_update_skips", report)
         report.jobs += jobs
-        return Update(u, inner, rates(*trainable_params(helper)))
+        return Update(inner, rates(*trainable_params(helper)), u)
 
     def _skip(self, block: KroneckerBlock, why: str, report: StepReport) -> None:
         report.skipped[block.name] = why

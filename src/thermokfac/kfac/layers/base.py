@@ -24,6 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+#: A parameter ↦ its gradient (``param.grad`` by default; a sharded engine's gathered
+#: whole gradient under FSDP2).
+GradSource = Callable[[nn.Parameter], Tensor | None]
+
 
 class LayerHelper(ABC):
     """Maps one module to the shared format and to its gradient matrix DΘ.
@@ -212,10 +216,12 @@ class LayerHelper(ABC):
     def weight_grad_from_matrix(self, matrix: Tensor) -> Tensor:
         """``[d_out, d_in]`` ↦ a tensor shaped like ``weight``."""
 
-    def _grads(self) -> tuple[Tensor | None, Tensor | None]:
-        """(``weight.grad`` if the weight trains, ``bias.grad`` if the bias trains)."""
-        weight = self.weight_param.grad if self.weight_trainable else None
-        bias = self.bias_param.grad if self.has_bias else None
+    def _grads(self, source: GradSource | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(``weight.grad`` if the weight trains, ``bias.grad`` if the bias trains), this
+        block's views of them; ``source(param)`` in place of ``param.grad`` when given."""
+        read = source if source is not None else _own_grad
+        weight = read(self.weight_param) if self.weight_trainable else None
+        bias = read(self.bias_param) if self.has_bias else None
         return (None if weight is None else self.weight_view(weight),
                 None if bias is None else self.bias_view(bias))
 
@@ -224,11 +230,13 @@ class LayerHelper(ABC):
         weight, bias = self._grads()
         return weight is not None or bias is not None
 
-    def grad_matrix(self) -> Tensor | None:
+    def grad_matrix(self, source: GradSource | None = None) -> Tensor | None:
         """DΘ = [∇W | ∇b] ``[d_out, a_dim]`` of the trainable parameters, as a new
         contiguous tensor (None without a gradient). A missing gradient of one trainable
-        part (unused in this backward) counts as zero."""
-        weight, bias = self._grads()
+        part (unused in this backward) counts as zero. ``source(param)``: the whole
+        gradient of ``param`` in place of ``param.grad`` (a sharded engine's gathered
+        one)."""
+        weight, bias = self._grads(source)
         if weight is None and bias is None:
             return None
         if not self.has_bias:
@@ -244,20 +252,21 @@ class LayerHelper(ABC):
             out[:, d] = bias
         return out
 
-    def inner_with_grad(self, u: Tensor) -> float:
+    def inner_with_grad(self, u: Tensor, source: GradSource | None = None) -> float:
         """⟨U, DΘ⟩ against the gradient still held in ``.grad`` (before it is replaced).
 
         Summed in the gradient's dtype, and again in float64 when that overflows (a huge
         but finite gradient must still reach the KL clip, not count as non-finite).
         """
-        total = self._inner(u, None)
+        total = self._inner(u, None, source)
         if not math.isfinite(total):
-            total = self._inner(u, torch.float64)
+            total = self._inner(u, torch.float64, source)
         return total
 
-    def _inner(self, u: Tensor, dtype: torch.dtype | None) -> float:
+    def _inner(self, u: Tensor, dtype: torch.dtype | None,
+               source: GradSource | None = None) -> float:
         """⟨U, DΘ⟩ in ``dtype`` (that of U and DΘ when None), read back once."""
-        weight, bias = self._grads()
+        weight, bias = self._grads(source)
         d = self.d_in if self.weight_trainable else 0
         parts = [(u[:, :d], self.weight_grad_matrix(weight))] if weight is not None else []
         if bias is not None:
@@ -266,14 +275,25 @@ class LayerHelper(ABC):
                     for a, b in parts)
         return float(total)
 
-    def set_grad_matrix(self, u: Tensor) -> None:
-        """Write the preconditioned matrix U ``[d_out, a_dim]`` back into ``.grad``."""
-        weight, bias = self._grads()
+    def set_grad_matrix(self, u: Tensor, source: GradSource | None = None) -> None:
+        """Write the preconditioned matrix U ``[d_out, a_dim]`` back into ``.grad`` (into
+        ``source(param)`` when given)."""
+        weight, bias = self._grads(source)
         d = self.d_in if self.weight_trainable else 0
         if weight is not None:
             weight.copy_(self.weight_grad_from_matrix(u[:, :d]))
         if bias is not None:
             bias.copy_(u[:, d])
+
+    def scale_grad(self, factor: float) -> None:
+        """Multiply the trainable parameters' gradients by ``factor`` in place."""
+        for grad in self._grads():
+            if grad is not None:
+                grad.mul_(factor)
+
+
+def _own_grad(param: nn.Parameter) -> Tensor | None:
+    return param.grad
 
 
 @cache

@@ -1,0 +1,100 @@
+"""Exact K-FAC on FSDP2: owner-rank blocks end where one process on the whole batch ends.
+
+Every case of :mod:`tests.equivalence` that an FSDP2 model can run (all but the rows
+storage and the DDP strategies) trains on gloo ranks with ``fully_shard`` applied and
+:class:`~thermokfac.distributed.DistributedKFACPreconditioner` built after it; the
+parameters (gathered whole) must equal the one-process run's to float64 round-off
+(1e-10; 1e-6 for the thermodynamic solver). Two ranks in the default suite, four in the
+slow one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from thermokfac.distributed import run_workers
+
+from . import equivalence as eq
+
+ROOT = str(Path(__file__).resolve().parents[1])
+pytestmark = pytest.mark.distributed
+
+
+def _run(tmp_path_factory, world: int) -> list[dict]:
+    path = tmp_path_factory.mktemp(f"fsdp{world}") / "run"
+    run_workers("tests.equivalence:fsdp_worker", world, [str(path)], timeout=300,
+                extra_path=ROOT)
+    return [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[dict]:
+    return _run(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory) -> list[dict]:
+    return _run(tmp_path_factory, 4)
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    return {name: eq.one_process(name) for name in eq.FSDP_CASES}
+
+
+def _check_equal(saved: list[dict], references: dict[str, dict]) -> None:
+    for name, reference in references.items():
+        tol = 1e-6 if name == "solver_thermodynamic" else 1e-10
+        for rank, result in enumerate(saved):
+            run = result["results"][name]
+            assert run["same_step"], "the distributed class overrides step()"
+            for key, value in run["params"].items():
+                torch.testing.assert_close(value, reference["params"][key], rtol=tol,
+                                           atol=tol, msg=f"{name}: {key} on rank {rank} "
+                                                         f"of {len(saved)}")
+            assert run["events"] == reference["events"], (name, rank)
+
+
+def _check_bytes(saved: list[dict], references: dict[str, dict]) -> None:
+    """K-FAC's bytes per rank ≤ (one process's) / world + the largest block, and no rank
+    gathered a gradient of a block it does not own."""
+    world = len(saved)
+    for name, reference in references.items():
+        total, largest = reference["held"], reference["largest"]
+        held = [result["results"][name]["held"] for result in saved]
+        assert total > 0 and sum(held) == total, (name, held, total)  # each block once
+        assert max(held) <= total / world + largest, (name, held, total, largest)
+    assert all(result["gathered_foreign"] == 0 for result in saved)
+
+
+def test_two_ranks_equal_one_process(two, references):
+    _check_equal(two, references)
+
+
+def test_two_ranks_hold_their_share_of_the_state(two, references):
+    _check_bytes(two, references)
+
+
+def test_kfac_optimizer_over_adamw_on_two_ranks_equals_one_process(two):
+    reference = eq.train_kfac_adamw(eq.build("base"), 0, 1)
+    start = dict(eq.build("base").named_parameters())
+    for rank, result in enumerate(two):
+        for key, value in result["adamw"].items():
+            torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
+                                       msg=f"{key} on rank {rank}")
+    assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
+
+
+def test_a_layer_called_on_some_ranks_only_is_refused_on_every_rank(two):
+    for result in two:  # a clear error on every rank, not a hang or a silent mix
+        assert "set on some ranks only" in result["routed"], result["routed"]
+        assert "'head'" in result["routed"] and "'other'" in result["routed"]
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_one_process_and_hold_their_share(four, references):
+    _check_equal(four, references)
+    _check_bytes(four, references)
