@@ -231,6 +231,11 @@ def fsdp_worker(out: str) -> None:
     bare = build("base")
     fully_shard(bare)
     adamw = train_kfac_adamw(bare, rank, world)
+    options_runs = fsdp_options(rank, world)
+    gpt = TinyGPT()
+    fully_shard(gpt.attn)  # the attention its own FSDP2 unit, inside the root's
+    fully_shard(gpt)
+    gpt_params = train_gpt(gpt, DistributedKFACPreconditioner, rank, world)
     bare = build("layer_on_one_rank")
     fully_shard(bare)
     pre = DistributedKFACPreconditioner(bare, **options(CASES["layer_on_one_rank"]))
@@ -241,7 +246,92 @@ def fsdp_worker(out: str) -> None:
         routed = str(err)
     torch.save({"results": results, "gathered_foreign": len(gathered_foreign),
                 "routed": routed,
-                "adamw": {k: v.full_tensor() for k, v in adamw.items()}}, f"{out}.{rank}")
+                "adamw": {k: v.full_tensor() for k, v in adamw.items()},
+                "gpt": {k: v.full_tensor() for k, v in gpt_params.items()},
+                "options": options_runs}, f"{out}.{rank}")
+
+
+def fsdp_options(rank: int, world: int) -> dict:
+    """The base case under FSDP2's options — ``reshard_after_forward=False``,
+    ``CPUOffloadPolicy``, ``MixedPrecisionPolicy`` (float32 compute of the float64
+    model), and two micro-batches a step with ``set_requires_gradient_sync(False)`` on
+    the first (with ``num_examples=``, and without: refused) — each run's parameters
+    gathered whole, or the error it raised."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from thermokfac.distributed import DistributedKFACPreconditioner
+
+    out: dict = {}
+    policies = {"no_reshard": {"reshard_after_forward": False},
+                "cpu_offload": {"offload_policy": CPUOffloadPolicy(pin_memory=False)},
+                "mixed_precision": {"mp_policy": MixedPrecisionPolicy(
+                    param_dtype=torch.float32, reduce_dtype=torch.float64)}}
+    for name, kw in policies.items():
+        model = build("base")
+        fully_shard(model, **kw)
+        pre = DistributedKFACPreconditioner(model, **options(CASES["base"]))
+        run = train("base", model, pre, rank, world, model)
+        out[name] = {k: v.full_tensor() for k, v in run["params"].items()}
+    for counted in (True, False):
+        model = build("base")
+        fully_shard(model)
+        pre = DistributedKFACPreconditioner(model, **options(CASES["base"]))
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        share = BATCH // world
+        mine = slice(rank * share, (rank + 1) * share)
+        name = "accumulation" + ("" if counted else "_uncounted")
+        try:
+            for step in range(STEPS):
+                x, y, route = (t[mine] for t in data("base", step))
+                opt.zero_grad()
+                for part, sync in ((slice(0, share // 2), False), (slice(share // 2, share), True)):
+                    model.set_requires_gradient_sync(sync)
+                    loss = nn.functional.cross_entropy(model(x[part], route[part]), y[part])
+                    (loss / 2).backward()
+                pre.step(num_examples=share if counted else None)
+                opt.step()
+            out[name] = {k: v.detach().full_tensor() for k, v in model.named_parameters()}
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
+class TinyGPT(nn.Module):
+    """Token embedding, one ``nn.MultiheadAttention`` block (its packed in_proj rows
+    straddle the Q, K and V blocks), a Linear, and an output head tied to the
+    embedding (float64, seeded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 8, dtype=torch.float64)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        self.mlp = nn.Linear(8, 8, dtype=torch.float64)
+        self.head = nn.Linear(8, 11, bias=False, dtype=torch.float64)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + torch.tanh(self.mlp(h))
+        return self.head(h)
+
+
+def train_gpt(model: nn.Module, cls: type, rank: int, world: int) -> dict:
+    """``STEPS`` steps of the tiny GPT (8 sequences of 5 tokens a step) under
+    preconditioner class ``cls`` with SGD, on this rank's share; the parameters."""
+    pre = cls(model, damping=1e-2, kl_clip=1e-2, lr=0.1, inv_update_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    share = 8 // world
+    mine = slice(rank * share, (rank + 1) * share)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(200 + step)
+        x, y = torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 11, (8, 5), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[mine]).flatten(0, 1), y[mine].flatten()).backward()
+        pre.step()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def train_kfac_adamw(model: nn.Module, rank: int, world: int) -> dict:

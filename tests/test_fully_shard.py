@@ -88,6 +88,36 @@ def test_kfac_optimizer_over_adamw_on_two_ranks_equals_one_process(two):
     assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
 
 
+def test_a_gpt_with_attention_and_a_tied_head_on_two_ranks_equals_one_process(two):
+    from thermokfac import KFACPreconditioner
+
+    reference = eq.train_gpt(eq.TinyGPT(), KFACPreconditioner, 0, 1)
+    start = dict(eq.TinyGPT().named_parameters())
+    for rank, result in enumerate(two):
+        assert set(result["gpt"]) == set(reference)
+        for key, value in result["gpt"].items():
+            torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
+                                       msg=f"{key} on rank {rank}")
+    assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
+
+
+def test_fsdp2_options_train_as_one_process(two, references):
+    """``reshard_after_forward=False``, CPU offload and accumulation without gradient
+    sync (with ``num_examples=``) equal one process to 1e-10; float32 compute under a
+    MixedPrecisionPolicy stays within float32 round-off of the float64 run; accumulation
+    without ``num_examples=`` is refused (the sharded parameters see no gradient from
+    the unsynchronised micro-batch, so the examples cannot be counted)."""
+    reference = references["base"]["params"]
+    for rank, result in enumerate(two):
+        runs = result["options"]
+        for name, tol in (("no_reshard", 1e-10), ("cpu_offload", 1e-10),
+                          ("accumulation", 1e-10), ("mixed_precision", 1e-5)):
+            for key, value in runs[name].items():
+                torch.testing.assert_close(value, reference[key], rtol=tol, atol=tol,
+                                           msg=f"{name}: {key} on rank {rank}")
+        assert "cannot count the examples" in runs["accumulation_uncounted"]
+
+
 def test_a_layer_called_on_some_ranks_only_is_refused_on_every_rank(two):
     for result in two:  # a clear error on every rank, not a hang or a silent mix
         assert "set on some ranks only" in result["routed"], result["routed"]

@@ -159,7 +159,11 @@ class ShardedGradients(GradientAccess):
                                "own it (an internal error of the FSDP2 plan)") from None
 
     def has_grad(self, helper: LayerHelper) -> bool:
-        return helper.has_grad()
+        # the parameters themselves: a block's view of a DTensor (Q, K or V rows of a
+        # packed projection) would be a collective, and only the owner asks
+        weight = helper.weight_param.grad if helper.weight_trainable else None
+        bias = helper.bias_param.grad if helper.has_bias else None
+        return weight is not None or bias is not None
 
     def read(self, helper: LayerHelper) -> Tensor | None:
         return helper.grad_matrix(self._source)
@@ -179,7 +183,7 @@ class ShardedGradients(GradientAccess):
             if mask is None:
                 local.mul_(factor)
             else:
-                local.mul_(torch.where(mask, factor, 1.0).to(local.dtype))
+                local.copy_(torch.where(mask, local * factor, local))  # in local's dtype
 
     def _mask(self, helper: LayerHelper, param: nn.Parameter) -> Tensor | None:
         """This rank's elements of ``param`` that belong to the block (None: all)."""
