@@ -15,8 +15,9 @@ every rank still holds whole for its own examples. :class:`FullyShard` is the
   averages and the prepared state (Cholesky, inverse, or thermodynamic device) of a
   block live on its owner only (:class:`OwnerCommunicator`);
 * the owner **gathers** the rows of each of its parameters' gradients (one
-  ``gather`` per parameter), computes U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15) on the whole
-  DΘ, and **scatters** U's rows back into each rank's shard of ``.grad``
+  ``gather`` per owner, every parameter's rows in one flat buffer), computes U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15) on the whole
+  DΘ, and **scatters** U's rows back into each rank's shard of ``.grad`` (one
+  ``scatter`` per owner)
   (:class:`ShardedGradients`); the KL clip uses Σ η²⟨U, DΘ⟩ summed over the owners.
 
 The step is :meth:`KFACPreconditioner.step <thermokfac.KFACPreconditioner.step>`, the
@@ -263,28 +264,55 @@ class OwnerCommunicator(ProcessGroupCommunicator):
     def gather_gradients(self, blocks: Sequence[KroneckerBlock],
                          assignment: WorkAssignment, gradients: GradientAccess) -> None:
         """Each parameter's gradient rows gathered whole to the owner of its blocks
-        (``gradients.whole``; other ranks hold none)."""
+        (``gradients.whole``; other ranks hold none): one ``gather`` per owner (and
+        dtype), every parameter's chunk padded to FSDP2's chunk size and flattened into
+        one buffer."""
         assert isinstance(gradients, ShardedGradients)
         gradients.whole.clear()
-        for param in self._with_grad_everywhere(blocks):
-            owner = self.owner_of_param[id(param)]
-            grad = param.grad
-            local = local_tensor(grad)
-            rows = _Rows(grad.shape[0], self.world_size)
-            start, end = rows.span(self.rank)
-            if local.shape[0] != end - start:
-                raise RuntimeError(
-                    f"a gradient of {tuple(grad.shape)} holds rows of {local.shape[0]} on "
-                    f"rank {self.rank}, not FSDP2's chunk [{start}, {end}) of "
-                    f"{self.world_size}: a sharding this plan does not know")
-            send = local.new_zeros((rows.chunk, *grad.shape[1:]))
-            send[: local.shape[0]] = local
+        for owner, params in self._buckets(self._with_grad_everywhere(blocks)):
+            send = torch.cat([self._padded_local(p).flatten() for p in params])
             chunks = ([torch.empty_like(send) for _ in range(self.world_size)]
                       if owner == self.rank else None)
             dist.gather(send, chunks, dst=self._src(owner), group=self.group)
             self.collectives += 1
-            if chunks is not None:
-                gradients.whole[param] = torch.cat(chunks)[: grad.shape[0]]
+            if chunks is None:
+                continue
+            offset = 0
+            for p in params:
+                rows = _Rows(p.shape[0], self.world_size)
+                size = rows.chunk * math.prod(p.shape[1:])
+                parts = [c[offset:offset + size].view(rows.chunk, *p.shape[1:]) for c in chunks]
+                gradients.whole[p] = torch.cat(parts)[: p.shape[0]]
+                offset += size
+
+    def _buckets(self, params: list[nn.Parameter]
+                 ) -> list[tuple[int, list[nn.Parameter]]]:
+        """``params`` grouped by (owner, gradient dtype), in a fixed order."""
+        groups: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((self.owner_of_param[id(p)], p.grad.dtype), []).append(p)
+        return [(owner, ps) for (owner, _), ps in groups.items()]
+
+    def _padded_local(self, param: nn.Parameter) -> Tensor:
+        """This rank's rows of ``param``'s gradient, zero-padded to FSDP2's chunk.
+
+        Raises:
+            RuntimeError: The rows are not FSDP2's chunk of this rank.
+        """
+        grad = param.grad
+        local = local_tensor(grad)
+        rows = _Rows(grad.shape[0], self.world_size)
+        start, end = rows.span(self.rank)
+        if local.shape[0] != end - start:
+            raise RuntimeError(
+                f"a gradient of {tuple(grad.shape)} holds rows of {local.shape[0]} on "
+                f"rank {self.rank}, not FSDP2's chunk [{start}, {end}) of "
+                f"{self.world_size}: a sharding this plan does not know")
+        if local.shape[0] == rows.chunk:
+            return local
+        padded = local.new_zeros((rows.chunk, *grad.shape[1:]))
+        padded[: local.shape[0]] = local
+        return padded
 
     def _with_grad_everywhere(self, blocks: Sequence[KroneckerBlock]) -> list[nn.Parameter]:
         """The blocks' distinct parameters that hold a gradient, checked to hold one on
@@ -335,21 +363,30 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         out = {b.name: Update(updates[b.name].inner if b.name in updates else 0.0,
                               updates[b.name].rate if b.name in updates else None)
                for b in done}
-        for param in _parameters(done, with_grad=True):
-            owner = self.owner_of_param[id(param)]
-            grad = param.grad
-            local = local_tensor(grad)
-            rows = _Rows(grad.shape[0], self.world_size)
-            recv = local.new_empty((rows.chunk, *grad.shape[1:]))
+        for owner, params in self._buckets(_parameters(done, with_grad=True)):
+            sizes = [_Rows(p.shape[0], self.world_size).chunk * math.prod(p.shape[1:])
+                     for p in params]
+            recv = local_tensor(params[0].grad).new_empty(sum(sizes))
             chunks = None
-            if owner == self.rank:
-                whole = gradients.whole[param]
-                padded = whole.new_zeros((rows.chunk * self.world_size, *grad.shape[1:]))
-                padded[: grad.shape[0]] = whole
-                chunks = list(padded.chunk(self.world_size))
+            if owner == self.rank:  # rank r's chunk of every parameter, flattened
+                per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
+                for p in params:
+                    rows = _Rows(p.shape[0], self.world_size)
+                    whole = gradients.whole[p]
+                    padded = whole.new_zeros((rows.chunk * self.world_size, *p.shape[1:]))
+                    padded[: p.shape[0]] = whole
+                    for r, chunk in enumerate(padded.chunk(self.world_size)):
+                        per_rank[r].append(chunk.flatten())
+                chunks = [torch.cat(parts) for parts in per_rank]
             dist.scatter(recv, chunks, src=self._src(owner), group=self.group)
             self.collectives += 1
-            local.copy_(recv[: local.shape[0]])
+            offset = 0
+            for p, size in zip(params, sizes):
+                local = local_tensor(p.grad)
+                chunk = _Rows(p.shape[0], self.world_size).chunk
+                mine = recv[offset:offset + size].view(chunk, *p.shape[1:])
+                local.copy_(mine[: local.shape[0]])
+                offset += size
         gradients.whole.clear()
         return out, (None if present[n + 1] > 0 else present[n])
 
