@@ -261,7 +261,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_xticks([p for p, _ in labels], [lbl for _, lbl in labels])
         ax.set_ylabel("K-FAC state held per rank (MB)")
         ax.set_title(f"{kind}: one bar per rank")
-        ax.legend()
+        ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
