@@ -232,6 +232,13 @@ def fsdp_worker(out: str) -> None:
     fully_shard(bare)
     adamw = train_kfac_adamw(bare, rank, world)
     options_runs = fsdp_options(rank, world)
+    late = build("base")  # Accelerate's order: the preconditioner first, then fully_shard
+    pre = DistributedKFACPreconditioner(late, **options(CASES["base"]))
+    fully_shard(late)
+    run = train("base", late, pre, rank, world, late)
+    options_runs["built_before_sharding"] = {k: v.full_tensor()
+                                             for k, v in run["params"].items()}
+    options_runs["built_before_sharding_plan"] = type(pre.parallelism).__name__
     gpt = TinyGPT()
     fully_shard(gpt.attn)  # the attention its own FSDP2 unit, inside the root's
     fully_shard(gpt)

@@ -102,15 +102,19 @@ def test_a_gpt_with_attention_and_a_tied_head_on_two_ranks_equals_one_process(tw
 
 
 def test_fsdp2_options_train_as_one_process(two, references):
-    """``reshard_after_forward=False``, CPU offload and accumulation without gradient
-    sync (with ``num_examples=``) equal one process to 1e-10; float32 compute under a
+    """``reshard_after_forward=False``, CPU offload, accumulation without gradient sync
+    (with ``num_examples=``) and the preconditioner built before ``fully_shard``
+    (Accelerate's order: the first step switches to the owner plan) equal one process to
+    1e-10; float32 compute under a
     MixedPrecisionPolicy stays within float32 round-off of the float64 run; accumulation
     without ``num_examples=`` is refused (the sharded parameters see no gradient from
     the unsynchronised micro-batch, so the examples cannot be counted)."""
     reference = references["base"]["params"]
     for rank, result in enumerate(two):
         runs = result["options"]
+        assert runs["built_before_sharding_plan"] == "FullyShard"
         for name, tol in (("no_reshard", 1e-10), ("cpu_offload", 1e-10),
+                          ("built_before_sharding", 1e-10),
                           ("accumulation", 1e-10), ("mixed_precision", 1e-5)):
             for key, value in runs[name].items():
                 torch.testing.assert_close(value, reference[key], rtol=tol, atol=tol,

@@ -288,6 +288,14 @@ class DataParallel(Parallelism):
         self.group = group
         self.bucket_bytes = int(bucket_mb * 2**20)
 
+    def follow(self, model: torch.nn.Module) -> Parallelism:
+        """The owner-rank plan (:class:`~.fully_shard.FullyShard`) if ``model`` was
+        sharded with FSDP2 after the preconditioner was built (Accelerate's order), else
+        this one."""
+        from .fully_shard import FullyShard, is_fully_sharded
+
+        return FullyShard(self.group) if is_fully_sharded(model) else self
+
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
              device: torch.device, factor_dtype: Callable[[], torch.dtype]) -> Plan:
         """Check that every rank built the same setup (one all-gather), then assign the

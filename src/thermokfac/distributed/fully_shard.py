@@ -14,11 +14,11 @@ every rank still holds whole for its own examples. :class:`FullyShard` is the
 * each step's curvature sums are **reduced to the owner** (not all-reduced): the moving
   averages and the prepared state (Cholesky, inverse, or thermodynamic device) of a
   block live on its owner only (:class:`OwnerCommunicator`);
-* the owner **gathers** the rows of each of its parameters' gradients (one
-  ``gather`` per owner, every parameter's rows in one flat buffer), computes U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15) on the whole
-  DΘ, and **scatters** U's rows back into each rank's shard of ``.grad`` (one
-  ``scatter`` per owner)
-  (:class:`ShardedGradients`); the KL clip uses Σ η²⟨U, DΘ⟩ summed over the owners.
+* the owner **gathers** the rows of each of its parameters' gradients (one ``gather``
+  per owner, every parameter's rows in one flat buffer), computes
+  U = (G+λI)⁻¹ DΘ (A+λI)⁻¹ (Eq. 15) on the whole DΘ, and **scatters** U's rows back into
+  each rank's shard of ``.grad`` (one ``scatter`` per owner; :class:`ShardedGradients`);
+  the KL clip uses Σ η²⟨U, DΘ⟩ summed over the owners.
 
 The step is :meth:`KFACPreconditioner.step <thermokfac.KFACPreconditioner.step>`, the
 same as in one process and under DDP.

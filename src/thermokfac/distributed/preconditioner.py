@@ -78,18 +78,23 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         if "parallel" in kwargs:
             raise ValueError("DistributedKFACPreconditioner builds its own plan: pass "
                              "strategy=, group= and bucket_mb=, not parallel=")
-        #: The plan builder: :class:`~.fully_shard.FullyShard` for an FSDP2 model,
-        #: else :class:`~.data_parallel.DataParallel` (strategy, group, bucket size).
-        self.parallelism: DataParallel | FullyShard
+        parallelism: DataParallel | FullyShard
         if is_fully_sharded(model):
             if strategy is not None:
                 raise ValueError(f"strategy={strategy!r} is for DistributedDataParallel "
                                  "models; an FSDP2 model's blocks each have one owner rank "
                                  "(leave strategy unset)")
-            self.parallelism = FullyShard(group)
-        else:
-            self.parallelism = DataParallel(strategy or "comm-opt", group, bucket_mb)
-        super().__init__(model, parallel=self.parallelism, **kwargs)
+            parallelism = FullyShard(group)
+        else:  # sharded later (Accelerate's order): the first step switches to FullyShard
+            parallelism = DataParallel(strategy or "comm-opt", group, bucket_mb)
+        super().__init__(model, parallel=parallelism, **kwargs)
+
+    @property
+    def parallelism(self) -> DataParallel | FullyShard:
+        """The plan builder in effect: :class:`~.fully_shard.FullyShard` for an FSDP2
+        model (sharded before building, or by the first step), else
+        :class:`~.data_parallel.DataParallel` (strategy, group, bucket size)."""
+        return self.parallel  # type: ignore[return-value]
 
     @property
     def data_parallel(self) -> DataParallel | FullyShard:

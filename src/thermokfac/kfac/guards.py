@@ -110,8 +110,9 @@ def refuse_sharded(wrapper: nn.Module, model: nn.Module, shards: bool = False) -
     ``shards`` (the FSDP2 plan) — and then for a sharding other than FSDP2's (see
     :func:`fully_shard_problem`)."""
     path = ("the supported sharded path is FSDP2 (torch.distributed.fsdp.fully_shard) "
-            "with thermokfac.distributed.DistributedKFACPreconditioner built after "
-            "fully_shard; or DistributedDataParallel with DistributedKFACPreconditioner")
+            "with thermokfac.distributed.DistributedKFACPreconditioner (built before or "
+            "after fully_shard); or DistributedDataParallel with "
+            "DistributedKFACPreconditioner")
     if shards:
         reason = fully_shard_problem(model)
         if reason is not None:

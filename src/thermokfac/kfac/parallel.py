@@ -224,6 +224,12 @@ class Parallelism(ABC):
     #: model is refused otherwise).
     shards_parameters: bool = False
 
+    def follow(self, model: torch.nn.Module) -> Parallelism:
+        """The parallelism for ``model`` as it is at the first step (a framework may
+        shard it after the preconditioner was built): this one, unless a subclass knows
+        better."""
+        return self
+
     @abstractmethod
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
              device: torch.device, factor_dtype: Callable[[], torch.dtype]) -> Plan:

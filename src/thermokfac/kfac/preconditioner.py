@@ -274,6 +274,13 @@ class KFACPreconditioner(Inspection):
         return list(self._blocks)
 
     @property
+    def parallel(self) -> Parallelism:
+        """How the step's work is spread (:class:`~thermokfac.kfac.parallel.Parallelism`):
+        the one given (one process by default), or the plan a model sharded by FSDP2
+        after building switched to at the first step."""
+        return self._parallel
+
+    @property
     def blocks(self) -> Mapping[str, KroneckerBlock]:
         """The Kronecker blocks by name, in model order (read-only mapping)."""
         return MappingProxyType(self._blocks)
@@ -455,6 +462,12 @@ class KFACPreconditioner(Inspection):
     def _checked(self, outputs: Tensor | None) -> bool:
         """Refuse a step that cannot be right; whether its curvature is to be used."""
         if self.steps == 0:  # a framework may shard the model after building the optimizer
+            followed = self._parallel.follow(self.model)
+            if followed is not self._parallel:  # FSDP2 applied since: its plan from now
+                self._parallel = followed
+                self.plan = followed.plan(list(self._blocks.values()), self.config,
+                                          next(self.model.parameters()).device,
+                                          lambda: self.factor_dtype)
             refuse_sharded(self.model, self.model, self._parallel.shards_parameters)
         if outputs is not None:
             self.curvature_backward(outputs)
