@@ -128,6 +128,49 @@ def test_a_layer_called_on_some_ranks_only_is_refused_on_every_rank(two):
         assert "'head'" in result["routed"] and "'other'" in result["routed"]
 
 
+def _checkpoint_run(tmp_path, target: str, world: int, folder) -> list[dict]:
+    out = tmp_path / f"{target.split(':')[1]}{world}"
+    run_workers(target, world, [str(folder), str(out)], timeout=300, extra_path=ROOT)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two ranks: save through torch.distributed.checkpoint after 3 steps, go on to 6."""
+    tmp = tmp_path_factory.mktemp("dcp")
+    folder = tmp / "checkpoint"
+    return tmp, folder, _checkpoint_run(tmp, "tests.fsdp_checkpoint:save_and_go_on", 2,
+                                        folder)
+
+
+def _check_resumed(saved, world: int, tol: float) -> None:
+    tmp, folder, uninterrupted = saved
+    resumed = _checkpoint_run(tmp, "tests.fsdp_checkpoint:load_and_go_on", world, folder)
+    reference = uninterrupted[0]["params"]
+    for rank, result in enumerate(resumed):
+        for key, value in result["params"].items():
+            if tol == 0:
+                assert torch.equal(value, reference[key]), (world, rank, key)
+            else:
+                torch.testing.assert_close(value, reference[key], rtol=tol, atol=tol)
+    if world > 1:  # each rank loaded only the blocks it owns: none holds them all
+        held = [r["held_after_load"] for r in resumed]
+        assert 0 < max(held) < sum(held), held
+
+
+def test_a_checkpoint_round_trip_equals_the_uninterrupted_run_bit_for_bit(saved):
+    _check_resumed(saved, 2, 0.0)
+
+
+def test_a_checkpoint_resumes_on_one_rank_to_round_off(saved):
+    _check_resumed(saved, 1, 1e-10)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_four_ranks_to_round_off(saved):
+    _check_resumed(saved, 4, 1e-10)
+
+
 @pytest.mark.slow
 def test_four_ranks_equal_one_process_and_hold_their_share(four, references):
     _check_equal(four, references)

@@ -88,6 +88,9 @@ class OwnerAssignment(WorkAssignment):
     def broadcasts_caches(self) -> bool:
         return False
 
+    def holds_estimates(self, block: str) -> bool:
+        return self.owns(block)
+
     def owns(self, block: str) -> bool:
         """Whether this rank owns ``block``."""
         return self.owners[block] == self.rank

@@ -68,7 +68,9 @@ class Inspection:
         """Estimates, prepared states, counters, statistics and the generator state.
 
         Under data parallelism this is a collective when ranks hold only their own
-        blocks' prepared state (``mem-opt``): call it on every rank.
+        blocks' prepared state (``mem-opt``, FSDP2's owner blocks): call it on every
+        rank; every rank then returns the whole state, which any number of ranks can
+        load (each keeps what it owns).
         """
         state = pack(self._snapshot())
         state["layers"] = self.plan.communicator.gather_states(state["layers"],
@@ -89,6 +91,8 @@ class Inspection:
         device = next(self.model.parameters()).device
         blocks = self._new_blocks()
         for name, block in blocks.items():
+            if not self.plan.assignment.holds_estimates(name):
+                continue  # another rank owns it (FSDP2): it stays empty here
             block.load_state_dict(restored.layers[name])
             block.to_(device, self.factor_dtype)
             if not self.plan.assignment.holds_cache(name):

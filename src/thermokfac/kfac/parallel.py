@@ -76,6 +76,11 @@ class WorkAssignment(ABC):
         """Whether this rank keeps ``block``'s prepared state between steps."""
         return self.broadcasts_caches or bool(self.prepares(block))
 
+    def holds_estimates(self, block: str) -> bool:
+        """Whether this rank keeps ``block``'s moving averages (every rank, unless the
+        curvature is reduced to one owner)."""
+        return True
+
     def computes_update(self, block: str) -> bool:
         """Whether this rank computes U of ``block``."""
         worker = self.grad_worker(block)

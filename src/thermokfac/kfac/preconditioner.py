@@ -257,6 +257,7 @@ class KFACPreconditioner(Inspection):
         self.last_report: StepReport | None = None
         self._reporter = Reporter(lambda: self._ledger.stats)
         self._ranks_checked = False
+        self._sharding_checked = False  # (a resumed run too)
         self._capture.before_backward = self._backward_begins
         check_setup(records, self.config, optimizer)
         #: The work assignment, communicator and gradient access of the step
@@ -461,14 +462,19 @@ class KFACPreconditioner(Inspection):
     # -------------------------------------------------------------- the phases
     def _checked(self, outputs: Tensor | None) -> bool:
         """Refuse a step that cannot be right; whether its curvature is to be used."""
-        if self.steps == 0:  # a framework may shard the model after building the optimizer
+        if not self._sharding_checked:  # this process's first step (a resumed run too):
+            # a framework may have sharded the model after building the optimizer
             followed = self._parallel.follow(self.model)
             if followed is not self._parallel:  # FSDP2 applied since: its plan from now
                 self._parallel = followed
                 self.plan = followed.plan(list(self._blocks.values()), self.config,
                                           next(self.model.parameters()).device,
                                           lambda: self.factor_dtype)
+                for block in self._blocks.values():  # a loaded state: owners keep theirs
+                    if not self.plan.assignment.holds_estimates(block.name):
+                        block.restart(block.layout)
             refuse_sharded(self.model, self.model, self._parallel.shards_parameters)
+            self._sharding_checked = True
         if outputs is not None:
             self.curvature_backward(outputs)
         if self._structure != _structure(self.model):
