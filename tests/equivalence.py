@@ -243,6 +243,7 @@ def fsdp_worker(out: str) -> None:
     fully_shard(gpt.attn)  # the attention its own FSDP2 unit, inside the root's
     fully_shard(gpt)
     gpt_params = train_gpt(gpt, DistributedKFACPreconditioner, rank, world)
+    misuse = fsdp_misuse(rank)
     bare = build("layer_on_one_rank")
     fully_shard(bare)
     pre = DistributedKFACPreconditioner(bare, **options(CASES["layer_on_one_rank"]))
@@ -255,7 +256,45 @@ def fsdp_worker(out: str) -> None:
                 "routed": routed,
                 "adamw": {k: v.full_tensor() for k, v in adamw.items()},
                 "gpt": {k: v.full_tensor() for k, v in gpt_params.items()},
-                "options": options_runs}, f"{out}.{rank}")
+                "options": options_runs, "misuse": misuse}, f"{out}.{rank}")
+
+
+def fsdp_misuse(rank: int) -> dict[str, str]:
+    """What FSDP2 + K-FAC says to three mistakes (the error's text, or "accepted"): no
+    ``zero_grad()`` between steps, a setting that differs across ranks, a layer left
+    unsharded beside sharded ones."""
+    from torch.distributed.fsdp import fully_shard
+
+    from thermokfac.distributed import DistributedKFACPreconditioner
+
+    out = {}
+    model = build("base")
+    fully_shard(model)
+    pre = DistributedKFACPreconditioner(model, **options(CASES["base"]))
+    x, y, route = data("base", 0)
+    try:
+        for _ in range(2):  # no zero_grad(): the second backward adds onto U
+            nn.functional.cross_entropy(model(x, route), y).backward()
+            pre.step()
+        out["no_zero_grad"] = "accepted"
+    except RuntimeError as err:
+        out["no_zero_grad"] = str(err)
+    model = build("base")
+    fully_shard(model)
+    try:
+        DistributedKFACPreconditioner(model, **{**options(CASES["base"]),
+                                                "damping": 0.05 if rank == 0 else 0.1})
+        out["mixed_settings"] = "accepted"
+    except ValueError as err:
+        out["mixed_settings"] = str(err)
+    model = build("base")
+    fully_shard(model.fc)  # the head stays a plain module
+    try:
+        DistributedKFACPreconditioner(model, **options(CASES["base"]))
+        out["unsharded_layer"] = "accepted"
+    except ValueError as err:
+        out["unsharded_layer"] = str(err)
+    return out
 
 
 def fsdp_options(rank: int, world: int) -> dict:

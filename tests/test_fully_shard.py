@@ -122,6 +122,14 @@ def test_fsdp2_options_train_as_one_process(two, references):
         assert "cannot count the examples" in runs["accumulation_uncounted"]
 
 
+def test_misuse_is_refused_on_every_rank(two):
+    for result in two:
+        said = result["misuse"]
+        assert "no zero_grad() since" in said["no_zero_grad"], said
+        assert "different model or K-FAC setup" in said["mixed_settings"], said
+        assert "'head' is not sharded" in said["unsharded_layer"], said
+
+
 def test_a_layer_called_on_some_ranks_only_is_refused_on_every_rank(two):
     for result in two:  # a clear error on every rank, not a hang or a silent mix
         assert "set on some ranks only" in result["routed"], result["routed"]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..enums import parse_enum
 from ..kfac.blocks import FACTORS, KroneckerBlock
 from ..kfac.caches import receive_cache
-from ..kfac.config import KFACConfig
+from ..kfac.config import KFACConfig, setup_fingerprint
 from ..kfac.curvature import CurvatureSums
 from ..kfac.gradients import GradientAccess, WholeGradients
 from ..kfac.parallel import (
@@ -304,6 +304,7 @@ class DataParallel(Parallelism):
         check_same_setup(";".join(
             [f"solver {solver.name}, method {config.method.value}, strategy "
              f"{self.strategy.value}"]
+            + [setup_fingerprint(config)]
             + [f"{b.name}: A {b.helper.a_dim}, G {b.helper.d_out}" for b in blocks]),
             self.group)
         hardware = getattr(solver, "hardware", None)

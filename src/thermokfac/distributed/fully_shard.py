@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..kfac.blocks import KroneckerBlock
-from ..kfac.config import KFACConfig
+from ..kfac.config import KFACConfig, setup_fingerprint
 from ..kfac.curvature import CurvatureSums
 from ..kfac.gradients import GradientAccess
 from ..kfac.layers import LayerHelper
@@ -416,8 +416,9 @@ class FullyShard(Parallelism):
 
     Raises:
         ValueError: On ``factor_storage="rows"`` (the resistor-array mode keeps every
-            row on every rank: not built for sharded models), or a parameter sharded
-            over a mesh of another size than the process group.
+            row on every rank: not built for sharded models), a parameter sharded
+            over a mesh of another size than the process group, or a layer left
+            unsharded beside sharded ones.
     """
 
     averages_factors = True
@@ -436,13 +437,20 @@ class FullyShard(Parallelism):
         solver = config.solver
         check_same_setup(";".join(
             [f"solver {solver.name}, method {config.method.value}, FSDP2 owner blocks"]
+            + [setup_fingerprint(config)]
             + [f"{b.name}: A {b.helper.a_dim}, G {b.helper.d_out}" for b in blocks]),
             self.group)
         world = dist.get_world_size(self.group)
         for block in blocks:
             for param in block.helper.parameters:
                 mesh = getattr(param, "device_mesh", None)
-                if mesh is not None and mesh.size() != world:
+                if mesh is None:
+                    raise ValueError(
+                        f"layer {block.name!r} is not sharded (its parameters are plain "
+                        "tensors) while other layers are: apply fully_shard to the root "
+                        "module too (it shards every parameter not in an inner unit), or "
+                        "leave the layer out with skip_layers=")
+                if mesh.size() != world:
                     raise ValueError(
                         f"layer {block.name!r} is sharded over {mesh.size()} ranks but the "
                         f"process group has {world}: pass group= the FSDP2 mesh's group")

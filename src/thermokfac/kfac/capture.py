@@ -162,7 +162,15 @@ class CurvatureCapture:
             and param.grad._version == written[1] and bool(param.grad.any())
 
     def _reached(self, names: tuple[str, ...], param: Tensor) -> None:
-        if self._onto_update.pop(id(param), False):
+        onto = self._onto_update.pop(id(param), None)
+        if onto is None and _is_dtensor(param):  # FSDP2: no hook ran before accumulating
+            # its gradient is added into the same .grad object; the object's own version
+            # moves only when the user changes it (zero_, clipping), not when FSDP2 or the
+            # step writes its rows — so the same object at the same version still held U
+            written = self._written.get(id(param))
+            onto = written is not None and param.grad is written[0] \
+                and param.grad._version == written[1]
+        if onto:
             self.step_record.added_onto_update = names[0]
         self.step_record.reached.update(names)
         self.step_record.param_gradients += 1
@@ -543,3 +551,8 @@ def _fp16_autocast() -> bool:
     """Whether float16 autocast is on for the CPU or CUDA now."""
     return any(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) is torch.float16
                for d in ("cpu", "cuda"))
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")

@@ -294,3 +294,19 @@ _GROUP_OF = {f.name: group for group, cls in zip(_GROUPS, (FisherConfig, FactorC
 
 __all__ = ["ClipConfig", "FactorConfig", "FisherConfig", "InverseConfig", "KFACConfig",
            "Range"]
+
+
+def setup_fingerprint(config: KFACConfig) -> str:
+    """Every setting of ``config`` as text that ranks can compare: numbers, names and
+    flags by value; a schedule (a callable) by its kind only, which cannot be compared;
+    the solver by its name (its settings are compared with the solver's own)."""
+    parts = []
+    for group in (config.fisher, config.factors, config.inverse, config.clip):
+        for f in fields(group):
+            value = getattr(group, f.name)
+            if isinstance(value, LinearSolver):
+                value = value.name
+            elif callable(value) and not isinstance(value, type):
+                value = f"<schedule {type(value).__name__}>"
+            parts.append(f"{f.name}={value!r}")
+    return ", ".join(parts)
