@@ -183,3 +183,48 @@ def test_a_checkpoint_resumes_on_four_ranks_to_round_off(saved):
 def test_four_ranks_equal_one_process_and_hold_their_share(four, references):
     _check_equal(four, references)
     _check_bytes(four, references)
+
+
+def _train(args: list[str], tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "thermokfac"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", "2", "--no-python", str(exe), "train"]
+    done = subprocess.run([*launch, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_command_line_trains_fsdp2_and_resumes_through_a_dcp_checkpoint(tmp_path):
+    """``thermokfac train --fsdp --kfac`` under torchrun: 3 steps, a resume to 6 through
+    ``checkpoint.dcp``, equal (losses and validation metrics) to 6 uninterrupted steps;
+    the checkpoint folder was replaced atomically (the previous one kept)."""
+    flags = ["--data", "digits", "--model", "mlp", "--width", "16", "--kfac", "--fsdp",
+             "--threads", "1", "--eval-every", "3", "--batch-size", "32", "--no-progress"]
+    _train([*flags, "--steps", "6", "--out", "full"], tmp_path)
+    _train([*flags, "--steps", "3", "--out", "part"], tmp_path)
+    _train(["--out", "part", "--resume", "--steps", "6", "--no-progress"], tmp_path)
+    part, full = tmp_path / "part", tmp_path / "full"
+    assert (part / "checkpoint.dcp" / ".metadata").is_file()
+    assert (part / "checkpoint.dcp.prev" / ".metadata").is_file()
+    assert not (part / "checkpoint.pt").exists()
+    import csv
+
+    for name, columns in (("steps.csv", ("step", "loss")),
+                          ("metrics.csv", ("step", "val_loss", "val_accuracy"))):
+        rows = []
+        for folder in (full, part):
+            with open(folder / name) as fh:
+                rows.append([{c: r[c] for c in columns} for r in csv.DictReader(fh)])
+        assert rows[0] == rows[1] and len(rows[0]) >= 3, (name, rows)
+
+
+def test_fsdp_without_several_processes_is_refused(tmp_path):
+    from thermokfac.experiments.config import TrainConfig
+    from thermokfac.experiments.train import Run
+
+    with pytest.raises(ValueError, match="--fsdp shards the model over torchrun processes"):
+        Run(TrainConfig(data="digits", fsdp=True, kfac=True, threads=1), tmp_path / "run")

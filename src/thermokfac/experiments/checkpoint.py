@@ -63,6 +63,65 @@ def write(folder: Path, state: dict[str, Any],
     return path
 
 
+DCP_NAME = "checkpoint.dcp"
+DCP_PREVIOUS = "checkpoint.dcp.prev"
+
+
+def write_dcp(folder: Path, state: dict[str, Any], rank: int) -> Path:
+    """Save ``state`` with ``torch.distributed.checkpoint`` as ``folder/checkpoint.dcp``
+    atomically (every rank calls it): into a temporary folder first; once its
+    ``.metadata`` exists, rank 0 renames the last checkpoint to ``checkpoint.dcp.prev``
+    (replacing an older one) and the new folder into place, so a complete checkpoint
+    exists under one of the names at every moment. Returns the folder.
+
+    Raises:
+        RuntimeError: The save finished without its ``.metadata`` (a damaged save).
+    """
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    path, temporary = folder / DCP_NAME, folder / (DCP_NAME + ".tmp")
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)  # a save killed half-way
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(temporary))
+    dist.barrier()
+    if rank == 0:
+        if not (temporary / ".metadata").is_file():
+            raise RuntimeError(f"the checkpoint saved in {temporary} has no .metadata")
+        if path.exists():
+            shutil.rmtree(folder / DCP_PREVIOUS, ignore_errors=True)
+            os.replace(path, folder / DCP_PREVIOUS)
+        os.replace(temporary, path)
+        _sync_folder(folder)
+    dist.barrier()
+    return path
+
+
+def read_dcp(folder: Path, state: dict[str, Any]) -> None:
+    """Load ``folder/checkpoint.dcp`` into ``state`` in place (every rank calls it).
+
+    Raises:
+        FileNotFoundError: No such checkpoint (naming a previous one if it exists).
+        ValueError: The folder has no ``.metadata`` (an incomplete save).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(folder) / DCP_NAME
+    previous = Path(folder) / DCP_PREVIOUS
+    hint = (f"; the previous checkpoint {previous} may be intact: rename it to {DCP_NAME} "
+            "to resume from it") if previous.exists() else ""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint to resume in {folder}{hint}")
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"{path} has no .metadata: an incomplete save{hint}")
+    dcp.load(state, checkpoint_id=str(path))
+
+
 def read(folder: Path) -> dict[str, Any]:
     """The state saved in ``folder/checkpoint.pt``.
 

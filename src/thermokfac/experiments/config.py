@@ -107,6 +107,9 @@ class TrainConfig:
                        "when there is one)")
     dist_strategy: str = _opt("comm-opt", "how work is spread over torchrun ranks",
                               _values(Strategy))
+    fsdp: bool = _opt(False, "shard the model with FSDP2 (fully_shard) over the torchrun "
+                      "processes instead of DDP; checkpoints go through "
+                      "torch.distributed.checkpoint")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

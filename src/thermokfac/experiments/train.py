@@ -12,6 +12,7 @@ solves within it, modelled device time under each settle model);
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import asdict, fields, replace
@@ -67,8 +68,9 @@ def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
         return None
     extra: dict[str, Any] = {}
     cls = KFACPreconditioner
-    if world > 1:
-        cls, extra = DistributedKFACPreconditioner, {"strategy": cfg.dist_strategy}
+    if world > 1:  # FSDP2: owner-rank blocks, no strategy
+        cls = DistributedKFACPreconditioner
+        extra = {} if cfg.fsdp else {"strategy": cfg.dist_strategy}
     return cls(
         model, **extra, solver=make_solver(cfg), method=cfg.method, damping=cfg.damping,
         damping_split=cfg.damping_split,
@@ -102,8 +104,18 @@ class Run:
         self.task.device = self.device
         self.net = build_model(cfg.model, self.task, width=cfg.width, depth=cfg.depth,
                                heads=cfg.heads, seed=cfg.seed).to(self.device)
-        self.model = self.net if self.world == 1 else nn.parallel.DistributedDataParallel(
-            self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.fsdp:
+            if self.world == 1:
+                raise ValueError("--fsdp shards the model over torchrun processes: run it "
+                                 "under torchrun --nproc-per-node N with N >= 2")
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.net)
+            self.model = self.net
+        else:
+            self.model = self.net if self.world == 1 else nn.parallel.DistributedDataParallel(
+                self.net,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.opt = make_optimizer(cfg, self.net.parameters())
         self.pre = make_preconditioner(cfg, self.model, self.task, self.opt, self.world)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * self.rank)
@@ -118,6 +130,13 @@ class Run:
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue exactly; with several processes a collective (every
         rank's data order and random state are gathered)."""
+        return {**self._progress(), "model": self.net.state_dict(),
+                "opt": self.opt.state_dict(),
+                "pre": self.pre.state_dict() if self.pre is not None else None}
+
+    def _progress(self) -> dict[str, Any]:
+        """The run's settings, position and every rank's random state (a collective with
+        several processes)."""
         randomness = [self.gen.get_state(), torch.get_rng_state()]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
@@ -125,15 +144,40 @@ class Run:
         else:
             gathered = [randomness]
         return {"config": asdict(self.cfg), "step": self.step, "train_s": self.train_s,
-                "model": self.net.state_dict(), "opt": self.opt.state_dict(),
-                "pre": self.pre.state_dict() if self.pre is not None else None,
                 "world_size": self.world, "gen": [g for g, _ in gathered],
                 "torch_rng": [r for _, r in gathered], "steps": self.steps,
                 "metrics": self.metrics}
 
+    def _sharded_state(self, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """With ``--fsdp``: what ``torch.distributed.checkpoint`` saves — the model's and
+        the optimizer's sharded state, K-FAC's (:class:`KFACState`) and each rank's
+        progress as one serialized item of its own (``run<rank>``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        from ..distributed.checkpoint import KFACState
+
+        buffer = io.BytesIO()
+        if progress is not None:
+            torch.save(progress, buffer)
+            buffer.seek(0)
+        state = {"model": get_model_state_dict(self.net),
+                 "optim": get_optimizer_state_dict(self.net, self.opt),
+                 f"run{self.rank}": buffer}  # per rank: its own step records and clocks
+        if self.pre is not None:
+            state["kfac"] = KFACState(self.pre)
+        return state
+
     def save(self) -> Path:
         """Write ``checkpoint.pt`` atomically, keeping the last one as
-        ``checkpoint.prev.pt`` (:mod:`.checkpoint`; rank 0; every rank must call it)."""
+        ``checkpoint.prev.pt`` (:mod:`.checkpoint`; rank 0; every rank must call it);
+        with ``--fsdp``, the folder ``checkpoint.dcp`` the same way (every rank
+        writes)."""
+        if self.cfg.fsdp:
+            return checkpoint_files.write_dcp(self.out, self._sharded_state(self._progress()),
+                                              self.rank)
         state = self.state_dict()
         if self.rank == 0:
             return checkpoint_files.write(self.out, state)
@@ -156,7 +200,16 @@ class Run:
             ValueError: A damaged or foreign checkpoint, another number of processes, or
                 changed settings that a resumed run cannot take (all listed).
         """
-        state = checkpoint_files.read(out)  # FileNotFoundError / ValueError, naming the file
+        sharded = (Path(out) / checkpoint_files.DCP_NAME).exists() and \
+            not (Path(out) / checkpoint_files.NAME).exists()
+        if sharded:  # an --fsdp run: its progress first, to build the run
+            rank, _ = init_distributed()
+            box = {f"run{rank}": io.BytesIO()}
+            checkpoint_files.read_dcp(out, box)
+            box[f"run{rank}"].seek(0)
+            state = torch.load(box[f"run{rank}"], weights_only=False)
+        else:
+            state = checkpoint_files.read(out)  # FileNotFoundError / ValueError, naming it
         cfg = TrainConfig(**state["config"])
         changes = dict(changes or {})
         if steps is not None:
@@ -172,12 +225,23 @@ class Run:
         if state["world_size"] != run.world:
             raise ValueError(f"the checkpoint in {out} was written by {state['world_size']} "
                              f"process(es); resume it with the same number, not {run.world}")
-        run.net.load_state_dict(state["model"])
-        run.opt.load_state_dict(state["opt"])
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            loaded = run._sharded_state()
+            checkpoint_files.read_dcp(out, loaded)  # K-FAC's state loads in place
+            set_model_state_dict(run.net, loaded["model"])
+            set_optimizer_state_dict(run.net, run.opt, loaded["optim"])
+        else:
+            run.net.load_state_dict(state["model"])
+            run.opt.load_state_dict(state["opt"])
         if "lr" in changes:  # the saved optimizer state carries the old rate
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr
-        if run.pre is not None:
+        if run.pre is not None and not sharded:
             run.pre.load_state_dict(checkpoint_files.to_device(state["pre"], run.device))
         run.gen.set_state(state["gen"][run.rank])
         torch.set_rng_state(state["torch_rng"][run.rank])
@@ -247,7 +311,8 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics (computed on rank 0 and shared, so every rank agrees)."""
-        metrics = self.task.evaluate(self.net) if self.rank == 0 else None
+        # FSDP2 gathers parameters in a forward: every rank runs it (rank 0's counts)
+        metrics = self.task.evaluate(self.net) if self.rank == 0 or self.cfg.fsdp else None
         if self.world > 1:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
