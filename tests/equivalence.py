@@ -243,6 +243,11 @@ def fsdp_worker(out: str) -> None:
     fully_shard(gpt.attn)  # the attention its own FSDP2 unit, inside the root's
     fully_shard(gpt)
     gpt_params = train_gpt(gpt, DistributedKFACPreconditioner, rank, world)
+    cnn = TinyCNN()
+    for conv in (cnn.conv1, cnn.conv2):
+        fully_shard(conv)
+    fully_shard(cnn)
+    cnn_params = train_cnn(cnn, DistributedKFACPreconditioner, rank, world)
     misuse = fsdp_misuse(rank)
     bare = build("layer_on_one_rank")
     fully_shard(bare)
@@ -256,6 +261,7 @@ def fsdp_worker(out: str) -> None:
                 "routed": routed,
                 "adamw": {k: v.full_tensor() for k, v in adamw.items()},
                 "gpt": {k: v.full_tensor() for k, v in gpt_params.items()},
+                "cnn": {k: v.full_tensor() for k, v in cnn_params.items()},
                 "options": options_runs, "misuse": misuse}, f"{out}.{rank}")
 
 
@@ -340,6 +346,40 @@ def fsdp_options(rank: int, world: int) -> dict:
         except ValueError as err:
             out[name] = str(err)
     return out
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions (the second strided, 5 output channels: uneven row shards) and
+    a Linear head (float64, seeded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1, dtype=torch.float64)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, dtype=torch.float64)
+        self.head = nn.Linear(5 * 3 * 3, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return self.head(h.flatten(1))
+
+
+def train_cnn(model: nn.Module, cls: type, rank: int, world: int) -> dict:
+    """``STEPS`` steps of the tiny CNN (8 images 2×8×8 a step) under preconditioner class
+    ``cls`` with SGD, on this rank's share; the parameters."""
+    pre = cls(model, damping=1e-2, kl_clip=1e-2, lr=0.1, inv_update_steps=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    share = 8 // world
+    mine = slice(rank * share, (rank + 1) * share)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(300 + step)
+        x = torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+        pre.step()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 class TinyGPT(nn.Module):

@@ -122,6 +122,19 @@ def test_fsdp2_options_train_as_one_process(two, references):
         assert "cannot count the examples" in runs["accumulation_uncounted"]
 
 
+def test_a_cnn_on_two_ranks_equals_one_process(two):
+    from thermokfac import KFACPreconditioner
+
+    reference = eq.train_cnn(eq.TinyCNN(), KFACPreconditioner, 0, 1)
+    start = dict(eq.TinyCNN().named_parameters())
+    for rank, result in enumerate(two):
+        assert set(result["cnn"]) == set(reference)
+        for key, value in result["cnn"].items():
+            torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
+                                       msg=f"{key} on rank {rank}")
+    assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
+
+
 def test_misuse_is_refused_on_every_rank(two):
     for result in two:
         said = result["misuse"]
