@@ -196,6 +196,16 @@ def test_a_checkpoint_resumes_on_four_ranks_to_round_off(saved):
 def test_four_ranks_equal_one_process_and_hold_their_share(four, references):
     _check_equal(four, references)
     _check_bytes(four, references)
+    from thermokfac import KFACPreconditioner
+
+    models = {"gpt": eq.train_gpt(eq.TinyGPT(), KFACPreconditioner, 0, 1),
+              "cnn": eq.train_cnn(eq.TinyCNN(), KFACPreconditioner, 0, 1),
+              "adamw": eq.train_kfac_adamw(eq.build("base"), 0, 1)}
+    for rank, result in enumerate(four):
+        for model, reference in models.items():
+            for key, value in result[model].items():
+                torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
+                                           msg=f"{model}: {key} on rank {rank} of 4")
 
 
 def _train(args: list[str], tmp_path) -> None:
