@@ -298,3 +298,32 @@ def test_kl_clip_counts_sgd_dampening():
         opt.step()
         nus[dampening] = opt.preconditioner.stats["kl_clip_scale"]
     assert nus[0.9] == pytest.approx(10 * nus[0.0], rel=1e-6)  # η is 10× smaller
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_a_bad_rate_of_the_base_optimizer_is_refused_before_anything_changes(bad):
+    """A NaN, infinite or negative rate in a parameter group (set by hand or by a
+    scheduler) is a ValueError naming the group and the value; the parameters and their
+    gradients are left as they were (without the check, NaN rates switched the KL clip
+    off and trained NaN parameters without a word)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = bad
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    factors = {name: tuple(f.clone() for f in ag)
+               for name, ag in opt.preconditioner.factors().items()}
+    steps = opt.preconditioner.steps
+    with pytest.raises(ValueError, match=f"parameter group 0 is {bad!r}"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert opt.preconditioner.steps == steps  # nor the preconditioner's state
+    for name, (a, g) in opt.preconditioner.factors().items():
+        assert torch.equal(a, factors[name][0]) and torch.equal(g, factors[name][1])

@@ -53,6 +53,22 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
     return float(lr) * (1.0 - dampening) / (1.0 - momentum)
 
 
+def check_group_rates(optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse a parameter group whose rate is NaN, infinite or negative.
+
+    Raises:
+        ValueError: Naming the group and its rate.
+    """
+    for index, group in enumerate(optimizer.param_groups if optimizer is not None else ()):
+        if "lr" in group:
+            lr = float(group["lr"])
+            if not (math.isfinite(lr) and lr >= 0.0):
+                raise ValueError(
+                    f"the optimizer's learning rate of parameter group {index} is {lr!r} "
+                    "(set by you or a scheduler): it must be a finite number >= 0, or the "
+                    "step turns the parameters into NaN — nothing was changed by this step")
+
+
 def kl_clip_scale(kl_clip: float | None, u_dot_d: float, lr: float | None) -> float:
     """ν = min(1, √(κ / (η² Σ⟨U, DΘ⟩))); 1 when the clip is off or undefined.
 

@@ -37,7 +37,7 @@ from .fisher import check_class_dim
 from .guards import Reporter, check_model, check_setup, refuse_sharded, world_size
 from .hyperparams import DECAY, INTERVAL, NON_NEGATIVE, POSITIVE, Schedule, resolve
 from .inspection import Inspection
-from .kl_clip import LayerRates, kl_clip_scale, trainable_params
+from .kl_clip import LayerRates, check_group_rates, kl_clip_scale, trainable_params
 from .parallel import Parallelism, Plan, SingleProcess, Update
 from .recipes import Recipe, defaults
 from .records import LayerRecord
@@ -462,6 +462,7 @@ class KFACPreconditioner(Inspection):
     # -------------------------------------------------------------- the phases
     def _checked(self, outputs: Tensor | None) -> bool:
         """Refuse a step that cannot be right; whether its curvature is to be used."""
+        check_group_rates(self.optimizer)  # first: a refused step changes nothing
         if not self._sharding_checked:  # this process's first step (a resumed run too):
             # a framework may have sharded the model after building the optimizer
             followed = self._parallel.follow(self.model)
