@@ -5,6 +5,7 @@ resumes and added parameter groups."""
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -327,3 +328,52 @@ def test_a_bad_rate_of_the_base_optimizer_is_refused_before_anything_changes(bad
     assert opt.preconditioner.steps == steps  # nor the preconditioner's state
     for name, (a, g) in opt.preconditioner.factors().items():
         assert torch.equal(a, factors[name][0]) and torch.equal(g, factors[name][1])
+
+
+def _kfac_sgd(sizes, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(a, b) for a, b in itertools.pairwise(sizes)])
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x, y = torch.randn(8, sizes[0]), torch.randint(0, sizes[-1], (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _snapshot(opt):
+    base = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+            for k, s in opt.base_optimizer.state_dict()["state"].items()}
+    factors = {n: tuple(f.clone() for f in ag) for n, ag in opt.preconditioner.factors().items()}
+    return opt.preconditioner.steps, base, factors
+
+
+def _assert_same(opt, snapshot):
+    steps, base, factors = snapshot
+    assert opt.preconditioner.steps == steps
+    now = opt.base_optimizer.state_dict()["state"]
+    assert set(now) == set(base)
+    for k, s in base.items():
+        for n, v in s.items():
+            assert torch.equal(now[k][n], v) if torch.is_tensor(v) else now[k][n] == v
+    for n, (a, g) in opt.preconditioner.factors().items():
+        assert torch.equal(a, factors[n][0]) and torch.equal(g, factors[n][1])
+
+
+def test_a_refused_load_leaves_both_parts_as_they_were():
+    """One part refuses its state (the base: other parameter groups; the preconditioner:
+    another model): neither the base optimizer nor the preconditioner has changed."""
+    _, opt = _kfac_sgd([4, 6, 3])
+    snapshot = _snapshot(opt)
+    _, other = _kfac_sgd([4, 6, 3], seed=1)       # the same model, other factors
+    _, three_layers = _kfac_sgd([4, 6, 6, 3])     # the base refuses: more parameters
+    with pytest.raises(ValueError):
+        opt.load_state_dict({"base": three_layers.state_dict()["base"],
+                             "preconditioner": other.state_dict()["preconditioner"]})
+    _assert_same(opt, snapshot)
+    _, wider = _kfac_sgd([4, 7, 3])               # the base accepts, K-FAC refuses
+    with pytest.raises(ValueError, match="different model"):
+        opt.load_state_dict({"base": other.state_dict()["base"],
+                             "preconditioner": wider.state_dict()["preconditioner"]})
+    _assert_same(opt, snapshot)

@@ -153,18 +153,27 @@ class KFACOptimizer(torch.optim.Optimizer):
         prepare).
 
         Raises:
-            ValueError: If ``state_dict`` is not a :meth:`state_dict` of this class.
+            ValueError: If ``state_dict`` is not a :meth:`state_dict` of this class, or
+                either part refuses its state (another model, other parameter groups):
+                then neither part has changed.
         """
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "preconditioner"}:
             keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
             raise ValueError(f"not a KFACOptimizer state (keys {keys}); expected 'base' and "
                              "'preconditioner'")
-        # The preconditioner's state is checked (and refused) first: a refused load
-        # leaves both parts as they were.
-        self.preconditioner.load_state_dict(state_dict["preconditioner"])
+        # A refused load leaves both parts as they were: the base loads first (torch
+        # checks before it changes anything) and is put back if the preconditioner then
+        # refuses its part (which checks everything before it changes anything).
+        previous = self.base_optimizer.state_dict()  # references: a load makes new ones
         self.base_optimizer.load_state_dict(state_dict["base"])
-        self.param_groups = self.base_optimizer.param_groups  # torch rebuilds the list
-        self.state = self.base_optimizer.state
+        try:
+            self.preconditioner.load_state_dict(state_dict["preconditioner"])
+        except BaseException:
+            self.base_optimizer.load_state_dict(previous)
+            raise
+        finally:
+            self.param_groups = self.base_optimizer.param_groups  # torch rebuilds the list
+            self.state = self.base_optimizer.state
 
     def __repr__(self) -> str:
         pre = self.preconditioner
