@@ -258,3 +258,20 @@ def mismatched(out: str) -> None:
     except ValueError as err:
         with open(f"{out}.{rank}", "w") as fh:
             fh.write(str(err))
+
+
+def mismatched_setting(out: str) -> None:
+    """Same model, but rank 1 asks for another damping and factor interval (a launch
+    script that reads its settings per rank); construction must say so on every rank."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)))
+    try:
+        DistributedKFACPreconditioner(model, damping=0.05 * (1 + rank),
+                                      factor_update_steps=1 + rank)
+        message = "accepted"
+    except ValueError as err:
+        message = str(err)
+    with open(f"{out}.{rank}", "w") as fh:
+        fh.write(message)

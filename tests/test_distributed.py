@@ -337,3 +337,19 @@ def test_ranks_with_different_models_get_a_clear_error(tmp_path):
         message = (tmp_path / f"err.{rank}").read_text()
         assert message.startswith("ranks [1] built a different model"), message
         assert "'0: A 5, G 6'" in message and "'0: A 5, G 7'" in message
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_settings_get_a_clear_error(tmp_path):
+    """Settings, not only shapes, are compared across ranks: a damping and a factor
+    interval that differ (which trained a silent mix, or hung) are refused on every rank,
+    naming both."""
+    out = tmp_path / "err"
+    run_workers("tests.dist_workers:mismatched_setting", 2, [str(out)], timeout=120,
+                extra_path=ROOT)
+    for rank in (0, 1):
+        message = (tmp_path / f"err.{rank}").read_text()
+        assert message.startswith("ranks [1] built a different model"), message
+        assert "damping=0.05" in message and "damping=0.1" in message, message
+        assert "factor_update_steps=1" in message and "factor_update_steps=2" in message
+
