@@ -367,16 +367,26 @@ class TinyCNN(nn.Module):
 def train_cnn(model: nn.Module, cls: type, rank: int, world: int) -> dict:
     """``STEPS`` steps of the tiny CNN (8 images 2×8×8 a step) under preconditioner class
     ``cls`` with SGD, on this rank's share; the parameters."""
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (8,), generator=g))
+    return _train_sgd(model, cls, rank, world, 300, batch)
+
+
+def _train_sgd(model: nn.Module, cls: type, rank: int, world: int, seed: int,
+               batch) -> dict:
+    """``STEPS`` SGD steps under preconditioner class ``cls`` on this rank's share of
+    ``batch(generator)`` (8 examples; the generator seeded by ``seed`` + step), the loss
+    cross-entropy over the last dimension; the parameters."""
     pre = cls(model, damping=1e-2, kl_clip=1e-2, lr=0.1, inv_update_steps=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     share = 8 // world
     mine = slice(rank * share, (rank + 1) * share)
     for step in range(STEPS):
-        g = torch.Generator().manual_seed(300 + step)
-        x = torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (8,), generator=g)
+        x, y = batch(torch.Generator().manual_seed(seed + step))
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
+        out = model(x[mine])
+        nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y[mine].reshape(-1)).backward()
         pre.step()
         opt.step()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -406,18 +416,9 @@ class TinyGPT(nn.Module):
 def train_gpt(model: nn.Module, cls: type, rank: int, world: int) -> dict:
     """``STEPS`` steps of the tiny GPT (8 sequences of 5 tokens a step) under
     preconditioner class ``cls`` with SGD, on this rank's share; the parameters."""
-    pre = cls(model, damping=1e-2, kl_clip=1e-2, lr=0.1, inv_update_steps=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    share = 8 // world
-    mine = slice(rank * share, (rank + 1) * share)
-    for step in range(STEPS):
-        g = torch.Generator().manual_seed(200 + step)
-        x, y = torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 11, (8, 5), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[mine]).flatten(0, 1), y[mine].flatten()).backward()
-        pre.step()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 11, (8, 5), generator=g)
+    return _train_sgd(model, cls, rank, world, 200, batch)
 
 
 def train_kfac_adamw(model: nn.Module, rank: int, world: int) -> dict:

@@ -88,17 +88,23 @@ def test_kfac_optimizer_over_adamw_on_two_ranks_equals_one_process(two):
     assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
 
 
-def test_a_gpt_with_attention_and_a_tied_head_on_two_ranks_equals_one_process(two):
+def _check_small_model(two, key: str, build, train) -> None:
+    """Every rank's ``key`` parameters equal one process's (1e-10), and the reference
+    moved every parameter."""
     from thermokfac import KFACPreconditioner
 
-    reference = eq.train_gpt(eq.TinyGPT(), KFACPreconditioner, 0, 1)
-    start = dict(eq.TinyGPT().named_parameters())
+    reference = train(build(), KFACPreconditioner, 0, 1)
+    start = dict(build().named_parameters())
     for rank, result in enumerate(two):
-        assert set(result["gpt"]) == set(reference)
-        for key, value in result["gpt"].items():
-            torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
-                                       msg=f"{key} on rank {rank}")
+        assert set(result[key]) == set(reference)
+        for name, value in result[key].items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-10, atol=1e-10,
+                                       msg=f"{key}: {name} on rank {rank}")
     assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
+
+
+def test_a_gpt_with_attention_and_a_tied_head_on_two_ranks_equals_one_process(two):
+    _check_small_model(two, "gpt", eq.TinyGPT, eq.train_gpt)
 
 
 def test_fsdp2_options_train_as_one_process(two, references):
@@ -123,16 +129,7 @@ def test_fsdp2_options_train_as_one_process(two, references):
 
 
 def test_a_cnn_on_two_ranks_equals_one_process(two):
-    from thermokfac import KFACPreconditioner
-
-    reference = eq.train_cnn(eq.TinyCNN(), KFACPreconditioner, 0, 1)
-    start = dict(eq.TinyCNN().named_parameters())
-    for rank, result in enumerate(two):
-        assert set(result["cnn"]) == set(reference)
-        for key, value in result["cnn"].items():
-            torch.testing.assert_close(value, reference[key], rtol=1e-10, atol=1e-10,
-                                       msg=f"{key} on rank {rank}")
-    assert all(float((reference[k] - start[k].detach()).abs().max()) > 1e-3 for k in start)
+    _check_small_model(two, "cnn", eq.TinyCNN, eq.train_cnn)
 
 
 def test_misuse_is_refused_on_every_rank(two):

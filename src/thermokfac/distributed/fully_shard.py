@@ -360,8 +360,9 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         self.collectives += 1
         present = flags.tolist()
         done = [b for i, b in enumerate(blocks) if present[i] > 0]
+        helpers = {b.name: b.helper for b in blocks}
         for name, update in updates.items():  # U into the owner's whole gradients
-            gradients.write(next(b.helper for b in blocks if b.name == name), update.u)
+            gradients.write(helpers[name], update.u)
         # every preconditioned block: U arrives in the shards below (u=None: written)
         out = {b.name: Update(updates[b.name].inner if b.name in updates else 0.0,
                               updates[b.name].rate if b.name in updates else None)

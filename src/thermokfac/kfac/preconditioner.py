@@ -463,18 +463,8 @@ class KFACPreconditioner(Inspection):
     def _checked(self, outputs: Tensor | None) -> bool:
         """Refuse a step that cannot be right; whether its curvature is to be used."""
         check_group_rates(self.optimizer)  # first: a refused step changes nothing
-        if not self._sharding_checked:  # this process's first step (a resumed run too):
-            # a framework may have sharded the model after building the optimizer
-            followed = self._parallel.follow(self.model)
-            if followed is not self._parallel:  # FSDP2 applied since: its plan from now
-                self._parallel = followed
-                self.plan = followed.plan(list(self._blocks.values()), self.config,
-                                          next(self.model.parameters()).device,
-                                          lambda: self.factor_dtype)
-                for block in self._blocks.values():  # a loaded state: owners keep theirs
-                    if not self.plan.assignment.holds_estimates(block.name):
-                        block.restart(block.layout)
-            refuse_sharded(self.model, self.model, self._parallel.shards_parameters)
+        if not self._sharding_checked:  # this process's first step (a resumed run too)
+            self._follow_sharding()
             self._sharding_checked = True
         if outputs is not None:
             self.curvature_backward(outputs)
@@ -495,6 +485,22 @@ class KFACPreconditioner(Inspection):
         refused = checks.refused_then_new_backward(record)
         self._reporter.report(refused)
         return self._capture.enabled and refused is None
+
+    def _follow_sharding(self) -> None:
+        """A framework may have sharded the model after the optimizer was built: take
+        the plan the parallelism gives for the model as it is now (FSDP2's owner
+        blocks; a loaded state keeps only this rank's blocks), or refuse a sharding
+        no plan handles."""
+        followed = self._parallel.follow(self.model)
+        if followed is not self._parallel:
+            self._parallel = followed
+            self.plan = followed.plan(list(self._blocks.values()), self.config,
+                                      next(self.model.parameters()).device,
+                                      lambda: self.factor_dtype)
+            for block in self._blocks.values():
+                if not self.plan.assignment.holds_estimates(block.name):
+                    block.restart(block.layout)
+        refuse_sharded(self.model, self.model, self._parallel.shards_parameters)
 
     def _backward_begins(self) -> None:
         """A forward's backward begins (its first output gradient, before it is
