@@ -4,6 +4,7 @@ naming the file (and the previous checkpoint), never a traceback or a silent loa
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -77,15 +78,29 @@ def test_every_single_byte_flip_is_caught(tmp_path):
             checkpoint.read(tmp_path)
 
 
-def test_cli_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
+def test_cli_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+    """A damaged ``checkpoint.pt`` beside an intact previous one: the resume continues
+    from the previous one and says so in one line naming both; when both are damaged,
+    a one-line error naming both (exit status 2)."""
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
-    path = out / checkpoint.NAME
+    path, previous = out / checkpoint.NAME, out / checkpoint.PREVIOUS
+    saved_step = checkpoint.read(out)["step"]
+    step_before = torch.load(io.BytesIO(previous.read_bytes().partition(b"\n")[2]),
+                             weights_only=False)["step"]
     path.write_bytes(path.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(out), "--resume", "--steps", "6"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"from {previous} (step {step_before})" in err[0]
+    assert f"{path} is truncated or damaged" in err[0]
+    assert json.loads((out / "results.json").read_text())["steps"] == 6 > saved_step - 1
+    for name in (checkpoint.NAME, checkpoint.PREVIOUS):
+        (out / name).write_bytes((out / name).read_bytes()[:-100])
     assert main(["train", *TINY, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is truncated or damaged" in err[0]
-    assert checkpoint.PREVIOUS in err[0]  # checkpoint-every 2 left a previous one
+    assert len(err) == 1 and "no intact checkpoint" in err[0]
+    assert str(path) in err[0] and str(previous) in err[0]
 
 
 def test_run_resume_uses_the_checked_file(tmp_path):

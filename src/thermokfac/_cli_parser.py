@@ -54,6 +54,9 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output (bars on a terminal; otherwise one line "
                              "per evaluation)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (without it: one line and "
+                             "the exit status)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, replacing the files this "
                              "command writes (without it a non-empty --out is refused)")
@@ -88,7 +91,9 @@ thermokfac: train with K-FAC whose inversions and solves run on exact digital so
 or on a simulated thermodynamic (analog) device, and measure what each costs.
 
 Every command writes its settings (config.json), results (JSON/CSV) and figures (PNG)
-into its --out folder, and exits with status 2 and a one-line message on bad input.
+into its --out folder, which it locks (one run per folder). Errors are one line on
+stderr and an exit status: 2 bad input, 3 a fault of the machine (disk full, read-only,
+permissions), 128 + N a signal, 1 anything else (--debug shows the traceback).
 Training commands also read their options from --config FILE (JSON or TOML)."""
 
 
@@ -217,6 +222,8 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
 
     plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
     plot.add_argument("folder", type=Path, help="a folder written by any command")
+    plot.add_argument("--debug", action="store_true",
+                      help="show the traceback of an error")
     plot.set_defaults(func=handlers["plot"])
     return parser
 

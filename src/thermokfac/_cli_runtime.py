@@ -1,5 +1,6 @@
 """What the command line checks and does around a command: flags given again on a resume,
-the run-folder rule, and leaving a torchrun job."""
+the exit status of each kind of failure, and leaving a torchrun job (the run-folder
+rules are in :mod:`.experiments.run_folder`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -18,32 +19,22 @@ def given(argv: Sequence[str], name: str) -> bool:
     return any(t == flag or t.startswith(flag + "=") or t == "--no-" + flag[2:] for t in argv)
 
 
-def refuse_nonempty(args: argparse.Namespace) -> None:
-    """A non-empty ``--out`` is refused unless the run resumes or ``--overwrite`` says
-    to replace it (checked on rank 0 only, before anything is written)."""
-    out = getattr(args, "out", None)
-    if out is None or getattr(args, "resume", False) or getattr(args, "overwrite", False) \
-            or int(os.environ.get("RANK", "0")) != 0:
-        return
-    if Path(out).is_dir() and any(Path(out).iterdir()):
-        raise ValueError(f"--out {out} is not empty: pass --overwrite to replace its "
-                         "files, or --resume to continue the run saved there")
-
-
 def distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-def leave_distributed(code: int) -> None:
-    """Under torchrun: wait for every rank (after success), then exit without tearing the
-    process group down (freeing DDP's reducer beside gloo's worker thread can deadlock at
-    exit); a failed rank leaves at once, and its peers' collectives fail with an error."""
+def leave_distributed(code: int, release: Callable[[], None]) -> None:
+    """Under torchrun: wait for every rank (after success), release the run folder, then
+    exit without tearing the process group down (freeing DDP's reducer beside gloo's
+    worker thread can deadlock at exit); a failed rank leaves at once, and its peers'
+    collectives fail with an error."""
     import torch.distributed as dist
 
     if code == 0:
         dist.barrier()
+    release()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -90,3 +81,27 @@ class OncePerCommand(logging.Filter):
             return False
         self.seen.add(message)
         return True
+
+
+#: Exit statuses (documented in the README's run-safety paragraph): bad input (an
+#: argument, a config file, a spec, a damaged checkpoint, a folder in use) 2; a fault
+#: of the environment (a full disk, a read-only or missing folder, a size limit,
+#: permissions, memory) 3; an interrupted run 128 + the signal; an unexpected error 1.
+BAD_INPUT, ENVIRONMENT, UNEXPECTED = 2, 3, 1
+
+
+def fault_message(command: str, err: OSError | MemoryError, out: Path | None) -> str:
+    """One line for a fault of the environment: what failed, on which file, and the
+    newest intact checkpoint of the run folder (when it is a folder)."""
+    from .experiments.run_folder import intact_checkpoint
+
+    if isinstance(err, MemoryError):
+        what = "out of memory"
+    else:
+        reason = err.strerror or str(err) or type(err).__name__
+        what = f"{err.filename}: {reason}" if err.filename else reason
+    try:
+        intact = intact_checkpoint(out) if out is not None and Path(out).is_dir() else ""
+    except Exception:
+        intact = ""
+    return f"thermokfac {command}: error: {what}" + (f"; {intact}" if intact else "")

@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields, replace
 
 from ._cli_runtime import (
+    BAD_INPUT,
+    ENVIRONMENT,
+    UNEXPECTED,
     WRITES_ARGS,
     OncePerCommand,
     apply_config_file,
     distributed,
+    fault_message,
     given,
     leave_distributed,
-    refuse_nonempty,
     write_args,
 )
 
@@ -31,12 +35,13 @@ try:
     from ._cli_parser import build_parser
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
-    from .experiments.config import TrainConfig
+    from .experiments.config import TrainConfig, unused_settings
     from .experiments.plan import plan
     from .experiments.processes import resolve_device
     from .experiments.profile import profile
     from .experiments.profile_dist import profile_nproc
     from .experiments.quantize import quantize_sweep
+    from .experiments.run_folder import RunFolderLock, check_out
     from .experiments.scaling import scaling
     from .experiments.sweep import load_spec, sweep
     from .experiments.sweep import table as sweep_table
@@ -52,9 +57,23 @@ else:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
+    """The command's :class:`TrainConfig`. A flag that this configuration does not use is
+    an error, and so is a ``--config`` setting that the file's own configuration does
+    not use (flags may switch off what a shared file sets up: ``--no-kfac``)."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
               if hasattr(args, f.name)}
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    flags = {name for name in values if given(args.argv, name)}
+    problem = unused_settings(cfg, flags, args.command)
+    from_file = set(getattr(args, "from_file", {})) - flags
+    if problem is None and from_file:  # a file is a whole recipe: judged on its own
+        own = TrainConfig(**{name: args.sub_parser.get_default(name) for name in values})
+        problem = unused_settings(own, from_file, args.command)
+        if problem is not None:
+            problem = f"--config {args.config}: {problem}"
+    if problem is not None:
+        raise ValueError(problem)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -222,34 +241,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     once = OncePerCommand()
     logging.getLogger("thermokfac").addFilter(once)
+    debug = getattr(args, "debug", False)
+    lock: RunFolderLock | None = None
     try:
         import torch
 
         args = apply_config_file(parser, args, argv)
         args.argv = argv
-        refuse_nonempty(args)
+        out = getattr(args, "out", None)
+        if out is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 for all
+            lock = _take_folder(args)
         if args.command in WRITES_ARGS and int(os.environ.get("RANK", "0")) == 0:
             write_args(args)
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
         code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if debug:
+            raise
         print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
-        code = 2
+        code = BAD_INPUT
+    except (OSError, MemoryError) as err:  # the machine: disk, permissions, memory
+        if debug:
+            raise
+        print(fault_message(args.command, err, getattr(args, "out", None)), file=sys.stderr)
+        code = ENVIRONMENT
+    except KeyboardInterrupt:  # outside a training loop (which saves and exits itself)
+        if debug:
+            raise
+        print(f"thermokfac {args.command}: interrupted", file=sys.stderr)
+        code = 128 + signal.SIGINT
     except SystemExit as stopped:  # a run stopped by SIGINT/SIGTERM, its files written
         if not distributed():
             raise
         code = int(stopped.code or 0)
-    except RuntimeError as err:  # under torchrun: a failed peer or collective
-        if not distributed():
+    except Exception as err:
+        if debug:
             raise
-        print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
-        code = 1
+        kind = "error" if distributed() and isinstance(err, RuntimeError) else \
+            "unexpected error (--debug shows the traceback)"
+        print(f"thermokfac {args.command}: {kind}: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        code = UNEXPECTED
     finally:
         logging.getLogger("thermokfac").removeFilter(once)
+        if lock is not None and not distributed():
+            lock.release()
     if distributed():
-        leave_distributed(code)
+        leave_distributed(code, lock.release if lock is not None else lambda: None)
     return code
+
+
+def _take_folder(args: argparse.Namespace) -> RunFolderLock:
+    """The run-folder rules before anything is written: ``--out`` is a folder, no live
+    run holds it, and it is empty unless the command resumes or overwrites."""
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    check_out(args.out, resume=True, overwrite=True)  # only: not a file
+    lock = RunFolderLock(args.out, f"thermokfac {args.command}").acquire()
+    try:
+        check_out(args.out, resume=resume, overwrite=overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 if __name__ == "__main__":

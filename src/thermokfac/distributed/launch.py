@@ -11,6 +11,7 @@ can deadlock at interpreter exit when DDP was used.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -60,11 +61,19 @@ def run_workers(target: str, nproc: int, args: list[str] | None = None, *,
         return outputs
 
 
+#: The longest collective timeout accepted (one week).
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 def collective_timeout() -> timedelta:
     """How long a collective waits for its peers before failing: ``THERMOKFAC_DIST_TIMEOUT``
     seconds (default 300), so that a failed rank cannot hang the others for long."""
-    seconds = float(os.environ.get("THERMOKFAC_DIST_TIMEOUT", "300"))
-    if not seconds > 0:
-        raise ValueError(f"THERMOKFAC_DIST_TIMEOUT={seconds!r} must be a positive number "
-                         "of seconds")
+    text = os.environ.get("THERMOKFAC_DIST_TIMEOUT", "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"THERMOKFAC_DIST_TIMEOUT={text!r} must be a number of seconds in "
+                         f"(0, {MAX_TIMEOUT_S}]")
     return timedelta(seconds=seconds)

@@ -19,7 +19,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ def write(folder: Path, state: dict[str, Any],
         state: What ``torch.save`` can write.
         before_rename: Called after the new file is complete on disk and before any
             rename (tests inject a failure there).
+
+    Raises:
+        OSError: The write failed (a full disk, a size limit, a read-only folder); the
+            partial temporary file is removed and the last checkpoint is untouched.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,11 +54,17 @@ def write(folder: Path, state: dict[str, Any],
     header = {"format": FORMAT, "version": VERSION, "bytes": len(payload),
               "sha256": hashlib.sha256(payload).hexdigest()}
     path, temporary = folder / NAME, folder / (NAME + ".tmp")
-    with open(temporary, "wb") as fh:
-        fh.write(json.dumps(header).encode() + b"\n")
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(temporary, "wb") as fh:
+            fh.write(json.dumps(header).encode() + b"\n")
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:  # full disk, size limit, read-only: the last one is untouched
+        _remove(temporary)
+        if err.filename is None:  # a failed write() names no file
+            err.filename = str(temporary)
+        raise
     if before_rename is not None:
         before_rename()
     if path.exists():
@@ -102,28 +113,24 @@ def write_dcp(folder: Path, state: dict[str, Any], rank: int) -> Path:
     return path
 
 
-def read_dcp(folder: Path, state: dict[str, Any]) -> None:
-    """Load ``folder/checkpoint.dcp`` into ``state`` in place (every rank calls it).
+def read_dcp(path: Path, state: dict[str, Any]) -> None:
+    """Load the DCP checkpoint folder ``path`` (from :func:`resume_point`) into ``state``
+    in place (every rank calls it).
 
     Raises:
-        FileNotFoundError: No such checkpoint (naming a previous one if it exists).
         ValueError: The folder has no ``.metadata`` (an incomplete save).
     """
     import torch.distributed.checkpoint as dcp
 
-    path = Path(folder) / DCP_NAME
-    previous = Path(folder) / DCP_PREVIOUS
-    hint = (f"; the previous checkpoint {previous} may be intact: rename it to {DCP_NAME} "
-            "to resume from it") if previous.exists() else ""
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint to resume in {folder}{hint}")
+    path = Path(path)
     if not (path / ".metadata").is_file():
-        raise ValueError(f"{path} has no .metadata: an incomplete save{hint}")
+        raise ValueError(f"{path} has no .metadata: an incomplete save")
     dcp.load(state, checkpoint_id=str(path))
 
 
 def read(folder: Path) -> dict[str, Any]:
-    """The state saved in ``folder/checkpoint.pt``.
+    """The state saved in ``folder/checkpoint.pt`` (that file only; :func:`newest_verified`
+    falls back to the others).
 
     Raises:
         FileNotFoundError: No checkpoint (naming a previous one if it exists).
@@ -137,8 +144,67 @@ def read(folder: Path) -> dict[str, Any]:
             "resume from it") if previous.exists() else ""
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint to resume in {folder}{hint}")
-    payload = _payload(path, hint)
-    return torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
+    return _load(path, _payload(path, hint))
+
+
+def _load(path: Path, payload: bytes) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
+    except Exception as err:  # a verified payload that torch cannot read
+        raise ValueError(f"{path} passed its checksum but could not be read: "
+                         f"{type(err).__name__}: {err}") from None
+    return state
+
+
+@dataclass(frozen=True)
+class Found:
+    """A verified checkpoint: its path, the step it holds (``None`` for a DCP folder
+    until its progress is read) and, for a file, its state."""
+
+    path: Path
+    step: int | None
+    state: dict[str, Any] | None
+    #: Why each newer candidate was passed over (``(path, reason)``).
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+
+#: Where a checkpoint may be, newest first: a temporary file or folder that is complete
+#: (a kill between the renames of a save leaves it so), the checkpoint, the previous one.
+CANDIDATES = (NAME + ".tmp", NAME, PREVIOUS)
+DCP_CANDIDATES = ("checkpoint.dcp.tmp", "checkpoint.dcp", "checkpoint.dcp.prev")
+
+
+def newest_verified(folder: Path) -> Found | None:
+    """The newest checkpoint in ``folder`` that passes every check: a file whose header,
+    length and SHA-256 match and whose payload loads, or a DCP folder with its
+    ``.metadata`` (files first: a folder holds one kind). ``None`` if there is none.
+
+    Args:
+        folder: The run folder.
+    """
+    folder = Path(folder)
+    skipped: list[tuple[Path, str]] = []
+    for name in CANDIDATES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            state = _load(path, _payload(path, ""))
+            step = state.get("step") if isinstance(state, dict) else None
+        except (OSError, ValueError) as err:
+            if name != CANDIDATES[0]:  # a partial temporary file is no news
+                skipped.append((path, str(err)))
+            continue
+        return Found(path, step if isinstance(step, int) else None, state, tuple(skipped))
+    for name in DCP_CANDIDATES:
+        path = folder / name
+        if not path.is_dir():
+            continue
+        if (path / ".metadata").is_file():
+            return Found(path, None, None, tuple(skipped))
+        if name != DCP_CANDIDATES[0]:
+            skipped.append((path, f"{path} has no .metadata: an incomplete save"))
+    return None
 
 
 def _payload(path: Path, hint: str) -> bytes:
@@ -160,6 +226,23 @@ def _payload(path: Path, hint: str) -> bytes:
     if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise ValueError(f"{path} is damaged (its SHA-256 does not match){hint}")
     return payload
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Writes within name ``path`` in the ``OSError`` they raise (``write()`` and
+    ``flush()`` of an open file name none), for the command line's one-line message."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def _remove(path: Path) -> None:
+    with suppress(OSError):
+        path.unlink()
 
 
 def _sync_folder(folder: Path) -> None:
@@ -222,3 +305,31 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def resume_point(folder: Path) -> Found:
+    """The checkpoint ``--resume`` continues from: :func:`newest_verified`.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no checkpoint at all.
+        ValueError: It holds checkpoints, none of them intact (each named with what is
+            wrong with it).
+    """
+    folder = Path(folder)
+    found = newest_verified(folder)
+    if found is not None:
+        return found
+    damaged = [folder / n for n in (NAME, PREVIOUS) if (folder / n).is_file()]
+    damaged += [folder / n for n in DCP_CANDIDATES[1:] if (folder / n).is_dir()]
+    if not damaged:
+        raise FileNotFoundError(f"no checkpoint to resume in {folder}")
+    reasons = []
+    for path in damaged:
+        try:
+            if path.is_dir():
+                read_dcp(path, {})
+            else:
+                _load(path, _payload(path, ""))
+        except (OSError, ValueError) as err:
+            reasons.append(str(err))
+    raise ValueError(f"no intact checkpoint to resume in {folder}: " + "; ".join(reasons))

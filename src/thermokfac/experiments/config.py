@@ -9,6 +9,8 @@ and this module say the same thing.
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +20,7 @@ from ..distributed.assignment import Strategy
 from ..enums import DampingSplit, Grafting, KFACApprox, Method
 from ..solvers import available_solvers
 from ..solvers.hardware import SettleModel
+from ..solvers.quantize import check_bits
 from ..solvers.thermo.config import Backend, Quantizer
 from .tasks import MODELS, TASKS
 
@@ -115,16 +118,114 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not valid; choose one of "
                              f"{list(OPTIMIZERS)}")
-        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+        for f in fields(self):
+            _check_type(f, getattr(self, f.name))
+        if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit!r} must be a positive number of training "
                              "examples, or None for all of them")
         for name in ("steps", "batch_size", "eval_every", "threads", "width", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be positive")
-        if self.stop_at is not None and not self.stop_at == self.stop_at:
-            raise ValueError("stop_at=nan is not a valid target")
+        for name in ("input_bits", "output_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        for f in fields(self):
+            valid = RANGES.get(f.name)
+            if valid is not None:
+                valid.check(f.name, getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: from ``low`` to ``high``, each end
+    inclusive unless ``open_low`` / ``open_high``, always finite (NaN and infinity are
+    refused); ``None`` passes where the setting allows it."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        """Raises ``ValueError`` naming ``name``, ``value`` and the valid range."""
+        if value is None:
+            return
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        above = number > self.low if self.open_low else number >= self.low
+        below = number < self.high if self.open_high else number <= self.high
+        if not (math.isfinite(number) and above and below):
+            text = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"{name}={text} is out of range; valid: {self.text()}")
+
+    def text(self) -> str:
+        """The range in interval notation, e.g. ``[0, 1)``."""
+        def show(x: float) -> str:
+            if math.isinf(x):
+                return "inf"
+            return str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:g}"
+        return (("(" if self.open_low else "[") + f"{show(self.low)}, {show(self.high)}" +
+                (")" if self.open_high or math.isinf(self.high) else "]"))
+
+
+#: The valid range of every numeric :class:`TrainConfig` setting, checked wherever one
+#: enters (flags, config files, sweep specs, checkpoints, the API).
+RANGES = {
+    "lr": Range(0, math.inf, open_low=True), "momentum": Range(0, 1, open_high=True),
+    "weight_decay": Range(0, math.inf), "batch_size": Range(1, 2**24), "steps": Range(1, 2**40),
+    "eval_every": Range(1, 2**40), "seed": Range(0, 2**32 - 1), "width": Range(1, 2**20),
+    "depth": Range(1, 10_000), "heads": Range(1, 4096), "context": Range(1, 2**20),
+    "limit": Range(1, 2**40), "damping": Range(0, 1e6, open_low=True),
+    "factor_decay": Range(0, 1, open_high=True), "factor_update_steps": Range(1, 2**40),
+    "inv_update_steps": Range(1, 2**40), "kl_clip": Range(0, 1e12, open_low=True),
+    "start_preconditioning_step": Range(0, 2**40), "input_bits": Range(2, 32),
+    "output_bits": Range(2, 32), "n_spus": Range(1, 2**20),
+    "target_error": Range(1e-12, 1, open_high=True), "t0_rc": Range(0, 1e9, open_low=True),
+    "window_rc": Range(0, 1e9, open_low=True), "threads": Range(1, 4096),
+    "checkpoint_every": Range(0, 2**40), "stop_at": Range(-1e12, 1e12),
+}
+
+#: Which settings only some configurations use: (what they need, whether ``cfg`` has it).
+#: Giving one of them to a configuration that does not use it is an error, as a
+#: setting that does nothing would be recorded as used.
+_KFAC = ("solver", "method", "damping", "damping_split", "factor_decay",
+         "factor_update_steps", "inv_update_steps", "kl_clip", "grafting",
+         "start_preconditioning_step", "kfac_approx")
+_THERMO = ("backend", "input_bits", "output_bits", "quantizer", "settle_model", "n_spus",
+           "target_error", "t0_rc", "window_rc")
+USED_WHEN = {
+    **{name: ("--kfac", lambda c: c.kfac) for name in _KFAC},
+    **{name: ("--kfac --solver thermodynamic",
+              lambda c: c.kfac and c.solver == "thermodynamic") for name in _THERMO},
+    "momentum": ("--optimizer sgd or nesterov", lambda c: c.optimizer in ("sgd", "nesterov")),
+    "heads": ("--model gpt, torch-gpt or vit", lambda c: c.model in ("gpt", "torch-gpt", "vit")),
+    "context": ("--data shakespeare", lambda c: c.data == "shakespeare"),
+    "dist_strategy": ("torchrun (two or more processes) without --fsdp",
+                      lambda c: not c.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1),
+}
+
+
+def unused_settings(cfg: TrainConfig, given: set[str], command: str = "train") -> str | None:
+    """Why some of the settings ``given`` (on the command line or in a config file) do
+    nothing under ``cfg``, or ``None`` if all are used. ``compare``, ``quantize``,
+    ``plan`` and ``breakeven`` run K-FAC and the thermodynamic solver themselves, so
+    their K-FAC and device settings are always used."""
+    unused = []
+    for name in sorted(given):
+        rule = USED_WHEN.get(name)
+        if rule is None or (command != "train" and name in _KFAC + _THERMO):
+            continue
+        needs, used = rule
+        if not used(cfg):
+            unused.append(f"{name.replace('_', '-')} (used only with {needs})")
+    if not unused:
+        return None
+    return ("settings that this run would not use: " + ", ".join(unused) +
+            "; leave them out")
 
 
 #: Settings each command sets itself, and so does not accept (it would ignore them).
@@ -190,16 +291,30 @@ def read_config_file(path: Path, command: str = "train") -> dict[str, Any]:
 _KINDS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
 
 
-def _check_value(path: Path, f: Any, value: Any) -> None:
-    """A config-file value of the field's type (None where the field allows it) and
-    among its choices."""
+def _check_type(f: Any, value: Any) -> None:
+    """``value`` is of the field's type (None where the field allows it), a bool only
+    where the field is one, and among the field's choices.
+
+    Raises:
+        ValueError: Naming the setting, the value and what it must be.
+    """
     text = str(f.type)
     kinds = next(v for k, v in _KINDS.items() if text.startswith(k))
     if value is None and "None" in text:
         return
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ValueError(f"--config {path}: {f.name}={value!r} must be of type {text}")
+        raise ValueError(f"{f.name}={value!r} must be of type {text}")
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
-        raise ValueError(f"--config {path}: {f.name}={value!r} is not one of "
+        raise ValueError(f"{f.name}={value!r} is not one of "
                          f"{[c for c in choices if c is not None]}")
+
+
+def _check_value(path: Path, f: Any, value: Any) -> None:
+    """A config-file value of the field's type, among its choices and in its range."""
+    try:
+        _check_type(f, value)
+        if f.name in RANGES:
+            RANGES[f.name].check(f.name, value)
+    except ValueError as err:
+        raise ValueError(f"--config {path}: {err}") from None

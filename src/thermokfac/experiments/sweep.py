@@ -35,6 +35,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,33 @@ def load_spec(path: Path) -> dict[str, Any]:
             if key == "batch_sizes" and key not in arm:
                 continue  # the base (or set) batch size
             values = arm.get(key)
-            if not values or not all(isinstance(v, kind) and v > 0 for v in values):
+            if not isinstance(values, list) or not values or not all(
+                    isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+                    and v > 0 for v in values):
                 raise ValueError(f"arm {arm['name']!r}: {key}={values!r} must be a "
                                  "non-empty list of positive numbers")
+    seeds = spec["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in seeds):
+        raise ValueError(f"sweep spec {path}: seeds={seeds!r} must be a non-empty list of "
+                         "integers")
+    target = spec["target"]
+    if isinstance(target, bool) or not isinstance(target, (int, float)) \
+            or not math.isfinite(target):
+        raise ValueError(f"sweep spec {path}: target={target!r} must be a finite number")
+    for arm in spec["arms"]:  # every run's settings, checked before the first runs
+        for batch in arm.get("batch_sizes", [None]):
+            for lr in arm["lrs"]:
+                for seed in seeds:
+                    values = {**spec["base"], **arm.get("set", {}), "lr": lr, "seed": seed,
+                              "stop_at": target}
+                    if batch is not None:
+                        values["batch_size"] = batch
+                    try:
+                        TrainConfig(**values)
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"sweep spec {path}: arm {arm['name']!r}: "
+                                         f"{err}") from None
     return spec
 
 
@@ -163,6 +188,28 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> dict[str, Any]:
             "diverged": diverged, "load_average_1min_before": load, **kfac, "curve": curve}
 
 
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """A finished run's ``result.json``, or ``None`` (with a message: the run is done
+    again) when it is damaged."""
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        result = err
+    if isinstance(result, dict) and {"lr", "seed", "steps_run"} <= set(result):
+        return result
+    why = result if isinstance(result, Exception) else "not a run's result"
+    print(f"thermokfac sweep: {path} is damaged ({why}); running that run again",
+          file=sys.stderr)
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def _folder(arm: dict[str, Any], batch: int, lr: float, seed: int) -> str:
     prefix = f"b{batch}_" if "batch_sizes" in arm else ""
     return f"{arm['name']}/{prefix}lr{lr:g}_seed{seed}"
@@ -206,8 +253,10 @@ def sweep(spec: dict[str, Any], out: Path, progress: bool = True,
             lambda j: f"{j[0]['name']}, batch {j[1]}, lr {j[2]:g}, seed {j[3]}"):
         folder = out / "runs" / _folder(arm, batch, lr, seed)
         if resume and (folder / "result.json").exists():
-            runs[arm["name"]].append(json.loads((folder / "result.json").read_text()))
-            continue
+            saved = _read_result(folder / "result.json")
+            if saved is not None:
+                runs[arm["name"]].append(saved)
+                continue
         cfg = replace(base, **arm.get("set", {}), batch_size=batch, lr=lr, seed=seed)
         key = (cfg.data, cfg.limit, cfg.context, cfg.seed)
         if key not in tasks:
@@ -217,7 +266,7 @@ def sweep(spec: dict[str, Any], out: Path, progress: bool = True,
             cfg = replace(cfg, steps=math.ceil(spec["budget_epochs"]
                                                * steps_per_epoch(tasks[key], batch)))
         result = _one(cfg, folder, arm.get("clock", "measured"), tasks[key])
-        (folder / "result.json").write_text(json.dumps(result))
+        _write_atomic(folder / "result.json", json.dumps(result))
         runs[arm["name"]].append(result)
     arms = [_summarise(arm, runs[arm["name"]]) for arm in spec["arms"]]
     reference = arms[0]["median_s"]

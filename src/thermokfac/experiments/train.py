@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -200,17 +201,19 @@ class Run:
             ValueError: A damaged or foreign checkpoint, another number of processes, or
                 changed settings that a resumed run cannot take (all listed).
         """
-        sharded = (Path(out) / checkpoint_files.DCP_NAME).exists() and \
-            not (Path(out) / checkpoint_files.NAME).exists()
-        if sharded:  # an --fsdp run: its progress first, to build the run
+        found = checkpoint_files.resume_point(out)  # FileNotFoundError / ValueError
+        sharded = found.state is None  # an --fsdp run: its progress first, to build the run
+        if sharded:
             rank, _ = init_distributed()
             box = {f"run{rank}": io.BytesIO()}
-            checkpoint_files.read_dcp(out, box)
+            checkpoint_files.read_dcp(found.path, box)
             box[f"run{rank}"].seek(0)
             state = torch.load(box[f"run{rank}"], weights_only=False)
         else:
-            state = checkpoint_files.read(out)  # FileNotFoundError / ValueError, naming it
-        cfg = TrainConfig(**state["config"])
+            state = found.state
+        check_payload(state, found.path, sharded)
+        _report_resume(Path(out), found, state)
+        cfg = TrainConfig(**state["config"])  # validated by check_payload
         changes = dict(changes or {})
         if steps is not None:
             changes["steps"] = steps
@@ -232,17 +235,24 @@ class Run:
             )
 
             loaded = run._sharded_state()
-            checkpoint_files.read_dcp(out, loaded)  # K-FAC's state loads in place
+            checkpoint_files.read_dcp(found.path, loaded)  # K-FAC's state loads in place
             set_model_state_dict(run.net, loaded["model"])
             set_optimizer_state_dict(run.net, run.opt, loaded["optim"])
         else:
-            run.net.load_state_dict(state["model"])
-            run.opt.load_state_dict(state["opt"])
+            try:
+                run.net.load_state_dict(state["model"])
+                run.opt.load_state_dict(state["opt"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise ValueError(f"{found.path} does not fit this run's model or "
+                                 f"optimizer: {err}") from None
         if "lr" in changes:  # the saved optimizer state carries the old rate
             for group in run.opt.param_groups:
                 group["lr"] = cfg.lr
         if run.pre is not None and not sharded:
-            run.pre.load_state_dict(checkpoint_files.to_device(state["pre"], run.device))
+            try:
+                run.pre.load_state_dict(checkpoint_files.to_device(state["pre"], run.device))
+            except ValueError as err:
+                raise ValueError(f"{found.path}: {err}") from None
         run.gen.set_state(state["gen"][run.rank])
         torch.set_rng_state(state["torch_rng"][run.rank])
         run.step, run.train_s = state["step"], state["train_s"]
@@ -271,7 +281,8 @@ class Run:
         report = Progress(label, cfg.steps, self.step, progress and self.rank == 0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            with checkpoint_files.naming(self.out / "config.json"):
+                (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if not self.metrics:
             self.metrics.append({"step": 0, "train_s": 0.0, **self.evaluate()})
         with checkpoint_files.stop_on_signals() as stop:
@@ -370,8 +381,107 @@ class Run:
                                          "stats": dict(self.pre.stats),
                                          "layers": self.pre.layer_names}
         if self.rank == 0:
-            (self.out / "results.json").write_text(json.dumps(summary, indent=2))
+            with checkpoint_files.naming(self.out / "results.json"):
+                (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+#: The parts of a ``checkpoint.pt`` payload (format version 1) and their types; a
+#: ``checkpoint.dcp`` progress item has all but the last three.
+PAYLOAD = {"config": dict, "step": int, "train_s": (int, float), "world_size": int,
+           "gen": list, "torch_rng": list, "steps": list, "metrics": list,
+           "model": dict, "opt": dict, "pre": (dict, type(None))}
+
+
+def check_payload(state: Any, path: Path, sharded: bool = False) -> None:
+    """A checkpoint's payload has this version's layout, settings and finite tensors.
+
+    Checked before anything is built or changed, so a checkpoint from another version
+    or a damaged-but-plausible one (its checksum matches what was written) is a
+    one-line error naming the file.
+
+    Raises:
+        ValueError: The payload is not a dict, misses a part or has one of another type
+            or another version's, its settings are not this version's
+            :class:`TrainConfig` or out of range, or a model, optimizer or K-FAC tensor
+            holds NaN or infinity (named).
+    """
+    expected = {k: v for k, v in PAYLOAD.items()
+                if not sharded or k not in ("model", "opt", "pre")}
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a training run's "
+                         "state")
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {missing}"] if missing else []) + \
+            ([f"parts of another version {extra}"] if extra else [])
+        raise ValueError(f"{path} is not a checkpoint of this thermokfac version: "
+                         f"{'; '.join(parts)}")
+    for key, kind in expected.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: its {key!r} is a {type(state[key]).__name__}, not "
+                             f"{getattr(kind, '__name__', kind)}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(state["config"]) - known)
+    if unknown:
+        raise ValueError(f"{path}: its settings {unknown} are not settings of this "
+                         "thermokfac version")
+    try:
+        TrainConfig(**state["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its settings are not valid: {err}") from None
+    if state["step"] < 0 or len(state["gen"]) != state["world_size"]:
+        raise ValueError(f"{path}: step {state['step']} with {len(state['gen'])} random "
+                         f"states for {state['world_size']} process(es) is inconsistent")
+    for part in ("model", "opt"):
+        if part in expected:
+            _check_finite(state[part], f"{path}: {part}")
+    if expected.get("pre") and state["pre"] is not None:
+        for name, layer in (state["pre"].get("layers") or {}).items():
+            if isinstance(layer, dict):
+                _check_finite(layer, f"{path}: K-FAC layer {name!r}")
+
+
+def _check_finite(obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            bad = int((~torch.isfinite(obj)).sum())
+            raise ValueError(f"{where} holds {bad} NaN or infinite value(s) of "
+                             f"{obj.numel()}: the checkpoint is damaged")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_finite(value, f"{where}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_finite(value, f"{where}/{i}")
+
+
+def _report_resume(out: Path, found: Any, state: dict[str, Any]) -> None:
+    """Say which checkpoint a resume continues from; a fallback (the newest one was
+    damaged or never renamed into place) must hold the settings of ``config.json``."""
+    import sys
+
+    step = state["step"]
+    newest = found.path.name in (checkpoint_files.NAME, checkpoint_files.DCP_NAME)
+    if not newest:
+        recorded = out / "config.json"
+        try:
+            saved = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict):
+            differ = sorted(k for k in set(saved) | set(state["config"])
+                            if k not in RESUMABLE and saved.get(k) != state["config"].get(k))
+            if differ:
+                raise ValueError(f"{found.path} (step {step}) is the newest intact "
+                                 f"checkpoint in {out}, but its settings differ from "
+                                 f"{recorded} in {differ}: it is not this run's; refusing "
+                                 "to resume from it")
+    why = "".join(f"; {reason}" for _, reason in found.skipped)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"thermokfac: resuming {out} from {found.path} (step {step}){why}",
+              file=sys.stderr)
 
 
 def _finite(value: float) -> bool:
@@ -379,7 +489,7 @@ def _finite(value: float) -> bool:
 
 
 def _write_csv(path: Path, keys, rows) -> None:
-    with open(path, "w", newline="") as fh:
+    with checkpoint_files.naming(path), open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

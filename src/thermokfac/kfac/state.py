@@ -94,6 +94,7 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
         raise ValueError("not a thermokfac preconditioner state (format_version "
                          f"{state.get('format_version') if isinstance(state, dict) else None!r}"
                          f", expected one of {READABLE_VERSIONS})")
+    _check_layout(state)
     state = migrate(state)
     expected = {name: tuple(shape) for name, shape in snap.shapes.items()}
     saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
@@ -156,13 +157,63 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
     return {**out, "layers": layers, "format_version": FORMAT_VERSION}
 
 
-def _check_tensor_shapes(layers: dict[str, Any], dims: dict[str, tuple[int, int]]) -> None:
-    """Each saved factor, inverse and row block has the shape its layer needs.
+#: The parts of a state (every readable version) and their types.
+_LAYOUT = {"steps": int, "layers": dict, "shapes": dict, "stats": dict, "solver": str,
+           "method": str}
+
+
+def _check_layout(state: dict[str, Any]) -> None:
+    """The state has every part, of its type, and each layer entry is a table.
 
     Raises:
-        ValueError: Naming the layer, the entry, its shape and the shape expected.
+        ValueError: Naming the missing or mistyped part or layer.
+    """
+    missing = sorted(k for k in _LAYOUT if k not in state)
+    if missing:
+        raise ValueError(f"preconditioner state of format_version "
+                         f"{state['format_version']} misses {missing}")
+    for key, kind in _LAYOUT.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"preconditioner state entry {key!r} is a "
+                             f"{type(state[key]).__name__}, not {kind.__name__}")
+    for name, layer in state["layers"].items():
+        if not isinstance(layer, dict):
+            raise ValueError(f"preconditioner state of layer {name!r} is a "
+                             f"{type(layer).__name__}, not a table")
+    if set(state["layers"]) != set(state["shapes"]):
+        raise ValueError("preconditioner state names other layers in 'layers' "
+                         f"({sorted(state['layers'])}) than in 'shapes' "
+                         f"({sorted(state['shapes'])})")
+
+
+def _non_finite(obj: Any) -> str | None:
+    """The path of the first float tensor in ``obj`` holding NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        return "" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) \
+            else None
+    items = obj.items() if isinstance(obj, dict) else \
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value)
+        if found is not None:
+            return f"/{key}{found}"
+    return None
+
+
+def _check_tensor_shapes(layers: dict[str, Any], dims: dict[str, tuple[int, int]]) -> None:
+    """Each saved factor, inverse and row block has the shape its layer needs, and no
+    saved tensor holds NaN or infinity (every later step would fail without naming
+    the layer or the checkpoint).
+
+    Raises:
+        ValueError: Naming the layer, the entry, its shape and the shape expected, or
+            the entry that is not finite.
     """
     for name, layer in layers.items():
+        bad = _non_finite(layer)
+        if bad is not None:
+            raise ValueError(f"checkpoint entry {name}{bad} holds NaN or infinite values: "
+                             "the saved K-FAC state is damaged")
         a_dim, g_dim = dims[name]
         rules = {"a": ((a_dim, a_dim), (a_dim,)), "a_inv": ((a_dim, a_dim), (a_dim,)),
                  "g": ((g_dim, g_dim),), "g_inv": ((g_dim, g_dim),)}
