@@ -471,3 +471,26 @@ def test_train_config_refuses_wrong_types_and_ranges_from_the_api():
                             ({"target_error": 0.0}, "target_error=0.0 is out of range")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**values)
+
+
+def test_input_files_that_are_folders_or_binary_and_unusable_out(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    binary = tmp_path / "b.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    cases = ((["train", *TINY, "--config", str(folder)], 2, "is a folder, not a file"),
+             (["train", *TINY, "--config", str(binary)], 2, "is not a text file"),
+             (["sweep", str(folder)], 2, "sweep spec"),
+             (["train", *TINY, "--out", "/proc/thermokfac-run"], 3,
+              "cannot create the run folder"))
+    for argv, code, message in cases:
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(tmp_path / "out")]
+        assert main(argv) == code, argv
+        assert message in _one_line(capsys)
+
+
+def test_the_timeout_variable_is_checked_without_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("THERMOKFAC_DIST_TIMEOUT", "-1")
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
+    assert "THERMOKFAC_DIST_TIMEOUT='-1'" in _one_line(capsys)

@@ -205,7 +205,7 @@ def test_four_ranks_equal_one_process_and_hold_their_share(four, references):
                                            msg=f"{model}: {key} on rank {rank} of 4")
 
 
-def _train(args: list[str], tmp_path) -> None:
+def _train(args: list[str], tmp_path) -> str:
     import os
     import subprocess
     import sys
@@ -216,6 +216,7 @@ def _train(args: list[str], tmp_path) -> None:
     done = subprocess.run([*launch, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def test_the_command_line_trains_fsdp2_and_resumes_through_a_dcp_checkpoint(tmp_path):
@@ -240,6 +241,30 @@ def test_the_command_line_trains_fsdp2_and_resumes_through_a_dcp_checkpoint(tmp_
             with open(folder / name) as fh:
                 rows.append([{c: r[c] for c in columns} for r in csv.DictReader(fh)])
         assert rows[0] == rows[1] and len(rows[0]) >= 3, (name, rows)
+
+
+@pytest.mark.slow
+def test_an_fsdp_resume_falls_back_to_the_newest_complete_dcp_folder(tmp_path):
+    """``checkpoint.dcp`` without its ``.metadata`` (a damaged save): ``--resume`` under
+    torchrun continues from ``checkpoint.dcp.prev``, says so, and ends where an
+    uninterrupted run ends."""
+    flags = ["--data", "digits", "--model", "mlp", "--width", "16", "--kfac", "--fsdp",
+             "--threads", "1", "--eval-every", "2", "--checkpoint-every", "2",
+             "--batch-size", "32", "--no-progress"]
+    _train([*flags, "--steps", "6", "--out", "full"], tmp_path)
+    _train([*flags, "--steps", "4", "--out", "part"], tmp_path)
+    part = tmp_path / "part"
+    (part / "checkpoint.dcp" / ".metadata").unlink()
+    err = _train(["--out", "part", "--resume", "--steps", "6", "--no-progress"], tmp_path)
+    assert f"from {Path('part') / 'checkpoint.dcp.prev'} (step" in err
+    assert "checkpoint.dcp has no .metadata" in err
+    import csv
+
+    rows = []
+    for folder in (tmp_path / "full", part):
+        with open(folder / "metrics.csv") as fh:
+            rows.append([(r["step"], r["val_loss"]) for r in csv.DictReader(fh)])
+    assert rows[0][-1] == rows[1][-1], rows
 
 
 def test_fsdp_without_several_processes_is_refused(tmp_path):

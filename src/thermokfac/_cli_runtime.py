@@ -100,8 +100,10 @@ def fault_message(command: str, err: OSError | MemoryError, out: Path | None) ->
     else:
         reason = err.strerror or str(err) or type(err).__name__
         what = f"{err.filename}: {reason}" if err.filename else reason
-    try:
+    try:  # the message must not fail on a broken folder
         intact = intact_checkpoint(out) if out is not None and Path(out).is_dir() else ""
     except Exception:
+        intact = ""
+    if command != "train" and "is intact" not in intact:  # only train checkpoints
         intact = ""
     return f"thermokfac {command}: error: {what}" + (f"; {intact}" if intact else "")

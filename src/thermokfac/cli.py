@@ -33,6 +33,7 @@ CLI_EXTRA = ("matplotlib", "tqdm")
 try:
     from . import plots
     from ._cli_parser import build_parser
+    from .distributed.launch import collective_timeout
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
     from .experiments.config import TrainConfig, unused_settings
@@ -248,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args = apply_config_file(parser, args, argv)
         args.argv = argv
+        if "THERMOKFAC_DIST_TIMEOUT" in os.environ:  # checked where it enters: here
+            collective_timeout()
         out = getattr(args, "out", None)
         if out is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 for all
             lock = _take_folder(args)

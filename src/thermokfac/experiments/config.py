@@ -245,6 +245,22 @@ def taken_fields(command: str) -> list[str]:
     return [f.name for f in fields(TrainConfig) if f.name not in NOT_TAKEN[command]]
 
 
+def read_input_text(path: Path, what: str) -> str:
+    """The text of an input file (a config file, a sweep spec).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a folder or not UTF-8 text (naming ``what`` and it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file (not UTF-8)") from None
+
+
 def read_config_file(path: Path, command: str = "train") -> dict[str, Any]:
     """Settings from a JSON (``.json``) or TOML (``.toml``) file: a flat table whose keys
     are :class:`TrainConfig` fields that ``command`` takes (``batch_size`` or
@@ -257,7 +273,7 @@ def read_config_file(path: Path, command: str = "train") -> dict[str, Any]:
             message names the file and the key.
     """
     path = Path(path)
-    text = path.read_text()
+    text = read_input_text(path, "--config")
     try:
         if path.suffix == ".json":
             values = json.loads(text)

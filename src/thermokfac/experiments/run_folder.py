@@ -33,6 +33,11 @@ class FolderInUseError(ValueError):
     """Another live run holds the folder's lock (or a folder above it)."""
 
 
+class RunFolderError(OSError):
+    """The run folder cannot be created or locked (a fault of the machine: read-only,
+    full, permissions, a path that cannot hold folders)."""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -92,7 +97,8 @@ class RunFolderLock:
         FolderInUseError: (from :meth:`acquire`) A live process holds the folder, or a
             folder above it (a sweep's runs work under the sweep's lock), or the lock was
             written on another host; the message names the folder and the owner.
-        OSError: The folder cannot be created or written (a file, read-only, full).
+        RunFolderError: The folder or its lock file cannot be created (read-only,
+            full, permissions).
     """
 
     def __init__(self, folder: Path, command: str) -> None:
@@ -111,10 +117,15 @@ class RunFolderLock:
                     f"--out {self.folder} is inside {parent}, which {_describe(owner)} is "
                     "using; wait for it to finish or choose another --out")
         self._created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
         host = socket.gethostname()
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunFolderError(err.errno, f"cannot create the run folder or its lock "
+                                     f"({err.strerror})", str(err.filename or self.path)
+                                     ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

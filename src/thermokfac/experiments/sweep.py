@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import ACCOUNTING, SETTLE_CLOCKS, _clock
+from .config import read_input_text
 from .progress import each
 from .tasks import load_task
 from .train import Run, TrainConfig
@@ -57,7 +58,7 @@ def load_spec(path: Path) -> dict[str, Any]:
             a ``budget_epochs`` that is not a positive number, or a file that is not JSON.
     """
     try:
-        spec = json.loads(Path(path).read_text())
+        spec = json.loads(read_input_text(path, "sweep spec"))
     except json.JSONDecodeError as err:
         raise ValueError(f"sweep spec {path} is not JSON: {err}") from None
     if not isinstance(spec, dict):
