@@ -494,3 +494,25 @@ def test_the_timeout_variable_is_checked_without_torchrun(tmp_path, capsys, monk
     monkeypatch.setenv("THERMOKFAC_DIST_TIMEOUT", "-1")
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
     assert "THERMOKFAC_DIST_TIMEOUT='-1'" in _one_line(capsys)
+
+
+class _Trap:
+    """Unpickling this object would create ``path`` (code a checkpoint must not run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_unrun(saved_run, capsys, tmp_path):
+    marker = tmp_path / "ran"
+    state = checkpoint.read(saved_run)
+    checkpoint.write(saved_run, {**state, "steps": [_Trap(marker)]})  # checksum valid
+    (saved_run / checkpoint.PREVIOUS).unlink()
+    capsys.readouterr()
+    assert main(["train", "--out", str(saved_run), "--resume", "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "only tensors and plain values load" in line and str(saved_run) in line
+    assert not marker.exists()

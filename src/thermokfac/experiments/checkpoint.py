@@ -148,12 +148,24 @@ def read(folder: Path) -> dict[str, Any]:
 
 
 def _load(path: Path, payload: bytes) -> dict[str, Any]:
+    return load_plain(payload, path)
+
+
+def load_plain(payload: bytes, path: Path | str) -> Any:
+    """``torch.load`` of ``payload`` restricted to tensors and plain values
+    (``weights_only=True``): a file that passes its checksum but holds other objects —
+    whose loading could run code — is refused, not loaded.
+
+    Raises:
+        ValueError: Naming ``path``: the payload cannot be read, or holds other objects.
+    """
     try:
-        state = torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
-    except Exception as err:  # a verified payload that torch cannot read
-        raise ValueError(f"{path} passed its checksum but could not be read: "
-                         f"{type(err).__name__}: {err}") from None
-    return state
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as err:  # a verified payload that torch cannot (or may not) read
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path} passed its checksum but holds what a checkpoint may not "
+                         f"(only tensors and plain values load): {type(err).__name__}: "
+                         f"{first}") from None
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,8 @@ class Run:
             rank, _ = init_distributed()
             box = {f"run{rank}": io.BytesIO()}
             checkpoint_files.read_dcp(found.path, box)
-            box[f"run{rank}"].seek(0)
-            state = torch.load(box[f"run{rank}"], weights_only=False)
+            state = checkpoint_files.load_plain(box[f"run{rank}"].getvalue(),
+                                                found.path / f"run{rank}")
         else:
             state = found.state
         check_payload(state, found.path, sharded)
