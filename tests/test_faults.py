@@ -516,3 +516,26 @@ def test_a_checkpoint_holding_other_objects_is_refused_unrun(saved_run, capsys, 
     line = _one_line(capsys)
     assert "only tensors and plain values load" in line and str(saved_run) in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("momentum", float("nan"), "momentum of parameter group 0 is nan"),
+    ("weight_decay", -1.0, "weight_decay of parameter group 0 is -1.0"),
+    ("betas", (0.9, 1.5), r"betas\[1\] of parameter group 0 is 1.5: it must be \[0, 1\)"),
+    ("eps", float("inf"), "eps of parameter group 0 is inf"),
+])
+def test_base_optimizer_hyperparameters_are_checked_before_a_step(key, value, message):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    kind = torch.optim.SGD if key in ("momentum",) else torch.optim.AdamW
+    opt = kind(net.parameters(), lr=0.01, **({"momentum": 0.9} if key == "momentum" else {}))
+    pre = KFACPreconditioner(net, optimizer=opt)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.zero_grad()
+    net(torch.randn(8, 4)).pow(2).mean().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    opt.param_groups[0][key] = value  # as a scheduler or a loaded state could
+    with pytest.raises(ValueError, match=message):
+        pre.step()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(before, net.parameters()))

@@ -53,11 +53,19 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
     return float(lr) * (1.0 - dampening) / (1.0 - momentum)
 
 
+#: Group hyperparameters that must be finite and >= 0 (``betas`` also < 1), whichever
+#: torch optimizer holds them.
+GROUP_NUMBERS = ("momentum", "dampening", "weight_decay", "eps", "alpha")
+
+
 def check_group_rates(optimizer: torch.optim.Optimizer | None) -> None:
-    """Refuse a parameter group whose rate is NaN, infinite or negative.
+    """Refuse a parameter group whose rate is NaN, infinite or negative, or whose other
+    numeric hyperparameters (:data:`GROUP_NUMBERS`, ``betas``) are not finite and >= 0
+    (betas < 1): set by hand, by a scheduler or by a loaded state, each would turn the
+    parameters into NaN with no word.
 
     Raises:
-        ValueError: Naming the group and its rate.
+        ValueError: Naming the group, the hyperparameter and its value.
     """
     for index, group in enumerate(optimizer.param_groups if optimizer is not None else ()):
         if "lr" in group:
@@ -67,6 +75,20 @@ def check_group_rates(optimizer: torch.optim.Optimizer | None) -> None:
                     f"the optimizer's learning rate of parameter group {index} is {lr!r} "
                     "(set by you or a scheduler): it must be a finite number >= 0, or the "
                     "step turns the parameters into NaN — nothing was changed by this step")
+        checks = [(k, group[k], math.inf) for k in GROUP_NUMBERS
+                  if isinstance(group.get(k), (int, float, torch.Tensor))]
+        betas = group.get("betas")
+        if isinstance(betas, (tuple, list)):
+            checks += [(f"betas[{i}]", b, 1.0) for i, b in enumerate(betas)
+                       if isinstance(b, (int, float, torch.Tensor))]
+        for key, value, high in checks:
+            number = float(value)
+            if not (math.isfinite(number) and number >= 0.0 and (number < high or
+                                                                  high == math.inf)):
+                valid = "[0, 1)" if high == 1.0 else "a finite number >= 0"
+                raise ValueError(
+                    f"the optimizer's {key} of parameter group {index} is {number!r}: it "
+                    f"must be {valid} — nothing was changed by this step")
 
 
 def kl_clip_scale(kl_clip: float | None, u_dot_d: float, lr: float | None) -> float:
