@@ -539,3 +539,19 @@ def test_base_optimizer_hyperparameters_are_checked_before_a_step(key, value, me
         pre.step()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
     assert all(torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "abc"}, "RANK='abc' must be an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "WORLD_SIZE=2, RANK=5, LOCAL_RANK=0 are inconsistent"),
+    ({"WORLD_SIZE": "0"}, "are inconsistent"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR', 'MASTER_PORT'] not set"),
+])
+def test_torchrun_variables_are_checked(tmp_path, capsys, monkeypatch, env, message):
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "run").exists()

@@ -38,7 +38,7 @@ try:
     from .experiments.compare import compare, table
     from .experiments.config import TrainConfig, unused_settings
     from .experiments.plan import plan
-    from .experiments.processes import resolve_device
+    from .experiments.processes import launch_value, resolve_device
     from .experiments.profile import profile
     from .experiments.profile_dist import profile_nproc
     from .experiments.quantize import quantize_sweep
@@ -252,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "THERMOKFAC_DIST_TIMEOUT" in os.environ:  # checked where it enters: here
             collective_timeout()
         out = getattr(args, "out", None)
-        if out is not None and int(os.environ.get("RANK", "0")) == 0:  # rank 0 for all
+        if out is not None and launch_value("RANK") == 0:  # rank 0 for all
             lock = _take_folder(args)
-        if args.command in WRITES_ARGS and int(os.environ.get("RANK", "0")) == 0:
+        if args.command in WRITES_ARGS and launch_value("RANK") == 0:
             write_args(args)
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)

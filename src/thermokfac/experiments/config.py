@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..solvers import available_solvers
 from ..solvers.hardware import SettleModel
 from ..solvers.quantize import check_bits
 from ..solvers.thermo.config import Backend, Quantizer
+from .processes import launch_value
 from .tasks import MODELS, TASKS
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
@@ -205,7 +205,7 @@ USED_WHEN = {
     "heads": ("--model gpt, torch-gpt or vit", lambda c: c.model in ("gpt", "torch-gpt", "vit")),
     "context": ("--data shakespeare", lambda c: c.data == "shakespeare"),
     "dist_strategy": ("torchrun (two or more processes) without --fsdp",
-                      lambda c: not c.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1),
+                      lambda c: not c.fsdp and launch_value("WORLD_SIZE") > 1),
 }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
 from .config import TrainConfig
-from .processes import init_distributed, resolve_device
+from .processes import init_distributed, launch_value, resolve_device
 from .progress import Progress
 from .tasks import Task, build_model, load_task
 
@@ -479,7 +478,7 @@ def _report_resume(out: Path, found: Any, state: dict[str, Any]) -> None:
                                  f"{recorded} in {differ}: it is not this run's; refusing "
                                  "to resume from it")
     why = "".join(f"; {reason}" for _, reason in found.skipped)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_value("RANK") == 0:
         print(f"thermokfac: resuming {out} from {found.path} (step {step}){why}",
               file=sys.stderr)
 
