@@ -555,3 +555,19 @@ def test_torchrun_variables_are_checked(tmp_path, capsys, monkeypatch, env, mess
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
     assert message in _one_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_removed_mid_run_is_a_fault_not_bad_input(tmp_path, capsys,
+                                                                monkeypatch):
+    from thermokfac.experiments import train
+
+    out = tmp_path / "run"
+    real_save = train.Run.save
+
+    def save_after_removal(self):
+        shutil.rmtree(self.out)  # someone deletes the folder while the run trains
+        return real_save(self)
+    monkeypatch.setattr(train.Run, "save", save_after_removal)
+    assert main(["train", *TINY, "--out", str(out)]) == 3
+    line = _one_line(capsys)
+    assert f"{out}: the run folder was removed while the run trained" in line

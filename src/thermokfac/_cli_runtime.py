@@ -90,6 +90,19 @@ class OncePerCommand(logging.Filter):
 BAD_INPUT, ENVIRONMENT, UNEXPECTED = 2, 3, 1
 
 
+def is_fault(err: BaseException, out: Path | None) -> bool:
+    """Whether ``err`` is a fault of the machine (exit status 3) rather than bad input
+    (2): an ``OSError`` or ``MemoryError``, except a missing file outside the run folder
+    (a config file, a spec, a data set: the user's input)."""
+    if isinstance(err, FileNotFoundError):
+        if out is None or err.filename is None:
+            return False
+        folder = Path(out).resolve()
+        path = Path(os.fsdecode(err.filename)).resolve()
+        return path == folder or folder in path.parents
+    return isinstance(err, (OSError, MemoryError))
+
+
 def fault_message(command: str, err: OSError | MemoryError, out: Path | None) -> str:
     """One line for a fault of the environment: what failed, on which file, and the
     newest intact checkpoint of the run folder (when it is a folder)."""

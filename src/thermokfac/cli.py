@@ -23,6 +23,7 @@ from ._cli_runtime import (
     distributed,
     fault_message,
     given,
+    is_fault,
     leave_distributed,
     write_args,
 )
@@ -259,16 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(getattr(args, "seed", 0))
         args.func(args)
         code = 0
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError) as err:
         if debug:
             raise
-        print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
-        code = BAD_INPUT
-    except (OSError, MemoryError) as err:  # the machine: disk, permissions, memory
-        if debug:
-            raise
-        print(fault_message(args.command, err, getattr(args, "out", None)), file=sys.stderr)
-        code = ENVIRONMENT
+        out = getattr(args, "out", None)
+        if is_fault(err, out):  # the machine: disk, permissions, memory, a vanished --out
+            print(fault_message(args.command, err, out), file=sys.stderr)
+            code = ENVIRONMENT
+        else:
+            print(f"thermokfac {args.command}: error: {err}", file=sys.stderr)
+            code = BAD_INPUT
     except KeyboardInterrupt:  # outside a training loop (which saves and exits itself)
         if debug:
             raise

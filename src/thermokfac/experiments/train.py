@@ -12,6 +12,7 @@ solves within it, modelled device time under each settle model);
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import time
@@ -174,7 +175,16 @@ class Run:
         """Write ``checkpoint.pt`` atomically, keeping the last one as
         ``checkpoint.prev.pt`` (:mod:`.checkpoint`; rank 0; every rank must call it);
         with ``--fsdp``, the folder ``checkpoint.dcp`` the same way (every rank
-        writes)."""
+        writes).
+
+        Raises:
+            FileNotFoundError: The run folder was removed while the run trained.
+            OSError: The write failed (full disk, size limit, permissions); the last
+                checkpoint is intact.
+        """
+        if self.rank == 0 and not self.out.is_dir():  # not silently made again: say it
+            raise FileNotFoundError(errno.ENOENT, "the run folder was removed while the run "
+                                    "trained", str(self.out))
         if self.cfg.fsdp:
             return checkpoint_files.write_dcp(self.out, self._sharded_state(self._progress()),
                                               self.rank)
