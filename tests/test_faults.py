@@ -571,3 +571,27 @@ def test_a_run_folder_removed_mid_run_is_a_fault_not_bad_input(tmp_path, capsys,
     assert main(["train", *TINY, "--out", str(out)]) == 3
     line = _one_line(capsys)
     assert f"{out}: the run folder was removed while the run trained" in line
+
+
+def test_damaged_or_too_small_data_folders_are_bad_input(tmp_path, capsys):
+    import gzip
+
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    (digits / "digits.csv.gz").write_bytes(gzip.compress(b"1,2,3\n"))
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "digits.csv.gz").write_bytes(gzip.compress(b"1,2,3\n" * 100)[:30])
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("To be, or not to be." * 2)
+    cases = ((["--data", "digits", "--data-dir", str(digits)], "could not be read"),
+             (["--data", "digits", "--data-dir", str(truncated)], "could not be read"),
+             (["--data", "shakespeare", "--model", "gpt", "--data-dir", str(text)],
+              "each split needs more than --context 64"))
+    for argv, message in cases:
+        out = tmp_path / "run"
+        assert main(["train", "--steps", "2", "--no-progress", *argv, "--out", str(out)]) == 2
+        line = _one_line(capsys)
+        assert message in line and argv[argv.index("--data-dir") + 1] in line, line
+        assert not out.exists()

@@ -9,6 +9,10 @@ grouped rows).
 
 from __future__ import annotations
 
+import gzip
+import pickle
+import struct
+import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -131,6 +135,11 @@ def _image_task(name: str, loader: Callable, limit: int | None, **kw) -> Task:
     return Task(name, "image", ("mlp", "resnet", "vit"), "accuracy", (x, y), (xv, yv), meta)
 
 
+#: What reading a damaged or foreign data file raises (gzip, pickle, text, array shapes).
+_DAMAGED_DATA = (EOFError, zlib.error, gzip.BadGzipFile, pickle.UnpicklingError,
+                 UnicodeDecodeError, struct.error, IndexError, KeyError, TypeError)
+
+
 def load_task(name: str, *, limit: int | None = None, data_dir: str | None = None,
               context: int = 64, seed: int = 0) -> Task:
     """Build the task named ``name`` (see :data:`TASKS`); ``limit`` caps the examples;
@@ -140,8 +149,20 @@ def load_task(name: str, *, limit: int | None = None, data_dir: str | None = Non
     Raises:
         FileNotFoundError: If the data is missing; the message names the install command
             and ``--data-dir``.
-        ValueError: If ``name`` is not a data set.
+        ValueError: If ``name`` is not a data set, or a data file is damaged or foreign
+            (truncated, not gzip, not the format expected), naming where it was read.
     """
+    try:
+        return _load_task(name, limit=limit, data_dir=data_dir, context=context, seed=seed)
+    except _DAMAGED_DATA as err:
+        where = f"--data-dir {data_dir}" if data_dir is not None else "its installed copy"
+        raise ValueError(f"the {name} data in {where} could not be read (a damaged or "
+                         f"foreign file): {type(err).__name__}: {err}") from None
+
+
+def _load_task(name: str, *, limit: int | None = None, data_dir: str | None = None,
+               context: int = 64, seed: int = 0) -> Task:
+    """:func:`load_task` without the check of damaged files."""
     if name == "digits":
         return _image_task(name, datasets.digits, limit, seed=seed, root=data_dir)
     if name == "mnist5k":
@@ -154,6 +175,12 @@ def load_task(name: str, *, limit: int | None = None, data_dir: str | None = Non
         return _image_task(name, datasets.cifar10, limit, root=data_dir, seed=seed)
     if name == "shakespeare":
         corpus = datasets.shakespeare(max_chars=limit, root=data_dir)
+        shortest = min(len(corpus.train), len(corpus.val))
+        if shortest <= context:
+            where = f" in --data-dir {data_dir}" if data_dir else ""
+            raise ValueError(f"the shakespeare text{where} gives a split of {shortest} "
+                             f"characters: each split needs more than --context {context} "
+                             "(use more text, a larger --limit or a shorter --context)")
         return Task(name, "text", ("gpt", "torch-gpt"), "accuracy", corpus.train, corpus.val,
                     {"vocab": corpus.vocab_size, "context": context})
     if name == "solubility":
