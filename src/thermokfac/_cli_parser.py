@@ -101,7 +101,10 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
                  ) -> argparse.ArgumentParser:
     """The ``thermokfac`` parser; ``handlers`` maps each command to the function that
     runs it."""
+    from . import __version__
+
     parser = _Parser(prog="thermokfac", description=_DESCRIPTION, epilog=_EPILOG)
+    parser.add_argument("--version", action="version", version=f"thermokfac {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 title="commands", metavar="COMMAND")
 
