@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-ruff check src tests benchmarks
+ruff check src tests benchmarks examples docs
 if [ "$#" -eq 0 ]; then
   set -- -m "not slow"
 fi

@@ -11,17 +11,17 @@ import pytest
 from thermokfac.cli import main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 @pytest.mark.slow
 def test_readme_config_file_trains_kfac_ahead_of_adam_per_step(tmp_path):
-    """The README's ``run.toml`` (its Fashion-MNIST K-FAC settings, run shorter on a
+    """The command-line guide's ``run.toml`` (its Fashion-MNIST K-FAC settings, run shorter on a
     subset) against Adam from the same initialisation: K-FAC is ahead after as many
-    steps, as the README's main job reports."""
+    steps, as the main job reports."""
     if not FASHION.exists():
         pytest.skip("Fashion-MNIST is not installed")
-    block = re.search(r"```toml\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"```toml\n(.*?)```", CLI_GUIDE.read_text(), re.S).group(1)
     path = tmp_path / "run.toml"
     path.write_text(block)
     short = ["--steps", "40", "--eval-every", "40", "--limit", "8000", "--no-progress"]

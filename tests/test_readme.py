@@ -1,6 +1,6 @@
-"""Every Python block of the README runs verbatim, each in a fresh interpreter in an
-empty folder; a block that starts a process group runs through ``torchrun`` on two
-ranks, as the README tells its reader to run it."""
+"""Every Python block of the README and of the documentation pages (``docs/*.md``) runs
+verbatim, each in a fresh interpreter in an empty folder; a block that starts a process
+group runs through ``torchrun`` on two ranks, as the page tells its reader to run it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parents[1] / "README.md"
-BLOCKS = [(README.read_text()[:m.start()].count("\n") + 1, m.group(1))
-          for m in re.finditer(r"```python\n(.*?)```", README.read_text(), re.S)]
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
+#: The README and every page of the documentation site (their blocks run the same way).
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(f"{page.relative_to(ROOT)}:{page.read_text()[:m.start()].count(chr(10)) + 1}",
+           m.group(1))
+          for page in PAGES for m in re.finditer(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 def _free_port() -> int:
@@ -28,7 +32,7 @@ def test_the_readme_has_python_blocks():
     assert len(BLOCKS) >= 8
 
 
-@pytest.mark.parametrize("line,code", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
+@pytest.mark.parametrize("line,code", BLOCKS, ids=[line for line, _ in BLOCKS])
 def test_readme_block_runs(line, code, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-c", code]
@@ -40,4 +44,4 @@ def test_readme_block_runs(line, code, tmp_path):
                    str(script)]
     out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert out.returncode == 0, f"README block at line {line} failed:\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, f"the block at {line} failed:\n{out.stderr[-3000:]}"

@@ -21,6 +21,7 @@ from .kfac import KFACPreconditioner
 from .kfac.discovery import is_ddp
 from .kfac.guards import world_size
 
+__all__ = ["KFACOptimizer"]
 
 def _outside(pre: KFACPreconditioner, base: torch.optim.Optimizer) -> list[str]:
     """Names of the modules whose preconditioned parameters ``base`` does not step."""

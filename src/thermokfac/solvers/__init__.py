@@ -17,6 +17,8 @@ from .hardware import HardwareModel, SettleModel, TimeBreakdown
 from .iterative import CGSolver
 from .thermo import ThermoConfig, ThermodynamicSolver
 
+#: The solver registry: name → solver class (:func:`register_solver` adds to it,
+#: :func:`get_solver` builds from it).
 SOLVERS: dict[str, type[LinearSolver]] = {}
 
 

@@ -1,0 +1,90 @@
+"""The documentation site's sources: every committed result is cited on a Results page
+and every committed figure is shown somewhere; every relative link of the README and
+of the pages points at a file that exists (and an anchor that exists, for the pages);
+the API page lists every public name. ``bash scripts/docs.sh`` builds the site with
+warnings as errors (run by ``.ci/run``)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+RESULTS_PAGES = [p for p in PAGES if p.name.startswith("results-")]
+
+
+def _outside_code(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def test_every_result_is_cited_and_every_figure_shown():
+    cited = "".join(p.read_text() for p in RESULTS_PAGES)
+    shown = "".join(p.read_text() for p in PAGES)
+    folders = [d for d in (ROOT / "results").iterdir() if d.is_dir()]
+    assert folders
+    missing = [d.name for d in folders if f"results/{d.name}" not in cited]
+    assert not missing, f"results folders cited on no Results page: {missing}"
+    jsons = list((ROOT / "benchmarks" / "results").glob("*.json"))
+    missing = [j.name for j in jsons if j.name not in cited]
+    assert not missing, f"benchmark results cited on no Results page: {missing}"
+    tracked = subprocess.run(["git", "ls-files", "results", "benchmarks/results"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    figures = [f for f in tracked if f.endswith(".png")]
+    assert figures
+    hidden = [f for f in figures if f"](../{f})" not in shown]
+    assert not hidden, f"committed figures shown on no page: {hidden}"
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,4} (.+)$",
+                                                    _outside_code(page.read_text()), re.M)}
+
+
+def test_relative_links_resolve():
+    broken = []
+    for page in [ROOT / "README.md", *PAGES]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _outside_code(page.read_text())):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            if page.parent == DOCS and path.startswith("gallery/"):  # built from examples/
+                path = str(Path("..") / "examples" / Path(path).name.replace("index.rst",
+                                                                            "README.rst"))
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file.suffix == ".md" and file.parent == DOCS \
+                    and anchor not in _anchors(file):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_the_api_page_lists_every_public_name(tmp_path):
+    sys.path.insert(0, str(DOCS))
+    try:
+        from api_pages import PACKAGES, public_names, write_api_page
+    finally:
+        sys.path.remove(str(DOCS))
+    import importlib
+
+    page = tmp_path / "api.rst"
+    write_api_page(page)
+    text = page.read_text()
+    listed = public_names()
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            owner = next(p for p, names in listed.items()
+                         if any(getattr(importlib.import_module(p), n) is getattr(module, name)
+                                for n in names))
+            assert re.search(rf":: {re.escape(owner)}\.\w+\n", text)
+            assert any(f":: {owner}.{n}\n" in text for n in listed[owner]
+                       if getattr(importlib.import_module(owner), n) is getattr(module, name))
