@@ -83,7 +83,7 @@ class OncePerCommand(logging.Filter):
         return True
 
 
-#: Exit statuses (documented in the README's run-safety paragraph): bad input (an
+#: Exit statuses (documented under Run safety in docs/cli.md): bad input (an
 #: argument, a config file, a spec, a damaged checkpoint, a folder in use) 2; a fault
 #: of the environment (a full disk, a read-only or missing folder, a size limit,
 #: permissions, memory) 3; an interrupted run 128 + the signal; an unexpected error 1.

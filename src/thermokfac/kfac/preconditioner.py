@@ -79,7 +79,7 @@ def noise_generator(seed: int, step: int, index: int, device: torch.device) -> t
 class KFACPreconditioner(Inspection):
     """Kronecker-factored preconditioner that rewrites ``.grad`` in place.
 
-    See the README's "Supported setups" for what is preconditioned, what is left out
+    See the "Supported setups" page of the docs for what is preconditioned, what is left out
     and how each is reported.
 
     Args:
@@ -89,7 +89,7 @@ class KFACPreconditioner(Inspection):
             :class:`~thermokfac.solvers.LinearSolver` instance.
         method: ``"inverse"`` (Method 1) or ``"solve"`` (Method 2), Sec. 4.1. None: the
             solver's ``default_method`` — Method 1 for the digital direct solvers
-            (``cholesky``, ``eigh``: faster per step on CPU, see the README's step-time
+            (``cholesky``, ``eigh``: faster per step on CPU, see the docs' step-time
             benchmark), Method 2 for ``cg`` and ``thermodynamic`` (the device solves);
             Method 2 whenever ``factor_storage="rows"``.
         damping: λ ≥ 0, a value or a function of the step. None (default): the base
