@@ -88,3 +88,55 @@ def test_the_api_page_lists_every_public_name(tmp_path):
             assert re.search(rf":: {re.escape(owner)}\.\w+\n", text)
             assert any(f":: {owner}.{n}\n" in text for n in listed[owner]
                        if getattr(importlib.import_module(owner), n) is getattr(module, name))
+
+
+def _docstring_gaps(package: str) -> list[str]:
+    """Public names of ``package`` (and their public methods) whose docstring is missing,
+    or lacks ``Args:`` although the callable takes arguments."""
+    import importlib
+    import inspect
+
+    sys.path.insert(0, str(DOCS))
+    try:
+        from api_pages import public_names
+    finally:
+        sys.path.remove(str(DOCS))
+    gaps: list[str] = []
+
+    def check(qualname: str, obj: object) -> None:
+        doc = inspect.getdoc(obj)
+        if not doc or not doc.strip():
+            gaps.append(f"{qualname}: no docstring")
+            return
+        if isinstance(obj, type) or not callable(obj):
+            return
+        try:
+            parameters = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            return
+        if [p for p in parameters if p not in ("self", "cls")] and "Args:" not in doc:
+            gaps.append(f"{qualname}: no Args section")
+
+    module = importlib.import_module(package)
+    for name in public_names()[package]:
+        obj = getattr(module, name)
+        check(f"{package}.{name}", obj)
+        if isinstance(obj, type):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_"):
+                    continue
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member):
+                    check(f"{package}.{name}.{attr}", member)
+                elif isinstance(member, property) and not (member.__doc__ or "").strip():
+                    gaps.append(f"{package}.{name}.{attr}: no docstring")
+    return gaps
+
+
+def test_the_top_level_api_is_documented():
+    """Every public name of ``thermokfac`` and ``thermokfac.optim`` and their public
+    methods: a docstring, with an Args section where they take arguments (the
+    subpackages' names are not all complete yet)."""
+    for package in ("thermokfac", "thermokfac.optim"):
+        assert not _docstring_gaps(package), _docstring_gaps(package)

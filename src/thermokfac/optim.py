@@ -129,14 +129,27 @@ class KFACOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the base optimizer's gradients; the curvature of backwards whose
         gradients are dropped without a step (a skipped step) goes with them
-        (:meth:`~thermokfac.KFACPreconditioner.discard_unstepped`)."""
+        (:meth:`~thermokfac.KFACPreconditioner.discard_unstepped`).
+
+        Args:
+            set_to_none: Set each ``.grad`` to ``None`` instead of zeros, as
+                :meth:`torch.optim.Optimizer.zero_grad`.
+        """
         self.preconditioner.discard_unstepped()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer (the list is shared). Parameters of layers
         the preconditioner already watches are preconditioned; others are stepped as
-        they are."""
+        they are.
+
+        Args:
+            param_group: A parameter group as ``torch.optim.Optimizer.add_param_group``
+                takes it (``{"params": [...], "lr": ...}``).
+
+        Raises:
+            ValueError: As the base optimizer raises it (a parameter in two groups).
+        """
         if any(param_group is g for g in self.base_optimizer.param_groups):
             super().add_param_group(param_group)  # Optimizer.__init__ registering the groups
             return
@@ -152,6 +165,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         preconditioner's moved to the model's device, its moving averages cast to
         ``factor_dtype`` (inverses and factorisations keep their dtype until the next
         prepare).
+
+        Args:
+            state_dict: What :meth:`state_dict` returned: ``{"base": ...,
+                "preconditioner": ...}``.
 
         Raises:
             ValueError: If ``state_dict`` is not a :meth:`state_dict` of this class, or

@@ -54,9 +54,11 @@ class StepTimings:
 
     @property
     def total_s(self) -> float:
+        """Curvature + inversion + update: the K-FAC work of the step (seconds)."""
         return self.curvature_s + self.inversion_s + self.update_s
 
     def as_dict(self) -> dict[str, float]:
+        """Every field and ``total_s`` (seconds), for CSV rows and JSON."""
         return {**asdict(self), "total_s": self.total_s}
 
 

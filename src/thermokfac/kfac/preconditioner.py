@@ -289,6 +289,13 @@ class KFACPreconditioner(Inspection):
     def block(self, name: str) -> KroneckerBlock:
         """One Kronecker block: its estimates, caches, damping and helper.
 
+        Args:
+            name: The block's name (a layer's qualified name; ``<layer>.group<j>`` for
+                a grouped convolution's blocks).
+
+        Returns:
+            The block (live: its state is the preconditioner's).
+
         Raises:
             KeyError: Naming the valid block names.
         """
@@ -383,6 +390,10 @@ class KFACPreconditioner(Inspection):
         labels are drawn for the global batch (ranks' rows in rank order) and sliced, so
         each depends only on its global example index.
 
+        Args:
+            outputs: The model's outputs of this micro-batch, ``[N, C]`` (or with
+                ``class_dim`` naming the class dimension), still attached to the graph.
+
         Raises:
             ValueError: With ``fisher_type="empirical"`` (it uses the user's backward).
             ValueError: If the same ``outputs`` come twice in a step, or they need a
@@ -454,7 +465,18 @@ class KFACPreconditioner(Inspection):
         """The generator of one (step, block, part) for a stochastic solver: ``part`` is
         ``"a"`` or ``"g"`` (preparing or inverting that factor) or ``"u"`` (the solves of
         U). Seeded from (``seed``, step, block index, part) alone, so the same on every
-        rank and in one process, whoever does the work, and after a resume."""
+        rank and in one process, whoever does the work, and after a resume.
+
+        Args:
+            name: The block's name.
+            part: ``"a"``, ``"g"`` or ``"u"``.
+
+        Returns:
+            A generator on the preconditioner's generator device.
+
+        Raises:
+            KeyError: An unknown block name or part.
+        """
         return noise_generator(self.generator.initial_seed(), self.steps,
                                3 * self._blocks[name].index + NOISE_PARTS[part],
                                self.generator.device)

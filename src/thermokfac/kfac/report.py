@@ -72,7 +72,15 @@ class StepReport:
     @contextmanager
     def timed(self, part: str, clock: Callable[[], float] = time.perf_counter
               ) -> Iterator[None]:
-        """Add the wall time of the ``with`` block to ``timings.<part>``."""
+        """Add the wall time of the ``with`` block to ``timings.<part>``.
+
+        Args:
+            part: A :class:`~thermokfac.StepTimings` field (``"curvature_s"``, ...).
+            clock: The clock read before and after the block (seconds).
+
+        Raises:
+            AttributeError: ``part`` is not a timing field.
+        """
         start = clock()
         try:
             yield

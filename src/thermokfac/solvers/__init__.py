@@ -42,8 +42,17 @@ def available_solvers() -> list[str]:
 def get_solver(name: str | LinearSolver, **kwargs: Any) -> LinearSolver:
     """Build the solver registered as ``name`` (an instance is returned as it is).
 
+    Args:
+        name: A registered name (``"cholesky"``, ``"eigh"``, ``"cg"``,
+            ``"thermodynamic"``) or a :class:`LinearSolver` instance.
+        **kwargs: The solver class's keyword arguments (only with a name).
+
+    Returns:
+        The solver.
+
     Raises:
-        ValueError: If ``name`` is not registered; the message lists the valid names.
+        ValueError: If ``name`` is not registered (the message lists the valid names),
+            or keyword arguments come with an instance.
 
     >>> get_solver("cholesky")
     CholeskySolver()

@@ -93,12 +93,29 @@ class Prepared:
         return (matrices or list(self.tensors.values()))[0].device
 
     def state_dict(self) -> dict[str, Any]:
+        """The prepared state as plain values and tensors (a checkpoint entry).
+
+        Returns:
+            ``{"solver", "n", "damping", "tensors", "stats", "failed",
+            "modeled_time_s"}``; :meth:`from_state_dict` rebuilds it.
+        """
         return {"solver": self.solver, "n": self.n, "damping": self.damping,
                 "tensors": dict(self.tensors), "stats": dict(self.stats),
                 "failed": self.failed, "modeled_time_s": self.modeled_time_s}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Prepared:
+        """Rebuild a prepared state from :meth:`state_dict`.
+
+        Args:
+            state: What :meth:`state_dict` returned.
+
+        Returns:
+            The prepared state (its tensors are the ones in ``state``, not copies).
+
+        Raises:
+            TypeError: ``state`` misses a field or has one of another version.
+        """
         return cls(**state)
 
 
@@ -255,7 +272,22 @@ class LinearSolver(ABC):
     def inverse(self, prepared: Prepared, *, generator: torch.Generator | None = None,
                 lower_only: bool = False) -> SolveResult:
         """Return (M + λI)⁻¹ ``[n, n]``; with ``lower_only`` only its lower triangle is
-        guaranteed (the strict upper one may hold anything)."""
+        guaranteed (the strict upper one may hold anything).
+
+        Args:
+            prepared: What :meth:`prepare` returned for M and λ.
+            generator: Random source of a stochastic solver (the thermodynamic one).
+            lower_only: Skip mirroring the lower triangle into the upper one.
+
+        Returns:
+            ``SolveResult(x, modeled_time_s, stats)`` with ``x`` ``[n, n]`` in the
+            prepared dtype.
+
+        Raises:
+            TypeError: ``prepared`` is not a :class:`Prepared`.
+            ValueError: ``prepared`` is another solver's.
+            SolverError: The factor could not be prepared, or the inverse is not finite.
+        """
         self._check_prepared(prepared)
         x, modeled, stats = self._inverse(prepared, generator)
         if not lower_only and getattr(self, "_inverse_is_lower", False):
@@ -274,6 +306,18 @@ class LinearSolver(ABC):
 
         Digital solvers form the n×n matrix; a solver that can realise it from the rows
         (the thermodynamic one) overrides this and never forms it.
+
+        Args:
+            rows: R, ``[b, n]``.
+            row_scale: The factor's scale (1 / the number of examples behind the rows).
+            damping: λ ≥ 0.
+            generator: Random source of a stochastic solver.
+
+        Returns:
+            The prepared state, as :meth:`prepare` returns it.
+
+        Raises:
+            ValueError: As :meth:`prepare` (shapes, finiteness, damping).
         """
         gram = row_scale * (rows.mT @ rows)
         return self.prepare((gram + gram.mT) / 2, damping, generator=generator)
