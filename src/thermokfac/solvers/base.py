@@ -123,6 +123,12 @@ def all_finite(t: Tensor) -> bool:
     """Whether every entry is finite, from one reduction (a sum propagates NaN and ±inf).
 
     Conservative: values so large that their sum overflows also count as non-finite.
+
+    Args:
+        t: Any tensor.
+
+    Returns:
+        True when the sum of all entries is finite.
     """
     return bool(torch.isfinite(t.sum()))
 
@@ -156,6 +162,14 @@ def check_symmetric_matrix(m: Tensor, what: str = "matrix") -> None:
 
     Symmetry is tested in O(n²) with a fixed random probe v: ‖Mv − Mᵀv‖ ≤ 1e3·eps·‖M‖‖v‖
     (any asymmetry larger than rounding is caught with probability one).
+
+    Args:
+        m: The matrix, ``[n, n]``.
+        what: Its name in the message.
+
+    Raises:
+        ValueError: ``m`` is not 2-D and square, holds NaN or infinity, or is not
+            symmetric.
     """
     _check_square(m, what)
     if not all_finite(m):

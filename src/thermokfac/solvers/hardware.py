@@ -59,26 +59,50 @@ class TimeBreakdown:
 
     @property
     def transfer_s(self) -> float:
+        """Seconds on the link: loading plus read-out."""
         return self.load_s + self.readout_s
 
     @property
     def compute_s(self) -> float:
+        """Seconds on the device: settling plus the averaging window."""
         return self.settle_s + self.integrate_s
 
     @property
     def total_s(self) -> float:
+        """Transfer plus compute seconds of this operation on one SPU."""
         return self.transfer_s + self.compute_s
 
     def as_dict(self) -> dict[str, float]:
+        """Every part in seconds and ``total_s`` (without the per-model compute)."""
         out = {k: v for k, v in asdict(self).items() if k != "compute_by_model"}
         return {**out, "total_s": self.total_s}
 
     def compute_under(self, model: SettleModel | str) -> float:
-        """Compute seconds under ``model`` (this operation's own when it has none)."""
+        """Compute seconds under ``model`` (this operation's own when it has none).
+
+        Args:
+            model: A settle model (``"rc"``, ``"rc_over_alpha_min"``, ``"target_error"``).
+
+        Returns:
+            Seconds (NaN where the operation could not be timed under ``model``).
+
+        Raises:
+            ValueError: ``model`` is not a settle model.
+        """
         return dict(self.compute_by_model).get(SettleModel(model).value, self.compute_s)
 
     def under(self, model: SettleModel | str) -> TimeBreakdown:
-        """This operation timed under ``model`` (its compute as one settle)."""
+        """This operation timed under ``model`` (its compute as one settle).
+
+        Args:
+            model: A settle model.
+
+        Returns:
+            A breakdown with the same transfers and ``model``'s compute seconds.
+
+        Raises:
+            ValueError: ``model`` is not a settle model.
+        """
         if not self.compute_by_model:
             return self
         return TimeBreakdown(self.load_s, self.compute_under(model), 0.0, self.readout_s)
@@ -92,6 +116,14 @@ class TimeBreakdown:
                                    for m in sorted(models)))
 
     def scaled(self, factor: float) -> TimeBreakdown:
+        """Every part (and every model's compute) times ``factor`` (e.g. repeats).
+
+        Args:
+            factor: The multiplier, ≥ 0.
+
+        Returns:
+            The scaled breakdown.
+        """
         return TimeBreakdown(self.load_s * factor, self.settle_s * factor,
                              self.integrate_s * factor, self.readout_s * factor,
                              tuple((m, s * factor) for m, s in self.compute_by_model))
@@ -138,17 +170,41 @@ class HardwareModel:
 
     # ---------------------------------------------------------------- pieces
     def transfer_s(self, values: float, bits: int) -> float:
-        """Seconds to move ``values`` numbers of ``bits`` bits over the link."""
+        """Seconds to move ``values`` numbers of ``bits`` bits over the link.
+
+        Args:
+            values: How many numbers.
+            bits: Bits per number.
+
+        Returns:
+            ``values · bits / link bandwidth`` in seconds.
+        """
         return values * bits / (self.link_gbps * 1e9)
 
     def time_program(self, n: int, *, array_rows: int | None = None) -> TimeBreakdown:
-        """Programming the matrix: n² values, or 2·b·n resistor values (array mode)."""
+        """Programming the matrix: n² values, or 2·b·n resistor values (array mode).
+
+        Args:
+            n: Dimension of the matrix.
+            array_rows: b, the rows of the resistor array (None: the dense matrix).
+
+        Returns:
+            The load time as a breakdown.
+        """
         values = 2 * array_rows * n if array_rows is not None else n * n
         return TimeBreakdown(load_s=self.transfer_s(values, self.input_bits))
 
     def settle_s(self, alpha_min: float, t0_rc: float,
                  settle_model: SettleModel | str | None = None) -> float:
         """Settling seconds under ``settle_model`` (this model's when None).
+
+        Args:
+            alpha_min: Smallest eigenvalue of the device matrix (RC units).
+            t0_rc: Burn-in in RC units.
+            settle_model: Overrides the model's ``settle_model``.
+
+        Returns:
+            Seconds: RC, RC/α_min or RC·t₀.
 
         Raises:
             ValueError: If the model needs a quantity that is not a positive finite
@@ -188,7 +244,21 @@ class HardwareModel:
 
     def all_settle_models(self, n: int, k: int, *, alpha_min: float, t0_rc: float,
                           window_rc: float) -> dict[str, TimeBreakdown]:
-        """:meth:`time_solve` under each settle model, for reports."""
+        """:meth:`time_solve` under each settle model, for reports.
+
+        Args:
+            n: Dimension of the system.
+            k: Number of right-hand sides.
+            alpha_min: Smallest eigenvalue of the device matrix (RC units).
+            t0_rc: Burn-in in RC units.
+            window_rc: Averaging window T in RC units.
+
+        Returns:
+            ``{settle model: breakdown}``.
+
+        Raises:
+            ValueError: A model needs a quantity that is not positive and finite.
+        """
         return {m.value: self.time_solve(n, k, alpha_min=alpha_min, t0_rc=t0_rc,
                                          window_rc=window_rc, settle_model=m)
                 for m in SettleModel}
@@ -196,7 +266,21 @@ class HardwareModel:
     def time_solve_all(self, n: int, k: int, *, alpha_min: float, t0_rc: float,
                        window_rc: float) -> TimeBreakdown:
         """:meth:`time_solve` under this model's ``settle_model``, carrying the compute
-        seconds under every settle model (``compute_by_model``) for reports."""
+        seconds under every settle model (``compute_by_model``) for reports.
+
+        Args:
+            n: Dimension of the system.
+            k: Number of right-hand sides.
+            alpha_min: Smallest eigenvalue of the device matrix (RC units).
+            t0_rc: Burn-in in RC units.
+            window_rc: Averaging window T in RC units.
+
+        Returns:
+            The breakdown (NaN compute under a model that cannot be computed).
+
+        Raises:
+            ValueError: This model's own settle model cannot be computed.
+        """
         own = self.time_solve(n, k, alpha_min=alpha_min, t0_rc=t0_rc, window_rc=window_rc)
         by_model = []
         for m in SettleModel:  # another model that cannot be computed is NaN, not a guess
@@ -211,7 +295,14 @@ class HardwareModel:
 
     def step_times(self, jobs: list[TimeBreakdown]) -> dict[str, float]:
         """:meth:`step_time` of the same jobs under every settle model (NaN for a model
-        that some job could not be timed under)."""
+        that some job could not be timed under).
+
+        Args:
+            jobs: The step's device operations.
+
+        Returns:
+            ``{settle model: seconds}``.
+        """
         out = {}
         for m in SettleModel:
             timed = [j.under(m) for j in jobs]
@@ -226,6 +317,12 @@ class HardwareModel:
         Jobs are assigned greedily, longest first, to the least-loaded SPU (LPT). With a
         shared link all transfers serialise and add to the busiest SPU's compute time;
         with one link per SPU each SPU's transfers and computes run in sequence.
+
+        Args:
+            jobs: The step's device operations (prepares and solve banks).
+
+        Returns:
+            Seconds (0 without jobs).
         """
         if not jobs:
             return 0.0

@@ -175,6 +175,7 @@ class ThermoConfig:
             BOLTZMANN_J_PER_K * self.temperature_k)
 
     def as_dict(self) -> dict:
+        """Every setting as a plain value (enums by their value), for JSON reports."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)

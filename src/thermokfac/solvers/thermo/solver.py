@@ -104,6 +104,18 @@ class ThermodynamicSolver(LinearSolver):
         The n×n matrix is never formed: a thin SVD gives its spectrum (memory O(bn)).
         With ``input_bits`` the rows (the resistor values) are quantized to nearest; the
         realised matrix stays positive definite. Programming time counts 2·b·n values.
+
+        Args:
+            rows: R, ``[b, n]``, floating point.
+            row_scale: The factor's scale (1 / the number of examples behind the rows).
+            damping: λ > 0.
+            generator: Random source of the device's noise and mismatch.
+
+        Returns:
+            The prepared device state.
+
+        Raises:
+            ValueError: ``rows`` is not a finite 2-D floating tensor, or λ ≤ 0.
         """
         if rows.ndim != 2 or not rows.is_floating_point():
             raise ValueError(f"rows must be a 2-D floating tensor, got shape {tuple(rows.shape)}")
@@ -267,7 +279,17 @@ class ThermodynamicSolver(LinearSolver):
     def schedule(self, prepared: Prepared) -> Schedule:
         """The burn-in t₀, averaging window T (RC units), samples and their spacing
         that this solver's solves with ``prepared`` use (set by its target error and
-        the device matrix's α_min at the prepare)."""
+        the device matrix's α_min at the prepare).
+
+        Args:
+            prepared: A state this solver prepared.
+
+        Returns:
+            The schedule.
+
+        Raises:
+            KeyError: ``prepared`` is not a thermodynamic state.
+        """
         return self._schedule_from(prepared.tensors)
 
     def _schedule_from(self, t: dict[str, Tensor]) -> Schedule:
