@@ -44,13 +44,27 @@ class WorkItem:
 
 
 def cubic_cost(n: int) -> float:
-    """Digital solvers: a factorisation of an n × n matrix, n³."""
+    """Digital solvers: a factorisation of an n × n matrix, n³.
+
+    Args:
+        n: The factor's dimension.
+
+    Returns:
+        n³ (arbitrary units: only ratios matter to the assignment).
+    """
     return float(n) ** 3
 
 
 def hardware_cost(hardware) -> Callable[[int], float]:
     """Thermodynamic solver: program n² values, then settle and read n columns (the
-    inverse's solves), in seconds of the hardware model (settle model ``"rc"``)."""
+    inverse's solves), in seconds of the hardware model (settle model ``"rc"``).
+
+    Args:
+        hardware: The solver's :class:`~thermokfac.solvers.HardwareModel`.
+
+    Returns:
+        The cost of a factor of dimension n, in modelled seconds.
+    """
     def cost(n: int) -> float:
         solve = hardware.time_solve(n, n, alpha_min=1.0, t0_rc=0.0, window_rc=0.0,
                                     settle_model="rc")
@@ -89,7 +103,18 @@ class Assignment:
     @classmethod
     def greedy(cls, items: list[WorkItem], world_size: int) -> Assignment:
         """Longest-processing-time-first onto the least-loaded rank (ties: lowest rank;
-        equal costs keep model order)."""
+        equal costs keep model order).
+
+        Args:
+            items: The work of one prepare step (:func:`work_items`).
+            world_size: Ranks to spread it over.
+
+        Returns:
+            The assignment, the same on every rank.
+
+        Raises:
+            ValueError: ``world_size`` < 1.
+        """
         if world_size < 1:
             raise ValueError(f"world_size={world_size!r} must be a positive integer")
         heap = [(0.0, rank) for rank in range(world_size)]
@@ -104,11 +129,23 @@ class Assignment:
         return cls(world_size, owners, tuple(loads))
 
     def owner(self, layer: str, factor: str = "layer") -> int:
-        """Rank that owns ``factor`` of ``layer`` (``"layer"`` under ``mem-opt``)."""
+        """Rank that owns ``factor`` of ``layer`` (``"layer"`` under ``mem-opt``).
+
+        Args:
+            layer: A block's name.
+            factor: ``"a"``, ``"g"`` or ``"layer"``.
+
+        Raises:
+            KeyError: No such work item.
+        """
         return self.owners[(layer, factor)]
 
     def items_of(self, rank: int) -> list[tuple[str, str]]:
-        """The ``(layer, factor)`` items owned by ``rank``."""
+        """The ``(layer, factor)`` items owned by ``rank``.
+
+        Args:
+            rank: A rank of the group.
+        """
         return [key for key, r in self.owners.items() if r == rank]
 
     @property

@@ -65,6 +65,9 @@ class KFACState:
         :meth:`KFACPreconditioner.load_state_dict
         <thermokfac.KFACPreconditioner.load_state_dict>` checks it).
 
+        Args:
+            state: What :meth:`state_dict` returned, as DCP loaded it.
+
         Raises:
             KeyError: ``state`` has no ``"kfac"`` item.
             ValueError: The state is from another model, solver or method, or of an

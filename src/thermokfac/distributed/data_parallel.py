@@ -102,7 +102,12 @@ class KAISAAssignment(WorkAssignment):
         return self.greedy.imbalance
 
     def owner(self, layer: str, factor: str = "layer") -> int:
-        """Owner of one work item (see :meth:`Assignment.owner`)."""
+        """Owner of one work item (see :meth:`Assignment.owner`).
+
+        Args:
+            layer: A block's name.
+            factor: ``"a"``, ``"g"`` or ``"layer"``.
+        """
         return self.greedy.owner(layer, factor)
 
 

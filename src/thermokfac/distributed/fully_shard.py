@@ -92,7 +92,11 @@ class OwnerAssignment(WorkAssignment):
         return self.owns(block)
 
     def owns(self, block: str) -> bool:
-        """Whether this rank owns ``block``."""
+        """Whether this rank owns ``block``.
+
+        Args:
+            block: A block's name.
+        """
         return self.owners[block] == self.rank
 
 

@@ -25,6 +25,16 @@ def run_workers(target: str, nproc: int, args: list[str] | None = None, *,
                 extra_path: str | None = None) -> list[str]:
     """Run ``target`` (``"module:function"``) in ``nproc`` processes; raise on failure.
 
+    Args:
+        target: ``"module:function"``, called with ``*args`` (as strings) in each
+            process once its process group is initialised.
+        nproc: Processes to start.
+        args: Extra command-line arguments handed to the function.
+        timeout: Seconds before the job is killed.
+        threads: Torch intra-op threads per process.
+        backend: The process group's backend (``"gloo"`` or ``"nccl"``).
+        extra_path: A folder prepended to the workers' ``PYTHONPATH``.
+
     Returns:
         Each rank's standard output.
 

@@ -105,7 +105,11 @@ class KroneckerBlock:
         self.restart(None)
 
     def restart(self, layout: tuple[bool, bool] | None) -> None:
-        """Start afresh (at construction, or when the trainable parameters changed)."""
+        """Start afresh (at construction, or when the trainable parameters changed).
+
+        Args:
+            layout: Which of (weight, bias) are trainable, or None (not known yet).
+        """
         diagonal = self.helper.diagonal_a
         self.a: FactorEstimate = estimate_for("a", diagonal=diagonal, rows=self._rows)
         self.g: FactorEstimate = estimate_for("g", diagonal=False, rows=self._rows)
@@ -126,6 +130,10 @@ class KroneckerBlock:
     def update_estimate(self, sums: CurvatureSums, decay: float) -> bool:
         """Fold this step's A and G (Eq. 12) into the estimates (Eqs. 16–17).
 
+        Args:
+            sums: This step's curvature sums of the block (over the global batch).
+            decay: The moving averages' decay ε, in [0, 1).
+
         Returns:
             False, leaving the estimates as they were, if a fresh factor is not finite.
         """
@@ -140,6 +148,10 @@ class KroneckerBlock:
         """Move the estimates to where (and the dtype in which) the step's factors now
         come, when the model was moved or cast; the caches are prepared again.
 
+        Args:
+            device: Where the step's factors come from.
+            dtype: The factors' dtype now.
+
         Returns:
             Whether anything moved.
         """
@@ -152,6 +164,9 @@ class KroneckerBlock:
 
     def follow_layout(self, captured: tuple[bool, bool] | None) -> bool:
         """Restart if the trainable parameters differ from those of the estimates.
+
+        Args:
+            captured: Which of (weight, bias) were trainable at this capture, or None.
 
         Returns:
             Whether the block restarted (logged).
@@ -256,6 +271,12 @@ class KroneckerBlock:
         float64 keeps Q in float64). ``d_theta`` is the caller's own buffer: the solves
         work in it, and U may share its memory.
 
+        Args:
+            d_theta: DΘ, ``[d_out, a_dim]`` (the weight's gradient, the bias's column
+                appended when the bias shares the block).
+            solver: The solver of Method 2's solves.
+            generator: Random source of a stochastic solver.
+
         Returns:
             (U in the dtype of ``d_theta``, the device jobs of the solves).
 
@@ -280,13 +301,21 @@ class KroneckerBlock:
         return None if a is None or g is None else (a, g)
 
     def prepared_factor(self, which: str) -> Prepared | None:
-        """The solver's prepared state of factor ``which`` (Method 2), or None."""
+        """The solver's prepared state of factor ``which`` (Method 2), or None.
+
+        Args:
+            which: ``"a"`` or ``"g"``.
+        """
         cache = self.caches.get(which)
         return cache.prepared if isinstance(cache, PreparedCache) else None
 
     def inverse(self, which: str) -> Tensor | None:
         """The damped inverse of factor ``which`` (Method 1; 1/(a + λ) for a diagonal
-        A), or None."""
+        A), or None.
+
+        Args:
+            which: ``"a"`` or ``"g"``.
+        """
         cache = self.caches.get(which)
         if isinstance(cache, InverseCache):
             return cache.inverse
@@ -332,7 +361,11 @@ class KroneckerBlock:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked by :func:`.state.unpack` beforehand)."""
+        """Restore :meth:`state_dict` (checked by :func:`.state.unpack` beforehand).
+
+        Args:
+            state: What :meth:`state_dict` returned (after migration).
+        """
         self.restart(None if state.get("layout") is None else tuple(state["layout"]))
         self.a.load_entries(state)
         self.g.load_entries(state)
@@ -353,7 +386,15 @@ class KroneckerBlock:
         """Copy every tensor to ``device`` (returns self): the estimates also to
         ``factor_dtype``; caches keep their dtype (a float64 prepare of an
         ill-conditioned factor stays float64). The copies leave the tensors of a loaded
-        state dict untouched by later steps."""
+        state dict untouched by later steps.
+
+        Args:
+            device: The target device.
+            factor_dtype: The estimates' dtype.
+
+        Returns:
+            This block.
+        """
         self.a.to_(device, factor_dtype)
         self.g.to_(device, factor_dtype)
         for cache in self.caches.values():

@@ -263,6 +263,36 @@ class KFACConfig:
         ``factor_dtype=None`` follows the model (:class:`FactorConfig`); ``method=None``
         is the solver's default (Method 2 in the rows mode).
 
+        Args:
+            solver: A solver name or instance.
+            method: ``"inverse"`` (Method 1), ``"solve"`` (Method 2) or None.
+            damping: λ, a number or a schedule of the step (None: the recipe's).
+            factor_decay: The moving averages' decay (Eqs. 16–17), in [0, 1).
+            factor_update_steps: Steps between factor updates.
+            inv_update_steps: Steps between prepares (inversions under Method 1).
+            fisher_type: ``"empirical"``, ``"mc"`` or ``"type2"``.
+            kfac_approx: ``"expand"`` or ``"reduce"`` (Eqs. 18–21).
+            loss_reduction: ``"mean"`` or ``"sum"`` of the user's loss.
+            skip_layers: Layer names or types left to the base optimizer.
+            damping_split: ``"equal"``, ``"pi"``, ``"relative"`` or None (the recipe's).
+            kl_clip: κ of the KL clip, or None (off).
+            lr: η for the KL clip when no optimizer is given.
+            momentum: The base optimizer's momentum, for the KL clip.
+            loss_type: ``"cross_entropy"`` or ``"mse"`` (the ``mc``/``type2`` Fisher).
+            num_per_example_loss_terms: Loss terms per example (sequence positions).
+            mc_samples: Samples per example of the ``mc`` Fisher.
+            factor_dtype: The factors' dtype, or None (the model's).
+            factor_storage: ``"matrix"`` or ``"rows"`` (App. E's resistor-array mode).
+            class_dim: The class dimension of the outputs (``mc``/``type2``).
+            separate_weight_and_bias: Give the bias its own block.
+            repeated_calls: ``"shared"`` or ``"separate"``.
+            grafting: ``"auto"``, ``"gradient"`` or ``"none"``.
+            start_preconditioning_step: The first preconditioned step (None: the
+                recipe's).
+
+        Returns:
+            The validated, frozen configuration.
+
         Raises:
             ValueError: Naming the first invalid value and its valid range or choices.
         """

@@ -20,22 +20,52 @@ class GradientAccess(Protocol):
     """Reads DΘ and writes U for a block, given its layer helper."""
 
     def has_grad(self, helper: LayerHelper) -> bool:
-        """Whether a trainable parameter of the block holds a gradient."""
+        """Whether a trainable parameter of the block holds a gradient.
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+        """
 
     def read(self, helper: LayerHelper) -> Tensor | None:
-        """DΘ ``[d_out, a_dim]`` as a new contiguous tensor (the step's own buffer)."""
+        """DΘ ``[d_out, a_dim]`` as a new contiguous tensor (the step's own buffer).
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+
+        Returns:
+            DΘ, or None when no parameter of the block holds a gradient.
+        """
 
     def inner(self, helper: LayerHelper, u: Tensor) -> float:
-        """⟨U, DΘ⟩ against the gradient still held (before :meth:`write`)."""
+        """⟨U, DΘ⟩ against the gradient still held (before :meth:`write`).
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+            u: U, ``[d_out, a_dim]``.
+        """
 
     def write(self, helper: LayerHelper, u: Tensor) -> None:
-        """Replace the gradient by U ``[d_out, a_dim]``."""
+        """Replace the gradient by U ``[d_out, a_dim]``.
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+            u: U, ``[d_out, a_dim]``.
+        """
 
     def scale(self, helper: LayerHelper, factor: float) -> None:
-        """Multiply the (written) gradient by ``factor``."""
+        """Multiply the (written) gradient by ``factor``.
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+            factor: The multiplier (the KL clip's ν).
+        """
 
     def parameters(self, helper: LayerHelper) -> list[nn.Parameter]:
-        """The parameters whose gradients the block reads and writes."""
+        """The parameters whose gradients the block reads and writes.
+
+        Args:
+            helper: The block's layer helper (its parameters and layout).
+        """
 
 
 class WholeGradients:

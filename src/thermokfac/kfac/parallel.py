@@ -57,11 +57,20 @@ class WorkAssignment(ABC):
     def inv_worker(self, block: str, factor: str) -> int | None:
         """The rank that prepares (and for Method 1 inverts) ``factor`` (``"a"`` or
         ``"g"``) of ``block``; None when every rank does (a diagonal A: no solver
-        work)."""
+        work).
+
+        Args:
+            block: A block's name.
+            factor: ``"a"`` or ``"g"``.
+        """
 
     @abstractmethod
     def grad_worker(self, block: str) -> int | None:
-        """The rank that computes U of ``block``, or None when every rank does."""
+        """The rank that computes U of ``block``, or None when every rank does.
+
+        Args:
+            block: A block's name.
+        """
 
     @property
     @abstractmethod
@@ -69,20 +78,39 @@ class WorkAssignment(ABC):
         """Whether each factor's owner sends its prepared state to every rank."""
 
     def prepares(self, block: str) -> tuple[str, ...]:
-        """The factors of ``block`` this rank prepares."""
+        """The factors of ``block`` this rank prepares.
+
+        Args:
+            block: A block's name.
+
+        Returns:
+            A subset of ``("a", "g")``.
+        """
         return tuple(f for f in FACTORS if self.inv_worker(block, f) in (None, self.rank))
 
     def holds_cache(self, block: str) -> bool:
-        """Whether this rank keeps ``block``'s prepared state between steps."""
+        """Whether this rank keeps ``block``'s prepared state between steps.
+
+        Args:
+            block: A block's name.
+        """
         return self.broadcasts_caches or bool(self.prepares(block))
 
     def holds_estimates(self, block: str) -> bool:
         """Whether this rank keeps ``block``'s moving averages (every rank, unless the
-        curvature is reduced to one owner)."""
+        curvature is reduced to one owner).
+
+        Args:
+            block: A block's name.
+        """
         return True
 
     def computes_update(self, block: str) -> bool:
-        """Whether this rank computes U of ``block``."""
+        """Whether this rank computes U of ``block``.
+
+        Args:
+            block: A block's name.
+        """
         worker = self.grad_worker(block)
         return worker is None or worker == self.rank
 
@@ -131,19 +159,38 @@ class Communicator(ABC):
                          blocks: Sequence[KroneckerBlock]) -> dict[str, CurvatureSums]:
         """This step's sums over the global batch: A's numerators and row counts summed
         over ranks, G (already scaled by each rank's c) averaged over ranks with zeros
-        where a rank saw no rows; rows all-gathered in the rows mode. Returns the sums
-        of every block that some rank captured."""
+        where a rank saw no rows; rows all-gathered in the rows mode.
+
+        Args:
+            sums: This rank's sums, by block name (blocks it did not capture absent).
+            blocks: Every block, in the same order on every rank.
+
+        Returns:
+            The sums of every block that some rank captured (on a rank that keeps the
+            block's estimates).
+        """
 
     @abstractmethod
     def share_caches(self, blocks: Sequence[KroneckerBlock],
                      assignment: WorkAssignment) -> None:
-        """Complete each block's caches with the factors other ranks prepared."""
+        """Complete each block's caches with the factors other ranks prepared.
+
+        Args:
+            blocks: Every block, in the same order on every rank.
+            assignment: Who prepared which factor.
+        """
 
     def gather_gradients(self, blocks: Sequence[KroneckerBlock],
                          assignment: WorkAssignment, gradients: GradientAccess) -> None:
         """Bring each block's gradient to the rank that computes its U, before any U is
         computed (a sharded engine's rows; nothing to do when every rank holds whole
-        gradients, the default)."""
+        gradients, the default).
+
+        Args:
+            blocks: Every block, in the same order on every rank.
+            assignment: Who computes each U.
+            gradients: Reads and writes the parameters' gradients.
+        """
         return None
 
     @abstractmethod
@@ -152,25 +199,58 @@ class Communicator(ABC):
                       ) -> tuple[dict[str, Update], float | None]:
         """Every block's U for this rank — as ``u``, or written into ``.grad`` through
         ``gradients`` already (``u`` None: a sharded engine's rows) — and Σ η²⟨U, DΘ⟩
-        over all blocks (None when a rate is unknown)."""
+        over all blocks (None when a rate is unknown).
+
+        Args:
+            updates: The updates this rank computed, by block name.
+            blocks: Every block, in the same order on every rank.
+            assignment: Who computed each U.
+            gradients: Reads and writes the parameters' gradients.
+
+        Returns:
+            ``(updates of every block, the KL clip's sum)``.
+        """
 
     @abstractmethod
     def max_over_ranks(self, values: list[float]) -> list[float]:
-        """The element-wise maximum over ranks."""
+        """The element-wise maximum over ranks.
+
+        Args:
+            values: This rank's values (the same length on every rank).
+
+        Returns:
+            The maxima, in the same order.
+        """
 
     @abstractmethod
     def example_window(self, rows: int) -> tuple[int, int] | None:
         """(offset of this rank's first prediction, predictions of the global batch)
-        for drawing ``mc`` labels by global index; None in one process."""
+        for drawing ``mc`` labels by global index; None in one process.
+
+        Args:
+            rows: Predictions on this rank.
+        """
 
     @abstractmethod
     def gather_states(self, states: dict[str, dict[str, Any]],
                       assignment: WorkAssignment) -> dict[str, dict[str, Any]]:
         """Every block's checkpoint state, each from a rank that holds its prepared
-        state (:meth:`WorkAssignment.holds_cache`)."""
+        state (:meth:`WorkAssignment.holds_cache`).
+
+        Args:
+            states: This rank's block states, by block name.
+            assignment: Who holds which prepared state.
+
+        Returns:
+            Every block's state, by block name.
+        """
 
     def failing(self, step: int) -> AbstractContextManager[None]:
-        """A context in which a failed collective becomes an error naming ``step``."""
+        """A context in which a failed collective becomes an error naming ``step``.
+
+        Args:
+            step: The preconditioner's step, for the message.
+        """
         return nullcontext()
 
 
@@ -232,14 +312,30 @@ class Parallelism(ABC):
     def follow(self, model: torch.nn.Module) -> Parallelism:
         """The parallelism for ``model`` as it is at the first step (a framework may
         shard it after the preconditioner was built): this one, unless a subclass knows
-        better."""
+        better.
+
+        Args:
+            model: The model the preconditioner watches.
+        """
         return self
 
     @abstractmethod
     def plan(self, blocks: Sequence[KroneckerBlock], config: KFACConfig,
              device: torch.device, factor_dtype: Callable[[], torch.dtype]) -> Plan:
-        """The assignment, communicator and gradient access for these blocks
-        (``factor_dtype()``: the factors' dtype now)."""
+        """The assignment, communicator and gradient access for these blocks.
+
+        Args:
+            blocks: Every Kronecker block of the preconditioner, in order.
+            config: The preconditioner's configuration.
+            device: Where the factors live.
+            factor_dtype: Returns the factors' dtype now.
+
+        Returns:
+            The :class:`Plan`.
+
+        Raises:
+            ValueError: The model or the blocks do not fit this parallelism (named).
+        """
 
 
 class SingleProcess(Parallelism):

@@ -23,7 +23,17 @@ SOLVERS: dict[str, type[LinearSolver]] = {}
 
 
 def register_solver(cls: type[LinearSolver]) -> type[LinearSolver]:
-    """Class decorator adding a solver to the registry under ``cls.name``."""
+    """Class decorator adding a solver to the registry under ``cls.name``.
+
+    Args:
+        cls: A :class:`LinearSolver` subclass with a unique ``name``.
+
+    Returns:
+        ``cls``, registered.
+
+    Raises:
+        ValueError: Another class is registered under the same name.
+    """
     if cls.name in SOLVERS and SOLVERS[cls.name] is not cls:
         raise ValueError(f"a solver named {cls.name!r} is already registered")
     SOLVERS[cls.name] = cls

@@ -193,6 +193,9 @@ class LinearSolver(ABC):
     Args:
         max_damping_increases: How many times a failed factorisation may multiply the
             damping by 10 before the factor is marked failed.
+
+    Raises:
+        ValueError: ``max_damping_increases`` is not an integer >= 0.
     """
 
     name: ClassVar[str] = "base"
@@ -219,6 +222,13 @@ class LinearSolver(ABC):
                 is ignored and cannot be checked for symmetry).
             generator: Random source of stochastic preparation (e.g. stochastic
                 rounding of the programmed matrix).
+
+        Returns:
+            The prepared state (``failed`` set, and counted, when every retry failed).
+
+        Raises:
+            ValueError: ``m`` is not square, symmetric and finite, or λ is not a finite
+                number >= 0.
         """
         if lower_only:
             _check_square(m, "factor")
@@ -264,6 +274,16 @@ class LinearSolver(ABC):
                 share it), saving a copy; ``b`` is garbage afterwards.
             check_finite: Check that ``b`` and the solution are finite (``ValueError`` /
                 :class:`SolverError`). A caller that checks both itself may skip it.
+
+        Returns:
+            ``SolveResult(x, modeled_time_s, stats)``, ``x`` shaped as ``b``.
+
+        Raises:
+            TypeError: ``prepared`` is not a :class:`Prepared`.
+            ValueError: ``b`` has another dimension or (checked) non-finite values, or
+                ``prepared`` is another solver's.
+            SolverError: The factor could not be prepared, or the solution is not
+                finite.
         """
         self._check_prepared(prepared)
         if not isinstance(b, Tensor) or b.ndim not in (1, 2) or b.shape[0] != prepared.n:

@@ -28,6 +28,9 @@ class CGSolver(LinearSolver):
     The iteration count and final relative residual are reported in ``stats``; a column
     that meets non-positive curvature (M + λI not positive definite) raises
     :class:`SolverError`.
+
+    Raises:
+        ValueError: ``tol`` outside (0, 1) or ``max_iter`` not a positive integer.
     """
 
     name = "cg"

@@ -55,6 +55,10 @@ class ThermodynamicSolver(LinearSolver):
         max_damping_increases: See :class:`~thermokfac.solvers.LinearSolver`.
         **overrides: Fields of :class:`ThermoConfig` to change, e.g. ``input_bits=8``.
 
+    Raises:
+        ValueError: An override that is not a :class:`ThermoConfig` field, or a value
+            out of its range (named, with the range).
+
     >>> solver = ThermodynamicSolver(t0_rc=200.0)
     >>> prepared = solver.prepare(torch.eye(3), damping=0.0)
     >>> result = solver.solve(prepared, torch.ones(3), generator=torch.Generator().manual_seed(0))
