@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from api_pages import write_api_page  # noqa: E402
+from figures import draw  # noqa: E402
 
 import thermokfac  # noqa: E402
 
@@ -55,3 +56,4 @@ sphinx_gallery_conf = {
 }
 
 write_api_page(HERE / "api.rst")
+draw(HERE / "_figures")  # the Explanations page's figures, from the library itself
