@@ -42,6 +42,7 @@ napoleon_use_ivar = True  # Attributes: as a field list (dataclass fields are me
 html_theme = "furo"
 html_title = f"thermokfac {version}"
 html_static_path: list[str] = []
+html_favicon = "favicon.svg"
 
 sphinx_gallery_conf = {
     "examples_dirs": str(HERE.parent / "examples"),

@@ -29,3 +29,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "setup: Fashion-MNIST missing; run: sudo apt-get install -y dataset-fashion-mnist" >&2
   fi
 fi
+# Chromium (Debian's) for the documentation site's browser test (slow suite).
+if ! command -v chromium > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    (apt-get install -y -q chromium > /dev/null 2>&1 \
+      || (apt-get update -q > /dev/null 2>&1 && apt-get install -y -q chromium > /dev/null)) \
+      || echo "setup: could not install chromium (the site test will be skipped)" >&2
+  else
+    echo "setup: chromium missing; run: sudo apt-get install -y chromium" >&2
+  fi
+fi
