@@ -10,6 +10,7 @@ import csv
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.colors as mcolors
@@ -78,31 +79,42 @@ def plot_train(run: Path) -> list[Path]:
 
 
 def plot_compare(folder: Path) -> list[Path]:
-    """Validation loss and metric vs (estimated) wall-clock for every curve (Fig. 3)."""
+    """Validation loss and metric vs (estimated) wall-clock for every curve (Fig. 3).
+
+    When the clocks span more than two orders of magnitude (the settle models) the
+    clock axis is logarithmic, and the step-0 points (clock 0, which a log axis cannot
+    show) are left out of both panels, so they neither stretch the value axes nor draw
+    segments from the axis edge; the axis label says so.
+    """
     folder = Path(folder)
     summary = json.loads((folder / "compare.json").read_text())
     metric = summary["metric_key"]
+    clocks = [p["clock_s"] for c in summary["curves"] for p in c["points"] if p["clock_s"] > 0]
+    log_clock = bool(clocks) and max(clocks) > 100 * min(clocks)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for curve in summary["curves"]:
-        xs = [p["clock_s"] for p in curve["points"]]
+        points = [p for p in curve["points"] if p["clock_s"] > 0 or not log_clock]
+        xs = [p["clock_s"] for p in points]
         style = "--" if curve.get("estimated") else "-"
-        axes[0].plot(xs, [p["val_loss"] for p in curve["points"]], style, marker=".",
+        axes[0].plot(xs, [p["val_loss"] for p in points], style, marker=".",
                      label=curve["label"])
-        axes[1].plot(xs, [p[metric] for p in curve["points"]], style, marker=".",
+        axes[1].plot(xs, [p[metric] for p in points], style, marker=".",
                      label=curve["label"])
-    axes[0].set(xlabel="wall-clock (s; dashed: estimated)", ylabel="validation loss",
-                yscale="log")
-    axes[1].set(xlabel="wall-clock (s; dashed: estimated)")
+    xlabel = "wall-clock (s; dashed: estimated)" + \
+        ("; log scale, step 0 not shown" if log_clock else "")
+    axes[0].set(xlabel=xlabel, ylabel="validation loss", yscale="log")
+    axes[1].set(xlabel=xlabel)
     _metric_axis(axes[1], metric)
-    axes[1].legend(fontsize=7)
-    clocks = [p["clock_s"] for c in summary["curves"] for p in c["points"] if p["clock_s"] > 0]
-    if clocks and max(clocks) > 100 * min(clocks):  # settle models orders of magnitude apart
+    if log_clock:  # settle models orders of magnitude apart
         for ax in axes:
             ax.set_xscale("log")
+    fig.set_size_inches(12, 5.6)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=2,
+               fontsize=7, bbox_to_anchor=(0.5, 0.115), frameon=False)  # off the data
     fig.suptitle(summary["title"], fontsize=10)
     caption = "\n".join(textwrap.wrap(summary["caption"], 150))
     fig.text(0.01, 0.01, caption, fontsize=6.5, va="bottom")
-    return _save(fig, folder / "compare.png", 130, rect=(0, 0.14, 1, 0.95)) + \
+    return _save(fig, folder / "compare.png", 130, rect=(0, 0.27, 1, 0.95)) + \
         plot_spectra(folder)
 
 
@@ -274,39 +286,78 @@ def plot_plan(folder: Path) -> list[Path]:
     return _save(fig, folder / "plan.png", 120)
 
 
-def plot_sweep(folder: Path) -> list[Path]:
-    """Time to target per arm (tuned lr; dots: seeds) and the tuned runs' curves."""
-    folder = Path(folder)
-    summary = json.loads((folder / "sweep.json").read_text())
-    metric, target = summary["metric"], summary["target"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
-    labels, colors = [], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+#: How the settle models are named on the figures.
+SETTLE_LABELS = {"rc": "RC", "rc_over_alpha_min": "RC/α_min", "target_error": "t₀ + T"}
+
+
+def _sweep_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One bar per measured arm and one per settle model of an estimated arm: its
+    label, median seconds (None: missed the target) and the seeds' seconds."""
+    rows = []
     for i, arm in enumerate(summary["arms"]):
         chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
                   and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
-        color = colors[i % len(colors)]
+        setting = (f"batch {arm['batch_size']}, lr {arm['best_lr']:g}, "
+                   f"{arm['reached']}/{arm['seeds']} seeds")
+        by_settle = arm.get("median_estimated_by_settle")
+        if arm["clock"] == "measured" or not by_settle:
+            rows.append({"arm": i, "label": f"{arm['name']} ({setting})",
+                         "median": arm["median_s"], "estimated": False,
+                         "seeds": [r["seconds"] for r in chosen if r["seconds"] is not None]})
+            continue
+        for model, median in by_settle.items():
+            seeds = [(r.get("estimated_by_settle") or {}).get(model) for r in chosen]
+            rows.append({"arm": i, "label": f"{arm['name']}, estimated, settle "
+                         f"{SETTLE_LABELS.get(model, model)} ({setting})", "median": median,
+                         "estimated": True, "seeds": [v for v in seeds if v is not None]})
+    return rows
+
+
+def plot_sweep(folder: Path) -> list[Path]:
+    """Time to target per arm at its tuned setting — every settle model's clock of an
+    estimated (thermodynamic) arm as a bar of its own, dots for the seeds — and the
+    tuned runs' curves (estimated arms on the ``rc`` clock, as labelled)."""
+    folder = Path(folder)
+    summary = json.loads((folder / "sweep.json").read_text())
+    metric, target = summary["metric"], summary["target"]
+    rows = _sweep_rows(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.9 + 0.45 * max(len(rows), 6)),
+                             gridspec_kw={"width_ratios": [1.1, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for y, row in enumerate(rows):
+        color = colors[row["arm"] % len(colors)]
+        axes[0].barh(y, row["median"] or 0.0, color=color, alpha=0.6,
+                     hatch="//" if row["estimated"] else None)
+        axes[0].scatter(row["seeds"], [y] * len(row["seeds"]), color="k", s=10, zorder=3)
+        if row["median"] is None:
+            axes[0].text(0, y, " missed the target", va="center", fontsize=7)
+    axes[0].set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+    axes[0].invert_yaxis()
+    values = [v for r in rows for v in [r["median"], *r["seeds"]] if v]
+    if values and max(values) > 100 * min(values):
+        axes[0].set_xscale("log")
+    hatched = " (hatched: estimated)" if any(r["estimated"] for r in rows) else ""
+    axes[0].set(xlabel=f"seconds to {metric.replace('_', ' ')} "
+                       f"{metric_value(metric, target)}{hatched}")
+    for i, arm in enumerate(summary["arms"]):
+        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
+                  and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
         estimated = arm["clock"] != "measured"
         key = "estimated_s" if estimated else "seconds"
-        med = arm["median_estimated_s"] if estimated else arm["median_s"]
-        axes[0].bar(i, med or 0.0, color=color, alpha=0.6, hatch="//" if estimated else None)
-        seeds = [r[key] for r in chosen if r[key] is not None]
-        axes[0].scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
-        labels.append(f"{arm['name']}\nbatch {arm['batch_size']}, lr {arm['best_lr']:g}\n"
-                      f"{arm['reached']}/{arm['seeds']}")
+        label = f"{arm['name']} (estimated, settle RC)" if estimated else arm["name"]
         for j, r in enumerate(chosen):
             xs = [p[key] for p in r["curve"]]
             axes[1].plot(xs, [p[metric] for p in r["curve"]], "--" if estimated else "-",
-                         color=color, lw=0.9, label=arm["name"] if j == 0 else None)
-    axes[0].set_xticks(range(len(labels)), labels, fontsize=8)
-    axes[0].set(ylabel=f"seconds to {metric.replace('_', ' ')} {metric_value(metric, target)}")
+                         color=colors[i % len(colors)], lw=0.9,
+                         label=label if j == 0 else None)
     axes[1].axhline(target, color="grey", lw=0.8, ls=":")
     if metric.endswith("accuracy"):  # zoom on the approach to the target
         axes[1].set_ylim(max(0.0, target - 0.15), min(1.0, target + 0.05))
     else:
         axes[1].set_ylim(0.5 * target, 2.5 * target)
-    axes[1].set(xlabel="training clock (s; dashed/hatched: estimated)")
+    axes[1].set(xlabel="training clock (s; dashed: estimated)")
     _metric_axis(axes[1], metric)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7)
     base = summary["base"]
     models = dict.fromkeys(a.get("set", {}).get("model", base["model"]) for a in summary["arms"])
     fig.suptitle(f"{' and '.join(models)} on {base['data']}: time to "
