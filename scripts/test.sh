@@ -7,6 +7,7 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check src tests benchmarks examples docs
+mypy  # the files and settings of [tool.mypy] in pyproject.toml
 if [ "$#" -eq 0 ]; then
   set -- -m "not slow"
 fi

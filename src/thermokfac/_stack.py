@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import FrameType
 
 _PACKAGE = str(Path(__file__).resolve().parent)
 
@@ -11,7 +12,8 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first caller outside thermokfac
     (the user's ``pre.step()``, not the library line that noticed the problem)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level

@@ -145,7 +145,7 @@ def _probe(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 @cache
-def _takes_generator(cls: type) -> bool:
+def _takes_generator(cls: type[LinearSolver]) -> bool:
     return len(inspect.signature(cls._prepare).parameters) >= 4
 
 

@@ -31,6 +31,9 @@ class Adc:
             return x
         if self.full_scale is None:  # path backends: the first sample sets the range
             self.calibrate(x)
-        out, clipped = quantize_output(x, self.bits, self.full_scale)
+        full_scale = self.full_scale
+        if full_scale is None:  # calibrate() always sets it
+            raise RuntimeError("the ADC's full scale was not set by its calibration")
+        out, clipped = quantize_output(x, self.bits, full_scale)
         self.clipped += clipped
         return out

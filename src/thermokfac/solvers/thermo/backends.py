@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +61,9 @@ def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def closed_form_weights(sched: Schedule, beta: float
-                        ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
-    """(g, v): the output's mean factor and variance per eigenvalue for this readout."""
+                        ) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(g, v): the output's mean factor and variance per eigenvalue for this readout
+    (functions of a tensor or a NumPy array of eigenvalues, returning the same kind)."""
     if sched.readout is Readout.AVERAGE:
         def mean_factor(lam):
             return moments.window_mean_factor(lam, sched.t0, sched.window)
@@ -247,6 +249,8 @@ def euler_maruyama(matrix: Tensor, b: Tensor, x0: Tensor | None, sched: Schedule
             if index >= 0 and index % between == 0:
                 total = hook(x) if total is None else total + hook(x)
         done += count
+    if total is None:  # a schedule reads at least one sample at step `burn`
+        raise ValueError(f"the schedule read no sample (num_samples={sched.num_samples})")
     return total / sched.num_samples, x
 
 

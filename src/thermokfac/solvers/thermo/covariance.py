@@ -57,8 +57,11 @@ def covariance_inverse(cfg: ThermoConfig, hardware: HardwareModel, prepared: Pre
     samples = cfg.covariance_samples
     spacing = float(prepared.tensors["covariance_spacing"])
     estimates, predicted = [], 0.0
-    for i, spec in enumerate(spectra):
-        spec = spec.completed()
+    for i, kept in enumerate(spectra):
+        if kept is None:  # the covariance mode keeps every spectrum (keep_vectors)
+            raise ValueError("the covariance inverse needs the device matrix's spectrum, "
+                             "which this prepared state did not keep")
+        spec = kept.completed()
         extra = 0.0
         if cfg.backend is Backend.CLOSED_FORM:
             if cfg.output_bits is not None:

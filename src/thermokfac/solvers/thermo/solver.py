@@ -91,8 +91,9 @@ class ThermodynamicSolver(LinearSolver):
     # ------------------------------------------------------------------ prepare
     def _prepare(self, m: Tensor, damping: float, generator: torch.Generator | None = None
                  ) -> dict[str, Tensor] | None:
-        if self._inner is not None and m.shape[0] > self.hardware.max_dim:
-            return prepare_blocks(self.hardware.max_dim, self._inner, m, damping, generator)
+        max_dim = self.hardware.max_dim
+        if self._inner is not None and max_dim is not None and m.shape[0] > max_dim:
+            return prepare_blocks(max_dim, self._inner, m, damping, generator)
         damped = symmetrize_lower(m)
         damped.diagonal().add_(damping)
         scale = float(damped.abs().sum(dim=1).max())
@@ -306,6 +307,9 @@ class ThermodynamicSolver(LinearSolver):
                overwrite_b: bool = False):
         cfg = self.config
         if "blocks" in prepared.tensors:
+            if self._inner is None:
+                raise ValueError("this state was prepared in blocks, but this solver's "
+                                 "hardware has no max_dim: prepare it with this solver")
             return solve_blocks(self._inner, prepared, b, generator, cfg.target_error,
                                 cfg.block_sweeps)
         rows = not b.is_contiguous() and b.mT.is_contiguous()
@@ -341,7 +345,7 @@ class ThermodynamicSolver(LinearSolver):
             x, state, clips = self._read(prepared, i, spec, rhs, x0, sched, generator)
             reads.append(x)
             clipped += clips
-            if cfg.warm_start and i == 0:
+            if cfg.warm_start and i == 0 and state is not None:
                 prepared.tensors["x_state"] = state
         x = reads[0] if len(reads) == 1 else torch.stack(reads).mean(0)
         x = x.mul_(full_scale / float(prepared.tensors["scale"]))
@@ -354,12 +358,18 @@ class ThermodynamicSolver(LinearSolver):
         return (cfg.mitigation_samples == 1 and cfg.input_bits is None
                 and cfg.output_bits is None and "solve_0" in prepared.tensors)
 
-    def _read(self, prepared: Prepared, index: int, spec: Spectrum, rhs: Tensor,
+    def _read(self, prepared: Prepared, index: int, kept: Spectrum | None, rhs: Tensor,
               x0: Tensor | None, sched: Schedule, generator: torch.Generator | None
               ) -> tuple[Tensor, Tensor | None, int]:
         cfg = self.config
         beta = cfg.beta_value
         adc = Adc(cfg, rhs, float(prepared.tensors["alpha_min"]))
+
+        def spectrum() -> Spectrum:
+            if kept is None:  # only the fused closed form reads without one
+                raise ValueError("this read needs the device matrix's spectrum, which the "
+                                 "prepared state did not keep")
+            return kept
         if cfg.backend is Backend.CLOSED_FORM:
             def read() -> Tensor:
                 if f"solve_{index}" in prepared.tensors:
@@ -367,13 +377,14 @@ class ThermodynamicSolver(LinearSolver):
                     noise = torch.randn(rhs.shape, generator=generator, dtype=rhs.dtype,
                                         device=rhs.device)
                     return torch.addmm(t[f"solve_{index}"] @ rhs, t[f"noise_{index}"], noise)
-                return backends.closed_form(spec, rhs, x0, sched, beta, generator)
+                return backends.closed_form(spectrum(), rhs, x0, sched, beta, generator)
             if adc.active and cfg.adc_range is AdcRange.CALIBRATE:
                 adc.calibrate(read())
             return adc(read()), None, adc.clipped
         hook = adc if adc.active else None
         if cfg.backend is Backend.TRAJECTORY:
-            mean, state = backends.trajectory(spec, rhs, x0, sched, beta, generator, hook)
+            mean, state = backends.trajectory(spectrum(), rhs, x0, sched, beta, generator,
+                                              hook)
         else:
             mean, state = backends.euler_maruyama(
                 prepared.tensors[f"realised_{index}"], rhs, x0, sched, cfg.em_dt_rc, beta,
