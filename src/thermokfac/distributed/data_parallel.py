@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._invariants import required
 from ..enums import parse_enum
 from ..kfac.blocks import FACTORS, KroneckerBlock
 from ..kfac.caches import receive_cache
@@ -149,7 +150,8 @@ class ProcessGroupCommunicator(Communicator):
             mine = sums.get(block.name)
             rows.append(0.0 if mine is None else float(mine.a_rows))
             if mine is not None:
-                tensors += [mine.a, mine.g]
+                tensors += [required(mine.a, f"A of {block.name}"),
+                            required(mine.g, f"G of {block.name}")]
                 continue
             h = block.helper
             a_shape = (h.a_dim,) if h.diagonal_a else (h.a_dim, h.a_dim)
@@ -194,7 +196,8 @@ class ProcessGroupCommunicator(Communicator):
                     tensors = block.caches[which].tensors()
                 else:
                     block.caches[which], tensors = receive_cache(info, self.device)
-                pairs += [(t, self._src(owner)) for t in tensors.values()]
+                src = self._src(required(owner, f"the owner of {block.name}/{which}"))
+                pairs += [(t, src) for t in tensors.values()]
         broadcast_from_owners(pairs, self.group)
         self.collectives += len(pairs)
 
@@ -223,14 +226,14 @@ class ProcessGroupCommunicator(Communicator):
             owner = assignment.grad_worker(block.name)
             mine = updates.get(block.name)
             if mine is not None:
-                u = mine.u.contiguous()  # a broadcast sends memory order
+                u = required(mine.u, f"U of {block.name}").contiguous()  # memory order
                 out[block.name] = Update(mine.inner, mine.rate, u)
             else:
                 h = block.helper
                 u = torch.empty(h.d_out, h.a_dim, dtype=h.weight_param.dtype,
                                 device=self.device)
                 out[block.name] = Update(0.0, None, u)
-            pairs.append((u, self._src(owner)))
+            pairs.append((u, self._src(required(owner, f"the owner of {block.name}"))))
         broadcast_from_owners(pairs, self.group)
         self.collectives += 1 + len(pairs)
         return out, (None if present[n + 1] > 0 else present[n])

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._invariants import required
 from ..kfac.blocks import KroneckerBlock
 from ..kfac.config import KFACConfig, setup_fingerprint
 from ..kfac.curvature import CurvatureSums
@@ -170,7 +171,7 @@ class ShardedGradients(GradientAccess):
         # the parameters themselves: a block's view of a DTensor (Q, K or V rows of a
         # packed projection) would be a collective, and only the owner asks
         weight = helper.weight_param.grad if helper.weight_trainable else None
-        bias = helper.bias_param.grad if helper.has_bias else None
+        bias = required(helper.bias_param, "the bias").grad if helper.has_bias else None
         return weight is not None or bias is not None
 
     def read(self, helper: LayerHelper) -> Tensor | None:
@@ -246,7 +247,8 @@ class OwnerCommunicator(ProcessGroupCommunicator):
                               torch.zeros(h.d_out * h.d_out, dtype=dtype, device=device),
                               torch.zeros(1, dtype=dtype, device=device)]
                 else:
-                    parts += [got.a.to(dtype).flatten(), got.g.to(dtype).flatten(),
+                    parts += [required(got.a, f"A of {block.name}").to(dtype).flatten(),
+                              required(got.g, f"G of {block.name}").to(dtype).flatten(),
                               torch.tensor([float(got.a_rows)], dtype=dtype, device=device)]
             buffer = torch.cat(parts)
             dist.reduce(buffer, dst=self._src(owner), op=dist.ReduceOp.SUM, group=self.group)
@@ -297,7 +299,8 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         """``params`` grouped by (owner, gradient dtype), in a fixed order."""
         groups: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
         for p in params:
-            groups.setdefault((self.owner_of_param[id(p)], p.grad.dtype), []).append(p)
+            dtype = required(p.grad, "a gradient").dtype
+            groups.setdefault((self.owner_of_param[id(p)], dtype), []).append(p)
         return [(owner, ps) for (owner, _), ps in groups.items()]
 
     def _padded_local(self, param: nn.Parameter) -> Tensor:
@@ -306,7 +309,7 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         Raises:
             RuntimeError: The rows are not FSDP2's chunk of this rank.
         """
-        grad = param.grad
+        grad = required(param.grad, "a gradient")
         local = local_tensor(grad)
         rows = _Rows(grad.shape[0], self.world_size)
         start, end = rows.span(self.rank)
@@ -366,7 +369,7 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         done = [b for i, b in enumerate(blocks) if present[i] > 0]
         helpers = {b.name: b.helper for b in blocks}
         for name, update in updates.items():  # U into the owner's whole gradients
-            gradients.write(helpers[name], update.u)
+            gradients.write(helpers[name], required(update.u, f"U of {name}"))
         # every preconditioned block: U arrives in the shards below (u=None: written)
         out = {b.name: Update(updates[b.name].inner if b.name in updates else 0.0,
                               updates[b.name].rate if b.name in updates else None)
@@ -374,7 +377,7 @@ class OwnerCommunicator(ProcessGroupCommunicator):
         for owner, params in self._buckets(_parameters(done, with_grad=True)):
             sizes = [_Rows(p.shape[0], self.world_size).chunk * math.prod(p.shape[1:])
                      for p in params]
-            recv = local_tensor(params[0].grad).new_empty(sum(sizes))
+            recv = local_tensor(required(params[0].grad, "a gradient")).new_empty(sum(sizes))
             chunks = None
             if owner == self.rank:  # rank r's chunk of every parameter, flattened
                 per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
@@ -390,9 +393,9 @@ class OwnerCommunicator(ProcessGroupCommunicator):
             self.collectives += 1
             offset = 0
             for p, size in zip(params, sizes):
-                local = local_tensor(p.grad)
-                chunk = _Rows(p.shape[0], self.world_size).chunk
-                mine = recv[offset:offset + size].view(chunk, *p.shape[1:])
+                local = local_tensor(required(p.grad, "a gradient"))
+                rows_here = _Rows(p.shape[0], self.world_size).chunk
+                mine = recv[offset:offset + size].view(rows_here, *p.shape[1:])
                 local.copy_(mine[: local.shape[0]])
                 offset += size
         gradients.whole.clear()

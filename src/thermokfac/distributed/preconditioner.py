@@ -43,7 +43,7 @@ from torch import nn
 from ..kfac.preconditioner import KFACPreconditioner
 from .assignment import Strategy
 from .data_parallel import DataParallel, KAISAAssignment
-from .fully_shard import FullyShard, is_fully_sharded
+from .fully_shard import FullyShard, OwnerAssignment, is_fully_sharded
 
 
 class DistributedKFACPreconditioner(KFACPreconditioner):
@@ -122,10 +122,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         return self.plan.assignment.world_size
 
     @property
-    def assignment(self) -> KAISAAssignment:
-        """Who prepares which factor and who computes which U (``owners``, ``loads``,
-        ``imbalance``)."""
-        return self.plan.assignment
+    def assignment(self) -> KAISAAssignment | OwnerAssignment:
+        """Who prepares which factor and who computes which U: a
+        :class:`KAISAAssignment` under DDP (``owners``, ``loads``, ``imbalance``), an
+        :class:`OwnerAssignment` under FSDP2 (``owners``)."""
+        assignment = self.plan.assignment
+        if not isinstance(assignment, KAISAAssignment | OwnerAssignment):
+            raise TypeError(f"this preconditioner's plan holds a "
+                            f"{type(assignment).__name__}, not a distributed assignment")
+        return assignment
 
     @property
     def collectives(self) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._invariants import required
 from ..kfac.blocks import KroneckerBlock
 from ..kfac.curvature import CurvatureSums
 from .comm import all_reduce_mean
@@ -70,8 +71,8 @@ def gather_rows(sums: dict[str, CurvatureSums], blocks: Sequence[KroneckerBlock]
         gathered[(block.name, which)] = torch.cat([p[:k] for p, k in zip(parts, per_rank)])
     vectors: dict[str, tuple[torch.Tensor, float]] = {}
     if diagonal:
-        local = [sums[b.name].a if b.name in sums else torch.zeros(
-            b.helper.a_dim, dtype=dtype, device=device) for b in diagonal]
+        local = [required(sums[b.name].a, f"A of {b.name}") if b.name in sums else
+                 torch.zeros(b.helper.a_dim, dtype=dtype, device=device) for b in diagonal]
         tokens = torch.tensor([sums[b.name].a_rows if b.name in sums else 0.0
                                for b in diagonal], dtype=torch.float64, device=device)
         issued += all_reduce_mean([*local, tokens], group)
