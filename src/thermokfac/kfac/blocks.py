@@ -369,7 +369,8 @@ class KroneckerBlock:
         self.restart(None if state.get("layout") is None else tuple(state["layout"]))
         self.a.load_entries(state)
         self.g.load_entries(state)
-        self.damping = tuple(float(d) for d in state["damping"])
+        damping_a, damping_g = (float(d) for d in state["damping"])
+        self.damping = (damping_a, damping_g)
         for i, which in enumerate(FACTORS):
             prep, inv = state.get(f"{which}_prep"), state.get(f"{which}_inv")
             if prep is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._invariants import required
 from ..enums import FisherType, LossReduction
 from .config import KFACConfig
 from .records import LayerRecord
@@ -48,12 +49,12 @@ class CurvatureSums:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the step's G (and A)."""
-        return (self.g if self.g is not None else self.g_parts).dtype
+        return required(self.g if self.g is not None else self.g_parts, "this step's G").dtype
 
     @property
     def device(self) -> torch.device:
         """Where the step's G (and A) live."""
-        return (self.g if self.g is not None else self.g_parts).device
+        return required(self.g if self.g is not None else self.g_parts, "this step's G").device
 
 
 def g_multiplier(cfg: KFACConfig, loss_terms: int, num_examples: int | None,
@@ -105,6 +106,7 @@ def close_step(records: Mapping[str, LayerRecord], multiplier: float, rows: bool
         else:
             out[name] = CurvatureSums(
                 a=sums.a, a_rows=sums.a_rows, g_rows=sums.g_rows,
-                g=sums.g.mul_(multiplier) if multiplier != 1.0 else sums.g)
+                g=required(sums.g, f"G of {name}").mul_(multiplier) if multiplier != 1.0
+                else sums.g)
         sums.reset()
     return out

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .._invariants import required
 from ..enums import LossReduction
 from .capture import CurvatureCapture
 from .config import KFACConfig
@@ -64,7 +65,8 @@ def backward_through(capture: CurvatureCapture, outputs: Tensor,
     capture.step_record.curvature_calls += 1
     for i, (v, weight) in enumerate(vectors):
         start = capture.clock()
-        grads = grad_or_explain(outputs, [call.edge for _, call in pairs], v)
+        edges = [required(call.edge, "a captured output's gradient edge") for _, call in pairs]
+        grads = grad_or_explain(outputs, edges, v)
         capture.step_record.elapsed_s += capture.clock() - start  # add_gradient times its own part
         for (record, call), grad in zip(pairs, grads):
             if grad is None:

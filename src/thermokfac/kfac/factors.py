@@ -88,7 +88,7 @@ def activation_rows(x: Tensor, approx: KFACApprox, groups: Groups | None = None)
     With ``groups`` (ragged examples, e.g. the atoms of each molecule: 2-D inputs whose
     rows belong to groups), reduce averages the rows of each group.
     """
-    if approx is KFACApprox.REDUCE and _grouped(x, groups):
+    if approx is KFACApprox.REDUCE and groups is not None and _grouped(x, groups):
         counts = torch.bincount(groups[0], minlength=groups[1]).clamp_min(1)
         return _group_sum(x, groups) / counts[:, None].to(x.dtype)
     if approx is KFACApprox.EXPAND or x.shape[1] == 1:
@@ -99,7 +99,7 @@ def activation_rows(x: Tensor, approx: KFACApprox, groups: Groups | None = None)
 def gradient_rows(g: Tensor, approx: KFACApprox, groups: Groups | None = None) -> Tensor:
     """``[batch, shared, d_out]`` ↦ rows of G (expand: every position; reduce: the sum,
     per group with ``groups``)."""
-    if approx is KFACApprox.REDUCE and _grouped(g, groups):
+    if approx is KFACApprox.REDUCE and groups is not None and _grouped(g, groups):
         return _group_sum(g, groups)
     if approx is KFACApprox.EXPAND or g.shape[1] == 1:
         return g.reshape(-1, g.shape[-1])

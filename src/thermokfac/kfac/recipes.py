@@ -82,6 +82,8 @@ def defaults(optimizer: torch.optim.Optimizer | None, grafting: Grafting,
         damping_split = DampingSplit.EQUAL
     elif damping is None:
         damping = DAMPING_FOR_SPLIT[damping_split]
+    if damping is None:  # every branch above sets it
+        raise RuntimeError("internal error: no damping in the recipe; please report it")
     return Recipe(recipe.grafting if grafting is Grafting.AUTO else grafting,
                   recipe.start_preconditioning_step if start is None else start,
                   damping, damping_split)

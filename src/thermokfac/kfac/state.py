@@ -96,8 +96,8 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
                          f", expected one of {READABLE_VERSIONS})")
     _check_layout(state)
     state = migrate(state)
-    expected = {name: tuple(shape) for name, shape in snap.shapes.items()}
-    saved = {name: tuple(shape) for name, shape in state["shapes"].items()}
+    expected = {name: _pair(shape, name) for name, shape in snap.shapes.items()}
+    saved = {name: _pair(shape, name) for name, shape in state["shapes"].items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     for name in set(expected) & set(saved):  # the shape of the layout it was saved with
@@ -155,6 +155,20 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
         layers[name] = {**layer, "prepared": prepared}
     out = {k: v for k, v in state.items() if k != "distributed"}
     return {**out, "layers": layers, "format_version": FORMAT_VERSION}
+
+
+def _pair(shape: Any, name: str) -> tuple[int, int]:
+    """A block's (A, G) dimensions from a state.
+
+    Raises:
+        ValueError: ``shape`` is not two integers (a damaged state), naming the layer.
+    """
+    try:
+        a_dim, g_dim = (int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"checkpoint entry shapes/{name} is {shape!r}, not the two "
+                         "dimensions of a block's factors") from None
+    return a_dim, g_dim
 
 
 #: The parts of a state (every readable version) and their types.

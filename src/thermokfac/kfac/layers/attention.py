@@ -66,7 +66,7 @@ def _tapped_class(kind: type) -> type:
     return _TAPPED[kind]
 
 
-def untapped(kind: type) -> type:
+def untapped(kind: type[nn.Module]) -> type[nn.Module]:
     """The class a tapped attention module had before K-FAC watched it (else ``kind``)."""
     return next((k for k, v in _TAPPED.items() if v is kind), kind)
 

@@ -120,9 +120,9 @@ def _in_projection(m: nn.MultiheadAttention, tap: AttentionTap, query: Tensor, k
         ws = m.in_proj_weight.chunk(3)
         bs = (None, None, None) if b is None else b.chunk(3)
         outs = []
-        for block, x, w, bias in zip(PROJECTIONS, (query, key, value), ws, bs):
+        for block, x, weight, bias in zip(PROJECTIONS, (query, key, value), ws, bs):
             tap.pre(block, m, x)
-            outs.append(F.linear(x, w, bias))
+            outs.append(F.linear(x, weight, bias))
         q, k, v = outs
     for block, x, out in zip(PROJECTIONS, (query, key, value), (q, k, v)):
         tap.post(block, m, x, out)

@@ -19,6 +19,7 @@ class EmbeddingHelper(LayerHelper):
     """Dense-gradient ``nn.Embedding`` (``sparse=False``)."""
 
     module_types = (nn.Embedding,)
+    module: nn.Embedding
     diagonal_a = True
 
     @classmethod

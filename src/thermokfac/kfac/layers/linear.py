@@ -17,6 +17,7 @@ class LinearHelper(LayerHelper):
     """
 
     module_types = (nn.Linear,)
+    module: nn.Linear
 
     @property
     def d_in(self) -> int:
