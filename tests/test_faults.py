@@ -122,8 +122,9 @@ def test_a_refused_run_leaves_no_new_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_lock_is_released_after_a_sweep_and_its_runs_work_under_it(tmp_path):
-    spec = {"target": 0.5, "seeds": [0],
+def _tiny_sweep(tmp_path: Path, target: float) -> tuple[Path, Path]:
+    """A one-run sweep spec (Adam on digits, 4 steps) and its output folder, run once."""
+    spec = {"target": target, "seeds": [0],
             "base": {"data": "digits", "width": 16, "batch_size": 32, "steps": 4,
                      "eval_every": 2},
             "arms": [{"name": "adam", "lrs": [1e-2]}]}
@@ -131,6 +132,11 @@ def test_the_lock_is_released_after_a_sweep_and_its_runs_work_under_it(tmp_path)
     path.write_text(json.dumps(spec))
     out = tmp_path / "sweep"
     assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    return path, out
+
+
+def test_the_lock_is_released_after_a_sweep_and_its_runs_work_under_it(tmp_path):
+    _, out = _tiny_sweep(tmp_path, target=0.5)
     assert (out / "runs" / "adam" / "lr0.01_seed0" / "result.json").exists()
     assert not list(out.rglob(LOCK_NAME))
 
@@ -435,14 +441,7 @@ def test_sweep_specs_are_checked_before_any_run(tmp_path, capsys, change, messag
 
 
 def test_a_damaged_sweep_result_is_run_again(tmp_path, capsys):
-    spec = {"target": 0.99, "seeds": [0],
-            "base": {"data": "digits", "width": 16, "batch_size": 32, "steps": 4,
-                     "eval_every": 2},
-            "arms": [{"name": "adam", "lrs": [1e-2]}]}
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
-    out = tmp_path / "sweep"
-    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
+    path, out = _tiny_sweep(tmp_path, target=0.99)
     result = out / "runs" / "adam" / "lr0.01_seed0" / "result.json"
     whole = json.loads(result.read_text())
     result.write_text(result.read_text()[:40])

@@ -290,13 +290,18 @@ def plot_plan(folder: Path) -> list[Path]:
 SETTLE_LABELS = {"rc": "RC", "rc_over_alpha_min": "RC/α_min", "target_error": "t₀ + T"}
 
 
+def _tuned_runs(summary: dict[str, Any], arm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of ``arm`` at its best learning rate and batch size (one per seed)."""
+    return [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
+            and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
+
+
 def _sweep_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One bar per measured arm and one per settle model of an estimated arm: its
     label, median seconds (None: missed the target) and the seeds' seconds."""
     rows = []
     for i, arm in enumerate(summary["arms"]):
-        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
-                  and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
+        chosen = _tuned_runs(summary, arm)
         setting = (f"batch {arm['batch_size']}, lr {arm['best_lr']:g}, "
                    f"{arm['reached']}/{arm['seeds']} seeds")
         by_settle = arm.get("median_estimated_by_settle")
@@ -340,8 +345,7 @@ def plot_sweep(folder: Path) -> list[Path]:
     axes[0].set(xlabel=f"seconds to {metric.replace('_', ' ')} "
                        f"{metric_value(metric, target)}{hatched}")
     for i, arm in enumerate(summary["arms"]):
-        chosen = [r for r in summary["runs"][arm["name"]] if r["lr"] == arm["best_lr"]
-                  and r.get("batch_size", arm["batch_size"]) == arm["batch_size"]]
+        chosen = _tuned_runs(summary, arm)
         estimated = arm["clock"] != "measured"
         key = "estimated_s" if estimated else "seconds"
         label = f"{arm['name']} (estimated, settle RC)" if estimated else arm["name"]

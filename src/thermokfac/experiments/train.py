@@ -29,8 +29,9 @@ from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
 from .config import TrainConfig
-from .processes import init_distributed, launch_value, resolve_device
+from .processes import init_distributed, resolve_device
 from .progress import Progress
+from .resume import RESUMABLE, check_payload, report_resume
 from .tasks import Task, build_model, load_task
 
 STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
@@ -81,11 +82,6 @@ def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
         kfac_approx=cfg.kfac_approx or task.kfac_approx,
         loss_type="mse" if task.kind == "graph" else "cross_entropy",
         num_per_example_loss_terms=task.loss_terms_per_example, seed=cfg.seed)
-
-
-#: Settings a resumed run may change (more steps, a new rate, another evaluation period,
-#: the threads it runs on).
-RESUMABLE = frozenset({"steps", "lr", "eval_every", "threads"})
 
 
 class Run:
@@ -221,7 +217,7 @@ class Run:
         else:
             state = found.state
         check_payload(state, found.path, sharded)
-        _report_resume(Path(out), found, state)
+        report_resume(Path(out), found, state)
         cfg = TrainConfig(**state["config"])  # validated by check_payload
         changes = dict(changes or {})
         if steps is not None:
@@ -393,104 +389,6 @@ class Run:
             with checkpoint_files.naming(self.out / "results.json"):
                 (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-#: The parts of a ``checkpoint.pt`` payload (format version 1) and their types; a
-#: ``checkpoint.dcp`` progress item has all but the last three.
-PAYLOAD = {"config": dict, "step": int, "train_s": (int, float), "world_size": int,
-           "gen": list, "torch_rng": list, "steps": list, "metrics": list,
-           "model": dict, "opt": dict, "pre": (dict, type(None))}
-
-
-def check_payload(state: Any, path: Path, sharded: bool = False) -> None:
-    """A checkpoint's payload has this version's layout, settings and finite tensors.
-
-    Checked before anything is built or changed, so a checkpoint from another version
-    or a damaged-but-plausible one (its checksum matches what was written) is a
-    one-line error naming the file.
-
-    Raises:
-        ValueError: The payload is not a dict, misses a part or has one of another type
-            or another version's, its settings are not this version's
-            :class:`TrainConfig` or out of range, or a model, optimizer or K-FAC tensor
-            holds NaN or infinity (named).
-    """
-    expected = {k: v for k, v in PAYLOAD.items()
-                if not sharded or k not in ("model", "opt", "pre")}
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a training run's "
-                         "state")
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        parts = ([f"missing {missing}"] if missing else []) + \
-            ([f"parts of another version {extra}"] if extra else [])
-        raise ValueError(f"{path} is not a checkpoint of this thermokfac version: "
-                         f"{'; '.join(parts)}")
-    for key, kind in expected.items():
-        if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise ValueError(f"{path}: its {key!r} is a {type(state[key]).__name__}, not "
-                             f"{getattr(kind, '__name__', kind)}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(state["config"]) - known)
-    if unknown:
-        raise ValueError(f"{path}: its settings {unknown} are not settings of this "
-                         "thermokfac version")
-    try:
-        TrainConfig(**state["config"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: its settings are not valid: {err}") from None
-    if state["step"] < 0 or len(state["gen"]) != state["world_size"]:
-        raise ValueError(f"{path}: step {state['step']} with {len(state['gen'])} random "
-                         f"states for {state['world_size']} process(es) is inconsistent")
-    for part in ("model", "opt"):
-        if part in expected:
-            _check_finite(state[part], f"{path}: {part}")
-    if expected.get("pre") and state["pre"] is not None:
-        for name, layer in (state["pre"].get("layers") or {}).items():
-            if isinstance(layer, dict):
-                _check_finite(layer, f"{path}: K-FAC layer {name!r}")
-
-
-def _check_finite(obj: Any, where: str) -> None:
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
-            bad = int((~torch.isfinite(obj)).sum())
-            raise ValueError(f"{where} holds {bad} NaN or infinite value(s) of "
-                             f"{obj.numel()}: the checkpoint is damaged")
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_finite(value, f"{where}/{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _check_finite(value, f"{where}/{i}")
-
-
-def _report_resume(out: Path, found: Any, state: dict[str, Any]) -> None:
-    """Say which checkpoint a resume continues from; a fallback (the newest one was
-    damaged or never renamed into place) must hold the settings of ``config.json``."""
-    import sys
-
-    step = state["step"]
-    newest = found.path.name in (checkpoint_files.NAME, checkpoint_files.DCP_NAME)
-    if not newest:
-        recorded = out / "config.json"
-        try:
-            saved = json.loads(recorded.read_text())
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict):
-            differ = sorted(k for k in set(saved) | set(state["config"])
-                            if k not in RESUMABLE and saved.get(k) != state["config"].get(k))
-            if differ:
-                raise ValueError(f"{found.path} (step {step}) is the newest intact "
-                                 f"checkpoint in {out}, but its settings differ from "
-                                 f"{recorded} in {differ}: it is not this run's; refusing "
-                                 "to resume from it")
-    why = "".join(f"; {reason}" for _, reason in found.skipped)
-    if launch_value("RANK") == 0:
-        print(f"thermokfac: resuming {out} from {found.path} (step {step}){why}",
-              file=sys.stderr)
 
 
 def _finite(value: float) -> bool:

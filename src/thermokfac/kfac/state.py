@@ -200,15 +200,21 @@ def _check_layout(state: dict[str, Any]) -> None:
                          f"({sorted(state['shapes'])})")
 
 
-def _non_finite(obj: Any) -> str | None:
-    """The path of the first float tensor in ``obj`` holding NaN or infinity."""
+def first_non_finite(obj: Any) -> str | None:
+    """The path (``"/key/0"``; ``""`` for ``obj`` itself) of the first floating-point
+    tensor in the nested dicts, lists and tuples of ``obj`` that holds NaN or infinity,
+    or None when every one is finite.
+
+    Args:
+        obj: A tensor, or a dict / list / tuple nesting them (other values are skipped).
+    """
     if isinstance(obj, torch.Tensor):
         return "" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) \
             else None
     items = obj.items() if isinstance(obj, dict) else \
         enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for key, value in items:
-        found = _non_finite(value)
+        found = first_non_finite(value)
         if found is not None:
             return f"/{key}{found}"
     return None
@@ -224,7 +230,7 @@ def _check_tensor_shapes(layers: dict[str, Any], dims: dict[str, tuple[int, int]
             the entry that is not finite.
     """
     for name, layer in layers.items():
-        bad = _non_finite(layer)
+        bad = first_non_finite(layer)
         if bad is not None:
             raise ValueError(f"checkpoint entry {name}{bad} holds NaN or infinite values: "
                              "the saved K-FAC state is damaged")
