@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from .._invariants import required
 from ..enums import FisherType, KFACApprox
 from .examples import ExampleCounter
 from .factors import (
@@ -286,10 +287,10 @@ class CurvatureCapture:
             record.sums.reset()
             record.shared = {k: s for k, s in record.shared.items() if not s.reached}
         self.counter.drop_counted()
-        record = self.step_record
-        record.param_gradients = record.forward_mark = record.repeated_gradients = 0
-        record.reached.clear()
-        record.refused_at = None
+        step = self.step_record
+        step.param_gradients = step.forward_mark = step.repeated_gradients = 0
+        step.reached.clear()
+        step.refused_at = None
 
     def example_count(self) -> tuple[int, str | None]:
         """(N, None) for this step, or (0, why N is ambiguous): see :mod:`.examples`."""
@@ -408,7 +409,7 @@ class CurvatureCapture:
     def _add_activations(self, record: LayerRecord, x: Tensor, call: LayerCall) -> None:
         """A of one call into ``call.sums``: Σ āāᵀ of its rows (only the row count when
         the weight is frozen, the token counts of an embedding)."""
-        helper, sums = record.helper, call.sums
+        helper, sums = record.helper, required(call.sums, "the call's sums")
         if helper.diagonal_a:
             counts, tokens = helper.token_counts(x, self.factor_dtype)
             accumulate_a_diagonal(sums, counts, tokens)
@@ -450,8 +451,8 @@ class CurvatureCapture:
             for group in record.shared.values():
                 if not group.reached:
                     continue
-                self._add_activation_rows(record, group.a_sum / group.positions,
-                                          record.sums)
+                a_sum = required(group.a_sum, "the shared calls' activations")
+                self._add_activation_rows(record, a_sum / group.positions, record.sums)
                 for rows in group.g_sum.values():
                     self._add_gradient_rows(record, rows)
             record.shared.clear()
@@ -504,8 +505,9 @@ class CurvatureCapture:
         rows = rows.to(self.factor_dtype)
         if row_scale != 1.0:
             rows = rows * row_scale
-        group = None if call is None else call.shared
-        if group is not None:  # summed over the forward's calls; G formed at the step
+        if call is not None and call.shared is not None:
+            # summed over the forward's calls; G formed at the step
+            group = call.shared
             if call.shared_a is not None:  # the call's activations join at its gradient
                 total, positions = call.shared_a
                 group.a_sum = total if group.a_sum is None else group.a_sum + total

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._invariants import required
 from .._linalg import symmetrize_lower
 from ..solvers import LinearSolver, Prepared, all_finite
 from .curvature import CurvatureSums
@@ -112,8 +113,8 @@ class MovingAverage(FactorEstimate):
     def fresh(self, sums: CurvatureSums) -> Tensor:
         """A = Σāāᵀ/#rows; G = c·Σĝĝᵀ (the multiplier c was applied at capture)."""
         if self.which == "a":
-            return sums.a.div_(sums.a_rows)
-        return sums.g
+            return required(sums.a, "the captured A").div_(sums.a_rows)
+        return required(sums.g, "the captured G")
 
     def is_finite(self, fresh: Tensor) -> bool:
         return lower_is_finite(fresh)
@@ -133,12 +134,16 @@ class MovingAverage(FactorEstimate):
     def held(self) -> Tensor | None:
         return self.value
 
+    @property
+    def _value(self) -> Tensor:
+        return required(self.value, f"the moving average of {self.which.upper()}")
+
     def mean_diagonal(self) -> float:
-        return float(self.value.diagonal().sum()) / self.value.shape[0]
+        return float(self._value.diagonal().sum()) / self._value.shape[0]
 
     def prepare(self, solver: LinearSolver, damping: float,
                 generator: torch.Generator | None) -> Prepared:
-        return solver.prepare(self.value, damping, lower_only=True, generator=generator)
+        return solver.prepare(self._value, damping, lower_only=True, generator=generator)
 
     def matrix(self) -> Tensor | None:
         return None if self.value is None else symmetrize_lower(self.value)
@@ -166,7 +171,7 @@ class DiagonalMovingAverage(MovingAverage):
         return lower_is_finite(fresh)
 
     def mean_diagonal(self) -> float:
-        return float(self.value.sum()) / self.value.shape[0]
+        return float(self._value.sum()) / self._value.shape[0]
 
     def matrix(self) -> Tensor | None:
         return None if self.value is None else self.value.clone()
@@ -191,8 +196,8 @@ class RowsEstimate(FactorEstimate):
     def fresh(self, sums: CurvatureSums) -> tuple[Tensor, float]:
         """A = RᵀR/#rows; G = c·RᵀR (the rows of the step, concatenated)."""
         if self.which == "a":
-            return sums.a_parts, 1.0 / sums.a_rows
-        return sums.g_parts, sums.g_scale
+            return required(sums.a_parts, "the captured rows of A"), 1.0 / sums.a_rows
+        return required(sums.g_parts, "the captured rows of G"), sums.g_scale
 
     def is_finite(self, fresh: tuple[Tensor, float]) -> bool:
         return all_finite(fresh[0])
@@ -209,12 +214,16 @@ class RowsEstimate(FactorEstimate):
     def held(self) -> Tensor | None:
         return self.rows
 
+    @property
+    def _rows(self) -> Tensor:
+        return required(self.rows, f"the rows of {self.which.upper()}")
+
     def mean_diagonal(self) -> float:
-        return self.scale * float(self.rows.pow(2).sum()) / self.rows.shape[1]
+        return self.scale * float(self._rows.pow(2).sum()) / self._rows.shape[1]
 
     def prepare(self, solver: LinearSolver, damping: float,
                 generator: torch.Generator | None) -> Prepared:
-        return solver.prepare_rows(self.rows, self.scale, damping, generator=generator)
+        return solver.prepare_rows(self._rows, self.scale, damping, generator=generator)
 
     def release(self) -> None:
         self.rows = None

@@ -3,19 +3,53 @@ its whole state for a checkpoint."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from ..timing import StepTimings
+from ..solvers import LinearSolver
+from ..timing import StepTimings, TimingLog
 from .blocks import KroneckerBlock
-from .records import PendingStep, pending_step
+from .records import LayerRecord, PendingStep, pending_step
 from .state import Snapshot, pack, solver_settings, unpack
+
+if TYPE_CHECKING:
+    from .capture import CurvatureCapture
+    from .config import KFACConfig
+    from .parallel import Plan
+    from .report import StatsLedger
 
 
 class Inspection:
     """Read-only views and checkpoint state of :class:`KFACPreconditioner` (a mixin:
     it reads the preconditioner's blocks, capture, timing log and configuration)."""
+
+    # What the mixin reads from the preconditioner (set by its constructor).
+    model: nn.Module
+    config: KFACConfig
+    solver: LinearSolver
+    plan: Plan
+    timing: TimingLog
+    generator: torch.Generator
+    steps: int
+    _blocks: dict[str, KroneckerBlock]
+    _records: dict[str, LayerRecord]
+    _capture: CurvatureCapture
+    _ledger: StatsLedger
+
+    if TYPE_CHECKING:
+        @property
+        def factor_dtype(self) -> torch.dtype: ...
+
+        @property
+        def stats(self) -> dict[str, float]: ...
+
+        def block(self, name: str) -> KroneckerBlock: ...
+
+        def _new_blocks(self) -> dict[str, KroneckerBlock]: ...
+
+        def _begin_step(self) -> None: ...
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Moving-average factors ``{name: (A, G)}`` (symmetric copies).

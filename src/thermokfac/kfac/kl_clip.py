@@ -15,6 +15,7 @@ weight (its bias's group when only the bias is trainable): ν = min(1, √(κ / 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -34,16 +35,16 @@ def effective_learning_rate(lr: float | None, optimizer: torch.optim.Optimizer |
             whose steady-state step lr/(1 − μ) is unbounded: pass ``momentum=`` to the
             preconditioner, or ``kl_clip=None``).
     """
-    group = optimizer.param_groups[group] if optimizer is not None else {}
-    if lr is None and "lr" in group:
-        lr = float(group["lr"])
+    settings: dict[str, Any] = optimizer.param_groups[group] if optimizer is not None else {}
+    if lr is None and "lr" in settings:
+        lr = float(settings["lr"])
     if lr is None:
         return None
     dampening = 0.0
     if momentum is None:
-        momentum = float(group.get("momentum", 0.0)) if "betas" not in group else 0.0
+        momentum = float(settings.get("momentum", 0.0)) if "betas" not in settings else 0.0
         if momentum:  # SGD's steady-state step is lr(1 − dampening)/(1 − μ)
-            dampening = float(group.get("dampening", 0.0))
+            dampening = float(settings.get("dampening", 0.0))
         if not MOMENTUM.contains(momentum):
             raise ValueError(
                 f"the optimizer's momentum={momentum!r} is out of range for the KL clip, "
@@ -117,7 +118,7 @@ class LayerRates:
         self.optimizer, self.momentum = optimizer, momentum
         self.single = lr is not None or optimizer is None
         self.rate = effective_learning_rate(lr, optimizer, momentum) if self.single else None
-        self.group_of = {} if self.single else {
+        self.group_of = {} if optimizer is None or self.single else {
             id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self._cache: dict[int, float | None] = {}
 
@@ -141,6 +142,9 @@ def trainable_params(helper) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 def weighted_sum(parts: list[tuple[float | None, float]]) -> float | None:
     """Σ η² ⟨U, DΘ⟩ over (η, ⟨U, DΘ⟩) pairs; None when some η is unknown (no clip)."""
-    if any(eta is None for eta, _ in parts):
-        return None
-    return sum(eta * eta * dot for eta, dot in parts)
+    total = 0.0
+    for eta, dot in parts:
+        if eta is None:
+            return None
+        total += eta * eta * dot
+    return total

@@ -13,16 +13,18 @@ this same step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from .._invariants import required
 from ..enums import FisherType, Grafting, RepeatedCalls
 from ..solvers import LinearSolver, SolverError, all_finite
 from ..timing import TimedSolves, TimingLog
@@ -612,7 +614,7 @@ class KFACPreconditioner(Inspection):
             report.jobs += block.update_cache(
                 self.solver, cfg.method, damping, self.recipe.damping_split,
                 assignment.prepares(block.name),
-                lambda part, name=block.name: self.noise(name, part))
+                functools.partial(self.noise, block.name))
             for key, stat in PREPARE_STATS:
                 self._ledger.count(stat, block.stats.get(key, 0.0) - before.get(key, 0.0))
         self.plan.communicator.share_caches(todo, assignment)
@@ -628,7 +630,9 @@ class KFACPreconditioner(Inspection):
                       ) -> tuple[dict[str, Update], float | None]:
         """U of every block this rank computes (Eq. 15), then every block's U on every
         rank, and Σ η²⟨U, DΘ⟩ over them (None when a rate is unknown)."""
-        solver = TimedSolves(self.solver, self.timing.clock)
+        # every attribute but ``solve`` passes through to the solver itself
+        timed = TimedSolves(self.solver, self.timing.clock)
+        solver = cast(LinearSolver, timed)
         if lr is None and self.config.lr is not None:
             lr = resolve("lr", self.config.lr, self.steps, POSITIVE)
         rates = LayerRates(lr, self.optimizer, self.config.momentum)  # each block's group's η
@@ -642,7 +646,7 @@ class KFACPreconditioner(Inspection):
                 update = self._apply(block, solver, rates, report)
                 if update is not None:
                     updates[name] = update
-        report.timings.solve_s = solver.seconds
+        report.timings.solve_s = timed.seconds
         return self.plan.communicator.share_updates(updates, list(self._blocks.values()),
                                                     self.plan.assignment, self.plan.gradients)
 
@@ -670,10 +674,12 @@ class KFACPreconditioner(Inspection):
         if not grads.has_grad(helper):
             return None
         if not (block.layout_matches and block.ready):  # nothing prepared, or other params
-            return self._skip(block, "passthrough_layers", report)
-        d_theta = grads.read(helper)
+            self._skip(block, "passthrough_layers", report)
+            return None
+        d_theta = required(grads.read(helper), f"the gradient of {block.name}")
         if not all_finite(d_theta):
-            return self._skip(block, "nonfinite_grad_skips", report)
+            self._skip(block, "nonfinite_grad_skips", report)
+            return None
         graft = self.recipe.grafting is Grafting.GRADIENT
         norm = d_theta.norm() if graft else None  # before the solves work in d_theta
         try:
@@ -683,18 +689,21 @@ class KFACPreconditioner(Inspection):
                 f"the solver failed on layer {block.name!r} (non-finite or unconverged "
                 "solve): its gradient passes through unchanged, counted in "
                 "stats['solver_errors']"))
-            return self._skip(block, "solver_errors", report)
+            self._skip(block, "solver_errors", report)
+            return None
         if graft:  # K-FAC's direction at the raw gradient's norm
             u.mul_(norm / u.norm().clamp_min(torch.finfo(u.dtype).tiny))
         # ⟨U, DΘ⟩ is non-finite whenever U is (DΘ is finite): one inner product checks U
         # and feeds the KL clip — one dot with DΘ's buffer when the solves left it alone.
         inner = _dot(u, d_theta) if block.keeps_input else grads.inner(helper, u)
         if not math.isfinite(inner):
-            return self._skip(block, "nonfinite_update_skips", report)
+            self._skip(block, "nonfinite_update_skips", report)
+            return None
         report.jobs += jobs
         return Update(inner, rates(*trainable_params(helper)), u)
 
     def _skip(self, block: KroneckerBlock, why: str, report: StepReport) -> None:
+        """Count ``why`` for a block whose gradient passes through this step."""
         report.skipped[block.name] = why
         self._ledger.count(why)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -80,7 +80,7 @@ class _TapHandle:
     def remove(self) -> None:
         module = self.module()
         tap = None if module is None else _TAPS.get(module)
-        if tap is None:
+        if module is None or tap is None:
             return
         entries = tap.probes[self.block]
         if self.probes in entries:
@@ -111,8 +111,9 @@ class AttentionHelper(LayerHelper):
     """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.MultiheadAttention,)
+    module: nn.MultiheadAttention
 
-    def __init__(self, module: nn.Module, block: str = "q_proj") -> None:
+    def __init__(self, module: nn.MultiheadAttention, block: str = "q_proj") -> None:
         super().__init__(module)
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
@@ -134,6 +135,9 @@ class AttentionHelper(LayerHelper):
 
     @classmethod
     def blocks(cls, module: nn.Module) -> list[tuple[str, LayerHelper]]:
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"{cls.__name__} handles nn.MultiheadAttention, "
+                            f"got {type(module).__name__}")
         return [(f".{block}", cls(module, block)) for block in BLOCKS]
 
     def attach(self, pre_hook: Callable, post_hook: Callable) -> list[RemovableHandle]:
@@ -149,7 +153,7 @@ class AttentionHelper(LayerHelper):
     def weight_param(self) -> nn.Parameter:
         m = self.module
         if self.block == "out_proj":
-            return m.out_proj.weight
+            return cast(nn.Parameter, m.out_proj.weight)  # a leaf: see leaf_problem
         return m.in_proj_weight if self._packed else getattr(m, f"{self.block}_weight")
 
     @property

@@ -18,11 +18,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from ..._invariants import required
 
 #: A parameter ↦ its gradient (``param.grad`` by default; a sharded engine's gathered
 #: whole gradient under FSDP2).
@@ -93,7 +95,7 @@ class LayerHelper(ABC):
         (``self.fc(input=x)``); None when neither is there."""
         if args:
             return args[0]
-        return kwargs.get(_first_parameter(type(self.module)))
+        return kwargs.get(_first_parameter(type(self.module).forward))
 
     @property
     def submodule(self) -> nn.Module | None:
@@ -104,7 +106,9 @@ class LayerHelper(ABC):
     def weight_param(self) -> nn.Parameter:
         """The parameter holding this block's weight (a larger parameter when the
         weight is a block of it, see :meth:`weight_view`)."""
-        return self.module.weight
+        # A Parameter for every block in use: a computed weight (a parametrization) is
+        # refused at construction (:meth:`leaf_problem`).
+        return cast(nn.Parameter, self.module.weight)
 
     @property
     def bias_param(self) -> nn.Parameter | None:
@@ -200,6 +204,22 @@ class LayerHelper(ABC):
         image for a convolution)."""
         return False
 
+    def token_counts(self, indices: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Per-token counts and the number of tokens, for a diagonal A (one-hot inputs).
+
+        Args:
+            indices: The layer's integer input, any shape.
+            dtype: The dtype of the counts.
+
+        Returns:
+            (counts ``[d_in]``, number of tokens).
+
+        Raises:
+            TypeError: This helper's A is dense (:attr:`diagonal_a` is False): its
+                activations come from :meth:`shared_inputs`.
+        """
+        raise TypeError(f"{type(self).__name__} has a dense A: use shared_inputs")
+
     @abstractmethod
     def shared_inputs(self, x: Tensor) -> Tensor:
         """Layer input ↦ activations ``[batch, shared, d_in]``."""
@@ -221,7 +241,7 @@ class LayerHelper(ABC):
         block's views of them; ``source(param)`` in place of ``param.grad`` when given."""
         read = source if source is not None else _own_grad
         weight = read(self.weight_param) if self.weight_trainable else None
-        bias = read(self.bias_param) if self.has_bias else None
+        bias = read(required(self.bias_param, "the bias")) if self.has_bias else None
         return (None if weight is None else self.weight_view(weight),
                 None if bias is None else self.bias_view(bias))
 
@@ -240,8 +260,9 @@ class LayerHelper(ABC):
         if weight is None and bias is None:
             return None
         if not self.has_bias:
-            return self.weight_grad_matrix(weight).clone(memory_format=torch.contiguous_format)
-        ref = weight if weight is not None else bias
+            return self.weight_grad_matrix(required(weight, "the weight's gradient")).clone(
+                memory_format=torch.contiguous_format)
+        ref = weight if weight is not None else required(bias, "the bias's gradient")
         # Every column is written when both parts have a gradient: no zero fill then.
         alloc = ref.new_empty if weight is not None and bias is not None else ref.new_zeros
         out = alloc(self.d_out, self.a_dim)
@@ -297,10 +318,10 @@ def _own_grad(param: nn.Parameter) -> Tensor | None:
 
 
 @cache
-def _first_parameter(module_type: type[nn.Module]) -> str | None:
-    """The name of the first parameter of ``module_type.forward`` after ``self``."""
+def _first_parameter(forward: Callable[..., Any]) -> str | None:
+    """The name of the first parameter of a module class's ``forward`` after ``self``."""
     try:
-        params = list(inspect.signature(module_type.forward).parameters.values())
+        params = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
         return None
     for param in params[1:]:

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .base import LayerHelper
+
+if TYPE_CHECKING:
+    from torch.nn.modules.conv import _ConvNd
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
               "circular": "circular"}
@@ -61,8 +64,9 @@ class ConvHelper(LayerHelper):
     """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    module: _ConvNd
 
-    def __init__(self, module: nn.Module, group: int = 0) -> None:
+    def __init__(self, module: _ConvNd, group: int = 0) -> None:
         super().__init__(module)
         if not 0 <= group < module.groups:
             raise ValueError(f"group must be in [0, {module.groups}), got {group}")
@@ -70,6 +74,9 @@ class ConvHelper(LayerHelper):
 
     @classmethod
     def blocks(cls, module: nn.Module) -> list[tuple[str, LayerHelper]]:
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                   nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            raise TypeError(f"{cls.__name__} handles convolutions, got {type(module).__name__}")
         if module.groups == 1:
             return [("", cls(module))]
         return [(f".group{j}", cls(module, j)) for j in range(module.groups)]
@@ -125,7 +132,7 @@ class ConvHelper(LayerHelper):
             return [0] * (2 * self.n_spatial)
         pads: list[int] = []
         for i in reversed(range(self.n_spatial)):
-            if m.padding == "same":
+            if isinstance(m.padding, str):  # "same": PyTorch accepts no other string here
                 total = m.dilation[i] * (m.kernel_size[i] - 1)
                 pads += [total // 2, total - total // 2]
             else:
@@ -161,7 +168,7 @@ class ConvTransposeHelper(ConvHelper):
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (
         nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
-    def __init__(self, module: nn.Module, group: int = 0) -> None:
+    def __init__(self, module: _ConvNd, group: int = 0) -> None:
         super().__init__(module, group)
         self._output_padding: tuple[int, ...] = tuple(module.output_padding)
 
@@ -169,6 +176,8 @@ class ConvTransposeHelper(ConvHelper):
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":  # PyTorch itself rejects this at forward
             return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):  # PyTorch rejects it at forward too
+            return f"padding={module.padding!r}"
         return None
 
     def attach(self, pre_hook: Callable, post_hook: Callable) -> list[RemovableHandle]:
@@ -191,9 +200,18 @@ class ConvTransposeHelper(ConvHelper):
             return tuple(m.output_padding)
         sizes = list(output_size)[-self.n_spatial:]
         spatial = x.shape[-self.n_spatial:]
-        return tuple(int(sizes[i]) - ((spatial[i] - 1) * m.stride[i] - 2 * m.padding[i]
+        padding = self._padding
+        return tuple(int(sizes[i]) - ((spatial[i] - 1) * m.stride[i] - 2 * padding[i]
                                       + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
                      for i in range(self.n_spatial))
+
+    @property
+    def _padding(self) -> tuple[int, ...]:
+        padding = self.module.padding
+        if isinstance(padding, str):  # PyTorch's transposed convolutions take numbers only
+            raise ValueError(f"a transposed convolution's padding must be numbers, "
+                             f"got {padding!r}")
+        return padding
 
     def weight_view(self, t: Tensor) -> Tensor:
         return self._slice(t, self.in_group)  # weight [c_in, c_out/g, k...]
@@ -207,10 +225,12 @@ class ConvTransposeHelper(ConvHelper):
         n, c = x.shape[:2]
         spatial = x.shape[2:]
         dilated = x.new_zeros(n, c, *[(s - 1) * st + 1 for s, st in zip(spatial, m.stride)])
-        dilated[(slice(None), slice(None), *[slice(None, None, st) for st in m.stride])] = x
+        every_stride = (slice(None), slice(None), *[slice(None, None, st) for st in m.stride])
+        dilated[every_stride] = x
         pads: list[int] = []
+        padding = self._padding
         for i in reversed(range(self.n_spatial)):
-            edge = m.dilation[i] * (m.kernel_size[i] - 1) - m.padding[i]
+            edge = m.dilation[i] * (m.kernel_size[i] - 1) - padding[i]
             pads += [edge, edge + self._output_padding[i]]
         return patches(F.pad(dilated, pads), m.kernel_size, (1,) * self.n_spatial, m.dilation)
 
