@@ -272,3 +272,13 @@ def test_an_empty_batch_runs_as_in_pytorch(layer):
     KFACPreconditioner(model, loss_reduction="sum", kl_clip=None)
     shape = (0, 6) if isinstance(layer, nn.Linear) else (0, layer.in_channels, 6, 6)
     assert model(torch.randn(shape)).shape[0] == 0
+
+
+def test_a_transposed_convolution_with_string_padding_is_left_out_and_named():
+    """PyTorch builds ``ConvTranspose2d(padding="same")`` but rejects it at forward; the
+    preconditioner leaves it to the base optimizer, naming the padding, and keeps the
+    convolution beside it."""
+    model = nn.Sequential(nn.ConvTranspose2d(2, 2, 3, padding="same"), nn.Conv2d(2, 2, 3))
+    pre = KFACPreconditioner(model, kl_clip=None)
+    assert pre.layer_names == ["1"]
+    assert "padding=('s', 'a', 'm', 'e') (numbers only" in pre.unsupported_layers["0"]

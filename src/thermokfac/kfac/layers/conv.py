@@ -174,10 +174,14 @@ class ConvTransposeHelper(ConvHelper):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
+        if not isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            raise TypeError(f"{cls.__name__} handles transposed convolutions, "
+                            f"got {type(module).__name__}")
         if module.padding_mode != "zeros":  # PyTorch itself rejects this at forward
             return f"padding_mode={module.padding_mode!r}"
-        if isinstance(module.padding, str):  # PyTorch rejects it at forward too
-            return f"padding={module.padding!r}"
+        padding = module.padding  # a string becomes a tuple of its characters here
+        if isinstance(padding, str) or not all(isinstance(p, int) for p in padding):
+            return f"padding={padding!r} (numbers only: PyTorch rejects it at forward too)"
         return None
 
     def attach(self, pre_hook: Callable, post_hook: Callable) -> list[RemovableHandle]:
@@ -208,7 +212,7 @@ class ConvTransposeHelper(ConvHelper):
     @property
     def _padding(self) -> tuple[int, ...]:
         padding = self.module.padding
-        if isinstance(padding, str):  # PyTorch's transposed convolutions take numbers only
+        if isinstance(padding, str):  # refused at construction (unsupported_reason)
             raise ValueError(f"a transposed convolution's padding must be numbers, "
                              f"got {padding!r}")
         return padding
