@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test,frameworks]"
+pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test,frameworks,baselines]"
 # backpack (via curvlinops) pulls a torchvision wheel built for CUDA torch, which fails to
 # load against the CPU build here and breaks every `import torchvision` (Lightning's
 # included); nothing in this project uses it.

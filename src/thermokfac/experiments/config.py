@@ -21,10 +21,9 @@ from ..solvers import available_solvers
 from ..solvers.hardware import SettleModel
 from ..solvers.quantize import check_bits
 from ..solvers.thermo.config import Backend, Quantizer
+from .optimizers import BASELINES, OPTIMIZERS, SCHEDULES
 from .processes import launch_value
 from .tasks import MODELS, TASKS
-
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "nadamw")
 
 
 def _values(enum) -> tuple[str, ...]:
@@ -43,10 +42,17 @@ class TrainConfig:
     model: str = _opt("mlp", "network to train", MODELS)
     data: str = _opt("digits", "data set", TASKS)
     optimizer: str = _opt("adam", "base optimizer (K-FAC preconditions the gradients it "
-                          "steps with)", OPTIMIZERS)
-    lr: float = _opt(1e-3, "learning rate of the base optimizer")
+                          "steps with; muon, soap and klshampoo run alone)", OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate of the base optimizer (the peak of a schedule)")
     momentum: float = _opt(0.9, "momentum of sgd and nesterov, in [0, 1)")
     weight_decay: float = _opt(0.0, "weight decay of the base optimizer")
+    schedule: str = _opt("constant", "learning-rate schedule: constant, or warmup-cosine "
+                         "(linear warm-up, then cosine decay to 0 at the last step)",
+                         SCHEDULES)
+    warmup_fraction: float = _opt(0.05, "fraction of the steps the warmup-cosine schedule "
+                                  "warms up over, in [0, 1)")
+    precondition_frequency: int = _opt(10, "steps between preconditioner updates of soap "
+                                       "and klshampoo")
     batch_size: int = _opt(128, "examples per step (under torchrun: the global batch)")
     steps: int = _opt(300, "optimizer steps")
     eval_every: int = _opt(50, "steps between validation evaluations")
@@ -135,6 +141,10 @@ class TrainConfig:
             valid = RANGES.get(f.name)
             if valid is not None:
                 valid.check(f.name, getattr(self, f.name))
+        if self.optimizer in BASELINES and (self.kfac or self.fsdp):
+            raise ValueError(f"optimizer={self.optimizer!r} runs alone, as a baseline: "
+                             f"{'--kfac' if self.kfac else '--fsdp'} needs one of sgd, "
+                             "nesterov, adam, adamw, nadamw")
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,8 @@ RANGES = {
     "target_error": Range(1e-12, 1, open_high=True), "t0_rc": Range(0, 1e9, open_low=True),
     "window_rc": Range(0, 1e9, open_low=True), "threads": Range(1, 4096),
     "checkpoint_every": Range(0, 2**40), "stop_at": Range(-1e12, 1e12),
+    "warmup_fraction": Range(0, 1, open_high=True),
+    "precondition_frequency": Range(1, 2**40),
 }
 
 #: Which settings only some configurations use: (what they need, whether ``cfg`` has it).
@@ -202,6 +214,9 @@ USED_WHEN = {
     **{name: ("--kfac --solver thermodynamic",
               lambda c: c.kfac and c.solver == "thermodynamic") for name in _THERMO},
     "momentum": ("--optimizer sgd or nesterov", lambda c: c.optimizer in ("sgd", "nesterov")),
+    "warmup_fraction": ("--schedule warmup-cosine", lambda c: c.schedule == "warmup-cosine"),
+    "precondition_frequency": ("--optimizer soap or klshampoo",
+                               lambda c: c.optimizer in ("soap", "klshampoo")),
     "heads": ("--model gpt, torch-gpt or vit", lambda c: c.model in ("gpt", "torch-gpt", "vit")),
     "context": ("--data shakespeare", lambda c: c.data == "shakespeare"),
     "dist_strategy": ("torchrun (two or more processes) without --fsdp",

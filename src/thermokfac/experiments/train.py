@@ -29,6 +29,7 @@ from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
 from .config import TrainConfig
+from .optimizers import make_optimizer, make_schedulers
 from .processes import init_distributed, resolve_device
 from .progress import Progress
 from .resume import RESUMABLE, check_payload, report_resume
@@ -37,19 +38,6 @@ from .tasks import Task, build_model, load_task
 STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
                "update_s", "solve_s", "modeled_s", "modeled_rc_s",
                "modeled_rc_over_alpha_min_s", "modeled_target_error_s")
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.optimizer == "nesterov",
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.NAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             decoupled_weight_decay=True)
 
 
 def make_solver(cfg: TrainConfig):
@@ -113,7 +101,8 @@ class Run:
             self.model = self.net if self.world == 1 else nn.parallel.DistributedDataParallel(
                 self.net,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = make_optimizer(cfg, self.net.parameters())
+        self.opt = make_optimizer(cfg, self.net)
+        self.schedulers = make_schedulers(cfg, self.opt)
         self.pre = make_preconditioner(cfg, self.model, self.task, self.opt, self.world)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * self.rank)
         self.step = 0
@@ -228,6 +217,10 @@ class Run:
             listed = ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in fixed.items())
             raise ValueError(f"cannot resume {out} with changed settings ({listed}); only "
                              f"{', '.join(sorted(RESUMABLE))} may change on resume")
+        if cfg.schedule != "constant" and changes.get("steps", cfg.steps) != cfg.steps:
+            raise ValueError(f"cannot resume {out} with steps={changes['steps']}: its "
+                             f"{cfg.schedule} schedule ends at step {cfg.steps}, and another "
+                             "length would change the rate mid-run; start a new run")
         cfg = replace(cfg, **{k: v for k, v in changes.items() if k in RESUMABLE})
         run = cls(cfg, out)
         if state["world_size"] != run.world:
@@ -252,7 +245,8 @@ class Run:
                                  f"optimizer: {err}") from None
         if "lr" in changes:  # the saved optimizer state carries the old rate
             for group in run.opt.param_groups:
-                group["lr"] = cfg.lr
+                group["lr"] = group["initial_lr"] = cfg.lr
+        run.schedulers = make_schedulers(cfg, run.opt, step=state["step"])
         if run.pre is not None and not sharded:
             try:
                 run.pre.load_state_dict(checkpoint_files.to_device(state["pre"], run.device))
@@ -347,6 +341,8 @@ class Run:
         if self.pre is not None:
             self.pre.step()
         self.opt.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         wall = time.perf_counter() - start
         self.train_s += wall
         record = {"step": self.step, "loss": float(loss.detach()), "wall_s": wall,
