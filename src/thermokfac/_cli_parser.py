@@ -223,6 +223,26 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
                           "read back, the others run (the spec must be the saved one)")
     swp.set_defaults(func=handlers["sweep"])
 
+    sc = sub.add_parser("score", help="each optimizer's time-to-target ratio to the best "
+                        "baseline per workload and its performance-profile score "
+                        "(AlgoPerf); or, with --pilot, the target a pilot sweep sets",
+                        description="Reads sweep folders (one timed sweep per workload) and "
+                        "writes score.json, score.md and score.png to --out; with --pilot, "
+                        "reads one pilot sweep (target null) and writes target.json.")
+    sc.add_argument("sweeps", type=Path, nargs="+", help="sweep folders (with sweep.json)")
+    sc.add_argument("--tau-max", type=float, default=4.0,
+                    help="largest performance ratio counted (a miss counts as it)")
+    sc.add_argument("--pilot", action="store_true",
+                    help="read the target off one pilot sweep instead of scoring")
+    sc.add_argument("--fraction", type=float, default=0.5,
+                    help="with --pilot: the share of the step budget the metric is read at")
+    sc.add_argument("--out", type=Path, default=Path("runs") / "score", help="run folder")
+    sc.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out, replacing the files this command "
+                         "writes")
+    sc.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sc.set_defaults(func=handlers["score"])
+
     plot = sub.add_parser("plot", help="redraw the figures of a saved run folder")
     plot.add_argument("folder", type=Path, help="a folder written by any command")
     plot.add_argument("--debug", action="store_true",

@@ -45,6 +45,8 @@ try:
     from .experiments.quantize import quantize_sweep
     from .experiments.run_folder import RunFolderLock, check_out
     from .experiments.scaling import scaling
+    from .experiments.score import pilot_target, score_folders, target_folder
+    from .experiments.score import table as score_table
     from .experiments.sweep import load_spec, sweep
     from .experiments.sweep import table as sweep_table
     from .experiments.tensorboard import TensorBoardLog
@@ -219,7 +221,37 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     spec["base"] = {**spec["base"], "threads": args.threads}
     summary = sweep(spec, args.out, progress=not args.no_progress, resume=args.resume)
     figures = plots.plot_sweep(args.out)
-    print(sweep_table(summary))
+    if summary["target"] is None:  # a pilot: what each arm reached, and the target
+        found = pilot_target(summary)
+        for name, arm in found["arms"].items():
+            print(f"{name}: {found['metric']} {arm['value']:.6g} at {found['fraction']:g} "
+                  f"of the budget (median over seeds; batch {arm['batch_size']}, "
+                  f"lr {arm['lr']:g})")
+        print(f"target: {found['target']:.6g} ({found['arm']}); thermokfac score --pilot "
+              f"{args.out} writes it to target.json")
+    else:
+        print(sweep_table(summary))
+    print(f"\nplot: {figures[0]}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    if args.pilot:
+        if len(args.sweeps) != 1:
+            raise ValueError(f"--pilot reads one pilot sweep, got {len(args.sweeps)}")
+        found = target_folder(args.sweeps[0], args.out, args.fraction)
+        print(f"target {found['metric']} = {found['target']:.6g}: {found['arm']} (batch "
+              f"{found['batch_size']}, lr {found['lr']:g}), median over seeds at "
+              f"{found['fraction']:g} of the budget")
+        print(f"written: {args.out / 'target.json'}")
+        return
+    result = score_folders(args.sweeps, args.out, args.tau_max)
+    figures = plots.plot_score(args.out)
+    print(score_table(result))
+    for w in result["workloads"]:
+        if not w["equal_trials"]:
+            trials = ", ".join(f"{k}: {f['trials']}" for k, f in w["families"].items())
+            print(f"warning: on {w['name']} the optimizers had unequal numbers of trials "
+                  f"({trials})", file=sys.stderr)
     print(f"\nplot: {figures[0]}")
 
 
@@ -238,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "profile": cmd_profile, "scaling": cmd_scaling,
                            "quantize": cmd_quantize, "plan": cmd_plan,
                            "breakeven": cmd_breakeven, "sweep": cmd_sweep,
-                           "plot": cmd_plot})
+                           "score": cmd_score, "plot": cmd_plot})
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     once = OncePerCommand()

@@ -325,6 +325,8 @@ def plot_sweep(folder: Path) -> list[Path]:
     folder = Path(folder)
     summary = json.loads((folder / "sweep.json").read_text())
     metric, target = summary["metric"], summary["target"]
+    if target is None:
+        return plot_pilot(folder)
     rows = _sweep_rows(summary)
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.9 + 0.45 * max(len(rows), 6)),
                              gridspec_kw={"width_ratios": [1.1, 1]})
@@ -371,6 +373,47 @@ def plot_sweep(folder: Path) -> list[Path]:
     return _save(fig, folder / "sweep.png", 130)
 
 
+def plot_pilot(folder: Path) -> list[Path]:
+    """A pilot sweep's (``"target": null``) ``sweep.png``: every run's validation curve
+    over its steps, one colour per arm, and the target the pilot sets — the best
+    baseline setting's median metric at half the budget (:func:`.score.pilot_target`)."""
+    from .experiments.score import pilot_target
+
+    folder = Path(folder)
+    summary = json.loads((folder / "sweep.json").read_text())
+    metric = summary["metric"]
+    found = pilot_target(summary)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    budget = 0
+    for i, arm in enumerate(summary["arms"]):
+        best = found["arms"].get(arm["name"])
+        labelled = False
+        for r in summary["runs"][arm["name"]]:
+            budget = max(budget, r["steps_budget"])
+            tuned = best is not None and (r["lr"], r["batch_size"]) == (best["lr"],
+                                                                       best["batch_size"])
+            label = None
+            if tuned and not labelled:  # one legend entry per arm: its best setting
+                label = f"{arm['name']} (best: batch {r['batch_size']}, lr {r['lr']:g})"
+                labelled = True
+            ax.plot([p["step"] for p in r["curve"]], [p[metric] for p in r["curve"]],
+                    color=colors[i % len(colors)], lw=1.2 if tuned else 0.5,
+                    alpha=1.0 if tuned else 0.35, label=label)
+    ax.axvline(found["fraction"] * budget, color="grey", lw=0.8, ls=":")
+    ax.axhline(found["target"], color="k", lw=0.8, ls="--",
+               label=f"target {metric_value(metric, found['target'])} ({found['arm']})")
+    if metric.endswith("accuracy"):
+        ax.set_ylim(max(0.0, found["target"] - 0.3), min(1.0, found["target"] + 0.1))
+    ax.set_xlabel(f"step (dotted: {found['fraction']:g} of the budget)")
+    _metric_axis(ax, metric)
+    ax.legend(fontsize=7)
+    base = summary["base"]
+    ax.set_title(f"Pilot on {base['model']}/{base['data']}: the baselines' curves and the "
+                 f"target (best median at {found['fraction']:g} of the budget)", fontsize=9)
+    return _save(fig, folder / "sweep.png", 130)
+
+
 def plot_breakeven(folder: Path) -> list[Path]:
     """Speed-up of the device's Method 2 step over the digital one, over RC × link
     bandwidth: rows settle models, columns bits; the break-even contour and the paper's
@@ -411,11 +454,48 @@ def plot_breakeven(folder: Path) -> list[Path]:
     return [folder / "breakeven.png"]
 
 
+
+
+def profile_curve(ratios: list[float], tau_max: float) -> tuple[list[float], list[float]]:
+    """The performance profile ρ(τ) of one optimizer's ratios as a step function from
+    τ = 1 to ``tau_max``: (τ values, ρ values), ρ jumping at each ratio below τ_max."""
+    n = len(ratios)
+    taus, rhos = [1.0], [sum(r <= 1.0 for r in ratios) / n]
+    for r in sorted(r for r in ratios if 1.0 < r < tau_max):
+        taus += [r, r]
+        rhos += [rhos[-1], sum(x <= r for x in ratios) / n]
+    return [*taus, tau_max], [*rhos, rhos[-1]]
+
+
+def plot_score(folder: Path) -> list[Path]:
+    """``score.png``: each optimizer's performance profile ρ(τ) (the share of workloads
+    it reaches the target within τ times the fastest optimizer's time), its score in
+    the legend."""
+    result = json.loads((Path(folder) / "score.json").read_text())
+    tau_max = result["tau_max"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ranked = sorted(result["families"].items(), key=lambda kv: -kv[1]["score"])
+    for name, fam in ranked:
+        taus, rhos = profile_curve(fam["ratios"], tau_max)
+        ax.plot(taus, rhos, label=f"{name} (score {fam['score']:.3f})", linewidth=1.8)
+    ax.set_xlim(1.0, tau_max)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("τ: time to target ÷ the fastest optimizer's")
+    ax.set_ylabel("share of workloads within τ")
+    names = ", ".join(w["name"] for w in result["workloads"])
+    ax.set_title("\n".join(textwrap.wrap(f"Performance profiles over {names}", 60)),
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, Path(folder) / "score.png", dpi=120)
+
+
 DRAWERS = {"breakeven.json": plot_breakeven, "sweep.json": plot_sweep,
            "profile_nproc.json": plot_profile_nproc,
            "compare.json": plot_compare, "steps.csv": plot_train,
            "profile.json": plot_profile, "scaling.json": plot_scaling,
-           "quantize.json": plot_quantize, "plan.json": plot_plan}
+           "quantize.json": plot_quantize, "plan.json": plot_plan,
+           "score.json": plot_score}
 
 
 def redraw(folder: Path) -> list[Path]:

@@ -9,6 +9,14 @@ A sweep is described by a JSON spec (committed under ``configs/``)::
                "batch_sizes": [256, 512, 1024]},   # optional: a batch-size grid
               {"name": "thermo", "lrs": [0.1], "set": {...}, "clock": "thermo-m2"}]}
 
+``"target": null`` makes a *pilot*: every run takes its whole budget (nothing stops at a
+target), and :func:`.score.pilot_target` reads the target off it. An arm may name its
+``"family"`` (the optimizer it tunes; default: its name — several arms of one family
+are its grid, e.g. K-FAC's intervals or SOAP's preconditioning frequencies) and say
+``"baseline": true``; :mod:`.score` compares families. Each run's folder holds its
+evaluation log, ``metrics.csv`` (step, accumulated training seconds, validation
+metrics; evaluation time excluded), beside its ``result.json``.
+
 Every arm runs every (batch size ×) learning rate × seed until the validation metric
 meets ``target`` (``stop_at``) or the step budget ends (``base.steps``, or
 ⌈``budget_epochs`` × examples per epoch / batch⌉ steps when given, so that every batch
@@ -98,9 +106,17 @@ def load_spec(path: Path) -> dict[str, Any]:
         raise ValueError(f"sweep spec {path}: seeds={seeds!r} must be a non-empty list of "
                          "integers")
     target = spec["target"]
-    if isinstance(target, bool) or not isinstance(target, (int, float)) \
-            or not math.isfinite(target):
-        raise ValueError(f"sweep spec {path}: target={target!r} must be a finite number")
+    if target is not None and (isinstance(target, bool) or not isinstance(
+            target, (int, float)) or not math.isfinite(target)):
+        raise ValueError(f"sweep spec {path}: target={target!r} must be a finite number "
+                         "(or null: a pilot, every run to its whole budget)")
+    for arm in spec["arms"]:
+        if not isinstance(arm.get("family", ""), str) or not arm.get("family", "x"):
+            raise ValueError(f"arm {arm['name']!r}: family={arm['family']!r} must be a "
+                             "non-empty string")
+        if not isinstance(arm.get("baseline", False), bool):
+            raise ValueError(f"arm {arm['name']!r}: baseline={arm['baseline']!r} must be "
+                             "true or false")
     for arm in spec["arms"]:  # every run's settings, checked before the first runs
         for batch in arm.get("batch_sizes", [None]):
             for lr in arm["lrs"]:
@@ -118,7 +134,7 @@ def load_spec(path: Path) -> dict[str, Any]:
 
 
 SPEC_KEYS = {"description", "target", "seeds", "base", "arms", "budget_epochs"}
-ARM_KEYS = {"name", "lrs", "set", "clock", "batch_sizes"}
+ARM_KEYS = {"name", "lrs", "set", "clock", "batch_sizes", "family", "baseline"}
 
 
 def _known(path: Path, where: str, table: Any, keys: set[str]) -> None:
@@ -305,7 +321,9 @@ def _summarise(arm: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, 
 
     best_batch, best = min(by_setting, key=score)
     chosen = by_setting[best_batch, best]
-    return {"name": arm["name"], "clock": clock, "set": arm.get("set", {}),
+    return {"name": arm["name"], "family": arm.get("family", arm["name"]),
+            "baseline": arm.get("baseline", False), "clock": clock,
+            "set": arm.get("set", {}), "trials": len(by_setting),
             "lrs": arm["lrs"], "best_lr": best,
             "batch_sizes": sorted({b for b, _ in by_setting}), "batch_size": best_batch,
             "reached": sum(r["step"] is not None for r in chosen), "seeds": len(chosen),
