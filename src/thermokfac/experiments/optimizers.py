@@ -118,7 +118,8 @@ def muon_split(model: nn.Module) -> tuple[list[str], list[str]]:
         id(p) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
         for p in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
         if p is not None}
-    muon, adamw = [], []
+    muon: list[str] = []
+    adamw: list[str] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -133,7 +134,7 @@ def _params(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
     return [by_name[n] for n in names]
 
 
-def _torch(kind: type[torch.optim.Optimizer], **fixed: Any
+def _torch(kind: Callable[..., torch.optim.Optimizer], **fixed: Any
            ) -> Callable[[TrainConfig, nn.Module], torch.optim.Optimizer]:
     def build(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -167,7 +168,7 @@ def heavyball_module() -> Any:
         ModuleNotFoundError: heavyball is not installed (naming the extra to install).
     """
     try:
-        import heavyball
+        import heavyball  # type: ignore[import-untyped]
     except ModuleNotFoundError:
         raise ModuleNotFoundError(
             "soap and klshampoo come from heavyball: pip install 'thermokfac[baselines]'"
