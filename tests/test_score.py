@@ -158,3 +158,10 @@ def test_pilot_then_timed_sweeps_then_score_end_to_end(tmp_path, capsys):
         assert result["workloads"][0]["families"]["kfac"]["ratio_to_best_baseline"] == \
             pytest.approx(times["kfac"] / best)
     assert "| optimizer | mlp/digits |" in printed
+    # where each step goes: K-FAC's curvature and inversion are its own, AdamW has none
+    parts = {a["name"]: a["median_step_parts_ms"] for a in sweep["arms"]}
+    assert parts["kfac"]["curvature"] > 0 and parts["kfac"]["inversion"] > 0
+    assert parts["adamw"]["curvature"] == parts["adamw"]["inversion"] == 0
+    assert parts["kfac"]["gradient"] > 0
+    if times["kfac"] is not None:
+        assert "| mlp/digits | kfac |" in (tmp_path / "score" / "score.md").read_text()

@@ -102,7 +102,8 @@ def _workload(summary: dict[str, Any], tau_max: float) -> dict[str, Any]:
     for arm in summary["arms"]:
         name = arm.get("family", arm["name"])
         fam = families.setdefault(name, {"baseline": arm.get("baseline", False),
-                                         "arm": None, "time_s": None, "trials": 0})
+                                         "arm": None, "time_s": None, "trials": 0,
+                                         "step_ms": None, "step_parts_ms": None})
         if fam["baseline"] != arm.get("baseline", False):
             raise ValueError(f"{base['model']}/{base['data']}: the arms of family {name!r} "
                              "disagree on 'baseline'")
@@ -110,6 +111,8 @@ def _workload(summary: dict[str, Any], tau_max: float) -> dict[str, Any]:
         time = arm["median_s"]
         if time is not None and (fam["time_s"] is None or time < fam["time_s"]):
             fam["time_s"], fam["arm"] = time, arm["name"]
+            fam["step_ms"] = arm.get("median_step_ms")
+            fam["step_parts_ms"] = arm.get("median_step_parts_ms")
     if not any(f["baseline"] for f in families.values()):
         raise ValueError(f"{base['model']}/{base['data']}: no arm is marked "
                          "\"baseline\": true")
@@ -183,6 +186,24 @@ def score(summaries: list[dict[str, Any]], tau_max: float = 4.0) -> dict[str, An
     return {"tau_max": tau_max, "workloads": workloads, "families": families}
 
 
+def step_table(result: dict[str, Any]) -> str:
+    """Markdown: where each family's step goes on each workload (its fastest trial's
+    median step and its parts, ms: gradient = forward + backward, curvature, inversion =
+    prepare, update), which explains a workload lost or won."""
+    rows = ["| workload | optimizer | step ms | gradient | curvature | inversion | update |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for w in result["workloads"]:
+        for name, f in sorted(w["families"].items()):
+            if f.get("step_ms") is None:
+                continue
+            parts = f.get("step_parts_ms") or {}
+            cells = [f"{parts[k]:.1f}" if k in parts else "—"
+                     for k in ("gradient", "curvature", "inversion", "update")]
+            rows.append(f"| {w['name']} | {name} | {f['step_ms']:.1f} | " + " | ".join(cells)
+                        + " |")
+    return "\n".join(rows)
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown: one row per family — its time-to-target ratio to the best baseline on
     each workload (— where it missed), the score and the geometric mean."""
@@ -228,7 +249,7 @@ def score_folders(folders: list[Path], out: Path, tau_max: float = 4.0) -> dict[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "score.json").write_text(json.dumps(result, indent=2))
-    (out / "score.md").write_text(table(result) + "\n")
+    (out / "score.md").write_text(table(result) + "\n\n" + step_table(result) + "\n")
     return result
 
 
