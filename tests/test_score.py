@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from thermokfac.cli import main
-from thermokfac.experiments.score import pilot_target, score, table
+from thermokfac.experiments.score import pilot_target, score, step_table, table
 from thermokfac.plots import profile_curve
 
 
@@ -159,9 +159,22 @@ def test_pilot_then_timed_sweeps_then_score_end_to_end(tmp_path, capsys):
             pytest.approx(times["kfac"] / best)
     assert "| optimizer | mlp/digits |" in printed
     # where each step goes: K-FAC's curvature and inversion are its own, AdamW has none
-    parts = {a["name"]: a["median_step_parts_ms"] for a in sweep["arms"]}
+    parts = {a["name"]: a["mean_step_parts_ms"] for a in sweep["arms"]}
     assert parts["kfac"]["curvature"] > 0 and parts["kfac"]["inversion"] > 0
     assert parts["adamw"]["curvature"] == parts["adamw"]["inversion"] == 0
     assert parts["kfac"]["gradient"] > 0
     if times["kfac"] is not None:
         assert "| mlp/digits | kfac |" in (tmp_path / "score" / "score.md").read_text()
+
+
+def test_the_step_table_shows_where_each_step_goes_even_for_a_miss():
+    parts = {"gradient": 5.0, "curvature": 3.0, "inversion": 2.0, "update": 1.0}
+    arms = [{**_arm("adamw", 10.0, baseline=True), "median_step_ms": 8.0,
+             "mean_step_parts_ms": {**parts, "curvature": 0.0, "inversion": 0.0}},
+            {**_arm("kfac-a", None, family="kfac"), "median_step_ms": 21.0,
+             "mean_step_parts_ms": parts},
+            {**_arm("kfac-b", None, family="kfac"), "median_step_ms": 30.0,
+             "mean_step_parts_ms": parts}]
+    text = step_table(score([_sweep("a", arms)]))
+    assert "| mlp/a | kfac | 21.0 | 5.0 | 3.0 | 2.0 | 1.0 |" in text  # its first trial
+    assert "| mlp/a | adamw | 8.0 | 5.0 | 0.0 | 0.0 | 1.0 |" in text

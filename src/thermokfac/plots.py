@@ -403,8 +403,8 @@ def plot_pilot(folder: Path) -> list[Path]:
     ax.axvline(found["fraction"] * budget, color="grey", lw=0.8, ls=":")
     ax.axhline(found["target"], color="k", lw=0.8, ls="--",
                label=f"target {metric_value(metric, found['target'])} ({found['arm']})")
-    if metric.endswith("accuracy"):
-        ax.set_ylim(max(0.0, found["target"] - 0.3), min(1.0, found["target"] + 0.1))
+    if metric.endswith("accuracy"):  # zoom on the approach to the target
+        ax.set_ylim(max(0.0, found["target"] - 0.15), min(1.0, found["target"] + 0.03))
     ax.set_xlabel(f"step (dotted: {found['fraction']:g} of the budget)")
     _metric_axis(ax, metric)
     ax.legend(fontsize=7)
