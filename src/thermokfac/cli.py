@@ -35,6 +35,7 @@ try:
     from . import plots
     from ._cli_parser import build_parser
     from .distributed.launch import collective_timeout
+    from .experiments import denormals
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
     from .experiments.config import TrainConfig, unused_settings
@@ -219,6 +220,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.seeds is not None:
         spec["seeds"] = args.seeds
     spec["base"] = {**spec["base"], "threads": args.threads}
+    denormals.request(spec["base"].get("flush_denormal", True))  # the runs' default
     summary = sweep(spec, args.out, progress=not args.no_progress, resume=args.resume)
     figures = plots.plot_sweep(args.out)
     if summary["target"] is None:  # a pilot: what each arm reached, and the target
@@ -282,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args = apply_config_file(parser, args, argv)
         args.argv = argv
+        # before any parallel torch work, so that every worker thread copies it
+        denormals.request(getattr(args, "flush_denormal", True))
         if "THERMOKFAC_DIST_TIMEOUT" in os.environ:  # checked where it enters: here
             collective_timeout()
         out = getattr(args, "out", None)

@@ -109,6 +109,10 @@ class TrainConfig:
     window_rc: float | None = _opt(None, "device averaging window in RC (none: from "
                                    "--target-error)")
     threads: int = _opt(2, "torch intra-op threads")
+    flush_denormal: bool = _opt(True, "treat subnormal floats (below 1.2e-38 in float32) "
+                                "as zero while training on the CPU: a confident "
+                                "classifier's softmax puts them in the backward pass, where "
+                                "they can double its time")
     checkpoint_every: int = _opt(0, "steps between checkpoints (0: at each evaluation)")
     stop_at: float | None = _opt(None, "stop at the first evaluation whose validation "
                                  "metric reaches this (none: run every step)")

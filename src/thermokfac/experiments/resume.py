@@ -15,8 +15,8 @@ from .config import TrainConfig
 from .processes import launch_value
 
 #: Settings a resumed run may change (more steps, a new rate, another evaluation period,
-#: the threads it runs on).
-RESUMABLE = frozenset({"steps", "lr", "eval_every", "threads"})
+#: the threads it runs on, whether subnormal floats are flushed).
+RESUMABLE = frozenset({"steps", "lr", "eval_every", "threads", "flush_denormal"})
 
 #: The parts of a ``checkpoint.pt`` payload (format version 1) and their types; a
 #: ``checkpoint.dcp`` progress item has all but the last three.

@@ -28,6 +28,7 @@ from .. import KFACPreconditioner
 from ..distributed import DistributedKFACPreconditioner
 from ..solvers import HardwareModel, ThermodynamicSolver
 from . import checkpoint as checkpoint_files
+from . import denormals
 from .config import TrainConfig
 from .optimizers import make_optimizer, make_schedulers
 from .processes import init_distributed, resolve_device
@@ -105,6 +106,9 @@ class Run:
         self.schedulers = make_schedulers(cfg, self.opt)
         self.pre = make_preconditioner(cfg, self.model, self.task, self.opt, self.world)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * self.rank)
+        #: How the CPU threads treated subnormal floats while training (None: a GPU run
+        #: or not trained yet; see :mod:`.denormals`).
+        self.subnormals: denormals.Subnormals | None = None
         self.step = 0
         self.train_s = 0.0
         self.steps: list[dict[str, float]] = []
@@ -284,6 +288,8 @@ class Run:
                 (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if not self.metrics:
             self.metrics.append({"step": 0, "train_s": 0.0, **self.evaluate()})
+        if self.device.type == "cpu":  # a CPU register: a GPU run leaves it alone
+            self.subnormals = denormals.check(cfg.flush_denormal)  # warns on a mismatch
         with checkpoint_files.stop_on_signals() as stop:
             for _ in report.steps():
                 record = self._one_step()
@@ -375,6 +381,7 @@ class Run:
         final = self.metrics[-1]
         summary = {"config": asdict(self.cfg), "world_size": self.world, "steps": self.step,
                    "train_s": self.train_s,
+                   "subnormals": None if self.subnormals is None else self.subnormals.value,
                    "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
                                             "metric": self.task.metric}}
         if self.pre is not None:

@@ -208,14 +208,15 @@ class ThermodynamicSolver(LinearSolver):
         beta = cfg.beta_value
         eps = cfg.target_error
         t0 = cfg.t0_rc if cfg.t0_rc is not None else math.log(math.sqrt(2) / eps) / alpha
-        window = cfg.window_rc if cfg.window_rc is not None else 4 * n / (beta * eps**2 * alpha**2)
+        window = cfg.window_rc if cfg.window_rc is not None else \
+            _over(4 * n, beta * eps**2 * alpha**2)
         spacing = cfg.sample_spacing_rc or window / cfg.num_samples
         if cfg.readout is Readout.SAMPLES and cfg.window_rc is None:
             window = spacing * cfg.num_samples
         covariance_spacing = cfg.covariance_spacing_rc or 1.0 / alpha
         for what, value in (("burn-in t0", t0), ("window T", window), ("spacing", spacing),
                             ("covariance sample spacing", covariance_spacing)):
-            if not (math.isfinite(value) and value > 0.0 and math.isfinite(1.0 / value**2)):
+            if not (math.isfinite(value) and value > 0.0 and math.isfinite(_over(1.0, value**2))):
                 raise ValueError(
                     f"the {what} of this solve, {value!r} RC, is not representable "
                     f"(beta={beta:g}, target_error={eps:g}, alpha_min={alpha:g}): choose "
@@ -421,3 +422,10 @@ def _weights(values: np.ndarray, like: Tensor) -> Tensor:
 
 def _time_stats(timing: TimeBreakdown) -> dict[str, float]:
     return time_stats(timing)
+
+
+def _over(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, infinite where the denominator underflowed to zero
+    (below float64's range, or a subnormal flushed by ``torch.set_flush_denormal``), so
+    the range checks name the setting instead of a ``ZeroDivisionError``."""
+    return numerator / denominator if denominator != 0.0 else math.inf
