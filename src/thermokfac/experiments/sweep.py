@@ -207,7 +207,9 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> dict[str, Any]:
             "estimated_by_settle": by_settle, "final": run.metrics[-1],
             "steps_run": run.step, "steps_budget": cfg.steps, "median_step_s": step_s,
             "mean_step_parts_ms": parts,
-            "diverged": diverged, "load_average_1min_before": load, **kfac, "curve": curve}
+            "diverged": diverged, "load_average_1min_before": load,
+            "subnormals": None if run.subnormals is None else run.subnormals.value,
+            **kfac, "curve": curve}
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
