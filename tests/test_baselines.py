@@ -128,6 +128,30 @@ def test_heavyball_steps_without_compiling(name, monkeypatch):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["soap", "klshampoo"])
+def test_heavyball_steps_a_scalar_parameter_in_a_group_that_does_not_merge(name):
+    """The GIN's ε is 0-d: heavyball 3.2.1 fails on it when merging dimensions, so it gets
+    its own group; the matrices keep heavyball's default, and every parameter moves."""
+    task = load_task("solubility", limit=64, seed=0)
+    model = build_model("gin", task, width=8, depth=2, seed=0)
+    opt = make_optimizer(TrainConfig(optimizer=name, lr=1e-2, precondition_frequency=2),
+                         model)
+    scalars = {id(p) for p in model.parameters() if p.ndim == 0}
+    assert scalars  # the GIN has its ε
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= scalars or not ids & scalars  # never mixed
+        assert group["merge_dims"] is (not ids <= scalars)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs, targets = task.batch(torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        task.loss(task.forward(model, inputs, None), targets).backward()
+        opt.step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+    assert all(moved), [n for (n, _), m in zip(model.named_parameters(), moved) if not m]
+
+
 def test_baselines_run_alone_and_their_settings_are_checked():
     with pytest.raises(ValueError, match="runs alone, as a baseline"):
         TrainConfig(optimizer="muon", kfac=True)

@@ -181,7 +181,15 @@ def _heavyball(kind: str) -> Callable[[TrainConfig, nn.Module], torch.optim.Opti
     def build(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
         cls = getattr(heavyball_module(), kind)
         params = [p for p in model.parameters() if p.requires_grad]
-        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        # heavyball 3.2.1 fails on a 0-d parameter (a GIN's ε) when it merges dimensions
+        # (IndexError in dim_merger); such a parameter gets a group of its own that does
+        # not merge, which steps it as its diagonal preconditioner does a 1-element one
+        scalars = [p for p in params if p.ndim == 0]
+        groups: list[dict[str, Any]] = [{"params": [p for p in params if p.ndim > 0]}]
+        if scalars:
+            groups.append({"params": scalars, "merge_dims": False})
+        return cls([g for g in groups if g["params"]], lr=cfg.lr,
+                   weight_decay=cfg.weight_decay,
                    precondition_frequency=cfg.precondition_frequency, compile_step=False)
     return build
 
