@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from thermokfac.solvers import ThermodynamicSolver
 from thermokfac.solvers.hardware import HardwareModel, TimeBreakdown
 
 
 def test_defaults_are_the_papers():
     hw = HardwareModel()
-    assert (hw.rc_s, hw.input_bits, hw.output_bits, hw.link_gbps) == (1e-6, 16, 16, 50.0)
+    assert (hw.rc_s, hw.load_bits, hw.read_bits, hw.link_gbps) == (1e-6, 16, 16, 50.0)
+    assert (hw.input_bits, hw.output_bits) == (None, None)  # the solver's, when it sets them
     assert hw.settle_model.value == "rc"
+
+
+@pytest.mark.parametrize(("bits", "loaded", "read"), [
+    ({}, 16, 16), ({"input_bits": 8}, 8, 16), ({"output_bits": 6}, 16, 6),
+    ({"input_bits": 8, "output_bits": 8}, 8, 8)])
+def test_the_solver_bits_are_the_ones_the_device_time_charges(bits, loaded, read):
+    """One source of truth: a solver's DAC/ADC bits reach its hardware model, and a solve's
+    modelled time is the hand formula with those bits (16 where the solver is exact)."""
+    solver = ThermodynamicSolver(**bits, adc_range="bound",
+                                 hardware=HardwareModel(n_spus=4, link_gbps=10.0))
+    assert (solver.hardware.load_bits, solver.hardware.read_bits) == (loaded, read)
+    torch.manual_seed(0)
+    q = torch.randn(6, 6, dtype=torch.float64)
+    prepared = solver.prepare(q @ q.T + torch.eye(6, dtype=torch.float64), 0.1)
+    seconds = solver.solve(prepared, torch.ones(6, 3, dtype=torch.float64),
+                           generator=torch.Generator().manual_seed(0)).modeled_time_s
+    transfers = 6 * 3 * (loaded + read) / 10e9  # n·k values each way
+    assert seconds == pytest.approx(transfers + 1e-6, rel=1e-12)  # + one RC to settle
+
+
+@pytest.mark.parametrize(("solver_bits", "device_bits", "match"), [
+    ({"input_bits": 8}, {"input_bits": 16}, r"hardware.input_bits=16 but the solver's "
+                                            r"input_bits=8"),
+    ({}, {"output_bits": 8}, r"hardware.output_bits=8 but the solver's output_bits=None"),
+])
+def test_bits_set_twice_must_agree(solver_bits, device_bits, match):
+    with pytest.raises(ValueError, match=match):
+        ThermodynamicSolver(**solver_bits, hardware=HardwareModel(**device_bits))
+    agreed = ThermodynamicSolver(input_bits=8, hardware=HardwareModel(input_bits=8))
+    assert agreed.hardware.load_bits == 8
 
 
 def test_solve_breakdown_by_settle_model():

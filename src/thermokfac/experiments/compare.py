@@ -161,7 +161,7 @@ def _caption(hw, cfg: TrainConfig) -> str:
             f"device time than the simulated device needed for the accuracy plotted), "
             f"RC/α_min, and the burn-in t₀ and window T the simulation used (α_min as the "
             f"simulation used it). Hardware model:"
-            f" RC = {hw.rc_s * 1e6:g} µs, {hw.input_bits}-bit input, {hw.output_bits}-bit "
+            f" RC = {hw.rc_s * 1e6:g} µs, {hw.load_bits}-bit input, {hw.read_bits}-bit "
             f"output, {hw.link_gbps:g} Gb/s link ({'shared' if hw.shared_link else 'per SPU'}),"
             f" {hw.n_spus} SPU(s). Simulated device: "
             f"{cfg.backend} OU, input {_bits(cfg.input_bits)}, output "

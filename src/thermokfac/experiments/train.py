@@ -44,8 +44,8 @@ STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion
 def make_solver(cfg: TrainConfig):
     if cfg.solver != "thermodynamic":
         return cfg.solver
-    hardware = HardwareModel(settle_model=cfg.settle_model, n_spus=cfg.n_spus,
-                             input_bits=cfg.input_bits or 16, output_bits=cfg.output_bits or 16)
+    # the link's bits come from the solver's (16 where it loads or reads exact values)
+    hardware = HardwareModel(settle_model=cfg.settle_model, n_spus=cfg.n_spus)
     return ThermodynamicSolver(backend=cfg.backend, input_bits=cfg.input_bits,
                                output_bits=cfg.output_bits, quantizer=cfg.quantizer,
                                target_error=cfg.target_error, t0_rc=cfg.t0_rc,

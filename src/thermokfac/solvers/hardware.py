@@ -6,7 +6,9 @@ n-dimensional SPU costs
 
 * **load**: the right-hand sides, n·k values × ``input_bits`` / link bandwidth (the
   matrix itself is programmed once per prepare: n² values, or 2·b·n resistor values
-  in the resistor-array mode of App. E);
+  in the resistor-array mode of App. E); the bits are the timed solver's DAC bits — one
+  setting, on the solver, which :class:`~thermokfac.solvers.ThermodynamicSolver` hands
+  to its hardware model —, :data:`LINK_BITS` where nothing sets them;
 * **settle**: by ``settle_model`` —
   ``"rc"``: RC, the paper's own timing ("RC is kept as the relaxation time, because of
   the problem-dependence of α_min", App. E; the default);
@@ -14,7 +16,8 @@ n-dimensional SPU costs
   ``"target_error"``: the burn-in t₀·RC chosen for a target error (bias ≤ e^{−α_min t₀});
 * **integrate**: the averaging window T·RC under ``"target_error"`` (zero otherwise: at
   the physical noise level the paper reads the settled mean directly);
-* **read-out**: n·k values × ``output_bits`` / link bandwidth.
+* **read-out**: n·k values × ``output_bits`` (the solver's ADC bits, likewise) / link
+  bandwidth.
 
 The k right-hand sides run on parallel oscillator banks, so they settle together.
 Several SPUs (``n_spus``) run different factors in parallel; a step takes as long as
@@ -31,6 +34,10 @@ from enum import Enum
 
 from ..enums import parse_enum
 from .quantize import check_bits
+
+#: Bits per value on the link where neither the hardware model nor the solver it times
+#: sets them: the paper's 16-bit device (App. E).
+LINK_BITS = 16
 
 
 class SettleModel(str, Enum):
@@ -135,8 +142,13 @@ class HardwareModel:
 
     Args:
         rc_s: The RC time constant in seconds (paper: 1 µs).
-        input_bits: Bits per value sent to the device (matrix entries, right-hand sides).
-        output_bits: Bits per value read back (ADC).
+        input_bits: Bits per value sent to the device (matrix entries, right-hand
+            sides). None (the default): the bits of the solver it times — a
+            :class:`~thermokfac.solvers.ThermodynamicSolver` sets its own ``input_bits``
+            here — or :data:`LINK_BITS` where nothing sets them (a solver loading exact
+            values, or the model used on its own). A solver whose bits differ from a
+            value set here is refused (:class:`~thermokfac.solvers.thermo.ThermoConfig`).
+        output_bits: Bits per value read back (ADC); None as for ``input_bits``.
         link_gbps: Digital link bandwidth in Gb/s (paper: 50).
         n_spus: Number of SPUs working in parallel (each takes whole factors).
         shared_link: All SPUs share one link (transfers serialise) or each has its own.
@@ -146,8 +158,8 @@ class HardwareModel:
     """
 
     rc_s: float = 1e-6
-    input_bits: int = 16
-    output_bits: int = 16
+    input_bits: int | None = None
+    output_bits: int | None = None
     link_gbps: float = 50.0
     n_spus: int = 1
     shared_link: bool = True
@@ -159,14 +171,26 @@ class HardwareModel:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        check_bits(self.input_bits, "input_bits")
-        check_bits(self.output_bits, "output_bits")
+        for name in ("input_bits", "output_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
         if isinstance(self.n_spus, bool) or not isinstance(self.n_spus, int) or self.n_spus < 1:
             raise ValueError(f"n_spus={self.n_spus!r} must be a positive integer")
         if self.max_dim is not None and (not isinstance(self.max_dim, int) or self.max_dim < 2):
             raise ValueError(f"max_dim={self.max_dim!r} must be an integer >= 2 or None")
         object.__setattr__(self, "settle_model",
                            parse_enum(SettleModel, self.settle_model, "settle_model"))
+
+    @property
+    def load_bits(self) -> int:
+        """Bits per value the link carries to the device: ``input_bits``, or
+        :data:`LINK_BITS` when unset."""
+        return LINK_BITS if self.input_bits is None else self.input_bits
+
+    @property
+    def read_bits(self) -> int:
+        """Bits per value read back: ``output_bits``, or :data:`LINK_BITS` when unset."""
+        return LINK_BITS if self.output_bits is None else self.output_bits
 
     # ---------------------------------------------------------------- pieces
     def transfer_s(self, values: float, bits: int) -> float:
@@ -192,7 +216,7 @@ class HardwareModel:
             The load time as a breakdown.
         """
         values = 2 * array_rows * n if array_rows is not None else n * n
-        return TimeBreakdown(load_s=self.transfer_s(values, self.input_bits))
+        return TimeBreakdown(load_s=self.transfer_s(values, self.load_bits))
 
     def settle_s(self, alpha_min: float, t0_rc: float,
                  settle_model: SettleModel | str | None = None) -> float:
@@ -237,10 +261,10 @@ class HardwareModel:
         """
         model = self._model(settle_model)
         integrate = self.rc_s * window_rc if model is SettleModel.TARGET_ERROR else 0.0
-        return TimeBreakdown(load_s=self.transfer_s(n * k, self.input_bits),
+        return TimeBreakdown(load_s=self.transfer_s(n * k, self.load_bits),
                              settle_s=self.settle_s(alpha_min, t0_rc, model),
                              integrate_s=integrate,
-                             readout_s=self.transfer_s(n * k, self.output_bits))
+                             readout_s=self.transfer_s(n * k, self.read_bits))
 
     def all_settle_models(self, n: int, k: int, *, alpha_min: float, t0_rc: float,
                           window_rc: float) -> dict[str, TimeBreakdown]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
 from ...enums import parse_enum
@@ -165,6 +165,7 @@ class ThermoConfig:
                              "roundings: set input_bits and quantizer='stochastic'")
         if not isinstance(self.hardware, HardwareModel):
             raise ValueError(f"hardware={self.hardware!r} must be a HardwareModel")
+        object.__setattr__(self, "hardware", _with_solver_bits(self))
 
     @property
     def beta_value(self) -> float:
@@ -200,3 +201,31 @@ def _positive(cfg: ThermoConfig, *names: str, optional: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive finite number")
+
+
+def _with_solver_bits(cfg: ThermoConfig) -> HardwareModel:
+    """``cfg.hardware`` with the solver's DAC/ADC bits: one setting, on the solver.
+
+    The hardware model's ``input_bits``/``output_bits`` left unset take the solver's
+    (where the solver quantizes; otherwise they stay unset and the link carries
+    :data:`~thermokfac.solvers.hardware.LINK_BITS`-bit values). Bits set on both must
+    agree.
+
+    Raises:
+        ValueError: The hardware model sets bits that differ from the solver's (or sets
+            bits for values the solver loads or reads exactly), naming both.
+    """
+    hardware = cfg.hardware
+    for name, part in (("input_bits", "DAC (loads)"), ("output_bits", "ADC (read-outs)")):
+        solver_bits, device_bits = getattr(cfg, name), getattr(hardware, name)
+        if device_bits is None:
+            if solver_bits is not None:
+                hardware = replace(hardware, **{name: solver_bits})
+        elif device_bits != solver_bits:
+            simulated = "exact values" if solver_bits is None else f"{solver_bits}-bit values"
+            raise ValueError(
+                f"hardware.{name}={device_bits} but the solver's {name}={solver_bits!r}: the "
+                f"device model would charge {device_bits}-bit transfers for the {part} "
+                f"while the simulation uses {simulated}; set the bits once, on the solver "
+                f"({name}=...), and leave HardwareModel's unset (it takes them)")
+    return hardware

@@ -125,7 +125,7 @@ def _covariance_time(cfg: ThermoConfig, hw: HardwareModel, prepared: Prepared, s
 
     settle, between = compute(hw.settle_model)
     one = TimeBreakdown(settle_s=settle, integrate_s=between,
-                        readout_s=hw.transfer_s(samples * prepared.n, hw.output_bits),
+                        readout_s=hw.transfer_s(samples * prepared.n, hw.read_bits),
                         compute_by_model=tuple((m.value, sum(compute(m)))
                                                for m in SettleModel))
     return one.scaled(cfg.mitigation_samples)
