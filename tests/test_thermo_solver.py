@@ -162,6 +162,70 @@ def test_trajectory_warm_start_continues_from_the_last_state(warm):
     assert torch.allclose(second, mean * dac / scale, rtol=1e-8, atol=1e-10)
 
 
+def test_closed_form_warm_start_continues_from_the_last_state():
+    """Noise-free (β → ∞) closed form: the second solve's window mean starts from the
+    state the first one ended in, against matrix exponentials of the device matrix."""
+    m = spd(12, 10.0)
+    b = torch.randn(12, 2, generator=_gen(8), dtype=torch.float64)
+    t0, window = 2.0, 3.0
+    solver = get_solver("thermodynamic", backend="closed-form", warm_start=True, t0_rc=t0,
+                        window_rc=window, beta=1e30)
+    prepared = solver.prepare(m, 0.0)
+    solver.solve(prepared, b, generator=_gen(9))
+    second = solver.solve(prepared, b, generator=_gen(10)).x
+    scale, dac = float(prepared.tensors["scale"]), float(b.abs().max())
+    device, rhs = m / scale, b / dac
+    x_star = torch.linalg.solve(device, rhs)
+
+    def decay(t):
+        return torch.linalg.matrix_exp(-device * t)
+
+    start = x_star - decay(t0 + window) @ x_star  # where the first solve (from 0) ended
+    # (1/T)∫ e^{−Mt} dt over [t₀, t₀+T] = M⁻¹(e^{−Mt₀} − e^{−M(t₀+T)})/T
+    average = torch.linalg.solve(device, decay(t0) - decay(t0 + window)) / window
+    mean = x_star + average @ (start - x_star)
+    assert torch.allclose(second, mean * dac / scale, rtol=1e-8, atol=1e-10)
+
+
+def _two_warm_reads(backend: str, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two successive solves of a warm-started 3 x 3 device, 4 000 right-hand-side
+    columns (independent draws of the same b); returns both reads [3, 4000]."""
+    m = torch.tensor([[2.0, 0.4, 0.0], [0.4, 1.0, 0.3], [0.0, 0.3, 0.5]],
+                     dtype=torch.float64)
+    b = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)[:, None].expand(3, 4000)
+    settings = {"t0_rc": 0.5, "window_rc": 2.0, "beta": 200.0, **extra}
+    solver = get_solver("thermodynamic", backend=backend, warm_start=True, **settings)
+    prepared = solver.prepare(m, 0.0)
+    first = solver.solve(prepared, b.contiguous(), generator=_gen(20)).x
+    second = solver.solve(prepared, b.contiguous(), generator=_gen(21)).x
+    return first, second
+
+
+def test_closed_form_warm_start_draws_the_trajectorys_joint_law():
+    """The closed form's (window mean, end state) law against the exact sampled path
+    (4 096 samples in the window): the second read's mean and covariance, and its
+    covariance with the first read — which exists only through the end state the two
+    share, so it checks the mean–end cross-covariance."""
+    closed = _two_warm_reads("closed-form")
+    path = _two_warm_reads("trajectory", num_samples=4096)
+
+    def moments(first, second):
+        centred = [r - r.mean(1, keepdim=True) for r in (first, second)]
+        cov = centred[1] @ centred[1].mT / first.shape[1]
+        cross = centred[0] @ centred[1].mT / first.shape[1]
+        return second.mean(1), cov, cross
+
+    (mean_c, cov_c, cross_c), (mean_p, cov_p, cross_p) = moments(*closed), moments(*path)
+    spread = cov_p.diagonal().sqrt()
+    assert torch.allclose(mean_c, mean_p, atol=float(4 * spread.max() / 4000**0.5) * 2)
+    scale = float(cov_p.diagonal().max())
+    assert torch.allclose(cov_c, cov_p, atol=0.1 * scale)
+    assert float(cross_p.abs().max()) > 0.1 * scale  # the shared state matters here
+    assert torch.allclose(cross_c, cross_p, atol=0.1 * scale)
+    reset = moments(*_two_warm_reads("closed-form", t0_rc=60.0))[2]  # forgets the state
+    assert float(reset.abs().max()) < 0.05 * scale
+
+
 def test_euler_maruyama_with_mismatch_solves_the_realised_matrix():
     m = spd(6, 5.0)
     b = torch.randn(6, 1, generator=_gen(11), dtype=torch.float64)
@@ -199,7 +263,7 @@ def test_resistor_array_mode_matches_dense_programming():
     ({"input_bits": 1}, r"input_bits=1 must be an integer in \[2, 32\]"),
     ({"output_bits": 40}, "output_bits"),
     ({"backend": "analog"}, "backend='analog' is not valid"),
-    ({"warm_start": True}, "warm_start needs a path"),
+    ({"warm_start": True, "readout": "samples"}, "models the average read-out"),
     ({"mismatch_sigma": 0.1}, "needs backend='euler-maruyama'"),
     ({"mitigation_samples": 3}, "mitigation_samples > 1"),
     ({"beta": -2.0}, "beta"),

@@ -92,6 +92,60 @@ def closed_form(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, b
     return spec.apply(terms)
 
 
+def closed_form_warm(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule,
+                     beta: float, generator: torch.Generator | None
+                     ) -> tuple[Tensor, Tensor]:
+    """One draw of the window mean and of the device's state at the window's end, jointly
+    (average read-out): the closed form of a device that is not reset between solves.
+
+    Per eigenmode (offset z from x* = M⁻¹b, started at z₀ = qᵀ(x₀ − x*)) the mean z̄ and
+    the end state z(t₀+T) are jointly Gaussian: means g·z₀ and e^{−λ(t₀+T)}·z₀, variances
+    :func:`~.moments.window_variance` and :func:`~.moments.transition`'s over t₀ + T,
+    covariance :func:`~.moments.window_end_covariance`. Both are drawn from the same
+    standard normals ξ₁, ξ₂: z̄ = g z₀ + √v ξ₁ and
+    z(t₀+T) = e^{−λ(t₀+T)} z₀ + (c/√v) ξ₁ + √(v_end − c²/v) ξ₂.
+
+    Args:
+        spec: The device matrix's spectrum.
+        b: Right-hand sides ``[n, k]``.
+        x0: The state the device starts from ``[n, k]`` (None: reset to zero).
+        sched: The read's timing (``Readout.AVERAGE``).
+        beta: Inverse temperature β.
+        generator: Random source.
+
+    Returns:
+        (window mean ``[n, k]``, end state ``[n, k]``).
+
+    Raises:
+        ValueError: ``sched`` is a samples read-out (use the trajectory backend).
+    """
+    if sched.readout is not Readout.AVERAGE:
+        raise ValueError("the closed-form warm start models the average read-out; a "
+                         "samples read-out needs backend='trajectory'")
+    t0, window, end = sched.t0, sched.window, sched.t0 + sched.window
+    mean_factor, variance = closed_form_weights(sched, beta)
+
+    def decay(lam):  # e^{−λ(t₀+T)}
+        return moments.transition(lam, end, beta)[0]
+
+    def mixed(lam):  # c / √v
+        return moments.window_end_covariance(lam, t0, window, beta) / variance(lam).sqrt()
+
+    def rest(lam):  # √(v_end − c²/v), clamped at 0 against round-off
+        c = moments.window_end_covariance(lam, t0, window, beta)
+        left = moments.transition(lam, end, beta)[1] - c**2 / variance(lam)
+        return left.clamp_min(0.0).sqrt()
+
+    xi1, xi2 = _randn(b, generator), _randn(b, generator)
+    mean_terms = [(lambda lam: (1 - mean_factor(lam)) / lam, b),
+                  (lambda lam: variance(lam).sqrt(), xi1)]
+    end_terms = [(lambda lam: (1 - decay(lam)) / lam, b), (mixed, xi1), (rest, xi2)]
+    if x0 is not None:
+        mean_terms.append((mean_factor, x0))
+        end_terms.append((decay, x0))
+    return spec.apply(mean_terms), spec.apply(end_terms)
+
+
 def trajectory(spec: Spectrum, b: Tensor, x0: Tensor | None, sched: Schedule, beta: float,
                generator: torch.Generator | None, hook: SampleHook | None = None
                ) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,8 @@ class Backend(str, Enum):
     """How the device is simulated.
 
     ``closed-form``: sample the device's output from its exact Gaussian law (one
-    ``eigh`` per prepare, O(n²k) per solve). ``trajectory``: exact discrete transitions
+    ``eigh`` per prepare, O(n²k) per solve; with ``warm_start``, the window mean and the
+    end state jointly, average read-out). ``trajectory``: exact discrete transitions
     of the sampled path (per-sample ADC, warm start). ``euler-maruyama``: the reference
     integrator for non-ideal physics (device mismatch: a non-symmetric realised matrix).
     """
@@ -156,9 +157,11 @@ class ThermoConfig:
         if self.mismatch_sigma > 0 and self.backend is not Backend.EULER_MARUYAMA:
             raise ValueError("device mismatch (mismatch_sigma > 0) needs backend="
                              "'euler-maruyama': the realised matrix is not symmetric")
-        if self.warm_start and self.backend is Backend.CLOSED_FORM:
-            raise ValueError("warm_start needs a path: use backend='trajectory' or "
-                             "'euler-maruyama'")
+        if (self.warm_start and self.backend is Backend.CLOSED_FORM
+                and self.readout is not Readout.AVERAGE):
+            raise ValueError("warm_start with backend='closed-form' models the average "
+                             "read-out (readout='average'); a samples read-out needs "
+                             "backend='trajectory' or 'euler-maruyama'")
         if self.mitigation_samples > 1 and (self.input_bits is None
                                             or self.quantizer is not Quantizer.STOCHASTIC):
             raise ValueError("mitigation_samples > 1 averages independent stochastic "

@@ -67,6 +67,18 @@ def window_variance(lam: Array, t0: float, window: float, beta: float) -> Array:
     return (2.0 / beta) / window**2 * (burn + _h(u) / lam**3)
 
 
+def window_end_covariance(lam: Array, t0: float, window: float, beta: float) -> Array:
+    """Cov(z̄, z(t₀+T)): the window average over [t₀, t₀+T] and the state at its end,
+    starting from a fixed z₀ at t = 0.
+
+    (1/T)∫ e^{−λ(t₀+T−t)} Var w(t) dt = (1 − e^{−λT})(1 − e^{−λ(2t₀+T)}) / (βλ²T); at
+    equilibrium (t₀ → ∞) it is (1 − e^{−λT})/(βλ²T). With :func:`transition`'s variance
+    over t₀ + T it gives the joint law a warm-started closed-form read needs.
+    """
+    return (_one_minus_exp(lam * window) * _one_minus_exp(lam * (2 * t0 + window))
+            / (beta * lam**2 * window))
+
+
 def samples_mean_factor(lam: Array, t0: float, spacing: float, count: int) -> Array:
     """E[z̄]/z₀ for the mean of N samples at t₀, t₀+Δ, …: e^{−λt₀}(1 − ρ^N)/(N(1 − ρ))."""
     xp = _xp(lam)

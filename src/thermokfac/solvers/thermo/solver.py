@@ -158,8 +158,8 @@ class ThermodynamicSolver(LinearSolver):
             shift = min(s.alpha_min for s in spectra) - base
         tensors = self._store(spectra, scale, damping_bound, shift)
         tensors["quantizer_fallbacks"] = torch.tensor(float(fallbacks), dtype=torch.float64)
-        if cfg.backend is Backend.CLOSED_FORM:
-            self._densify(tensors, spectra)
+        if cfg.backend is Backend.CLOSED_FORM and not cfg.warm_start:
+            self._densify(tensors, spectra)  # a warm start reads through the spectrum
         if cfg.backend is Backend.EULER_MARUYAMA:
             for i, q in enumerate(matrices):
                 tensors[f"realised_{i}"] = self._realise(q)
@@ -357,7 +357,8 @@ class ThermodynamicSolver(LinearSolver):
         right-hand-side or output quantization: the fused fast path."""
         cfg = self.config
         return (cfg.mitigation_samples == 1 and cfg.input_bits is None
-                and cfg.output_bits is None and "solve_0" in prepared.tensors)
+                and cfg.output_bits is None and not cfg.warm_start
+                and "solve_0" in prepared.tensors)
 
     def _read(self, prepared: Prepared, index: int, kept: Spectrum | None, rhs: Tensor,
               x0: Tensor | None, sched: Schedule, generator: torch.Generator | None
@@ -371,6 +372,13 @@ class ThermodynamicSolver(LinearSolver):
                 raise ValueError("this read needs the device matrix's spectrum, which the "
                                  "prepared state did not keep")
             return kept
+        if cfg.backend is Backend.CLOSED_FORM and cfg.warm_start:
+            if adc.active and cfg.adc_range is AdcRange.CALIBRATE:  # its own device run
+                adc.calibrate(backends.closed_form_warm(spectrum(), rhs, x0, sched, beta,
+                                                        generator)[0])
+            mean, state = backends.closed_form_warm(spectrum(), rhs, x0, sched, beta,
+                                                    generator)
+            return adc(mean), state, adc.clipped
         if cfg.backend is Backend.CLOSED_FORM:
             def read() -> Tensor:
                 if f"solve_{index}" in prepared.tensors:
