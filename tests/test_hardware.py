@@ -25,6 +25,7 @@ def test_the_solver_bits_are_the_ones_the_device_time_charges(bits, loaded, read
     solver = ThermodynamicSolver(**bits, adc_range="bound",
                                  hardware=HardwareModel(n_spus=4, link_gbps=10.0))
     assert (solver.hardware.load_bits, solver.hardware.read_bits) == (loaded, read)
+    assert (solver.hardware.input_bits, solver.hardware.output_bits) == (loaded, read)
     torch.manual_seed(0)
     q = torch.randn(6, 6, dtype=torch.float64)
     prepared = solver.prepare(q @ q.T + torch.eye(6, dtype=torch.float64), 0.1)
@@ -44,6 +45,8 @@ def test_bits_set_twice_must_agree(solver_bits, device_bits, match):
         ThermodynamicSolver(**solver_bits, hardware=HardwareModel(**device_bits))
     agreed = ThermodynamicSolver(input_bits=8, hardware=HardwareModel(input_bits=8))
     assert agreed.hardware.load_bits == 8
+    # an exact solver's values travel as 16-bit numbers: saying so is consistent
+    assert ThermodynamicSolver(hardware=HardwareModel(input_bits=16)).hardware.input_bits == 16
 
 
 def test_solve_breakdown_by_settle_model():

@@ -92,6 +92,38 @@ def test_schedulers_drive_the_base_rate_and_the_kl_clip():
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def _scheduled_step(factor: float, momentum: float = 0.0) -> tuple[list[torch.Tensor], float]:
+    """One K-FAC step with the KL clip active, under a LambdaLR at ``factor`` of the base
+    rate: (the parameter change, the clip's ν)."""
+    model = _model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor)  # records initial_lr = 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * factor)
+    pre = KFACPreconditioner(model, optimizer=opt, kl_clip=1e-6, factor_dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = BATCHES[0]
+    nn.functional.cross_entropy(model(x.double()), y).backward()
+    pre.step()
+    opt.step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)], \
+        pre.stats["kl_clip_scale"]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_clipped_step_follows_the_schedule(momentum):
+    """The clip bounds the step at the scheduler's base rate (initial_lr), so the
+    schedule scales the clipped step: at a quarter of the rate (a warm-up's early step)
+    it is a quarter of the step. Computing ν from the current rate alone would give the
+    same step at every rate while clipped (η ν U does not depend on η), and under
+    momentum would leave a warm-up's early gradients unclipped in the buffer."""
+    full, nu_full = _scheduled_step(1.0, momentum)
+    quarter, nu_quarter = _scheduled_step(0.25, momentum)
+    assert nu_full < 0.1  # the clip is active
+    assert nu_quarter == pytest.approx(nu_full, rel=1e-12)  # the same ν: the base rate's
+    for a, b in zip(quarter, full):
+        assert torch.allclose(a, 0.25 * b, rtol=1e-10, atol=1e-15)
+
+
 def test_closure_is_evaluated_before_the_preconditioning():
     model = _model()
     opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.05))

@@ -59,11 +59,16 @@ class Snapshot:
 
 
 def solver_settings(solver: Any) -> dict[str, str]:
-    """The fields of ``solver.config`` (a dataclass) as text; ``{}`` without one."""
+    """The fields of ``solver.config`` (a dataclass) as text; ``{}`` without one. The
+    ``hardware`` model is the one the solver times with (a thermodynamic solver's, with
+    its DAC/ADC bits)."""
     config = getattr(solver, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return {}
-    return {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    settings = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if "hardware" in settings and getattr(solver, "hardware", None) is not None:
+        settings["hardware"] = repr(solver.hardware)
+    return settings
 
 
 def pack(snap: Snapshot) -> dict[str, Any]:
@@ -126,8 +131,10 @@ def unpack(snap: Snapshot, state: dict[str, Any]) -> Snapshot:
                          "default method of the digital solvers was 'solve' before 'inverse')")
     saved_settings = state.get("solver_settings")  # absent in states of older versions
     if saved_settings is not None and saved_settings != snap.solver_settings:
-        changed = sorted(k for k in set(saved_settings) | set(snap.solver_settings)
-                         if saved_settings.get(k) != snap.solver_settings.get(k))
+        # the hardware model last: it repeats the solver's bits, named first
+        changed = sorted((k for k in set(saved_settings) | set(snap.solver_settings)
+                          if saved_settings.get(k) != snap.solver_settings.get(k)),
+                         key=lambda k: (k == "hardware", k))
         raise ValueError("checkpoint was written with another solver configuration: " +
                          "; ".join(f"{k} (checkpoint {saved_settings.get(k)}, this solver "
                                    f"{snap.solver_settings.get(k)})" for k in changed) +

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
 from ...enums import parse_enum
-from ..hardware import HardwareModel
+from ..hardware import LINK_BITS, HardwareModel
 from ..quantize import check_bits
 
 BOLTZMANN_J_PER_K = 1.380649e-23
@@ -168,7 +168,7 @@ class ThermoConfig:
                              "roundings: set input_bits and quantizer='stochastic'")
         if not isinstance(self.hardware, HardwareModel):
             raise ValueError(f"hardware={self.hardware!r} must be a HardwareModel")
-        object.__setattr__(self, "hardware", _with_solver_bits(self))
+        hardware_of(self)  # the bits set twice must agree (the solver resolves them)
 
     @property
     def beta_value(self) -> float:
@@ -206,26 +206,27 @@ def _positive(cfg: ThermoConfig, *names: str, optional: bool = False) -> None:
             raise ValueError(f"{name}={value!r} must be a positive finite number")
 
 
-def _with_solver_bits(cfg: ThermoConfig) -> HardwareModel:
-    """``cfg.hardware`` with the solver's DAC/ADC bits: one setting, on the solver.
+def hardware_of(cfg: ThermoConfig) -> HardwareModel:
+    """``cfg.hardware`` with the solver's DAC/ADC bits: one setting, on the solver (the
+    hardware model a :class:`~thermokfac.solvers.ThermodynamicSolver` times with).
 
-    The hardware model's ``input_bits``/``output_bits`` left unset take the solver's
-    (where the solver quantizes; otherwise they stay unset and the link carries
-    :data:`~thermokfac.solvers.hardware.LINK_BITS`-bit values). Bits set on both must
-    agree.
+    The hardware model's ``input_bits``/``output_bits`` left unset take the solver's, or
+    :data:`~thermokfac.solvers.hardware.LINK_BITS` where the solver loads or reads exact
+    values. Bits set on the hardware model must equal those.
 
     Raises:
-        ValueError: The hardware model sets bits that differ from the solver's (or sets
-            bits for values the solver loads or reads exactly), naming both.
+        ValueError: The hardware model sets bits that differ from the solver's (or other
+            than ``LINK_BITS`` for values the solver loads or reads exactly), naming both.
     """
     hardware = cfg.hardware
     for name, part in (("input_bits", "DAC (loads)"), ("output_bits", "ADC (read-outs)")):
         solver_bits, device_bits = getattr(cfg, name), getattr(hardware, name)
+        wanted = LINK_BITS if solver_bits is None else solver_bits
         if device_bits is None:
-            if solver_bits is not None:
-                hardware = replace(hardware, **{name: solver_bits})
-        elif device_bits != solver_bits:
-            simulated = "exact values" if solver_bits is None else f"{solver_bits}-bit values"
+            hardware = replace(hardware, **{name: wanted})
+        elif device_bits != wanted:
+            simulated = ("exact values, carried as LINK_BITS = 16-bit numbers"
+                         if solver_bits is None else f"{solver_bits}-bit values")
             raise ValueError(
                 f"hardware.{name}={device_bits} but the solver's {name}={solver_bits!r}: the "
                 f"device model would charge {device_bits}-bit transfers for the {part} "

@@ -42,7 +42,16 @@ from . import backends
 from .adc import Adc
 from .backends import Schedule
 from .blocks import prepare_blocks, solve_blocks
-from .config import AdcRange, AlphaSource, Backend, InverseMode, Quantizer, Readout, ThermoConfig
+from .config import (
+    AdcRange,
+    AlphaSource,
+    Backend,
+    InverseMode,
+    Quantizer,
+    Readout,
+    ThermoConfig,
+    hardware_of,
+)
 from .covariance import covariance_inverse
 from .spectral import Spectrum
 
@@ -77,7 +86,9 @@ class ThermodynamicSolver(LinearSolver):
             raise ValueError(f"unknown thermodynamic solver options {unknown}; valid: "
                              f"{sorted(valid)}")
         self.config = replace(config or ThermoConfig(), **overrides)
-        self.hardware = self.config.hardware
+        #: The hardware model that times this solver: ``config.hardware`` with the
+        #: solver's DAC/ADC bits (:func:`~.config.hardware_of`).
+        self.hardware = hardware_of(self.config)
         self._inner: ThermodynamicSolver | None = None
         if self.hardware.max_dim is not None:  # the per-SPU solver of block Gauss–Seidel
             self._inner = ThermodynamicSolver(replace(
