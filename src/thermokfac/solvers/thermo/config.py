@@ -223,7 +223,8 @@ def hardware_of(cfg: ThermoConfig) -> HardwareModel:
         solver_bits, device_bits = getattr(cfg, name), getattr(hardware, name)
         wanted = LINK_BITS if solver_bits is None else solver_bits
         if device_bits is None:
-            hardware = replace(hardware, **{name: wanted})
+            hardware = (replace(hardware, input_bits=wanted) if name == "input_bits" else
+                        replace(hardware, output_bits=wanted))
         elif device_bits != wanted:
             simulated = ("exact values, carried as LINK_BITS = 16-bit numbers"
                          if solver_bits is None else f"{solver_bits}-bit values")
