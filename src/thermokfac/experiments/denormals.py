@@ -3,12 +3,12 @@
 A classifier that has grown confident on some training examples gives softmax
 probabilities below float32's smallest normal number (``exp(-87)`` ≈ 1.2e-38) for their
 wrong classes. The gradient of the cross-entropy then carries *subnormal* floats into the
-backward pass, and every matrix product that reads them takes the CPU's slow path:
-measured on the Fashion-MNIST MLP (784-512-512-10, batch 512) under K-FAC, whose logits
-grow faster than AdamW's, the second layer's input-gradient product took 2.35 ms with the
-real output gradient against 0.86 ms with the same gradient scaled out of the subnormal
-range. Flushing (treating subnormals as zero) changes no value above 1.2e-38; TensorFlow
-does it on the CPU by default, PyTorch leaves it to :func:`torch.set_flush_denormal`.
+backward pass, and every matrix product that reads them takes the CPU's slow path: on
+the Fashion-MNIST MLP (784-512-512-10, batch 512) under K-FAC, whose logits grow faster
+than AdamW's, forward + backward took a median of 13.0 ms per step with them and 8.0 ms
+without (docs/results-campaign.md, the campaign's timed sweep, 5 seeds). Flushing
+(treating subnormals as zero) changes no value above 1.2e-38; TensorFlow does it on the
+CPU by default, PyTorch leaves it to :func:`torch.set_flush_denormal`.
 
 That switch sets the *calling thread's* floating-point control register only; torch's
 worker threads copy it when they start, so it reaches them only when set before the first
