@@ -208,7 +208,7 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> dict[str, Any]:
             "steps_run": run.step, "steps_budget": cfg.steps, "median_step_s": step_s,
             "mean_step_parts_ms": parts,
             "diverged": diverged, "load_average_1min_before": load,
-            "subnormals": None if run.subnormals is None else run.subnormals.value,
+            "subnormals": run.subnormals,
             **kfac, "curve": curve}
 
 

@@ -381,7 +381,7 @@ class Run:
         final = self.metrics[-1]
         summary = {"config": asdict(self.cfg), "world_size": self.world, "steps": self.step,
                    "train_s": self.train_s,
-                   "subnormals": None if self.subnormals is None else self.subnormals.value,
+                   "subnormals": self.subnormals,  # a str-Enum: its value in JSON
                    "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
                                             "metric": self.task.metric}}
         if self.pre is not None:
