@@ -13,6 +13,7 @@ from torch import nn
 
 from thermokfac.experiments.config import TrainConfig, unused_settings
 from thermokfac.experiments.optimizers import (
+    MatrixViewMuon,
     OptimizerSplit,
     make_optimizer,
     muon_split,
@@ -62,6 +63,62 @@ def test_a_tied_head_stays_on_adamw_with_its_embedding():
     assert model.lm_head.weight is model.wte.weight
     muon, adamw = muon_split(model)
     assert "wte.weight" in adamw and "wte.weight" not in muon
+
+
+def test_muon_takes_the_hidden_convolution_kernels_when_asked():
+    model = _model("resnet", "digits")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    muon, adamw = muon_split(model, conv_kernels=True)
+    # every convolution but the first (the stem reads the input); the head stays off
+    assert muon == [f"{n}.weight" for n in convs[1:]]
+    assert f"{convs[0]}.weight" in adamw and "head.weight" in adamw
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(muon + adamw) == sorted(names)
+    # the other models' splits do not change (no convolutions, or only a patch stem)
+    for name in ("mlp", "vit"):
+        data, kw, expected = SPLITS[name]
+        assert muon_split(_model(name, data, **kw), conv_kernels=True)[0] == expected
+
+
+def test_matrix_view_muon_steps_a_kernel_as_muon_steps_its_matrix():
+    torch.manual_seed(0)
+    kernel = nn.Parameter(torch.randn(6, 3, 3, 3))
+    matrix = nn.Parameter(kernel.detach().clone().reshape(6, 27))  # the reference
+    ours = MatrixViewMuon([kernel], lr=0.05, weight_decay=0.1,
+                          adjust_lr_fn="match_rms_adamw")
+    ref = torch.optim.Muon([matrix], lr=0.05, weight_decay=0.1,
+                           adjust_lr_fn="match_rms_adamw")
+    start = kernel.detach().clone()
+    for _ in range(3):  # momentum carries over steps
+        grad = torch.randn(6, 3, 3, 3)
+        kernel.grad, matrix.grad = grad.clone(), grad.reshape(6, 27).clone()
+        ours.step()
+        ref.step()
+        ours.zero_grad()
+        assert kernel.grad is None
+    assert not torch.equal(kernel.detach(), start)
+    torch.testing.assert_close(kernel.detach().reshape(6, 27), matrix.detach(),
+                               rtol=0, atol=0)
+
+
+def test_matrix_view_muon_refuses_what_it_cannot_step():
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        MatrixViewMuon([nn.Parameter(torch.zeros(4))], lr=0.01)
+    kernel = nn.Parameter(torch.randn(4, 2, 3, 3))
+    opt = MatrixViewMuon([kernel], lr=0.01)
+    kernel.data = kernel.data.clone()  # storage replaced: the view no longer updates it
+    kernel.grad = torch.ones_like(kernel)
+    with pytest.raises(RuntimeError, match="no longer uses the storage"):
+        opt.step()
+
+
+def test_muon_conv_kernels_is_a_setting_of_muon_only():
+    cfg = TrainConfig(optimizer="adamw", muon_conv_kernels=True)
+    assert "muon-conv-kernels" in unused_settings(cfg, {"muon_conv_kernels"})
+    cfg = TrainConfig(optimizer="muon", muon_conv_kernels=True)
+    assert unused_settings(cfg, {"muon_conv_kernels"}) is None
+    opt = make_optimizer(cfg, _model("resnet", "digits"))
+    assert isinstance(opt.parts["muon"], MatrixViewMuon)
 
 
 def test_muon_split_steps_each_part_with_its_own_optimizer():

@@ -53,6 +53,9 @@ class TrainConfig:
                                   "warms up over, in [0, 1)")
     precondition_frequency: int = _opt(10, "steps between preconditioner updates of soap "
                                        "and klshampoo")
+    muon_conv_kernels: bool = _opt(False, "muon: also step the hidden convolution "
+                                   "kernels, each viewed as an (out channels, in "
+                                   "channels x kernel size) matrix (default: on AdamW)")
     batch_size: int = _opt(128, "examples per step (under torchrun: the global batch)")
     steps: int = _opt(300, "optimizer steps")
     eval_every: int = _opt(50, "steps between validation evaluations")
@@ -88,6 +91,10 @@ class TrainConfig:
     grafting: str = _opt("auto", "scale of each block's update: gradient (the raw "
                          "gradient's norm), none (Eq. 15's), auto (gradient in front of an "
                          "Adam-type optimizer)", _values(Grafting))
+    measure_solve_error_every: int = _opt(0, "every this many steps, measure each "
+                                          "K-FAC solve against a float64 solve of the "
+                                          "same damped factor (0: never); steps.csv's "
+                                          "solve_rel_error")
     start_preconditioning_step: int | None = _opt(
         None, "first preconditioned step, the factors accumulating before it (none: the "
         "base optimizer's recipe)")
@@ -202,6 +209,7 @@ RANGES = {
     "window_rc": Range(0, 1e9, open_low=True), "threads": Range(1, 4096),
     "checkpoint_every": Range(0, 2**40), "stop_at": Range(-1e12, 1e12),
     "warmup_fraction": Range(0, 1, open_high=True),
+    "measure_solve_error_every": Range(0, 2**40),
     "precondition_frequency": Range(1, 2**40),
 }
 
@@ -210,7 +218,7 @@ RANGES = {
 #: setting that does nothing would be recorded as used.
 _KFAC = ("solver", "method", "damping", "damping_split", "factor_decay",
          "factor_update_steps", "inv_update_steps", "kl_clip", "grafting",
-         "start_preconditioning_step", "kfac_approx")
+         "start_preconditioning_step", "kfac_approx", "measure_solve_error_every")
 _THERMO = ("backend", "input_bits", "output_bits", "quantizer", "settle_model", "n_spus",
            "target_error", "t0_rc", "window_rc")
 USED_WHEN = {
@@ -221,6 +229,7 @@ USED_WHEN = {
     "warmup_fraction": ("--schedule warmup-cosine", lambda c: c.schedule == "warmup-cosine"),
     "precondition_frequency": ("--optimizer soap or klshampoo",
                                lambda c: c.optimizer in ("soap", "klshampoo")),
+    "muon_conv_kernels": ("--optimizer muon", lambda c: c.optimizer == "muon"),
     "heads": ("--model gpt, torch-gpt or vit", lambda c: c.model in ("gpt", "torch-gpt", "vit")),
     "context": ("--data shakespeare", lambda c: c.data == "shakespeare"),
     "dist_strategy": ("torchrun (two or more processes) without --fsdp",

@@ -5,7 +5,9 @@ K-FAC preconditions the first-order optimizers (``sgd``, ``nesterov``, ``adam``,
 
 - ``muon``: ``torch.optim.Muon`` on the 2-D hidden weights (:func:`muon_split`), AdamW on
   everything else (embeddings, the output head — tied or not —, biases, norms,
-  convolution kernels, class tokens). Muon's step is rescaled to AdamW's RMS
+  convolution kernels, class tokens) — or, with ``muon_conv_kernels``, the hidden
+  convolution kernels on Muon too, each viewed as an (out channels, in channels·kernel
+  size) matrix (:class:`MatrixViewMuon`). Muon's step is rescaled to AdamW's RMS
   (``adjust_lr_fn="match_rms_adamw"``, 0.2·√max(rows, cols)), so one learning rate and
   one weight decay serve both parts; Muon's own momentum (0.95, Nesterov) is kept.
 - ``soap`` and ``klshampoo``: ``heavyball.SOAP`` and ``heavyball.KLShampoo`` (the
@@ -96,16 +98,21 @@ def optimizers_of(opt: torch.optim.Optimizer | OptimizerSplit) -> list[torch.opt
     return list(opt.parts.values()) if isinstance(opt, OptimizerSplit) else [opt]
 
 
-def muon_split(model: nn.Module) -> tuple[list[str], list[str]]:
+def muon_split(model: nn.Module, conv_kernels: bool = False
+               ) -> tuple[list[str], list[str]]:
     """Names of the parameters Muon steps and of those AdamW steps.
 
     Muon takes the 2-D weights of hidden ``nn.Linear`` layers and of
     ``nn.MultiheadAttention`` projections; AdamW takes the rest: embedding tables, the
     output head (the last ``nn.Linear`` in module order, or a head tied to an
-    embedding), biases, norms, convolution kernels and any other parameter.
+    embedding), biases, norms, convolution kernels and any other parameter. With
+    ``conv_kernels``, Muon also takes the kernels of the hidden convolutions (every
+    ``nn.Conv1d/2d/3d`` but the first in module order, which reads the input as an
+    embedding does), to be stepped as matrices (:class:`MatrixViewMuon`).
 
     Args:
         model: The network (unwrapped).
+        conv_kernels: Whether hidden convolution kernels go to Muon.
 
     Returns:
         (Muon's names, AdamW's names), in ``named_parameters`` order; together every
@@ -118,15 +125,75 @@ def muon_split(model: nn.Module) -> tuple[list[str], list[str]]:
         id(p) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
         for p in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
         if p is not None}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    kernels = {id(m.weight) for m in convs[1:]} if conv_kernels else set()
     muon: list[str] = []
     adamw: list[str] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        on_muon = (p.ndim == 2 and id(p) in hidden and p is not head
-                   and id(p) not in embedded)
+        on_muon = ((p.ndim == 2 and id(p) in hidden and p is not head
+                    and id(p) not in embedded) or id(p) in kernels)
         (muon if on_muon else adamw).append(name)
     return muon, adamw
+
+
+class MatrixViewMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` that also steps parameters of more than two dimensions, each
+    as the matrix ``p.view(p.shape[0], -1)`` (a convolution kernel as (out channels,
+    in channels·kernel size), how Muon's authors train hidden convolutions).
+
+    Muon accepts 2-D parameters only; each higher-dimensional one is stood in for by a
+    2-D parameter sharing its storage. Before every step the stand-in's gradient is the
+    parameter's gradient viewed the same way, so Muon's in-place update of the stand-in
+    is the update of the parameter; :meth:`zero_grad` also clears the parameters' own
+    gradients. Arguments are Muon's.
+
+    Raises:
+        ValueError: a parameter has fewer than two dimensions, or is not contiguous.
+        RuntimeError: at a step, a parameter's storage was replaced since construction
+            (``p.data = ...``, a move to another device): its stand-in would no longer
+            update it.
+    """
+
+    def __init__(self, params: list[nn.Parameter], **kwargs: Any) -> None:
+        self._views: list[tuple[nn.Parameter, nn.Parameter]] = []
+        stand_ins: list[nn.Parameter] = []
+        for p in params:
+            if p.ndim < 2 or not p.is_contiguous():
+                raise ValueError(f"MatrixViewMuon steps contiguous parameters of 2 or more "
+                                 f"dimensions; got one of shape {tuple(p.shape)}"
+                                 f"{'' if p.is_contiguous() else ' (not contiguous)'}")
+            if p.ndim == 2:
+                stand_ins.append(p)
+                continue
+            view = nn.Parameter(p.detach().view(p.shape[0], -1))
+            self._views.append((p, view))
+            stand_ins.append(view)
+        super().__init__(stand_ins, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Muon's step, the higher-dimensional parameters through their matrix views."""
+        for p, view in self._views:
+            if p.data_ptr() != view.data_ptr():
+                raise RuntimeError(f"a parameter of shape {tuple(p.shape)} no longer uses "
+                                   "the storage MatrixViewMuon was built over (replaced "
+                                   "or moved): build the optimizer after the model is "
+                                   "placed")
+            view.grad = None if p.grad is None else p.grad.reshape(view.shape)
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the stand-ins' and the parameters' gradients."""
+        super().zero_grad(set_to_none=set_to_none)
+        for p, _ in self._views:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
 
 
 def _params(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
@@ -149,10 +216,11 @@ def _sgd(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _muon(cfg: TrainConfig, model: nn.Module) -> OptimizerSplit:
-    muon, adamw = muon_split(model)
+    muon, adamw = muon_split(model, conv_kernels=cfg.muon_conv_kernels)
     parts: dict[str, torch.optim.Optimizer] = {}
     if muon:
-        parts["muon"] = torch.optim.Muon(_params(model, muon), lr=cfg.lr,
+        kind = MatrixViewMuon if cfg.muon_conv_kernels else torch.optim.Muon
+        parts["muon"] = kind(_params(model, muon), lr=cfg.lr,
                                          weight_decay=cfg.weight_decay,
                                          adjust_lr_fn="match_rms_adamw")
     if adamw:

@@ -15,6 +15,8 @@ import csv
 import errno
 import io
 import json
+import math
+import statistics
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -38,7 +40,7 @@ from .tasks import Task, build_model, load_task
 
 STEP_FIELDS = ("step", "loss", "wall_s", "gradient_s", "curvature_s", "inversion_s",
                "update_s", "solve_s", "modeled_s", "modeled_rc_s",
-               "modeled_rc_over_alpha_min_s", "modeled_target_error_s")
+               "modeled_rc_over_alpha_min_s", "modeled_target_error_s", "solve_rel_error")
 
 
 def make_solver(cfg: TrainConfig):
@@ -68,6 +70,7 @@ def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
         factor_decay=cfg.factor_decay, factor_update_steps=cfg.factor_update_steps,
         inv_update_steps=cfg.inv_update_steps, kl_clip=cfg.kl_clip, optimizer=opt,
         grafting=cfg.grafting, start_preconditioning_step=cfg.start_preconditioning_step,
+        measure_solve_error_every=cfg.measure_solve_error_every,
         kfac_approx=cfg.kfac_approx or task.kfac_approx,
         loss_type="mse" if task.kind == "graph" else "cross_entropy",
         num_per_example_loss_terms=task.loss_terms_per_example, seed=cfg.seed)
@@ -350,12 +353,14 @@ class Run:
         for scheduler in self.schedulers:
             scheduler.step()
         wall = time.perf_counter() - start
+        if self.pre is not None and self.pre.last_report is not None:
+            wall -= self.pre.last_report.measure_s  # measuring errors is not training
         self.train_s += wall
         record = {"step": self.step, "loss": float(loss.detach()), "wall_s": wall,
                   "gradient_s": grad_done - start - hooks, "curvature_s": 0.0,
                   "inversion_s": 0.0, "update_s": 0.0, "solve_s": 0.0, "modeled_s": 0.0,
                   "modeled_rc_s": 0.0, "modeled_rc_over_alpha_min_s": 0.0,
-                  "modeled_target_error_s": 0.0}
+                  "modeled_target_error_s": 0.0, "solve_rel_error": math.nan}
         if self.pre is not None:
             t = self.pre.last_timings
             record.update(curvature_s=t.curvature_s, inversion_s=t.inversion_s,
@@ -363,6 +368,12 @@ class Run:
                           modeled_s=t.modeled_hardware_s, modeled_rc_s=t.modeled_rc_s,
                           modeled_rc_over_alpha_min_s=t.modeled_rc_over_alpha_min_s,
                           modeled_target_error_s=t.modeled_target_error_s)
+            report = self.pre.last_report
+            error = None if report is None else report.max_solve_error
+            if error is not None:
+                record["solve_rel_error"] = error
+                record["solve_errors"] = report.solve_errors  # solve_errors.csv
+                record["predicted_solve_errors"] = report.predicted_solve_errors
         return record
 
     def _write_logs(self) -> None:
@@ -378,12 +389,21 @@ class Run:
             spectra = list(self.pre.spectra.history) if self.pre is not None else []
             if spectra:  # the device matrices' α_min, α_max and κ per prepare
                 _write_csv(self.out / "spectra.csv", list(spectra[0]), spectra)
+            measured = solve_error_rows(self.steps)
+            if measured:
+                _write_csv(self.out / "solve_errors.csv", list(measured[0]), measured)
         final = self.metrics[-1]
         summary = {"config": asdict(self.cfg), "world_size": self.world, "steps": self.step,
                    "train_s": self.train_s,
                    "subnormals": self.subnormals,  # a str-Enum: its value in JSON
                    "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
                                             "metric": self.task.metric}}
+        errors = [r["solve_rel_error"] for r in self.steps
+                  if _finite(r.get("solve_rel_error", math.nan))]
+        if errors:  # the largest error of each measured step, summarised
+            summary["solve_rel_error"] = {
+                "measured_steps": len(errors), "median": statistics.median(errors),
+                "max": max(errors), "last": errors[-1]}
         if self.pre is not None:
             summary["preconditioner"] = {"timing": self.pre.timing_summary(),
                                          "stats": dict(self.pre.stats),
@@ -392,6 +412,17 @@ class Run:
             with checkpoint_files.naming(self.out / "results.json"):
                 (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def solve_error_rows(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row (step, block, factor, rel_error, predicted) per measured solve of a run's
+    step records (``measure_solve_error_every``), in step order; ``predicted`` is the
+    solver's prediction (NaN where it has no model)."""
+    return [{"step": r["step"], "block": block, "factor": which, "rel_error": error,
+             "predicted": r.get("predicted_solve_errors", {}).get(block, {}).get(
+                 which, math.nan)}
+            for r in steps for block, errors in r.get("solve_errors", {}).items()
+            for which, error in sorted(errors.items())]
 
 
 def _finite(value: float) -> bool:

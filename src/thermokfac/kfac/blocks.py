@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,6 +71,51 @@ def split_damping(mean_a: float, mean_g: float, damping: float, split: DampingSp
         pi = 1.0
     root = math.sqrt(damping)
     return root * pi, root / pi
+
+
+@dataclass
+class SolveErrors:
+    """What measuring one block's solves found (``measure_solve_error_every``).
+
+    Attributes:
+        errors: ``{"a"|"g": relative error}`` of the factors whose cache keeps its
+            reference (:meth:`FactorCache.solve_error`).
+        predicted: ``{"a"|"g": relative error}`` the solver predicted before the solve
+            (:meth:`FactorCache.predicted_error`), where it has a model.
+        seconds: Time spent measuring (copies and float64 solves), by ``clock``: the
+            caller leaves it out of the step's timings.
+        clock: The clock read around the measuring (seconds).
+    """
+
+    errors: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+
+    def copy(self, which: str, cache: FactorCache, x: Tensor, solver: LinearSolver,
+             side: str) -> Tensor | None:
+        """Before an application: a copy of the right-hand side ``x`` if ``cache`` can
+        be measured, and the solver's prediction of its error."""
+        if cache.reference is None:
+            return None
+        start = self.clock()
+        rhs = x.clone()
+        predicted = cache.predicted_error(solver, rhs, side)
+        if predicted is not None:
+            self.predicted[which] = predicted
+        self.seconds += self.clock() - start
+        return rhs
+
+    def measure(self, which: str, cache: FactorCache, rhs: Tensor | None, answer: Tensor,
+                side: str) -> None:
+        """Record ``cache``'s error on ``rhs`` (a :meth:`copy`; nothing if None)."""
+        if rhs is None:
+            return
+        start = self.clock()
+        error = cache.solve_error(rhs, answer, side)
+        if error is not None:
+            self.errors[which] = error
+        self.seconds += self.clock() - start
 
 
 class KroneckerBlock:
@@ -193,7 +240,8 @@ class KroneckerBlock:
     # ----------------------------------------------------------------- caches
     def update_cache(self, solver: LinearSolver, method: Method, damping: float,
                      split: DampingSplit, owned: Iterable[str],
-                     noise: Callable[[str], torch.Generator | None]) -> list[TimeBreakdown]:
+                     noise: Callable[[str], torch.Generator | None],
+                     keep_reference: bool = False) -> list[TimeBreakdown]:
         """Damp, then prepare (Method 2) or invert (Method 1) the ``owned`` factors.
 
         A diagonal A is inverted by every rank (no solver work). The factors a rank
@@ -206,6 +254,9 @@ class KroneckerBlock:
             split: How λ is shared between the factors.
             owned: The factors (``"a"``, ``"g"``) this rank prepares.
             noise: ``noise(factor)``: the generator of that factor's stochastic work.
+            keep_reference: Keep each prepared factor's float64 copy in its cache
+                (:attr:`FactorCache.reference`), so that :meth:`apply` can measure the
+                solve error.
 
         Returns:
             The device jobs the solver modelled.
@@ -230,6 +281,8 @@ class KroneckerBlock:
             cache = FailedCache(prep.damping, prep.stats) if failed else \
                 build_cache(prep, method, solver, generator, jobs)
             failed = failed or cache.failed
+            if keep_reference and not cache.failed:
+                cache.reference = getattr(self, which).reference()
             self.caches[which] = cache
         new = [self.caches[w] for w in prepared]
         for key in PREPARE_KEYS:  # a block's solver error counts once
@@ -262,7 +315,8 @@ class KroneckerBlock:
 
     # ------------------------------------------------------------ precondition
     def apply(self, d_theta: Tensor, solver: LinearSolver,
-              generator: torch.Generator | None) -> tuple[Tensor, list[TimeBreakdown]]:
+              generator: torch.Generator | None, measure: SolveErrors | None = None
+              ) -> tuple[Tensor, list[TimeBreakdown]]:
         """U = (G + λ_G I)⁻¹ DΘ (A + λ_A I)⁻¹ (Eq. 15) for DΘ ``[d_out, a_dim]``.
 
         Method 1 multiplies by the inverses; Method 2 solves two banks of linear systems
@@ -276,6 +330,11 @@ class KroneckerBlock:
                 appended when the bias shares the block).
             solver: The solver of Method 2's solves.
             generator: Random source of a stochastic solver.
+            measure: If given, filled with each factor's measured solve error
+                (:meth:`FactorCache.solve_error`: G's against DΘ, A's against the Q the
+                G solve gave), for the factors whose cache keeps its reference, and the
+                solver's prediction of it; the right-hand sides are copied first, as the
+                solves work in them.
 
         Returns:
             (U in the dtype of ``d_theta``, the device jobs of the solves).
@@ -286,8 +345,16 @@ class KroneckerBlock:
         a, g = self.caches["a"], self.caches["g"]
         work = torch.promote_types(g.dtype, a.dtype)
         jobs: list[TimeBreakdown] = []
-        q = g.left(d_theta.to(work), solver, generator, jobs)
-        return a.right(q, solver, generator, jobs).to(d_theta.dtype), jobs
+        x = d_theta.to(work)
+        rhs = None if measure is None else measure.copy("g", g, x, solver, "left")
+        q = g.left(x, solver, generator, jobs)
+        if measure is not None:
+            measure.measure("g", g, rhs, q, "left")
+            rhs = measure.copy("a", a, q, solver, "right")
+        u = a.right(q, solver, generator, jobs)
+        if measure is not None:
+            measure.measure("a", a, rhs, u, "right")
+        return u.to(d_theta.dtype), jobs
 
     @property
     def keeps_input(self) -> bool:

@@ -19,6 +19,7 @@ class that builds a cache from a prepared factor.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -57,6 +58,10 @@ class FactorCache(ABC):
         damping: The λ in effect (larger than requested after a fallback increase).
         stats: What the prepare reported (``float64_retries``, ``damping_increases``,
             ``failed``, ``ill_conditioned``, spectrum and timing values).
+        reference: The undamped factor F the solver was given, float64 ``[n, n]``, kept
+            only while solve errors are measured (``measure_solve_error_every``) and only
+            where the factor was prepared (not sent with the cache, nor checkpointed);
+            otherwise None.
     """
 
     kind: ClassVar[str]
@@ -67,6 +72,54 @@ class FactorCache(ABC):
     def __init__(self, damping: float, stats: dict[str, float] | None = None) -> None:
         self.damping = float(damping)
         self.stats = dict(stats or {})
+        self.reference: Tensor | None = None
+
+    def solve_error(self, rhs: Tensor, answer: Tensor, side: str) -> float | None:
+        """The relative error of an application against a float64 solve of the same
+        damped factor and right-hand side: ‖X̂ − X‖_F / ‖X‖_F with X = (F + λI)⁻¹B
+        (``side="left"``) or B(F + λI)⁻¹ (``"right"``), λ the damping in effect.
+
+        Args:
+            rhs: B as it was before the application (``[n, k]`` left, ``[k, n]`` right).
+            answer: X̂, what :meth:`left` or :meth:`right` returned for it.
+            side: ``"left"`` or ``"right"``.
+
+        Returns:
+            The error, or None without a :attr:`reference` (a diagonal factor, a cache
+            prepared on another rank or before a load, or measuring off). 0 when X = 0
+            and X̂ = 0; ``inf`` when only X = 0.
+
+        Raises:
+            ValueError: ``side`` is neither, or the shapes do not match the factor.
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"side={side!r} must be 'left' or 'right'")
+        if self.reference is None:
+            return None
+        n = self.reference.shape[0]
+        b = rhs.to(torch.float64)
+        b = b if side == "left" else b.mT
+        got = answer.to(torch.float64)
+        got = got if side == "left" else got.mT
+        if b.shape[0] != n or got.shape != b.shape:
+            raise ValueError(f"rhs {tuple(rhs.shape)} and answer {tuple(answer.shape)} do "
+                             f"not fit a {side} application of a factor of size {n}")
+        damped = self.reference + self.damping * torch.eye(
+            n, dtype=torch.float64, device=self.reference.device)
+        exact = torch.linalg.solve(damped, b.to(damped.device))
+        size = float(torch.linalg.norm(exact))
+        miss = float(torch.linalg.norm(got.to(damped.device) - exact))
+        if size == 0.0:
+            return 0.0 if miss == 0.0 else math.inf
+        return miss / size
+
+    def predicted_error(self, solver: LinearSolver, rhs: Tensor, side: str) -> float | None:
+        """The solver's prediction of the error :meth:`solve_error` will measure for this
+        right-hand side (:meth:`~thermokfac.solvers.LinearSolver.predict_error`), asked
+        before the application; None where the solver has no model or this cache applies
+        no solve of it (Method 1's inverse, a diagonal factor), or without a
+        :attr:`reference`."""
+        return None
 
     @property
     @abstractmethod
@@ -191,6 +244,13 @@ class PreparedCache(FactorCache):
 
     def right(self, x, solver, generator, jobs):
         return self.left(x.mT, solver, generator, jobs).mT
+
+    def predicted_error(self, solver: LinearSolver, rhs: Tensor, side: str) -> float | None:
+        if self.reference is None:
+            return None
+        damped = self.reference + self.damping * torch.eye(
+            self.reference.shape[0], dtype=torch.float64, device=self.reference.device)
+        return solver.predict_error(self.prepared, damped, rhs if side == "left" else rhs.mT)
 
     def tensors(self) -> dict[str, Tensor]:
         self.prepared.tensors = {k: t.contiguous() for k, t in self.prepared.tensors.items()}

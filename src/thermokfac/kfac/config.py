@@ -158,6 +158,8 @@ class InverseConfig:
             (:mod:`~thermokfac.kfac.recipes`).
         damping_split: ``equal``, ``pi`` or ``relative``; None: the recipe's.
         inv_update_steps: Prepare/invert every this many steps (value or schedule).
+        measure_solve_error_every: Every this many steps, measure each solve against a
+            float64 solve of the same damped factor and right-hand side (0: never).
     """
 
     solver: LinearSolver | str = "cholesky"
@@ -165,6 +167,7 @@ class InverseConfig:
     damping: Schedule | None = None
     damping_split: DampingSplit | str | None = None
     inv_update_steps: Schedule = 10
+    measure_solve_error_every: int = 0
 
     def __post_init__(self) -> None:
         solver = get_solver(self.solver)
@@ -174,6 +177,8 @@ class InverseConfig:
         if self.damping is not None:
             check_schedule("damping", self.damping, NON_NEGATIVE)
         check_schedule("inv_update_steps", self.inv_update_steps, INTERVAL)
+        _set(self, "measure_solve_error_every", int(check_value(
+            "measure_solve_error_every", self.measure_solve_error_every, NON_NEGATIVE_INT)))
         if self.damping_split is not None:
             _set(self, "damping_split", parse_enum(DampingSplit, self.damping_split,
                                                    "damping_split"))
@@ -257,7 +262,8 @@ class KFACConfig:
                       factor_storage: str = "matrix", class_dim: int | None = None,
                       separate_weight_and_bias: bool = False,
                       repeated_calls: str = "shared", grafting: str = "auto",
-                      start_preconditioning_step: int | None = None) -> KFACConfig:
+                      start_preconditioning_step: int | None = None,
+                      measure_solve_error_every: int = 0) -> KFACConfig:
         """The preconditioner's keywords, validated into the four groups.
 
         ``factor_dtype=None`` follows the model (:class:`FactorConfig`); ``method=None``
@@ -289,6 +295,7 @@ class KFACConfig:
             grafting: ``"auto"``, ``"gradient"`` or ``"none"``.
             start_preconditioning_step: The first preconditioned step (None: the
                 recipe's).
+            measure_solve_error_every: Steps between measured solve errors (0: never).
 
         Returns:
             The validated, frozen configuration.
@@ -312,7 +319,8 @@ class KFACConfig:
         if method is None and factors.rows:
             method = Method.SOLVE  # the rows mode can only solve
         inverse = InverseConfig(solver=solver, method=method, damping=damping,
-                                damping_split=damping_split, inv_update_steps=inv_update_steps)
+                                damping_split=damping_split, inv_update_steps=inv_update_steps,
+                                measure_solve_error_every=measure_solve_error_every)
         return cls(fisher=fisher, factors=factors, inverse=inverse, clip=clip)
 
 

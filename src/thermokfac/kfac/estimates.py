@@ -82,6 +82,12 @@ class FactorEstimate(ABC):
     def matrix(self) -> Tensor | None:
         """The symmetric factor (a copy; a vector when diagonal), or None."""
 
+    def reference(self) -> Tensor | None:
+        """The undamped factor a prepare hands to the solver, in float64 ``[n, n]`` (the
+        reference of the measured solve error), or None (a diagonal factor: applied
+        exactly, without a solver)."""
+        return None
+
     @abstractmethod
     def entries(self) -> dict[str, Any]:
         """Checkpoint entries of this estimate."""
@@ -148,6 +154,9 @@ class MovingAverage(FactorEstimate):
     def matrix(self) -> Tensor | None:
         return None if self.value is None else symmetrize_lower(self.value)
 
+    def reference(self) -> Tensor | None:
+        return symmetrize_lower(self._value.to(torch.float64))
+
     def entries(self) -> dict[str, Any]:
         return {self.which: self.value}
 
@@ -175,6 +184,9 @@ class DiagonalMovingAverage(MovingAverage):
 
     def matrix(self) -> Tensor | None:
         return None if self.value is None else self.value.clone()
+
+    def reference(self) -> Tensor | None:
+        return None  # 1/(a + λ) is exact
 
 
 class RowsEstimate(FactorEstimate):
@@ -230,6 +242,10 @@ class RowsEstimate(FactorEstimate):
 
     def matrix(self) -> Tensor | None:
         return None  # never formed
+
+    def reference(self) -> Tensor | None:
+        rows = self._rows.to(torch.float64)  # formed only to measure the solve error
+        return self.scale * (rows.mT @ rows)
 
     def entries(self) -> dict[str, Any]:
         return {f"{self.which}_rows": self.rows, f"{self.which}_row_scale": self.scale}

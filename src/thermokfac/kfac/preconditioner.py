@@ -29,7 +29,7 @@ from ..enums import FisherType, Grafting, RepeatedCalls
 from ..solvers import LinearSolver, SolverError, all_finite
 from ..timing import TimedSolves, TimingLog
 from . import checks
-from .blocks import KroneckerBlock
+from .blocks import KroneckerBlock, SolveErrors
 from .capture import CurvatureCapture
 from .config import KFACConfig
 from .curvature import CurvatureSums, close_step, g_multiplier
@@ -168,6 +168,13 @@ class KFACPreconditioner(Inspection):
             earlier ones pass through unchanged while the factors accumulate (their
             curvature is captured). None (default): the base optimizer's recipe — 0 for
             SGD, more for Adam-type optimizers (:mod:`thermokfac.kfac.recipes`).
+        measure_solve_error_every: Every this many steps (0, the default: never), each
+            block's two solves of Eq. 15 are measured against a float64 solve of the
+            same damped factor F + λI and right-hand side: ‖X̂ − X‖_F / ‖X‖_F per factor,
+            in the step report's ``solve_errors``. While on, each prepared factor keeps a
+            float64 copy (8n² bytes) on the rank that prepared it; a cache received from
+            another rank, or loaded from a checkpoint before its next prepare, is not
+            measured.
         parallel: How the work is spread over processes (:mod:`thermokfac.kfac.parallel`);
             default one process. :class:`~thermokfac.distributed.DistributedKFACPreconditioner`
             passes its data-parallel plan; the step itself is the same.
@@ -212,6 +219,7 @@ class KFACPreconditioner(Inspection):
                  factor_storage: str = "matrix", class_dim: int | None = None,
                  separate_weight_and_bias: bool = False, repeated_calls: str = "shared",
                  grafting: str = "auto", start_preconditioning_step: int | None = None,
+                 measure_solve_error_every: int = 0,
                  parallel: Parallelism | None = None) -> None:
         parallel = SingleProcess() if parallel is None else parallel
         self.model = unwrap(model)
@@ -226,7 +234,8 @@ class KFACPreconditioner(Inspection):
             mc_samples=mc_samples, factor_dtype=factor_dtype, factor_storage=factor_storage,
             class_dim=class_dim, separate_weight_and_bias=separate_weight_and_bias,
             repeated_calls=repeated_calls, grafting=grafting,
-            start_preconditioning_step=start_preconditioning_step)
+            start_preconditioning_step=start_preconditioning_step,
+            measure_solve_error_every=measure_solve_error_every)
         self.solver: LinearSolver = self.config.solver
         self.optimizer = optimizer
         #: The grafting and first preconditioned step in effect (given, or the base
@@ -381,6 +390,7 @@ class KFACPreconditioner(Inspection):
             with report.timed("update_s", clock):                    # Eq. 15, KL clip
                 updates, vg = self._precondition(lr, report)          # U, Σ η²⟨U, DΘ⟩
                 self._write(updates, self._kl_clip_scale(vg), report)
+            report.timings.update_s -= report.measure_s  # measuring is not the step's
             self._model_device_time(report)
         return self._finish(report)
 
@@ -614,7 +624,8 @@ class KFACPreconditioner(Inspection):
             report.jobs += block.update_cache(
                 self.solver, cfg.method, damping, self.recipe.damping_split,
                 assignment.prepares(block.name),
-                functools.partial(self.noise, block.name))
+                functools.partial(self.noise, block.name),
+                keep_reference=cfg.measure_solve_error_every > 0)
             for key, stat in PREPARE_STATS:
                 self._ledger.count(stat, block.stats.get(key, 0.0) - before.get(key, 0.0))
         self.plan.communicator.share_caches(todo, assignment)
@@ -682,8 +693,11 @@ class KFACPreconditioner(Inspection):
             return None
         graft = self.recipe.grafting is Grafting.GRADIENT
         norm = d_theta.norm() if graft else None  # before the solves work in d_theta
+        every = self.config.measure_solve_error_every
+        measure = SolveErrors(clock=self.timing.clock) \
+            if every and self.steps % every == 0 else None
         try:
-            u, jobs = block.apply(d_theta, solver, self.noise(block.name, "u"))
+            u, jobs = block.apply(d_theta, solver, self.noise(block.name, "u"), measure)
         except SolverError:
             self._reporter.warn_once("solver_errors", (
                 f"the solver failed on layer {block.name!r} (non-finite or unconverged "
@@ -700,6 +714,12 @@ class KFACPreconditioner(Inspection):
             self._skip(block, "nonfinite_update_skips", report)
             return None
         report.jobs += jobs
+        if measure is not None:
+            report.measure_s += measure.seconds
+            if measure.errors:
+                report.solve_errors[block.name] = measure.errors
+            if measure.predicted:
+                report.predicted_solve_errors[block.name] = measure.predicted
         return Update(inner, rates(*trainable_params(helper)), u)
 
     def _skip(self, block: KroneckerBlock, why: str, report: StepReport) -> None:

@@ -51,6 +51,14 @@ class StepReport:
         counts: Events counted since the previous step closed, during this step
             included (the increments of ``pre.stats``' counters).
         kl_clip_scale: ν applied to every U (1 when the clip did not bind).
+        solve_errors: On a step that measured them (``measure_solve_error_every``),
+            ``{block: {"a"|"g": relative error}}`` of each measured solve against float64
+            (:meth:`~thermokfac.kfac.caches.FactorCache.solve_error`); else empty.
+        predicted_solve_errors: The solver's predictions of those errors, made before
+            each solve (:meth:`~thermokfac.solvers.LinearSolver.predict_error`: the
+            thermodynamic solver's OU moments, Method 2), in the same layout; empty
+            where it has no model.
+        measure_s: Seconds spent measuring them, left out of ``timings.update_s``.
         local_modeled_s: This rank's modelled device seconds (``timings`` holds the
             step's: the busiest rank's under data parallelism).
     """
@@ -62,6 +70,9 @@ class StepReport:
     skipped: dict[str, str] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
     kl_clip_scale: float = 1.0
+    solve_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    predicted_solve_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    measure_s: float = 0.0
     local_modeled_s: float = 0.0
     jobs: list[TimeBreakdown] = field(default_factory=list, repr=False)
 
@@ -86,6 +97,12 @@ class StepReport:
             yield
         finally:
             setattr(self.timings, part, getattr(self.timings, part) + clock() - start)
+
+    @property
+    def max_solve_error(self) -> float | None:
+        """The largest error in :attr:`solve_errors`, or None when none was measured."""
+        found = [e for errors in self.solve_errors.values() for e in errors.values()]
+        return max(found) if found else None
 
     def __repr__(self) -> str:
         return (f"StepReport(step={self.step}, factors_updated={self.factors_updated}, "

@@ -330,6 +330,18 @@ class LinearSolver(ABC):
             raise SolverError(f"{self.name} produced a non-finite inverse")
         return SolveResult(x, modeled, stats)
 
+    def predict_error(self, prepared: Prepared, damped: Tensor, b: Tensor) -> float | None:
+        """The expected relative error of the next :meth:`solve` of ``b`` with
+        ``prepared`` against the exact solution of ``damped`` x = b, from a model of the
+        solver; None when the solver has none (digital solvers: round-off only).
+
+        Args:
+            prepared: The state the solve will use.
+            damped: The damped factor M + λI ``[n, n]`` (float64) it was prepared from.
+            b: The right-hand sides ``[n, k]``.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

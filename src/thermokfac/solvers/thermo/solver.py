@@ -34,6 +34,7 @@ from ..base import LinearSolver, Prepared
 from ..hardware import TimeBreakdown, time_stats
 from ..quantize import (
     is_positive_definite,
+    levels,
     quantize_conservative,
     quantize_nearest,
     quantize_stochastic,
@@ -362,6 +363,91 @@ class ThermodynamicSolver(LinearSolver):
         x = reads[0] if len(reads) == 1 else torch.stack(reads).mean(0)
         x = x.mul_(full_scale / float(prepared.tensors["scale"]))
         return x, timing.total_s, {"clipped": float(clipped), **stats}
+
+    def predict_error(self, prepared: Prepared, damped: Tensor, b: Tensor) -> float | None:
+        """The device's expected relative error √(E‖x̂ − x‖²_F)/‖x‖_F for the next solve
+        of ``b``, x = (M + λI)⁻¹b, from the OU moments (:mod:`.moments`) of the matrices
+        the device was programmed with (quantized, when ``input_bits`` is set).
+
+        Per programmed matrix Q and eigenmode (λᵢ, qᵢ) the read-out x̂ has mean
+        (1 − gᵢ)/λᵢ·qᵢᵀb̃ + gᵢ·qᵢᵀx₀ — the burn-in bias, with x₀ the device's state: zero
+        after a reset, or the last solve's end under ``warm_start`` (its head start) — and
+        variance vᵢ per right-hand side (window average or N samples), b̃ the right-hand
+        sides scaled to the DAC's full scale (and rounded to ``input_bits``). With K =
+        ``mitigation_samples`` reads averaged,
+        E‖x̂ − x*‖² = ‖mean of the K means − x*‖² + k·Σᵢ vᵢ summed over the reads / K²,
+        x* = D⁻¹b̃ the exact answer of the unquantized D = (M + λI)/s; the ADC
+        (``output_bits``) adds its rounding variance (:meth:`_adc_variance`). Device
+        mismatch (``mismatch_sigma``) is not modelled.
+
+        Args:
+            prepared: This solver's state, before the solve (its warm-start state is
+                read, not changed).
+            damped: M + λI ``[n, n]``, the matrix ``prepared`` was made from (λ the
+                damping in effect).
+            b: Right-hand sides ``[n, k]``.
+
+        Returns:
+            The predicted relative error; None for a state prepared in blocks
+            (``hardware.max_dim``), 0 for b = 0.
+
+        Raises:
+            ValueError: ``damped`` or ``b`` does not fit ``prepared``.
+        """
+        self._check_prepared(prepared)
+        cfg, n, t = self.config, prepared.n, prepared.tensors
+        if tuple(damped.shape) != (n, n) or b.ndim != 2 or b.shape[0] != n:
+            raise ValueError(f"damped {tuple(damped.shape)} and b {tuple(b.shape)} do not "
+                             f"fit a prepared factor of size {n}")
+        if "blocks" in t:
+            return None
+        rhs = b.to(torch.float64)
+        full_scale = float(rhs.abs().max())
+        if full_scale == 0.0:
+            return 0.0
+        rhs = rhs / full_scale
+        x_star = torch.linalg.solve(damped.to(torch.float64) / float(t["scale"]), rhs)
+        if cfg.input_bits is not None:
+            rhs = quantize_nearest(rhs, cfg.input_bits, scale=1.0)
+        state = t.get("x_state") if cfg.warm_start else None
+        x0 = state.to(torch.float64) if state is not None and state.shape == rhs.shape \
+            else None
+        mean_factor, variance = backends.closed_form_weights(self.schedule(prepared),
+                                                             cfg.beta_value)
+        k, means, spread = rhs.shape[1], [], 0.0
+        for i, spec in enumerate(self._spectra(prepared)):
+            if spec is None:  # closed form, reset: x̂ = F b̃ + S ξ
+                means.append(t[f"solve_{i}"].to(torch.float64) @ rhs)
+                spread += k * float(t[f"noise_{i}"].to(torch.float64).square().sum())
+                continue
+            terms = [(lambda lam: (1 - mean_factor(lam)) / lam, rhs)]
+            if x0 is not None:
+                terms.append((mean_factor, x0))
+            means.append(spec.apply(terms))
+            spread += k * float(variance(spec.evals.to(torch.float64)).sum())
+            if spec.rest is not None and spec.evecs.shape[1] < n:  # the complement
+                rest = torch.tensor([spec.rest], dtype=torch.float64)
+                spread += k * (n - spec.evecs.shape[1]) * float(variance(rest)[0])
+        if cfg.output_bits is not None:
+            spread += sum(self._adc_variance(prepared, mean, rhs) for mean in means)
+        bias = torch.stack(means).mean(0) - x_star
+        squared = float(bias.square().sum()) + spread / len(means) ** 2
+        return math.sqrt(squared) / float(torch.linalg.norm(x_star))
+
+    def _adc_variance(self, prepared: Prepared, mean: Tensor, rhs: Tensor) -> float:
+        """Σ over a read's entries of the ADC's rounding variance step²/12 (Sheppard),
+        step = full scale / levels per column: the calibrated scale taken at the read's
+        mean (``adc_range="calibrate"``) or the bound ‖b̃ⱼ‖/α_min. A samples read-out
+        rounds each of its N samples, but samples closer than a relaxation time and a
+        step apart round alike, so their mean keeps the variance of one rounding (where
+        the noise decorrelates the roundings it dominates the error anyway)."""
+        cfg = self.config
+        if cfg.adc_range is AdcRange.BOUND:
+            scale = rhs.norm(dim=0) / float(prepared.tensors["alpha_min"])
+        else:
+            scale = cfg.adc_headroom * mean.abs().amax(dim=0)
+        step = scale / levels(cfg.output_bits or 2)
+        return mean.shape[0] * float(step.square().sum()) / 12
 
     def _plain_closed_form(self, prepared: Prepared) -> bool:
         """Closed form with one programmed matrix, precomputed F and S, and no
