@@ -24,7 +24,7 @@ from thermokfac.experiments.tasks import load_task
 TINY = ["--data", "digits", "--width", "32", "--steps", "12", "--eval-every", "6",
         "--batch-size", "64"]
 COMMANDS = ("train", "compare", "profile", "scaling", "quantize", "plan", "breakeven",
-            "sweep", "score", "plot")
+            "sweep", "score", "frontier", "plot")
 
 
 def _help(capsys, *argv: str) -> str:

@@ -223,6 +223,22 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
                           "read back, the others run (the spec must be the saved one)")
     swp.set_defaults(func=handlers["sweep"])
 
+    frt = sub.add_parser("frontier", help="Thermodynamic K-FAC across device schedules: "
+                         "device time per step against the metric and the time to target",
+                         description="Trains Thermodynamic K-FAC on one workload across "
+                         "device schedules (one knob at a time around a default, and a 2-D "
+                         "grid), with digital K-FAC and a first-order optimizer as "
+                         "references, and writes frontier.json, frontier.md and "
+                         "frontier.png (the Pareto fronts) beside the sweep's files.")
+    frt.add_argument("spec", type=Path, help="frontier spec (JSON; see configs/frontier_*)")
+    _common(frt, "frontier")
+    frt.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help="override the spec's seeds")
+    frt.add_argument("--resume", action="store_true",
+                     help="continue the frontier saved in --out: runs with a result.json "
+                          "are read back, the others run (the spec must be the saved one)")
+    frt.set_defaults(func=handlers["frontier"])
+
     sc = sub.add_parser("score", help="each optimizer's time-to-target ratio to the best "
                         "baseline per workload and its performance-profile score "
                         "(AlgoPerf); or, with --pilot, the target a pilot sweep sets",

@@ -38,6 +38,8 @@ try:
     from .experiments import denormals
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
+    from .experiments.frontier import load_frontier_spec, run_frontier
+    from .experiments.frontier import table as frontier_table
     from .experiments.config import TrainConfig, unused_settings
     from .experiments.plan import plan
     from .experiments.processes import launch_value, resolve_device
@@ -236,6 +238,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"\nplot: {figures[0]}")
 
 
+def cmd_frontier(args: argparse.Namespace) -> None:
+    spec = load_frontier_spec(args.spec)
+    if args.seeds is not None:
+        spec["seeds"] = args.seeds
+    spec["base"] = {**spec["base"], "threads": args.threads}
+    denormals.request(spec["base"].get("flush_denormal", True))  # the runs' default
+    result = run_frontier(spec, args.out, progress=not args.no_progress, resume=args.resume)
+    (args.out / "frontier.md").write_text(frontier_table(result) + "\n")
+    figures = plots.plot_frontier(args.out)
+    print(frontier_table(result))
+    print(f"\nplot: {figures[0]}")
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     if args.pilot:
         if len(args.sweeps) != 1:
@@ -272,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "profile": cmd_profile, "scaling": cmd_scaling,
                            "quantize": cmd_quantize, "plan": cmd_plan,
                            "breakeven": cmd_breakeven, "sweep": cmd_sweep,
-                           "score": cmd_score, "plot": cmd_plot})
+                           "score": cmd_score, "frontier": cmd_frontier,
+                           "plot": cmd_plot})
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     once = OncePerCommand()

@@ -490,12 +490,72 @@ def plot_score(folder: Path) -> list[Path]:
     return _save(fig, Path(folder) / "score.png", dpi=120)
 
 
+def plot_frontier(folder: Path) -> list[Path]:
+    """``frontier.png``: device time per step (the ``target_error`` clock, log scale)
+    against the final validation metric (mean over seeds, bars to the seeds' range) and
+    against the time to target on the estimated clock, one colour per method, each
+    method's Pareto front as a line, digital K-FAC and the other references as
+    horizontal lines, the paper's RC point circled and the cheapest schedule within the
+    tolerance of digital K-FAC starred."""
+    result = json.loads((Path(folder) / "frontier.json").read_text())
+    metric, clock = result["metric"], result["axis_clock"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    points = [p for p in result["points"] if p["device_ms_per_step"]]
+    methods = sorted({p["method"] for p in points})
+    panels = (("metric_mean", f"final {metric.replace('_', ' ')} (mean over seeds)"),
+              ("time_to_target_s", "time to target, estimated clock (s, median)"))
+    for ax, (key, label) in zip(axes, panels):
+        for i, method in enumerate(methods):
+            color = colors[i % len(colors)]
+            mine = [p for p in points if p["method"] == method and p[key] is not None]
+            xs = [p["device_ms_per_step"][clock] for p in mine]
+            ys = [p[key] for p in mine]
+            if key == "metric_mean":
+                low = [p[key] - p["metric_min"] for p in mine]
+                high = [p["metric_max"] - p[key] for p in mine]
+                ax.errorbar(xs, ys, yerr=[low, high], fmt="o", color=color, ms=4,
+                            capsize=2, label=f"Method {'1' if method == 'inverse' else '2'}")
+            else:
+                ax.scatter(xs, ys, color=color, s=16,
+                           label=f"Method {'1' if method == 'inverse' else '2'}")
+            front_names = result["fronts"][method]["metric" if key == "metric_mean"
+                                                     else "time_to_target"]
+            front = sorted((p for p in mine if p["name"] in front_names),
+                           key=lambda p: p["device_ms_per_step"][clock])
+            ax.plot([p["device_ms_per_step"][clock] for p in front], [p[key] for p in front],
+                    color=color, linewidth=1.2)
+        for j, (name, ref) in enumerate(result["references"].items()):
+            if ref[key] is not None:
+                ax.axhline(ref[key], color="0.3", linestyle=("--", ":", "-.")[j % 3],
+                           linewidth=1, label=f"{name} ({ref['clock']} clock)")
+        for mark, style in ((result["paper_point"], {"s": 140, "facecolors": "none",
+                                                     "edgecolors": "k"}),
+                            (result["cheapest"], {"s": 160, "marker": "*", "color": "gold",
+                                                  "edgecolors": "k"})):
+            found = [p for p in points if p["name"] == mark and p[key] is not None]
+            for p in found:
+                ax.scatter([p["device_ms_per_step"][clock]], [p[key]], zorder=4, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("simulated device time per step (ms, burn-in + window of each solve)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(result["target"], color="tab:red", linewidth=0.8, alpha=0.6,
+                    label="target")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("\n".join(textwrap.wrap(
+        f"Thermodynamic K-FAC's accuracy–device-time frontier (circle: the paper's RC "
+        f"timing; star: the cheapest schedule within {result['tolerance']:g} of digital "
+        "K-FAC)", 110)), fontsize=10)
+    return _save(fig, Path(folder) / "frontier.png", dpi=120, rect=(0, 0, 1, 0.93))
+
+
 DRAWERS = {"breakeven.json": plot_breakeven, "sweep.json": plot_sweep,
            "profile_nproc.json": plot_profile_nproc,
            "compare.json": plot_compare, "steps.csv": plot_train,
            "profile.json": plot_profile, "scaling.json": plot_scaling,
            "quantize.json": plot_quantize, "plan.json": plot_plan,
-           "score.json": plot_score}
+           "score.json": plot_score, "frontier.json": plot_frontier}
 
 
 def redraw(folder: Path) -> list[Path]:

@@ -113,6 +113,11 @@ class TrainConfig:
     target_error: float = _opt(1e-3, "relative error the simulated device runs for "
                                "(sets its burn-in and averaging window)")
     t0_rc: float | None = _opt(None, "device burn-in in RC (none: from --target-error)")
+    warm_start: bool = _opt(False, "the device is not reset between solves: each starts "
+                            "from the previous one's end state")
+    mitigation_samples: int = _opt(1, "independent stochastic roundings of the matrix "
+                                   "averaged per solve (needs --input-bits and --quantizer "
+                                   "stochastic)")
     window_rc: float | None = _opt(None, "device averaging window in RC (none: from "
                                    "--target-error)")
     threads: int = _opt(2, "torch intra-op threads")
@@ -209,7 +214,7 @@ RANGES = {
     "window_rc": Range(0, 1e9, open_low=True), "threads": Range(1, 4096),
     "checkpoint_every": Range(0, 2**40), "stop_at": Range(-1e12, 1e12),
     "warmup_fraction": Range(0, 1, open_high=True),
-    "measure_solve_error_every": Range(0, 2**40),
+    "measure_solve_error_every": Range(0, 2**40), "mitigation_samples": Range(1, 4096),
     "precondition_frequency": Range(1, 2**40),
 }
 
@@ -220,7 +225,7 @@ _KFAC = ("solver", "method", "damping", "damping_split", "factor_decay",
          "factor_update_steps", "inv_update_steps", "kl_clip", "grafting",
          "start_preconditioning_step", "kfac_approx", "measure_solve_error_every")
 _THERMO = ("backend", "input_bits", "output_bits", "quantizer", "settle_model", "n_spus",
-           "target_error", "t0_rc", "window_rc")
+           "target_error", "t0_rc", "window_rc", "warm_start", "mitigation_samples")
 USED_WHEN = {
     **{name: ("--kfac", lambda c: c.kfac) for name in _KFAC},
     **{name: ("--kfac --solver thermodynamic",

@@ -52,7 +52,7 @@ from .compare import ACCOUNTING, SETTLE_CLOCKS, _clock
 from .config import read_input_text
 from .progress import each
 from .tasks import load_task
-from .train import Run, TrainConfig
+from .train import Run, TrainConfig, solve_error_summary
 
 CLOCKS = ("measured", *ACCOUNTING)
 
@@ -69,6 +69,18 @@ def load_spec(path: Path) -> dict[str, Any]:
         spec = json.loads(read_input_text(path, "sweep spec"))
     except json.JSONDecodeError as err:
         raise ValueError(f"sweep spec {path} is not JSON: {err}") from None
+    return check_spec(spec, path)
+
+
+def check_spec(spec: Any, path: Path | str) -> dict[str, Any]:
+    """Check a sweep spec read from ``path`` (named in the errors); see :func:`load_spec`.
+
+    Returns:
+        ``spec``.
+
+    Raises:
+        ValueError: As :func:`load_spec`.
+    """
     if not isinstance(spec, dict):
         raise ValueError(f"sweep spec {path} must be a JSON object")
     for key in ("target", "seeds", "base", "arms"):
@@ -203,6 +215,12 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> dict[str, Any]:
     kfac = {} if run.pre is None else {  # what was preconditioned, and every event
         "preconditioned": run.pre.layer_names,
         "stats": {k: v for k, v in run.pre.stats.items() if v and k != "kl_clip_scale"}}
+    if run.pre is not None and getattr(run.pre.solver, "hardware", None) is not None:
+        kfac["device_ms_per_step"] = {  # the modelled device time, mean over steps
+            model: 1e3 * statistics.fmean(s[key] for s in run.steps)
+            for model, (key, _) in SETTLE_CLOCKS.items()}
+    if solve_error_summary(run.steps):
+        kfac["solve_rel_error"] = solve_error_summary(run.steps)
     return {"batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, **reached,
             "estimated_by_settle": by_settle, "final": run.metrics[-1],
             "steps_run": run.step, "steps_budget": cfg.steps, "median_step_s": step_s,

@@ -51,7 +51,8 @@ def make_solver(cfg: TrainConfig):
     return ThermodynamicSolver(backend=cfg.backend, input_bits=cfg.input_bits,
                                output_bits=cfg.output_bits, quantizer=cfg.quantizer,
                                target_error=cfg.target_error, t0_rc=cfg.t0_rc,
-                               window_rc=cfg.window_rc, hardware=hardware)
+                               window_rc=cfg.window_rc, warm_start=cfg.warm_start,
+                               mitigation_samples=cfg.mitigation_samples, hardware=hardware)
 
 
 def make_preconditioner(cfg: TrainConfig, model: nn.Module, task: Task,
@@ -398,12 +399,9 @@ class Run:
                    "subnormals": self.subnormals,  # a str-Enum: its value in JSON
                    "final": final, "task": {"name": self.task.name, "kind": self.task.kind,
                                             "metric": self.task.metric}}
-        errors = [r["solve_rel_error"] for r in self.steps
-                  if _finite(r.get("solve_rel_error", math.nan))]
-        if errors:  # the largest error of each measured step, summarised
-            summary["solve_rel_error"] = {
-                "measured_steps": len(errors), "median": statistics.median(errors),
-                "max": max(errors), "last": errors[-1]}
+        errors = solve_error_summary(self.steps)
+        if errors:
+            summary["solve_rel_error"] = errors
         if self.pre is not None:
             summary["preconditioner"] = {"timing": self.pre.timing_summary(),
                                          "stats": dict(self.pre.stats),
@@ -412,6 +410,21 @@ class Run:
             with checkpoint_files.naming(self.out / "results.json"):
                 (self.out / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def solve_error_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The largest measured solve error of each measured step, summarised over a run's
+    step records (median, max, last, how many steps), with the median of each step's
+    largest predicted error where the solver predicts; empty when nothing was
+    measured."""
+    errors = [r["solve_rel_error"] for r in steps if _finite(r.get("solve_rel_error", math.nan))]
+    if not errors:
+        return {}
+    predicted = [max(e for b in r["predicted_solve_errors"].values() for e in b.values())
+                 for r in steps if any(r.get("predicted_solve_errors", {}).values())]
+    return {"measured_steps": len(errors), "median": statistics.median(errors),
+            "max": max(errors), "last": errors[-1],
+            "predicted_median": statistics.median(predicted) if predicted else None}
 
 
 def solve_error_rows(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,135 @@
+"""``thermokfac frontier``: the schedules a spec expands to, the Pareto front and the
+cheapest schedule (against hand-worked cases), and one small frontier run end to end —
+a looser device costs less device time per step and measures a larger solve error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from thermokfac.cli import main
+from thermokfac.experiments.frontier import frontier, load_frontier_spec, pareto, schedules
+
+
+def _spec(**extra):
+    spec = {"target": 0.5, "seeds": [0],
+            "base": {"model": "mlp", "data": "digits", "width": 16, "depth": 1,
+                     "batch_size": 64, "steps": 30, "eval_every": 10, "lr": 0.1,
+                     "optimizer": "sgd", "kfac": True, "solver": "thermodynamic",
+                     "method": "solve", "damping": 0.1, "settle_model": "target_error",
+                     "measure_solve_error_every": 5},
+            "default": {"target_error": 0.001},
+            "knobs": {"target_error": [0.3],
+                      "schedule": [{"t0_rc": 1.0, "window_rc": 0.001}]},
+            "grid": {"target_error": [0.3], "method": ["solve", "inverse"]},
+            "references": {"digital": {"solver": "cholesky"},
+                           "adam": {"kfac": False, "optimizer": "adam", "lr": 0.003}},
+            "paper_point": {"t0_rc": 1.0, "window_rc": 0.001}}
+    spec.update(extra)
+    return spec
+
+
+def test_a_spec_expands_to_one_knob_at_a_time_then_the_grid():
+    names = [s["name"] for s in schedules(_spec())]
+    # the grid's (0.3, solve) point is the target_error knob's: it runs once
+    assert names == ["default", "target_error=0.3", "t0_rc=1.0,window_rc=0.001",
+                     "grid:target_error=0.3,method=inverse"]
+    found = {s["name"]: s["set"] for s in schedules(_spec())}
+    assert found["t0_rc=1.0,window_rc=0.001"] == {"target_error": 0.001, "t0_rc": 1.0,
+                                                  "window_rc": 0.001}
+
+
+def _point(name, ms, metric, seconds=None, method="solve"):
+    return {"name": name, "device_ms_per_step": {"target_error": ms}, "metric_mean": metric,
+            "time_to_target_s": seconds, "method": method}
+
+
+def test_the_pareto_front_keeps_each_point_better_than_every_cheaper_one():
+    points = [_point("a", 1.0, 0.80), _point("b", 2.0, 0.85), _point("c", 3.0, 0.84),
+              _point("d", 4.0, 0.90), _point("e", 4.0, 0.70), _point("f", 0.5, 0.60)]
+    assert pareto(points, "metric_mean", lower_better=False) == ["f", "a", "b", "d"]
+    # lower is better (an RMSE): the cheapest point is best at once
+    assert pareto(points, "metric_mean", lower_better=True) == ["f"]
+    timed = [_point("a", 1.0, 0.8, None), _point("b", 2.0, 0.8, 9.0),
+             _point("c", 3.0, 0.8, 5.0), _point("d", 4.0, 0.8, 7.0)]
+    assert pareto(timed, "time_to_target_s", lower_better=True) == ["b", "c"]  # a missed
+
+
+def _run(final, curve_steps, device_ms, error=None):
+    curve = [{"step": s, "seconds": s * 0.1, "estimated_s": s * 0.2, "val_accuracy": v}
+             for s, v in curve_steps]
+    run = {"final": {"val_accuracy": final}, "curve": curve, "diverged": False,
+           "device_ms_per_step": {"rc": 0.01, "rc_over_alpha_min": 0.1,
+                                  "target_error": device_ms}}
+    if error is not None:
+        run["solve_rel_error"] = {"median": error, "predicted_median": error}
+    return run
+
+
+def test_the_cheapest_schedule_is_within_the_tolerance_and_the_step_slack():
+    spec = _spec(knobs={"target_error": [0.3, 0.1],
+                        "schedule": [{"t0_rc": 1.0, "window_rc": 0.001}]},
+                 grid={}, tolerance=0.01)
+    summary = {"metric": "val_accuracy", "runs": {
+        "default": [_run(0.90, [(10, 0.4), (20, 0.6)], 50.0, 1e-4)],
+        "target_error=0.3": [_run(0.85, [(10, 0.6)], 1.0, 0.1)],  # cheap, 5 points worse
+        "target_error=0.1": [_run(0.895, [(10, 0.3), (20, 0.55)], 5.0, 0.03)],
+        "t0_rc=1.0,window_rc=0.001": [_run(0.70, [(10, 0.2)], 0.5, 0.6)],
+        "reference:digital": [_run(0.90, [(10, 0.45), (20, 0.7)], 0.0)],
+        "reference:adam": [_run(0.88, [(10, 0.1), (20, 0.6)], 0.0)]}}
+    result = frontier(spec, summary)
+    by = {p["name"]: p for p in result["points"]}
+    assert by["target_error=0.3"]["steps_to_target"] == 10
+    assert by["target_error=0.3"]["time_to_target_s"] == pytest.approx(2.0)  # estimated
+    assert result["references"]["digital"]["time_to_target_s"] == pytest.approx(2.0)
+    # within 0.01 of 0.90 and at most 20·1.05 steps: 0.1 (5 ms) beats the default (50 ms)
+    assert result["cheapest"] == "target_error=0.1"
+    assert result["paper_point"] == "t0_rc=1.0,window_rc=0.001"
+    assert result["fronts"]["solve"]["metric"] == [
+        "t0_rc=1.0,window_rc=0.001", "target_error=0.3", "target_error=0.1", "default"]
+    assert result["knobs"]["target_error"]["metric_range"] == pytest.approx(0.05)
+    assert result["knobs"]["schedule"]["metric_range"] == pytest.approx(0.20)
+    assert result["moves_most"] == "schedule"
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"target": None}, "target is null"),
+    ({"base": {"model": "mlp", "kfac": True, "solver": "cholesky"}}, "Thermodynamic"),
+    ({"knobs": {"target_error": 0.3}}, "knobs.target_error"),
+    ({"tolerance": 0}, "tolerance=0"),
+    ({"colour": "red"}, "unknown keys"),
+    ({"knobs": {"target_error": [2.0]}}, "target_error"),  # the sweep's own checks
+])
+def test_a_bad_spec_is_refused_naming_the_entry(tmp_path, change, match):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(_spec(**change)))
+    with pytest.raises(ValueError, match=match):
+        load_frontier_spec(path)
+
+
+def test_a_small_frontier_runs_end_to_end_and_resumes(tmp_path, capsys):
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(_spec()))
+    out = tmp_path / "out"
+    assert main(["frontier", str(spec_path), "--out", str(out), "--no-progress",
+                 "--threads", "1"]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert (out / "frontier.png").stat().st_size > 0
+    assert "| default" in (out / "frontier.md").read_text()
+    by = {p["name"]: p for p in result["points"]}
+    loose, tight = by["target_error=0.3"], by["default"]
+    # a looser device: less device time per step, a larger measured solve error, which
+    # its own OU prediction tracks
+    assert loose["device_ms_per_step"]["target_error"] < \
+        tight["device_ms_per_step"]["target_error"]
+    assert loose["solve_rel_error"] > tight["solve_rel_error"]
+    assert 0.5 < loose["solve_rel_error"] / loose["predicted_rel_error"] < 2.0
+    assert by["grid:target_error=0.3,method=inverse"]["method"] == "inverse"
+    assert set(result["references"]) == {"digital", "adam"}
+    assert result["paper_point"] == "t0_rc=1.0,window_rc=0.001"
+    mtimes = {p: p.stat().st_mtime for p in out.rglob("result.json")}
+    assert len(mtimes) == 6  # 4 schedules + 2 references, one seed
+    assert main(["frontier", str(spec_path), "--out", str(out), "--no-progress",
+                 "--threads", "1", "--resume"]) == 0
+    assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == mtimes
