@@ -133,3 +133,64 @@ def test_a_small_frontier_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(["frontier", str(spec_path), "--out", str(out), "--no-progress",
                  "--threads", "1", "--resume"]) == 0
     assert {p: p.stat().st_mtime for p in out.rglob("result.json")} == mtimes
+
+
+# ------------------------------------------------ the break-even map at that device
+def _frontier_file(tmp_path, cheapest, **extra):
+    result = {"metric": "val_accuracy", "tolerance": 0.01, "steps_slack": 0.05,
+              "cheapest_by_method": {"solve": cheapest, "inverse": None},
+              "points": [{"name": "target_error=0.3", "set": {"target_error": 0.3},
+                          "device_ms_per_step": {"target_error": 0.4},
+                          "metric_mean": 0.5}], **extra}
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_the_tolerated_schedule_is_read_from_a_frontier(tmp_path):
+    from thermokfac.experiments.frontier import tolerated_schedule
+
+    path = _frontier_file(tmp_path, "target_error=0.3")
+    found = tolerated_schedule(tmp_path)  # the folder finds its frontier.json
+    assert found["name"] == "target_error=0.3" and found["set"] == {"target_error": 0.3}
+    assert found["source"] == str(path)
+    with pytest.raises(ValueError, match="no Method 1 schedule came within 0.01"):
+        tolerated_schedule(path, method="inverse")
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a frontier's result"):
+        tolerated_schedule(tmp_path / "other.json")
+
+
+def test_breakeven_refuses_a_schedule_that_changes_more_than_the_device():
+    from thermokfac.experiments.breakeven import device_settings
+
+    assert device_settings({"name": "x", "set": {"target_error": 0.3, "method": "solve",
+                                                 "warm_start": True}}) == \
+        {"target_error": 0.3, "warm_start": True}
+    with pytest.raises(ValueError, match="inv_update_steps=5"):
+        device_settings({"name": "x", "set": {"inv_update_steps": 5}})
+    with pytest.raises(ValueError, match="method='inverse'"):
+        device_settings({"name": "x", "set": {"method": "inverse"}})
+
+
+def test_breakeven_maps_the_tolerated_device_beside_the_default_one(tmp_path):
+    _frontier_file(tmp_path, "target_error=0.3")
+    out = tmp_path / "be"
+    assert main(["breakeven", "--data", "digits", "--width", "32", "--depth", "1",
+                 "--batch-size", "64", "--steps", "6", "--inv-update-steps", "5",
+                 "--out", str(out), "--no-progress", "--schedule-from",
+                 str(tmp_path / "frontier.json")]) == 0
+    result = json.loads((out / "breakeven.json").read_text())
+    scheduled = result["schedule"]
+    assert scheduled["name"] == "target_error=0.3"
+    # a 0.3 target error needs a shorter burn-in and window than the default 1e-3 ...
+    for loose, tight in zip(scheduled["banks"], result["banks"]):
+        assert (loose["layer"], loose["factor"]) == (tight["layer"], tight["factor"])
+        assert loose["t0_rc"] + loose["window_rc"] < tight["t0_rc"] + tight["window_rc"]
+    # ... so its target_error clock is faster; the RC clocks do not read t₀ and T
+    at, tolerated = result["speedup_at_paper_point"], scheduled["speedup_at_paper_point"]
+    assert tolerated["target_error"] > at["target_error"]
+    assert tolerated["rc"] == pytest.approx(at["rc"])
+    extra = [p for p in result["panels"] if "tolerated" in p["settle_model"]]
+    assert [p["bits"] for p in extra] == [8, 16]
+    assert (out / "breakeven.png").exists()

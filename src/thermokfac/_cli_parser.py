@@ -209,6 +209,10 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
                          "model and bits, from two short training runs")
     _add_train_options(brk, "breakeven")
     _common(brk, "breakeven")
+    brk.add_argument("--schedule-from", type=Path, default=None,
+                     help="a frontier's frontier.json (or its folder): also map the "
+                          "cheapest Method 2 device schedule within its tolerance of "
+                          "digital K-FAC — the device time training tolerates")
     brk.set_defaults(model="mlp", data="fashion-mnist", width=512, depth=2, batch_size=512,
                      steps=31, optimizer="sgd", lr=0.1, damping=0.01, func=handlers["breakeven"])
 

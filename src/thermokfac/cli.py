@@ -38,9 +38,9 @@ try:
     from .experiments import denormals
     from .experiments.breakeven import breakeven
     from .experiments.compare import compare, table
-    from .experiments.frontier import load_frontier_spec, run_frontier
-    from .experiments.frontier import table as frontier_table
     from .experiments.config import TrainConfig, unused_settings
+    from .experiments.frontier import load_frontier_spec, run_frontier, tolerated_schedule
+    from .experiments.frontier import table as frontier_table
     from .experiments.plan import plan
     from .experiments.processes import launch_value, resolve_device
     from .experiments.profile import profile
@@ -206,7 +206,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_breakeven(args: argparse.Namespace) -> None:
-    result = breakeven(_config(args), args.out, progress=not args.no_progress)
+    schedule = tolerated_schedule(args.schedule_from) if args.schedule_from else None
+    result = breakeven(_config(args), args.out, progress=not args.no_progress,
+                       schedule=schedule)
     figures = plots.plot_breakeven(args.out)
     print(f"digital K-FAC step {1e3 * result['digital_step_s']:.1f} ms, of which the device "
           f"would take over {100 * result['taken_over_share']:.1f}%")
@@ -214,6 +216,10 @@ def cmd_breakeven(args: argparse.Namespace) -> None:
     print("|---|---:|")
     for model, value in result["speedup_at_paper_point"].items():
         print(f"| {model} | {value:.3g} |")
+    if result["schedule"] is not None:
+        value = result["schedule"]["speedup_at_paper_point"]["target_error"]
+        print(f"| target_error, the tolerated device ({result['schedule']['name']}) | "
+              f"{value:.3g} |")
     print(f"plot: {figures[0]}")
 
 

@@ -19,6 +19,13 @@ speed-up digital step / device step is mapped over RC (0.01–10 µs) × link ba
 and 8 and 16 bits, with the break-even contour (speed-up = 1) and the paper's point
 (RC = 1 µs, 50 Gb/s, 16 bits). Measured parts come from this machine; the device part
 is a model (App. E).
+
+With a ``schedule`` — the cheapest device a frontier found training to tolerate
+(``--schedule-from results/frontier_mlp/frontier.json``, :func:`.frontier.tolerated_schedule`)
+— a third run simulates that device, and the ``target_error`` settle model's maps are
+drawn once more for its burn-in and window: the device time training actually needs,
+beside that of the 10⁻³ target error. (The ``rc`` and ``rc_over_alpha_min`` clocks do not
+depend on t₀ and T.)
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..solvers import HardwareModel, SettleModel
+from .config import _THERMO
 from .train import Run, TrainConfig
 
 RCS_US = np.logspace(-2, 1, 25)
@@ -73,14 +81,65 @@ def device_step_s(banks: list[dict[str, float]], hw: HardwareModel,
     return hw.step_time(jobs)
 
 
-def breakeven(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+def device_settings(schedule: dict[str, Any]) -> dict[str, Any]:
+    """The device fields of a frontier schedule's settings (:data:`.config._THERMO`).
+
+    Raises:
+        ValueError: The schedule also sets something that is not the device's (a prepare
+            interval, Method 1), which would change the digital run it is compared with.
+    """
+    other = {k: v for k, v in schedule["set"].items()
+             if k not in _THERMO and not (k == "method" and v == "solve")}
+    if other:
+        listed = ", ".join(f"{k}={v!r}" for k, v in other.items())
+        raise ValueError(f"schedule {schedule['name']!r} also sets {listed}, which is not the "
+                         "device's: breakeven compares Method 2 steps at the command's own "
+                         "K-FAC settings (give them as options instead)")
+    return {k: v for k, v in schedule["set"].items() if k in _THERMO}
+
+
+def _panels(banks: list[dict[str, float]], models: list[SettleModel], n_spus: int,
+            inv_update_steps: int, step_s: float, taken_s: float, label: str = ""
+            ) -> list[dict[str, Any]]:
+    panels = []
+    for model in models:
+        for bits in BITS:
+            grid = [[step_s / (step_s - taken_s + device_step_s(
+                banks, HardwareModel(rc_s=rc * 1e-6, link_gbps=link, input_bits=bits,
+                                     output_bits=bits, n_spus=n_spus, shared_link=False,
+                                     settle_model=model), inv_update_steps))
+                     for rc in RCS_US] for link in LINKS_GBPS]
+            panels.append({"settle_model": model.value + label, "bits": bits,
+                           "speedup": grid})
+    return panels
+
+
+def _at_paper(banks: list[dict[str, float]], n_spus: int, inv_update_steps: int,
+              step_s: float, taken_s: float) -> dict[str, float]:
+    return {m.value: step_s / (step_s - taken_s + device_step_s(
+        banks, HardwareModel(rc_s=PAPER["rc_us"] * 1e-6, link_gbps=PAPER["link_gbps"],
+                             n_spus=n_spus, shared_link=False, settle_model=m),
+        inv_update_steps)) for m in SettleModel}
+
+
+def breakeven(cfg: TrainConfig, out: Path, progress: bool = True,
+              schedule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run both short trainings (``cfg.steps`` steps each) into ``out`` and write
     ``breakeven.json``; the device has ``cfg.n_spus`` SPUs, one link each.
 
+    Args:
+        cfg: The workload and K-FAC settings (Method 2 is used).
+        out: The run folder.
+        progress: Show progress.
+        schedule: A frontier's tolerated schedule (:func:`.frontier.tolerated_schedule`):
+            a third run simulates it and its ``target_error`` maps are added.
+
     Raises:
         ValueError: If ``cfg.steps`` is smaller than ``inv_update_steps`` + 1 (no
-            prepare after the first step to amortise).
+            prepare after the first step to amortise), or ``schedule`` sets more than
+            the device (:func:`device_settings`).
     """
+    device = device_settings(schedule) if schedule is not None else None
     steps, n_spus = cfg.steps, cfg.n_spus
     if steps <= cfg.inv_update_steps:
         raise ValueError(f"steps={steps} must exceed inv_update_steps="
@@ -99,25 +158,27 @@ def breakeven(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, A
     step_s = statistics.fmean(s["wall_s"] for s in measured)
     taken_s = statistics.fmean(s["inversion_s"] + s["solve_s"] for s in measured)
     banks = solve_banks(thermo)
-    panels = []
-    for model in SettleModel:
-        for bits in BITS:
-            grid = [[step_s / (step_s - taken_s + device_step_s(
-                banks, HardwareModel(rc_s=rc * 1e-6, link_gbps=link, input_bits=bits,
-                                     output_bits=bits, n_spus=n_spus, shared_link=False,
-                                     settle_model=model), cfg.inv_update_steps))
-                     for rc in RCS_US] for link in LINKS_GBPS]
-            panels.append({"settle_model": model.value, "bits": bits, "speedup": grid})
-    paper = {m.value: step_s / (step_s - taken_s + device_step_s(
-        banks, HardwareModel(rc_s=PAPER["rc_us"] * 1e-6, link_gbps=PAPER["link_gbps"],
-                             n_spus=n_spus, shared_link=False, settle_model=m),
-        cfg.inv_update_steps)) for m in SettleModel}
+    args = (cfg.n_spus, cfg.inv_update_steps, step_s, taken_s)
+    panels = _panels(banks, list(SettleModel), *args)
+    paper = _at_paper(banks, *args)
+    scheduled = None
+    if schedule is not None and device is not None:
+        run = Run(replace(base, solver="thermodynamic", **device),
+                  out / "thermodynamic_schedule")
+        run.train(progress=progress, checkpoint=False,
+                  label=f"breakeven: the tolerated device ({schedule['name']})")
+        tolerated = solve_banks(run)
+        panels += _panels(tolerated, [SettleModel.TARGET_ERROR], *args,
+                          label=f", tolerated: {schedule['name']}")
+        scheduled = {**schedule, "set": device, "banks": tolerated,
+                     "speedup_at_paper_point": _at_paper(tolerated, *args)}
     result = {"model": cfg.model, "data": cfg.data, "batch": cfg.batch_size,
               "steps": steps, "inv_update_steps": cfg.inv_update_steps, "n_spus": n_spus,
               "digital_step_s": step_s, "taken_over_s": taken_s,
               "taken_over_share": taken_s / step_s, "banks": banks,
               "rcs_us": RCS_US.tolist(), "links_gbps": LINKS_GBPS.tolist(),
               "panels": panels, "paper_point": PAPER, "speedup_at_paper_point": paper,
+              "schedule": scheduled,
               "load_average_before": list(load_before),
               "load_average_after": list(os.getloadavg()),
               "note": "speed-up = measured digital K-FAC step / (measured step − prepares "

@@ -72,7 +72,8 @@ def schedules(spec: dict[str, Any]) -> list[dict[str, Any]]:
         over ``base`` (the default's included).
     """
     default = dict(spec.get("default", {}))
-    found = [{"name": "default", "set": default, "knob": None, "value": None, "grid": False}]
+    found: list[dict[str, Any]] = [
+        {"name": "default", "set": default, "knob": None, "value": None, "grid": False}]
     for knob, values in spec.get("knobs", {}).items():
         for value in values:
             change = dict(value) if knob == "schedule" else {knob: value}
@@ -224,7 +225,7 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"target", "metric", "points", "references", "fronts", "knobs", "cheapest",
-        "paper_point", ...}`` (``frontier.json``).
+        "cheapest_by_method", "paper_point", ...}`` (``frontier.json``).
     """
     metric, target = summary["metric"], spec["target"]
     lower = lower_is_better(metric)
@@ -253,7 +254,7 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
                        "points": [p["name"] for p in members]}
     tolerance = float(spec.get("tolerance", 0.01))
     digital = references.get("digital")
-    cheapest = None
+    fit: list[dict[str, Any]] = []
     if digital is not None:
         def close(p: dict[str, Any]) -> bool:  # within the tolerance, or better
             gap = p["metric_mean"] - digital["metric_mean"]
@@ -264,8 +265,13 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
             limit = digital["steps_to_target"] * (1 + STEPS_SLACK)
             fit = [p for p in fit if p["steps_to_target"] is not None
                    and p["steps_to_target"] <= limit]
-        if fit:
-            cheapest = min(fit, key=lambda p: p["device_ms_per_step"][AXIS_CLOCK])["name"]
+
+    def cheapest_of(candidates: list[dict[str, Any]]) -> str | None:
+        return min(candidates, key=lambda p: p["device_ms_per_step"][AXIS_CLOCK])["name"] \
+            if candidates else None
+
+    cheapest = cheapest_of(fit)
+    by_method = {m: cheapest_of([p for p in fit if p["method"] == m]) for m in methods}
     paper = spec.get("paper_point")
     marked = next((p["name"] for p in points if paper is not None
                    and all(p["set"].get(k) == v for k, v in paper.items())), None)
@@ -275,7 +281,7 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
             "fronts": fronts, "knobs": knobs,
             "moves_most": max(knobs, key=lambda k: knobs[k]["metric_range"]) if knobs
             else None,
-            "cheapest": cheapest, "paper_point": marked,
+            "cheapest": cheapest, "cheapest_by_method": by_method, "paper_point": marked,
             "load_average_before": summary.get("load_average_before"),
             "load_average_after": summary.get("load_average_after")}
 
@@ -326,3 +332,37 @@ def table(result: dict[str, Any]) -> str:
                  f"digital K-FAC: {result['cheapest']}; knob that moves the metric most: "
                  f"{result['moves_most']})")
     return "\n".join(lines)
+
+
+def tolerated_schedule(path: Path, method: str = "solve") -> dict[str, Any]:
+    """The cheapest schedule of a finished frontier for ``method`` (``frontier.json``):
+    the device that training tolerates, for ``breakeven --schedule-from``.
+
+    Returns:
+        ``{"source", "name", "set", "device_ms_per_step", "metric_mean"}``.
+
+    Raises:
+        FileNotFoundError: ``path`` (or ``path``/frontier.json) does not exist.
+        ValueError: It is not a frontier's result, or no ``method`` schedule came within
+            its tolerance of digital K-FAC.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "frontier.json"
+    try:
+        result = json.loads(read_input_text(path, "frontier result"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+    if not isinstance(result, dict) or "cheapest_by_method" not in result:
+        raise ValueError(f"{path} is not a frontier's result (no cheapest_by_method; "
+                         "written by thermokfac frontier)")
+    name = result["cheapest_by_method"].get(method)
+    if name is None:
+        raise ValueError(f"{path}: no Method {'1' if method == 'inverse' else '2'} schedule "
+                         f"came within {result['tolerance']:g} of digital K-FAC's "
+                         f"{result['metric']} (with its steps to target within "
+                         f"{100 * result['steps_slack']:g}%)")
+    point = next(p for p in result["points"] if p["name"] == name)
+    return {"source": str(path), "name": name, "set": point["set"],
+            "device_ms_per_step": point["device_ms_per_step"],
+            "metric_mean": point["metric_mean"]}
