@@ -112,6 +112,38 @@ def test_matrix_view_muon_refuses_what_it_cannot_step():
         opt.step()
 
 
+def test_matrix_view_muon_takes_a_closure_and_shows_its_gradients_to_the_groups():
+    torch.manual_seed(0)
+    target = torch.randn(4, 2, 3, 3)
+    kernel = nn.Parameter(torch.randn(4, 2, 3, 3))
+    matrix = nn.Parameter(kernel.detach().clone().reshape(4, 18))  # the reference
+    ours, ref = MatrixViewMuon([kernel], lr=0.05), torch.optim.Muon([matrix], lr=0.05)
+
+    def closure(param, opt, shape):
+        def run():
+            opt.zero_grad()
+            loss = ((param.reshape(shape) - target.reshape(shape)) ** 2).sum()
+            loss.backward()
+            return loss
+        return run
+
+    for _ in range(3):  # the closure recomputes the gradients before the step uses them
+        ours.step(closure(kernel, ours, (4, 2, 3, 3)))
+        ref.step(closure(matrix, ref, (4, 18)))
+    torch.testing.assert_close(kernel.detach().reshape(4, 18), matrix.detach(),
+                               rtol=0, atol=0)
+    # after a backward the groups hold the kernel's gradient (same memory): clipping
+    # over them (or a GradScaler's unscaling) reaches the kernel
+    ours.zero_grad()
+    ((kernel - target) ** 2).sum().backward()
+    grouped = ours.param_groups[0]["params"][0].grad
+    assert grouped is not None and grouped.data_ptr() == kernel.grad.data_ptr()
+    before = kernel.grad.norm()
+    torch.nn.utils.clip_grad_norm_([p for g in ours.param_groups for p in g["params"]],
+                                   max_norm=float(before) / 2)
+    assert float(kernel.grad.norm()) == pytest.approx(float(before) / 2, rel=1e-4)
+
+
 def test_muon_conv_kernels_is_a_setting_of_muon_only():
     cfg = TrainConfig(optimizer="adamw", muon_conv_kernels=True)
     assert "muon-conv-kernels" in unused_settings(cfg, {"muon_conv_kernels"})

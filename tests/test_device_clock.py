@@ -146,6 +146,10 @@ def test_device_step_is_the_hand_count():
                            ("target_error", 12e-6)):
         hw = HardwareModel(n_spus=1, shared_link=False, settle_model=model)
         assert device_step_s([bank], hw, 10) == pytest.approx(transfer + compute, rel=1e-12)
+    hw = HardwareModel(n_spus=1, shared_link=False)  # mitigation: 3 programs, 3 reads
+    reads = 3 * (2 * (12 * 16 / link) + 1e-6)
+    assert device_step_s([{**bank, "reads": 3, "programs": 3}], hw, 10) == pytest.approx(
+        3 * (16 * 16 / link) / 10 + reads, rel=1e-12)
     two = HardwareModel(n_spus=2, shared_link=False)  # two banks on two SPUs: in parallel
     assert device_step_s([bank, bank], two, 10) == pytest.approx(
         device_step_s([bank], two, 10), rel=1e-12)

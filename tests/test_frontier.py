@@ -100,12 +100,57 @@ def test_the_cheapest_schedule_is_within_the_tolerance_and_the_step_slack():
     ({"tolerance": 0}, "tolerance=0"),
     ({"colour": "red"}, "unknown keys"),
     ({"knobs": {"target_error": [2.0]}}, "target_error"),  # the sweep's own checks
+    ({"target": "0.88"}, "target='0.88'"),
+    ({"target": True}, "target=True"),
+    ({"paper_point": [1.0, 0.001]}, "paper_point must be an object"),
+    ({"paper_point": {"t0": 1.0}}, "unknown settings"),
+    ({"knobs": {"schedule": [0.3]}}, "schedule knob"),
+    ({"knobs": {"batch_size": [32]}}, "batch_size"),  # a run setting: base only
+    ({"grid": {"lr": [0.1, 0.3]}}, "lr"),
+    ({"knobs": {"schedule": [{"seed": 3}]}}, "seed"),
 ])
 def test_a_bad_spec_is_refused_naming_the_entry(tmp_path, change, match):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(_spec(**change)))
     with pytest.raises(ValueError, match=match):
         load_frontier_spec(path)
+
+
+def test_a_schedule_with_a_diverged_seed_is_neither_on_a_front_nor_the_cheapest():
+    spec = _spec(knobs={"target_error": [0.3]}, grid={})
+    diverged = _run(0.90, [(10, 0.6)], 1.0, 0.1)
+    diverged["diverged"] = True  # its last evaluation before the NaN looked fine
+    summary = {"metric": "val_accuracy", "runs": {
+        "default": [_run(0.90, [(10, 0.6)], 50.0, 1e-4)],
+        "target_error=0.3": [diverged],
+        "reference:digital": [_run(0.90, [(10, 0.6)], 0.0)],
+        "reference:adam": [_run(0.80, [(20, 0.6)], 0.0)]}}
+    result = frontier(spec, summary)
+    assert result["cheapest"] == "default"
+    assert "target_error=0.3" not in result["fronts"]["solve"]["metric"]
+
+
+def test_the_tolerated_device_changes_only_the_device(tmp_path):
+    from thermokfac.experiments.frontier import tolerated_schedule
+
+    spec = _spec(knobs={"target_error": [0.3], "inv_update_steps": [20]}, grid={})
+    summary = {"metric": "val_accuracy", "runs": {
+        "default": [_run(0.90, [(10, 0.6)], 50.0, 1e-4)],
+        "target_error=0.3": [_run(0.90, [(10, 0.6)], 5.0, 0.1)],
+        "inv_update_steps=20": [_run(0.90, [(10, 0.6)], 1.0, 0.1)],  # cheaper, not a device
+        "reference:digital": [_run(0.90, [(10, 0.6)], 0.0)],
+        "reference:adam": [_run(0.80, [(20, 0.6)], 0.0)]}}
+    result = frontier(spec, summary)
+    assert result["cheapest"] == "inv_update_steps=20"
+    assert result["cheapest_device_by_method"]["solve"] == "target_error=0.3"
+    (tmp_path / "frontier.json").write_text(json.dumps(result))
+    found = tolerated_schedule(tmp_path)
+    assert found["name"] == "target_error=0.3"
+    # over the base's device settings (its settle model here)
+    assert found["set"] == {"settle_model": "target_error", "target_error": 0.3}
+    (tmp_path / "frontier.json").write_text(json.dumps({**result, "has_digital": False}))
+    with pytest.raises(ValueError, match="no 'digital' reference"):
+        tolerated_schedule(tmp_path)
 
 
 def test_a_small_frontier_runs_end_to_end_and_resumes(tmp_path, capsys):
@@ -138,7 +183,7 @@ def test_a_small_frontier_runs_end_to_end_and_resumes(tmp_path, capsys):
 # ------------------------------------------------ the break-even map at that device
 def _frontier_file(tmp_path, cheapest, **extra):
     result = {"metric": "val_accuracy", "tolerance": 0.01, "steps_slack": 0.05,
-              "cheapest_by_method": {"solve": cheapest, "inverse": None},
+              "cheapest_device_by_method": {"solve": cheapest, "inverse": None},
               "points": [{"name": "target_error=0.3", "set": {"target_error": 0.3},
                           "device_ms_per_step": {"target_error": 0.4},
                           "metric_mean": 0.5}], **extra}
@@ -154,7 +199,7 @@ def test_the_tolerated_schedule_is_read_from_a_frontier(tmp_path):
     found = tolerated_schedule(tmp_path)  # the folder finds its frontier.json
     assert found["name"] == "target_error=0.3" and found["set"] == {"target_error": 0.3}
     assert found["source"] == str(path)
-    with pytest.raises(ValueError, match="no Method 1 schedule came within 0.01"):
+    with pytest.raises(ValueError, match="no Method 1 schedule that changes only the device"):
         tolerated_schedule(path, method="inverse")
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a frontier's result"):

@@ -227,6 +227,22 @@ def test_a_digital_solver_predicts_nothing_and_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="size 20"):
         solver.predict_error(prepared, damped[:5, :5], torch.ones(20, 2))
     assert solver.predict_error(prepared, damped, torch.zeros(20, 2)) == 0.0
+    # the Euler–Maruyama integrator's own step error is not modelled: no prediction
+    em = ThermodynamicSolver(target_error=0.1, backend="euler-maruyama")
+    assert em.predict_error(em.prepare(factor.float(), 0.05), damped, torch.ones(20, 2)) \
+        is None
+
+
+def test_a_run_summary_predicts_only_where_every_measured_solve_was_predicted():
+    from thermokfac.experiments.train import solve_error_summary
+
+    full = [{"solve_rel_error": 0.2, "solve_errors": {"x": {"a": 0.2, "g": 0.1}},
+             "predicted_solve_errors": {"x": {"a": 0.19, "g": 0.1}}}]
+    assert solve_error_summary(full)["predicted_median"] == pytest.approx(0.19)
+    part = [{"solve_rel_error": 0.2, "solve_errors": {"x": {"a": 0.2, "g": 0.1}},
+             "predicted_solve_errors": {"x": {"g": 0.1}}}]  # A's solve not predicted
+    assert solve_error_summary(part)["predicted_median"] is None
+    assert solve_error_summary([{"solve_rel_error": math.nan}]) == {}
 
 
 @pytest.mark.parametrize("settings", [{"target_error": 0.3},

@@ -51,8 +51,10 @@ PAPER = {"rc_us": 1.0, "link_gbps": 50.0, "bits": 16}
 
 
 def solve_banks(run: Run) -> list[dict[str, float]]:
-    """Per Method 2 solve bank of every layer: its dimension n, right-hand sides k, and
-    the α_min, t₀ and window T (RC units) of the device matrix the simulation used."""
+    """Per Method 2 solve bank of every layer: its dimension n, right-hand sides k, the
+    α_min, t₀ and window T (RC units) of the device matrix the simulation used, and the
+    device reads per solve and matrices programmed per prepare (mitigation, the ADC's
+    calibration read)."""
     banks = []
     for name, block in run.pre.blocks.items():
         helper = block.helper
@@ -64,19 +66,24 @@ def solve_banks(run: Run) -> list[dict[str, float]]:
             sched = run.pre.solver.schedule(prep)
             banks.append({"layer": name, "factor": which, "n": prep.n, "k": k,
                           "alpha_min": float(t["alpha_min"]), "t0_rc": sched.t0,
-                          "window_rc": sched.duration})
+                          "window_rc": sched.duration,
+                          "reads": run.pre.solver.reads_per_solve,
+                          "programs": run.pre.solver.programs_per_prepare})
     return banks
 
 
 def device_step_s(banks: list[dict[str, float]], hw: HardwareModel,
                   inv_update_steps: int) -> float:
-    """Modelled device seconds per step: every factor programmed once per
-    ``inv_update_steps`` (amortised) and solved once per step."""
+    """Modelled device seconds per step: every factor programmed (``programs`` times)
+    once per ``inv_update_steps`` (amortised) and solved once per step (``reads`` device
+    reads)."""
     jobs = []
     for bank in banks:
-        program = hw.time_program(int(bank["n"])).scaled(1 / inv_update_steps)
+        program = hw.time_program(int(bank["n"])).scaled(
+            bank.get("programs", 1) / inv_update_steps)
         solve = hw.time_solve(int(bank["n"]), int(bank["k"]), alpha_min=bank["alpha_min"],
-                              t0_rc=bank["t0_rc"], window_rc=bank["window_rc"])
+                              t0_rc=bank["t0_rc"], window_rc=bank["window_rc"]
+                              ).scaled(bank.get("reads", 1))
         jobs.append(program + solve)
     return hw.step_time(jobs)
 

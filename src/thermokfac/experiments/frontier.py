@@ -41,10 +41,11 @@ import itertools
 import json
 import math
 import statistics
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import read_input_text
+from .config import _THERMO, read_input_text
 from .score import lower_is_better
 from .sweep import check_spec, sweep
 from .train import TrainConfig
@@ -56,6 +57,8 @@ SPEC_KEYS = {"description", "target", "seeds", "base", "default", "knobs", "grid
 AXIS_CLOCK = "target_error"
 #: Steps to target may exceed digital K-FAC's by this fraction for the cheapest schedule.
 STEPS_SLACK = 0.05
+#: Settings a frontier's schedules may not vary: the sweep sets them per run.
+RUN_SETTINGS = {"lr", "batch_size", "seed", "stop_at"}
 
 
 def _name(settings: dict[str, Any]) -> str:
@@ -135,9 +138,37 @@ def load_frontier_spec(path: Path) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"frontier spec {path} has unknown keys {unknown}; valid: "
                          f"{sorted(SPEC_KEYS)}")
-    if spec["target"] is None:
+    target = spec["target"]
+    if target is None:
         raise ValueError(f"frontier spec {path}: target is null; a frontier needs the "
                          "workload's target (time to target is one of its axes)")
+    if isinstance(target, bool) or not isinstance(target, int | float) \
+            or not math.isfinite(target):
+        raise ValueError(f"frontier spec {path}: target={target!r} must be a finite number")
+    settings = {f.name for f in fields(TrainConfig)}
+    for key in ("knobs", "grid", "default", "paper_point"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise ValueError(f"frontier spec {path}: {key} must be an object "
+                             f"{{setting: ...}}, got {spec[key]!r}")
+    for key, table in (("default", spec.get("default", {})),
+                       ("paper_point", spec.get("paper_point", {}))):
+        unknown_settings = sorted(set(table) - settings)
+        if unknown_settings:
+            raise ValueError(f"frontier spec {path}: {key} names unknown settings "
+                             f"{unknown_settings}")
+    for value in spec.get("knobs", {}).get("schedule", []):
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"frontier spec {path}: every value of the schedule knob must "
+                             f"be an object of settings, got {value!r}")
+    for key in ("knobs", "grid", "default"):
+        table = spec.get(key, {})
+        varied = set(table) | {k for v in table.get("schedule", []) if isinstance(v, dict)
+                               for k in v} if key == "knobs" else set(table)
+        fixed = sorted(varied & RUN_SETTINGS)
+        if fixed:
+            raise ValueError(f"frontier spec {path}: {key} sets {fixed}, which every run "
+                             "of a frontier shares (set them in base; the learning rate "
+                             "with base.lr)")
     base = spec["base"]
     if not (base.get("kfac") and base.get("solver") == "thermodynamic"):
         raise ValueError(f"frontier spec {path}: base must train Thermodynamic K-FAC "
@@ -153,6 +184,12 @@ def load_frontier_spec(path: Path) -> dict[str, Any]:
                          "positive number (metric units)")
     check_spec(to_sweep(spec), path)  # the sweep's own checks: settings, lrs, names
     return spec
+
+
+def device_only_set(settings: dict[str, Any]) -> bool:
+    """Whether a schedule's settings change only the device (a Method 2 schedule's
+    explicit ``method`` included): one a break-even map can price."""
+    return all(k in _THERMO or (k == "method" and v == "solve") for k, v in settings.items())
 
 
 def _first_reaching(curve: list[dict[str, Any]], metric: str, target: float,
@@ -202,9 +239,10 @@ def _point(name: str, runs: list[dict[str, Any]], metric: str, target: float,
 def pareto(points: list[dict[str, Any]], value: str, lower_better: bool) -> list[str]:
     """Names of the points on the front of device time per step (the ``target_error``
     clock, less is better) against ``value`` (a point key; ``None`` values, such as a
-    missed target, are never on it): each is strictly better in ``value`` than every
-    point at most as costly."""
-    usable = [p for p in points if p["device_ms_per_step"] and p[value] is not None]
+    missed target, and points with a diverged seed are never on it): each is strictly
+    better in ``value`` than every point at most as costly."""
+    usable = [p for p in points if p["device_ms_per_step"] and p[value] is not None
+              and not p.get("diverged")]
     usable.sort(key=lambda p: (p["device_ms_per_step"][AXIS_CLOCK],
                                p[value] if lower_better else -p[value]))
     front, best = [], math.inf
@@ -260,7 +298,8 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
             gap = p["metric_mean"] - digital["metric_mean"]
             return abs(gap) <= tolerance or (gap < 0 if lower else gap > 0)
 
-        fit = [p for p in points if p["device_ms_per_step"] and close(p)]
+        fit = [p for p in points if p["device_ms_per_step"] and not p["diverged"]
+               and close(p)]
         if digital["steps_to_target"] is not None:
             limit = digital["steps_to_target"] * (1 + STEPS_SLACK)
             fit = [p for p in fit if p["steps_to_target"] is not None
@@ -272,6 +311,8 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
 
     cheapest = cheapest_of(fit)
     by_method = {m: cheapest_of([p for p in fit if p["method"] == m]) for m in methods}
+    device_only = {m: cheapest_of([p for p in fit if p["method"] == m and device_only_set(
+        p["set"])]) for m in methods}
     paper = spec.get("paper_point")
     marked = next((p["name"] for p in points if paper is not None
                    and all(p["set"].get(k) == v for k, v in paper.items())), None)
@@ -281,7 +322,10 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
             "fronts": fronts, "knobs": knobs,
             "moves_most": max(knobs, key=lambda k: knobs[k]["metric_range"]) if knobs
             else None,
-            "cheapest": cheapest, "cheapest_by_method": by_method, "paper_point": marked,
+            "cheapest": cheapest, "cheapest_by_method": by_method,
+            "cheapest_device_by_method": device_only, "tolerated": [p["name"] for p in fit],
+            "has_digital": digital is not None, "paper_point": marked,
+            "base_device": {k: v for k, v in base.items() if k in _THERMO},
             "load_average_before": summary.get("load_average_before"),
             "load_average_after": summary.get("load_average_after")}
 
@@ -335,8 +379,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def tolerated_schedule(path: Path, method: str = "solve") -> dict[str, Any]:
-    """The cheapest schedule of a finished frontier for ``method`` (``frontier.json``):
-    the device that training tolerates, for ``breakeven --schedule-from``.
+    """The cheapest schedule of a finished frontier for ``method`` (``frontier.json``)
+    among those that change only the device (:func:`device_only_set`): the device that
+    training tolerates, for ``breakeven --schedule-from``; its settings over the
+    frontier's base device settings.
 
     Returns:
         ``{"source", "name", "set", "device_ms_per_step", "metric_mean"}``.
@@ -353,16 +399,21 @@ def tolerated_schedule(path: Path, method: str = "solve") -> dict[str, Any]:
         result = json.loads(read_input_text(path, "frontier result"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not JSON: {err}") from None
-    if not isinstance(result, dict) or "cheapest_by_method" not in result:
-        raise ValueError(f"{path} is not a frontier's result (no cheapest_by_method; "
+    if not isinstance(result, dict) or "cheapest_device_by_method" not in result:
+        raise ValueError(f"{path} is not a frontier's result (no cheapest_device_by_method; "
                          "written by thermokfac frontier)")
-    name = result["cheapest_by_method"].get(method)
+    if not result.get("has_digital", True):
+        raise ValueError(f"{path}: the frontier ran no 'digital' reference, so no schedule "
+                         "can be compared with digital K-FAC")
+    name = result["cheapest_device_by_method"].get(method)
     if name is None:
         raise ValueError(f"{path}: no Method {'1' if method == 'inverse' else '2'} schedule "
-                         f"came within {result['tolerance']:g} of digital K-FAC's "
-                         f"{result['metric']} (with its steps to target within "
+                         f"that changes only the device came within "
+                         f"{result['tolerance']:g} of digital K-FAC's {result['metric']} "
+                         f"(with its steps to target within "
                          f"{100 * result['steps_slack']:g}%)")
     point = next(p for p in result["points"] if p["name"] == name)
-    return {"source": str(path), "name": name, "set": point["set"],
+    return {"source": str(path), "name": name,
+            "set": {**result.get("base_device", {}), **point["set"]},
             "device_ms_per_step": point["device_ms_per_step"],
             "metric_mean": point["metric_mean"]}

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 if TYPE_CHECKING:
@@ -144,10 +144,14 @@ class MatrixViewMuon(torch.optim.Muon):
     in channels·kernel size), how Muon's authors train hidden convolutions).
 
     Muon accepts 2-D parameters only; each higher-dimensional one is stood in for by a
-    2-D parameter sharing its storage. Before every step the stand-in's gradient is the
-    parameter's gradient viewed the same way, so Muon's in-place update of the stand-in
-    is the update of the parameter; :meth:`zero_grad` also clears the parameters' own
-    gradients. Arguments are Muon's.
+    2-D parameter sharing its storage, whose gradient is the parameter's gradient viewed
+    the same way (sharing its memory): bound as soon as a backward pass has accumulated
+    it (a post-accumulate-grad hook), so tools that read ``param_groups`` between the
+    backward and the step — ``GradScaler`` unscaling and its inf checks, gradient
+    clipping — see and change the parameters' gradients; and bound again at the step
+    (after the closure, if any), for gradients set by hand. Muon's in-place update of the
+    stand-in is the update of the parameter; :meth:`zero_grad` also clears the
+    parameters' own gradients. Arguments are Muon's.
 
     Raises:
         ValueError: a parameter has fewer than two dimensions, or is not contiguous.
@@ -170,19 +174,32 @@ class MatrixViewMuon(torch.optim.Muon):
             view = nn.Parameter(p.detach().view(p.shape[0], -1))
             self._views.append((p, view))
             stand_ins.append(view)
+            p.register_post_accumulate_grad_hook(
+                lambda param, view=view: self._bind(param, view))
         super().__init__(stand_ins, **kwargs)
 
-    @torch.no_grad()
+    @staticmethod
+    def _bind(p: Tensor, view: nn.Parameter) -> None:
+        """The stand-in's gradient: the parameter's, viewed as a matrix (same memory
+        where the gradient is contiguous)."""
+        view.grad = None if p.grad is None else p.grad.reshape(view.shape)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Muon's step, the higher-dimensional parameters through their matrix views."""
+        """Muon's step, the higher-dimensional parameters through their matrix views;
+        a ``closure`` is evaluated first (it recomputes the gradients)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for p, view in self._views:
             if p.data_ptr() != view.data_ptr():
                 raise RuntimeError(f"a parameter of shape {tuple(p.shape)} no longer uses "
                                    "the storage MatrixViewMuon was built over (replaced "
                                    "or moved): build the optimizer after the model is "
                                    "placed")
-            view.grad = None if p.grad is None else p.grad.reshape(view.shape)
-        return super().step(closure)
+            self._bind(p, view)
+        super().step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the stand-ins' and the parameters' gradients."""

@@ -415,13 +415,18 @@ class Run:
 def solve_error_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The largest measured solve error of each measured step, summarised over a run's
     step records (median, max, last, how many steps), with the median of each step's
-    largest predicted error where the solver predicts; empty when nothing was
+    largest predicted error where the solver predicted every measured solve (None
+    otherwise: a maximum over some of them would not compare); empty when nothing was
     measured."""
     errors = [r["solve_rel_error"] for r in steps if _finite(r.get("solve_rel_error", math.nan))]
     if not errors:
         return {}
+    measured = [r for r in steps if r.get("solve_errors")]
+    complete = all(  # a prediction of every measured solve, or none is summarised
+        set(errors) <= set(r.get("predicted_solve_errors", {}).get(block, {}))
+        for r in measured for block, errors in r["solve_errors"].items())
     predicted = [max(e for b in r["predicted_solve_errors"].values() for e in b.values())
-                 for r in steps if any(r.get("predicted_solve_errors", {}).values())]
+                 for r in measured] if complete and measured else []
     return {"measured_steps": len(errors), "median": statistics.median(errors),
             "max": max(errors), "last": errors[-1],
             "predicted_median": statistics.median(predicted) if predicted else None}

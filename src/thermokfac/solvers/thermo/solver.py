@@ -389,7 +389,8 @@ class ThermodynamicSolver(LinearSolver):
 
         Returns:
             The predicted relative error; None for a state prepared in blocks
-            (``hardware.max_dim``), 0 for b = 0.
+            (``hardware.max_dim``) and for the Euler–Maruyama backend (its step's own
+            error is not modelled), 0 for b = 0.
 
         Raises:
             ValueError: ``damped`` or ``b`` does not fit ``prepared``.
@@ -399,8 +400,8 @@ class ThermodynamicSolver(LinearSolver):
         if tuple(damped.shape) != (n, n) or b.ndim != 2 or b.shape[0] != n:
             raise ValueError(f"damped {tuple(damped.shape)} and b {tuple(b.shape)} do not "
                              f"fit a prepared factor of size {n}")
-        if "blocks" in t:
-            return None
+        if "blocks" in t or cfg.backend is Backend.EULER_MARUYAMA:
+            return None  # sweeps of blocks, and the integrator's own error: not modelled
         rhs = b.to(torch.float64)
         full_scale = float(rhs.abs().max())
         if full_scale == 0.0:
@@ -497,14 +498,25 @@ class ThermodynamicSolver(LinearSolver):
                 generator, hook)
         return mean, state, adc.clipped
 
-    def _solve_time(self, prepared: Prepared, n: int, k: int, sched: Schedule) -> TimeBreakdown:
+    @property
+    def reads_per_solve(self) -> int:
+        """Device reads behind one solve: one per programmed matrix
+        (``mitigation_samples``), twice where the closed form's ADC calibrates its full
+        scale on a read of its own."""
         cfg = self.config
-        reads = cfg.mitigation_samples * (2 if cfg.output_bits is not None and cfg.adc_range
-                                          is AdcRange.CALIBRATE and cfg.backend
-                                          is Backend.CLOSED_FORM else 1)
+        return cfg.mitigation_samples * (2 if cfg.output_bits is not None and cfg.adc_range
+                                         is AdcRange.CALIBRATE and cfg.backend
+                                         is Backend.CLOSED_FORM else 1)
+
+    @property
+    def programs_per_prepare(self) -> int:
+        """Matrices programmed per prepare (``mitigation_samples``)."""
+        return self.config.mitigation_samples
+
+    def _solve_time(self, prepared: Prepared, n: int, k: int, sched: Schedule) -> TimeBreakdown:
         one = self.hardware.time_solve_all(n, k, alpha_min=float(prepared.tensors["alpha_min"]),
                                            t0_rc=sched.t0, window_rc=sched.duration)
-        return one.scaled(reads)
+        return one.scaled(self.reads_per_solve)
 
     # ------------------------------------------------------------------ inverse
     def _inverse(self, prepared: Prepared, generator: torch.Generator | None):
