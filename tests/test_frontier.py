@@ -172,6 +172,11 @@ def test_a_small_frontier_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert 0.5 < loose["solve_rel_error"] / loose["predicted_rel_error"] < 2.0
     assert by["grid:target_error=0.3,method=inverse"]["method"] == "inverse"
     assert set(result["references"]) == {"digital", "adam"}
+    # the prediction judged where the error is 10× the digital solver's round-off
+    floor = result["prediction"]["floor"]
+    assert floor == pytest.approx(10 * result["references"]["digital"]["solve_rel_error"])
+    assert "target_error=0.3" in result["prediction"]["ratios"]
+    assert result["prediction"]["outside_2x"] == []
     assert result["paper_point"] == "t0_rc=1.0,window_rc=0.001"
     mtimes = {p: p.stat().st_mtime for p in out.rglob("result.json")}
     assert len(mtimes) == 6  # 4 schedules + 2 references, one seed

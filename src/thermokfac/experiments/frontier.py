@@ -263,7 +263,11 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"target", "metric", "points", "references", "fronts", "knobs", "cheapest",
-        "cheapest_by_method", "paper_point", ...}`` (``frontier.json``).
+        "cheapest_by_method", "cheapest_device_by_method", "prediction", "paper_point",
+        ...}`` (``frontier.json``); ``prediction`` compares each schedule's median
+        measured solve error with its median OU prediction wherever the error exceeds
+        10× the digital reference's (float32 round-off): the ratios, and the schedules
+        outside 2×.
     """
     metric, target = summary["metric"], spec["target"]
     lower = lower_is_better(metric)
@@ -313,6 +317,18 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     by_method = {m: cheapest_of([p for p in fit if p["method"] == m]) for m in methods}
     device_only = {m: cheapest_of([p for p in fit if p["method"] == m and device_only_set(
         p["set"])]) for m in methods}
+    # the OU prediction against the measured error, wherever the error is 10× above the
+    # digital solver's (float32 round-off on the same factors)
+    floor = 10 * digital["solve_rel_error"] if digital is not None \
+        and digital["solve_rel_error"] is not None else None
+    judged = [p for p in points if floor is not None and p["solve_rel_error"] is not None
+              and p["predicted_rel_error"] and p["solve_rel_error"] > floor]
+    prediction = {"floor": floor, "judged": len(judged),
+                  "ratios": {p["name"]: p["solve_rel_error"] / p["predicted_rel_error"]
+                             for p in judged},
+                  "outside_2x": [p["name"] for p in judged
+                                 if not 0.5 <= p["solve_rel_error"] / p["predicted_rel_error"]
+                                 <= 2.0]}
     paper = spec.get("paper_point")
     marked = next((p["name"] for p in points if paper is not None
                    and all(p["set"].get(k) == v for k, v in paper.items())), None)
@@ -324,6 +340,7 @@ def frontier(spec: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
             else None,
             "cheapest": cheapest, "cheapest_by_method": by_method,
             "cheapest_device_by_method": device_only, "tolerated": [p["name"] for p in fit],
+            "prediction": prediction,
             "has_digital": digital is not None, "paper_point": marked,
             "base_device": {k: v for k, v in base.items() if k in _THERMO},
             "load_average_before": summary.get("load_average_before"),
@@ -374,7 +391,9 @@ def table(result: dict[str, Any]) -> str:
             f"{f(p['time_to_target_s'], '.1f')} | — |")
     lines.append(f"\n(* on a Pareto front; cheapest within {result['tolerance']:g} of "
                  f"digital K-FAC: {result['cheapest']}; knob that moves the metric most: "
-                 f"{result['moves_most']})")
+                 f"{result['moves_most']}; OU prediction within 2× of the measured error on "
+                 f"{result['prediction']['judged'] - len(result['prediction']['outside_2x'])}"
+                 f" of {result['prediction']['judged']} schedules above 10× round-off)")
     return "\n".join(lines)
 
 
