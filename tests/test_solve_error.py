@@ -263,3 +263,15 @@ def test_kfac_steps_carry_the_prediction_beside_the_measured_error(settings):
                     assert 0.5 <= ratio <= 2.0, (block, which, ratio)
                     checked += 1
     assert checked >= 8
+
+
+def test_a_cache_restored_without_its_factor_is_reported_unmeasured():
+    model = _mlp()
+    kw = dict(damping=0.1, kl_clip=None, lr=0.1, measure_solve_error_every=1)
+    pre = KFACPreconditioner(model, **kw)
+    _steps(pre, model, 1)  # prepared (with the float64 factors) at step 0
+    restored = KFACPreconditioner(model, **kw)
+    restored.load_state_dict(pre.state_dict())
+    with pytest.warns(UserWarning, match="not measured"):
+        report = _steps(restored, model, 1)[0]  # step 1: no prepare due
+    assert report.solve_errors == {}

@@ -62,6 +62,16 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
                              "command writes (without it a non-empty --out is refused)")
 
 
+def _spec_runs(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options of a command that runs a spec's runs (``sweep``, ``frontier``)."""
+    _common(parser, what)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="override the spec's seeds")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the {what} saved in --out: runs with a result.json "
+                             "are read back, the others run (the spec must be the saved one)")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help that shows every option's default (the command's own) and keeps line breaks."""
 
@@ -219,12 +229,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
     swp = sub.add_parser("sweep", help="time to a target metric per optimizer, each tuned "
                          "over its learning rates (and batch sizes) and seeds")
     swp.add_argument("spec", type=Path, help="sweep spec (JSON; see configs/)")
-    _common(swp, "sweep")
-    swp.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="override the spec's seeds")
-    swp.add_argument("--resume", action="store_true",
-                     help="continue the sweep saved in --out: runs with a result.json are "
-                          "read back, the others run (the spec must be the saved one)")
+    _spec_runs(swp, "sweep")
     swp.set_defaults(func=handlers["sweep"])
 
     frt = sub.add_parser("frontier", help="Thermodynamic K-FAC across device schedules: "
@@ -235,12 +240,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], None]]
                          "references, and writes frontier.json, frontier.md and "
                          "frontier.png (the Pareto fronts) beside the sweep's files.")
     frt.add_argument("spec", type=Path, help="frontier spec (JSON; see configs/frontier_*)")
-    _common(frt, "frontier")
-    frt.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="override the spec's seeds")
-    frt.add_argument("--resume", action="store_true",
-                     help="continue the frontier saved in --out: runs with a result.json "
-                          "are read back, the others run (the spec must be the saved one)")
+    _spec_runs(frt, "frontier")
     frt.set_defaults(func=handlers["frontier"])
 
     sc = sub.add_parser("score", help="each optimizer's time-to-target ratio to the best "

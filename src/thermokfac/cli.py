@@ -223,12 +223,18 @@ def cmd_breakeven(args: argparse.Namespace) -> None:
     print(f"plot: {figures[0]}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    spec = load_spec(args.spec)
+def _spec_for_run(spec: dict, args: argparse.Namespace) -> dict:
+    """A sweep's or frontier's spec with the command line's seeds and threads, subnormal
+    flushing set as its runs will have it (before any parallel work)."""
     if args.seeds is not None:
         spec["seeds"] = args.seeds
     spec["base"] = {**spec["base"], "threads": args.threads}
     denormals.request(spec["base"].get("flush_denormal", True))  # the runs' default
+    return spec
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    spec = _spec_for_run(load_spec(args.spec), args)
     summary = sweep(spec, args.out, progress=not args.no_progress, resume=args.resume)
     figures = plots.plot_sweep(args.out)
     if summary["target"] is None:  # a pilot: what each arm reached, and the target
@@ -245,11 +251,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_frontier(args: argparse.Namespace) -> None:
-    spec = load_frontier_spec(args.spec)
-    if args.seeds is not None:
-        spec["seeds"] = args.seeds
-    spec["base"] = {**spec["base"], "threads": args.threads}
-    denormals.request(spec["base"].get("flush_denormal", True))  # the runs' default
+    spec = _spec_for_run(load_frontier_spec(args.spec), args)
     result = run_frontier(spec, args.out, progress=not args.no_progress, resume=args.resume)
     (args.out / "frontier.md").write_text(frontier_table(result) + "\n")
     figures = plots.plot_frontier(args.out)

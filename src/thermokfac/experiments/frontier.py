@@ -47,7 +47,7 @@ from typing import Any
 
 from .config import _THERMO, read_input_text
 from .score import lower_is_better
-from .sweep import check_spec, sweep
+from .sweep import _median, check_spec, sweep
 from .train import TrainConfig
 
 #: The spec's keys.
@@ -203,13 +203,6 @@ def _first_reaching(curve: list[dict[str, Any]], metric: str, target: float,
     return None, None
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
-    """Median where a run that missed (None) counts as never."""
-    full = [math.inf if v is None else v for v in values]
-    med = statistics.median(full)
-    return None if math.isinf(med) else med
-
-
 def _point(name: str, runs: list[dict[str, Any]], metric: str, target: float,
            estimated: bool) -> dict[str, Any]:
     """One schedule or reference over its seeds."""
@@ -223,14 +216,14 @@ def _point(name: str, runs: list[dict[str, Any]], metric: str, target: float,
         "metric_mean": statistics.fmean(finals), "metric_min": min(finals),
         "metric_max": max(finals),
         "reached": sum(step is not None for step, _ in reached),
-        "steps_to_target": _median_or_none([step for step, _ in reached]),
-        "time_to_target_s": _median_or_none([t for _, t in reached]),
+        "steps_to_target": _median([step for step, _ in reached]),
+        "time_to_target_s": _median([t for _, t in reached]),
         "clock": "estimated" if estimated else "measured",
         "device_ms_per_step": {m: statistics.fmean(d[m] for d in device)
                                for m in device[0]} if all(device) else {},
-        "solve_rel_error": _median_or_none([e.get("median") for e in errors])
+        "solve_rel_error": _median([e.get("median") for e in errors])
         if all(errors) else None,
-        "predicted_rel_error": _median_or_none([e.get("predicted_median") for e in errors])
+        "predicted_rel_error": _median([e.get("predicted_median") for e in errors])
         if all(errors) and all(e.get("predicted_median") is not None for e in errors)
         else None,
         "diverged": sum(r["diverged"] for r in runs)}

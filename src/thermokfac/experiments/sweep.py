@@ -219,8 +219,9 @@ def _one(cfg: TrainConfig, out: Path, clock_name: str, task) -> dict[str, Any]:
         kfac["device_ms_per_step"] = {  # the modelled device time, mean over steps
             model: 1e3 * statistics.fmean(s[key] for s in run.steps)
             for model, (key, _) in SETTLE_CLOCKS.items()}
-    if solve_error_summary(run.steps):
-        kfac["solve_rel_error"] = solve_error_summary(run.steps)
+    errors = solve_error_summary(run.steps)
+    if errors:
+        kfac["solve_rel_error"] = errors
     return {"batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, **reached,
             "estimated_by_settle": by_settle, "final": run.metrics[-1],
             "steps_run": run.step, "steps_budget": cfg.steps, "median_step_s": step_s,

@@ -716,6 +716,14 @@ class KFACPreconditioner(Inspection):
         report.jobs += jobs
         if measure is not None:
             report.measure_s += measure.seconds
+            missed = [w for w, c in block.caches.items()
+                      if c.kind != "diagonal" and w not in measure.errors]
+            if missed:  # a cache received from another rank, or restored from a checkpoint
+                self._reporter.warn_once("unmeasured_solves", (
+                    f"solve errors of layer {block.name!r} ({', '.join(missed)}) are not "
+                    "measured: its cache was prepared on another rank or restored from a "
+                    "checkpoint, without the float64 factor (measured again after this "
+                    "rank's next prepare)"))
             if measure.errors:
                 report.solve_errors[block.name] = measure.errors
             if measure.predicted:
